@@ -1,0 +1,124 @@
+//! TCP framing: a 4-byte big-endian length, then that many bytes of msgpack.
+//!
+//! A thin wrapper over tokio-util's `LengthDelimitedCodec`, which reads the length and
+//! compares it with the limit before it reserves anything. This module only delimits;
+//! turning the bytes into frames is [`crate::encoding`]'s job.
+
+use bytes::{Bytes, BytesMut};
+use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec, LengthDelimitedCodecError};
+
+/// Why a byte stream could not be cut into frames. Both end the connection.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The length prefix is above the limit (`--max-frame`).
+    #[error("frame length above the limit of {max} bytes")]
+    TooLarge { max: usize },
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The TCP frame codec: `Decoder<Item = BytesMut>` (one frame's payload) and
+/// `Encoder<Bytes>` (a payload to prefix with its length).
+#[derive(Debug)]
+pub struct FrameCodec {
+    inner: LengthDelimitedCodec,
+    max: usize,
+}
+
+impl FrameCodec {
+    pub fn new(max_frame: usize) -> Self {
+        let inner = LengthDelimitedCodec::builder()
+            .big_endian()
+            .length_field_length(4)
+            .max_frame_length(max_frame)
+            .new_codec();
+        FrameCodec {
+            inner,
+            max: max_frame,
+        }
+    }
+}
+
+impl Decoder for FrameCodec {
+    type Item = BytesMut;
+    type Error = FrameError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<BytesMut>, FrameError> {
+        self.inner.decode(src).map_err(|e| self.map_err(e))
+    }
+}
+
+impl FrameCodec {
+    fn map_err(&self, e: std::io::Error) -> FrameError {
+        if e.get_ref()
+            .is_some_and(|inner| inner.is::<LengthDelimitedCodecError>())
+        {
+            FrameError::TooLarge { max: self.max }
+        } else {
+            FrameError::Io(e)
+        }
+    }
+}
+
+impl Encoder<Bytes> for FrameCodec {
+    type Error = FrameError;
+
+    fn encode(&mut self, item: Bytes, dst: &mut BytesMut) -> Result<(), FrameError> {
+        self.inner.encode(item, dst).map_err(|e| self.map_err(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_partial_input_waits() {
+        let mut codec = FrameCodec::new(1024);
+        let mut buf = BytesMut::new();
+        codec
+            .encode(Bytes::from_static(b"hello"), &mut buf)
+            .unwrap();
+        codec
+            .encode(Bytes::from_static(b"world!"), &mut buf)
+            .unwrap();
+        assert_eq!(&buf[..4], &[0, 0, 0, 5]);
+        let mut partial = buf.split_to(7);
+        assert!(
+            codec.decode(&mut partial).unwrap().is_none(),
+            "incomplete is Ok(None)"
+        );
+        partial.unsplit(buf);
+        assert_eq!(&codec.decode(&mut partial).unwrap().unwrap()[..], b"hello");
+        assert_eq!(&codec.decode(&mut partial).unwrap().unwrap()[..], b"world!");
+        assert!(codec.decode(&mut partial).unwrap().is_none());
+    }
+
+    #[test]
+    fn huge_length_prefix_fails_before_allocating() {
+        let mut codec = FrameCodec::new(1024);
+        let mut buf = BytesMut::from(&[0xff, 0xff, 0xff, 0xff, 1, 2][..]);
+        let cap_before = buf.capacity();
+        match codec.decode(&mut buf) {
+            Err(FrameError::TooLarge { max: 1024 }) => {}
+            other => panic!("expected TooLarge, got {other:?}"),
+        }
+        assert_eq!(
+            buf.capacity(),
+            cap_before,
+            "nothing reserved for the bogus frame"
+        );
+    }
+
+    #[test]
+    fn limit_is_inclusive() {
+        let mut codec = FrameCodec::new(4);
+        let mut buf = BytesMut::from(&[0, 0, 0, 4, 1, 2, 3, 4][..]);
+        assert_eq!(codec.decode(&mut buf).unwrap().unwrap().len(), 4);
+        let mut buf = BytesMut::from(&[0, 0, 0, 5, 1, 2, 3, 4, 5][..]);
+        assert!(matches!(
+            codec.decode(&mut buf),
+            Err(FrameError::TooLarge { .. })
+        ));
+    }
+}

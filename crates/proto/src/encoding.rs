@@ -1,0 +1,307 @@
+//! The two encodings of the one frame schema: JSON text and msgpack maps with named fields.
+//!
+//! Both are pure functions over byte slices. Decoding never panics: bad input of any shape is
+//! a [`DecodeError`] whose text says what was wrong, fit to be sent back in an `error` frame.
+
+use bytes::Bytes;
+use serde::{de::DeserializeOwned, Serialize};
+
+/// Wire encoding of a connection: WebSocket `imgate.json` / `imgate.msgpack`; TCP is msgpack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Encoding {
+    Json,
+    Msgpack,
+}
+
+impl Encoding {
+    /// The WebSocket subprotocol that selects this encoding.
+    pub fn subprotocol(self) -> &'static str {
+        match self {
+            Encoding::Json => "imgate.json",
+            Encoding::Msgpack => "imgate.msgpack",
+        }
+    }
+
+    pub fn from_subprotocol(p: &str) -> Option<Self> {
+        match p {
+            "imgate.json" => Some(Encoding::Json),
+            "imgate.msgpack" => Some(Encoding::Msgpack),
+            _ => None,
+        }
+    }
+}
+
+/// A frame that could not be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("malformed JSON frame: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("malformed msgpack frame: {0}")]
+    Msgpack(#[from] rmp_serde::decode::Error),
+}
+
+/// Encodes a value. Only fails for values that no frame type produces (non-string map keys
+/// in a msgpack body cannot happen: bodies are JSON values), so callers may treat an error
+/// as a bug.
+pub fn encode<T: Serialize + ?Sized>(value: &T, enc: Encoding) -> Result<Bytes, EncodeError> {
+    Ok(match enc {
+        Encoding::Json => Bytes::from(serde_json::to_vec(value)?),
+        Encoding::Msgpack => Bytes::from(rmp_serde::to_vec_named(value)?),
+    })
+}
+
+/// A value that could not be encoded.
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    #[error("JSON encoding failed: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("msgpack encoding failed: {0}")]
+    Msgpack(#[from] rmp_serde::encode::Error),
+}
+
+/// Decodes one frame.
+pub fn decode<T: DeserializeOwned>(bytes: &[u8], enc: Encoding) -> Result<T, DecodeError> {
+    Ok(match enc {
+        Encoding::Json => serde_json::from_slice(bytes)?,
+        Encoding::Msgpack => rmp_serde::from_slice(bytes)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::*;
+    use proptest::prelude::*;
+    use serde_json::{json, Value};
+
+    fn arb_id() -> impl Strategy<Value = String> {
+        "[A-Za-z0-9_-]{1,64}"
+    }
+
+    fn arb_body() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            "[^\u{0}]{0,20}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                prop::collection::btree_map("[a-z]{1,8}", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn arb_client() -> impl Strategy<Value = ClientFrame> {
+        prop_oneof![
+            (
+                "[ -~]{1,200}",
+                proptest::option::of(arb_id()),
+                proptest::option::of(any::<u64>())
+            )
+                .prop_map(|(token, device, resume)| ClientFrame::Login(Login {
+                    token,
+                    device,
+                    resume
+                })),
+            (
+                proptest::option::of(arb_id()),
+                proptest::option::of(arb_id()),
+                proptest::option::of(arb_id()),
+                arb_body()
+            )
+                .prop_map(|(id, to, group, body)| ClientFrame::Send(Send {
+                    id,
+                    to,
+                    group,
+                    body
+                })),
+            any::<u64>().prop_map(|seq| ClientFrame::Ack { seq }),
+            arb_id().prop_map(|room| ClientFrame::Join { room }),
+            arb_id().prop_map(|room| ClientFrame::Leave { room }),
+            (arb_id(), arb_body()).prop_map(|(room, body)| ClientFrame::Publish { room, body }),
+            Just(ClientFrame::Ping),
+        ]
+    }
+
+    fn arb_code() -> impl Strategy<Value = ErrorCode> {
+        prop::sample::select(ErrorCode::ALL.to_vec())
+    }
+
+    fn arb_server() -> impl Strategy<Value = ServerFrame> {
+        let msg = (
+            any::<u64>(),
+            arb_id(),
+            arb_id(),
+            proptest::option::of(arb_id()),
+            proptest::option::of(arb_id()),
+            any::<u64>(),
+            arb_body(),
+        )
+            .prop_map(|(seq, id, from, to, group, ts, body)| {
+                ServerFrame::Msg(Message {
+                    seq,
+                    id,
+                    from,
+                    to,
+                    group,
+                    ts,
+                    body,
+                })
+            });
+        prop_oneof![
+            (arb_id(), arb_id(), any::<u64>(), any::<bool>()).prop_map(
+                |(uid, device, resume, gap)| ServerFrame::Welcome {
+                    uid,
+                    device,
+                    resume,
+                    gap
+                }
+            ),
+            msg,
+            (arb_id(), any::<u64>(), any::<u64>()).prop_map(|(id, seq, ts)| ServerFrame::Sent {
+                id,
+                seq,
+                ts
+            }),
+            (arb_id(), arb_id(), any::<u64>(), arb_body()).prop_map(|(room, from, ts, body)| {
+                ServerFrame::Room {
+                    room,
+                    from,
+                    ts,
+                    body,
+                }
+            }),
+            (proptest::option::of(arb_id()), arb_code(), "[ -~]{0,40}")
+                .prop_map(|(id, code, message)| ServerFrame::Error { id, code, message }),
+            Just(ServerFrame::Pong),
+            prop::sample::select(vec![
+                ByeReason::Shutdown,
+                ByeReason::Replaced,
+                ByeReason::AckTimeout,
+                ByeReason::Idle,
+                ByeReason::Kicked,
+                ByeReason::SlowConsumer,
+                ByeReason::FrameTooLarge,
+                ByeReason::LoginTimeout,
+            ])
+            .prop_map(|reason| ServerFrame::Bye { reason }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn client_frames_round_trip(frame in arb_client()) {
+            for enc in [Encoding::Json, Encoding::Msgpack] {
+                let bytes = encode(&frame, enc).unwrap();
+                let back: ClientFrame = decode(&bytes, enc).unwrap();
+                prop_assert_eq!(&back, &frame);
+            }
+        }
+
+        #[test]
+        fn server_frames_round_trip(frame in arb_server()) {
+            for enc in [Encoding::Json, Encoding::Msgpack] {
+                let bytes = encode(&frame, enc).unwrap();
+                let back: ServerFrame = decode(&bytes, enc).unwrap();
+                prop_assert_eq!(&back, &frame);
+            }
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode::<ClientFrame>(&bytes, Encoding::Json);
+            let _ = decode::<ClientFrame>(&bytes, Encoding::Msgpack);
+        }
+    }
+
+    #[test]
+    fn json_matches_the_design_examples() {
+        let f: ClientFrame = decode(
+            br#"{"type":"login","token":"t","device":"phone","resume":1042}"#,
+            Encoding::Json,
+        )
+        .unwrap();
+        assert_eq!(
+            f,
+            ClientFrame::Login(Login {
+                token: "t".into(),
+                device: Some("phone".into()),
+                resume: Some(1042)
+            })
+        );
+        let msg = ServerFrame::Msg(Message {
+            seq: 1042,
+            id: "c-17".into(),
+            from: "alice".into(),
+            to: Some("bob".into()),
+            group: None,
+            ts: 1764190000123,
+            body: json!({"text":"hi"}),
+        });
+        assert_eq!(
+            serde_json::to_value(&msg).unwrap(),
+            json!({"type":"msg","seq":1042,"id":"c-17","from":"alice","to":"bob","ts":1764190000123u64,"body":{"text":"hi"}})
+        );
+        assert_eq!(
+            serde_json::to_string(&ServerFrame::Bye {
+                reason: ByeReason::AckTimeout
+            })
+            .unwrap(),
+            r#"{"type":"bye","reason":"ack_timeout"}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&ServerFrame::Pong).unwrap(),
+            r#"{"type":"pong"}"#
+        );
+    }
+
+    #[test]
+    fn msgpack_uses_named_maps() {
+        let bytes = encode(&ClientFrame::Ack { seq: 7 }, Encoding::Msgpack).unwrap();
+        // A 2-entry fixmap whose first key is the string "type".
+        assert_eq!(bytes[0], 0x82);
+        assert_eq!(&bytes[1..6], b"\xa4type");
+    }
+
+    #[test]
+    fn malformed_input_is_an_error() {
+        let cases: &[&[u8]] = &[
+            b"",
+            b"{",
+            br#"{"type":"nope"}"#,
+            br#"{"type":"ack"}"#,
+            br#"{"type":"ack","seq":"x"}"#,
+            br#"{"type":"ack","seq":-1}"#,
+            br#"{"seq":1}"#,
+            br#"[1,2,3]"#,
+            br#""login""#,
+        ];
+        for case in cases {
+            assert!(
+                decode::<ClientFrame>(case, Encoding::Json).is_err(),
+                "{case:?}"
+            );
+        }
+        // msgpack of the wrong shape: an array, a map without type, a wrong field type,
+        // a truncated map.
+        let wrong_shape: Vec<Vec<u8>> = vec![
+            rmp_serde::to_vec(&(1, 2, 3)).unwrap(),
+            rmp_serde::to_vec_named(&json!({"seq": 1})).unwrap(),
+            rmp_serde::to_vec_named(&json!({"type": "ack", "seq": "one"})).unwrap(),
+            rmp_serde::to_vec_named(&json!({"type": "login"})).unwrap(),
+            vec![0x82, 0xa4, b't', b'y'],
+        ];
+        for case in wrong_shape {
+            assert!(
+                decode::<ClientFrame>(&case, Encoding::Msgpack).is_err(),
+                "{case:?}"
+            );
+        }
+        let err = decode::<ClientFrame>(br#"{"type":"nope"}"#, Encoding::Json).unwrap_err();
+        assert!(err.to_string().contains("unknown variant"), "{err}");
+    }
+}
