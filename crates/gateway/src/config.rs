@@ -1,0 +1,228 @@
+//! The gateway's configuration as one tree, filled by clap from flags and `IMGATE_*`
+//! environment variables, checked by [`Config::validate`] before anything binds.
+//!
+//! Every default lives here, in the `default_value` of its field.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A secret that never shows in `Debug` output or logs.
+#[derive(Clone)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_owned()))
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// `imgate serve` flags. Each one is also an `IMGATE_*` environment variable.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Config {
+    /// HTTP listener: WebSocket (/v1/ws), HTTP API, health and metrics.
+    #[arg(long, env = "IMGATE_HTTP", default_value = "127.0.0.1:8080")]
+    pub http: SocketAddr,
+
+    /// TCP listener for the binary protocol (4-byte length + msgpack frames).
+    #[arg(long, env = "IMGATE_TCP", default_value = "127.0.0.1:7070")]
+    pub tcp: SocketAddr,
+
+    /// File holding the HS256 JWT secret. Without it (or IMGATE_JWT_SECRET) the gateway runs
+    /// with a development secret, serves POST /v1/dev/token and binds loopback only.
+    #[arg(long, env = "IMGATE_JWT_SECRET_FILE")]
+    pub jwt_secret_file: Option<PathBuf>,
+
+    /// The HS256 JWT secret itself (prefer the environment variable or the file).
+    #[arg(long, env = "IMGATE_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<Secret>,
+
+    /// Largest frame a client may send (TCP length prefix, WebSocket message), in bytes.
+    #[arg(long, env = "IMGATE_MAX_FRAME", default_value_t = imgate_proto::DEFAULT_MAX_FRAME)]
+    pub max_frame: usize,
+
+    /// Largest message body, JSON-encoded, in bytes.
+    #[arg(long, env = "IMGATE_MAX_BODY", default_value_t = 64 * 1024)]
+    pub max_body: usize,
+
+    /// How long messages are kept in an inbox.
+    #[arg(long, env = "IMGATE_RETENTION", default_value = "7days", value_parser = humantime::parse_duration)]
+    pub retention: Duration,
+
+    /// Most messages kept per inbox; older ones are dropped first.
+    #[arg(long, env = "IMGATE_MAX_INBOX", default_value_t = 10_000)]
+    pub max_inbox: usize,
+
+    /// A connection holding messages unacknowledged for longer is closed (bye ack_timeout).
+    #[arg(long, env = "IMGATE_ACK_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub ack_timeout: Duration,
+
+    /// A connection that sends nothing for this long is closed (bye idle).
+    #[arg(long, env = "IMGATE_IDLE_TIMEOUT", default_value = "90s", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// Time a TCP (or unauthenticated WebSocket) connection has to send its login frame.
+    #[arg(long, env = "IMGATE_LOGIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub login_timeout: Duration,
+
+    /// Most connections per uid on this gateway; the oldest is replaced beyond it.
+    #[arg(long, env = "IMGATE_MAX_DEVICES", default_value_t = 16)]
+    pub max_devices: usize,
+
+    /// Sends per second allowed per connection (0 = unlimited).
+    #[arg(long, env = "IMGATE_SEND_RATE", default_value_t = 100)]
+    pub send_rate: u32,
+
+    /// Burst of sends allowed above the rate per connection.
+    #[arg(long, env = "IMGATE_SEND_BURST", default_value_t = 200)]
+    pub send_burst: u32,
+
+    /// Stored messages queued per connection before it counts as too slow and is closed.
+    #[arg(long, env = "IMGATE_OUTBOX", default_value_t = 1024)]
+    pub outbox: usize,
+
+    /// Most concurrent connections (TCP + WebSocket) this gateway accepts.
+    #[arg(long, env = "IMGATE_MAX_CONNECTIONS", default_value_t = 200_000)]
+    pub max_connections: usize,
+
+    /// On SIGTERM/SIGINT, how long to wait for connections to close before exiting.
+    #[arg(long, env = "IMGATE_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// Log format: text for people, json for machines. Filter with RUST_LOG.
+    #[arg(long, env = "IMGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// A configuration that cannot be served.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0} must be greater than zero")]
+    Zero(&'static str),
+    #[error("--max-body ({body}) must not exceed --max-frame ({frame})")]
+    BodyAboveFrame { body: usize, frame: usize },
+    #[error(
+        "refusing to listen on non-loopback address {0} with the development JWT secret: \
+         set IMGATE_JWT_SECRET or --jwt-secret-file"
+    )]
+    DevSecretNotLoopback(SocketAddr),
+    #[error("cannot read --jwt-secret-file {path}: {source}")]
+    SecretFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the JWT secret is empty")]
+    EmptySecret,
+}
+
+impl Config {
+    /// Checks limits and the dev-secret rule. Call before binding anything.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (name, v) in [
+            ("--max-frame", self.max_frame),
+            ("--max-body", self.max_body),
+            ("--max-inbox", self.max_inbox),
+            ("--max-devices", self.max_devices),
+            ("--outbox", self.outbox),
+            ("--max-connections", self.max_connections),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::Zero(name));
+            }
+        }
+        if self.max_body > self.max_frame {
+            return Err(ConfigError::BodyAboveFrame {
+                body: self.max_body,
+                frame: self.max_frame,
+            });
+        }
+        if self.secret()?.is_none() {
+            for addr in [self.http, self.tcp] {
+                if !addr.ip().is_loopback() {
+                    return Err(ConfigError::DevSecretNotLoopback(addr));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The configured secret, from the environment/flag or the file; `None` means
+    /// development mode.
+    pub fn secret(&self) -> Result<Option<Secret>, ConfigError> {
+        secret_from(self.jwt_secret.as_ref(), self.jwt_secret_file.as_ref())
+    }
+}
+
+/// Resolves the JWT secret from its two sources (shared with `imgate token`).
+pub fn secret_from(
+    value: Option<&Secret>,
+    file: Option<&PathBuf>,
+) -> Result<Option<Secret>, ConfigError> {
+    let s = match (value, file) {
+        (Some(s), _) => s.0.clone(),
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::SecretFile {
+                path: path.clone(),
+                source,
+            })?
+            .trim()
+            .to_owned(),
+        (None, None) => return Ok(None),
+    };
+    if s.is_empty() {
+        return Err(ConfigError::EmptySecret);
+    }
+    Ok(Some(Secret(s)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        cfg: Config,
+    }
+
+    #[test]
+    fn defaults_are_the_design_defaults() {
+        let cfg = Cli::parse_from(["imgate"]).cfg;
+        assert_eq!(cfg.max_frame, 256 * 1024);
+        assert_eq!(cfg.max_body, 64 * 1024);
+        assert_eq!(cfg.retention, Duration::from_secs(7 * 24 * 3600));
+        assert_eq!(cfg.max_inbox, 10_000);
+        assert_eq!(cfg.ack_timeout, Duration::from_secs(30));
+        assert_eq!(cfg.idle_timeout, Duration::from_secs(90));
+        assert_eq!(cfg.max_devices, 16);
+        assert_eq!(cfg.drain_timeout, Duration::from_secs(10));
+        cfg.validate().unwrap();
+    }
+
+    #[test]
+    fn dev_secret_refuses_public_addresses() {
+        let cfg = Cli::parse_from(["imgate", "--http", "0.0.0.0:8080"]).cfg;
+        assert!(matches!(
+            cfg.validate(),
+            Err(ConfigError::DevSecretNotLoopback(_))
+        ));
+        let cfg = Cli::parse_from(["imgate", "--http", "0.0.0.0:8080", "--jwt-secret", "s3"]).cfg;
+        cfg.validate().unwrap();
+        assert_eq!(format!("{:?}", cfg.jwt_secret), "Some(Secret(***))");
+    }
+}

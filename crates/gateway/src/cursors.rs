@@ -1,0 +1,215 @@
+//! Batched persistence of device cursors (DESIGN section 3, rule 5).
+//!
+//! Each `(uid, device)` with a live connection here has one slot, shared by its connections
+//! (an old one being replaced and the new one). A session acks by raising the slot's atomic;
+//! one background task writes every changed cursor to the store about once a second, in one
+//! batch. A session flushes the slot when it ends, and shutdown flushes them all. Loading a
+//! cursor looks at the live slot before the store, so a device that reconnects at once is
+//! not sent what it acked a moment ago. Cursors are at-least-once hints: a lost write only
+//! means a device is sent some messages again.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use tokio_util::sync::CancellationToken;
+
+use crate::store::{Store, StoreError};
+
+/// How often changed cursors are written.
+pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+
+type Key = (String, String);
+
+#[derive(Debug)]
+struct Slot {
+    acked: AtomicU64,
+    persisted: AtomicU64,
+    /// Connections holding this slot.
+    holders: AtomicUsize,
+}
+
+/// The cursors of this gateway's live devices.
+pub struct Cursors {
+    store: Arc<dyn Store>,
+    slots: DashMap<Key, Arc<Slot>>,
+}
+
+/// One connection's hold on its device's cursor.
+pub struct CursorHandle {
+    cursors: Arc<Cursors>,
+    key: Key,
+    slot: Arc<Slot>,
+}
+
+impl Cursors {
+    pub fn new(store: Arc<dyn Store>) -> Arc<Self> {
+        Arc::new(Cursors {
+            store,
+            slots: DashMap::new(),
+        })
+    }
+
+    /// The cursor of `(uid, device)`: the live slot here if any, else the store.
+    pub async fn load(&self, uid: &str, device: &str) -> Result<Option<u64>, StoreError> {
+        // The slot first: it leaves the map only after its last write reached the store.
+        let live = self
+            .slots
+            .get(&(uid.to_owned(), device.to_owned()))
+            .map(|s| s.acked.load(Ordering::Relaxed));
+        let stored = self.store.cursor(uid, device).await?;
+        Ok(live.max(stored))
+    }
+
+    /// Takes a hold on the cursor of `(uid, device)`, which starts at least at `acked`;
+    /// `persisted` is what the store holds already.
+    pub fn open(
+        self: &Arc<Self>,
+        uid: &str,
+        device: &str,
+        acked: u64,
+        persisted: u64,
+    ) -> CursorHandle {
+        let key = (uid.to_owned(), device.to_owned());
+        let slot = self
+            .slots
+            .entry(key.clone())
+            .or_insert_with(|| {
+                Arc::new(Slot {
+                    acked: AtomicU64::new(acked),
+                    persisted: AtomicU64::new(persisted),
+                    holders: AtomicUsize::new(0),
+                })
+            })
+            .clone();
+        slot.holders.fetch_add(1, Ordering::Relaxed);
+        slot.acked.fetch_max(acked, Ordering::Relaxed);
+        CursorHandle {
+            cursors: self.clone(),
+            key,
+            slot,
+        }
+    }
+
+    /// Writes every cursor that moved since its last write.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        let dirty: Vec<(Key, Arc<Slot>)> = self
+            .slots
+            .iter()
+            .filter(|s| s.acked.load(Ordering::Relaxed) > s.persisted.load(Ordering::Relaxed))
+            .map(|s| (s.key().clone(), s.value().clone()))
+            .collect();
+        write(&*self.store, &dirty).await
+    }
+
+    /// Flushes every second until `stop`, then once more.
+    pub async fn run_flusher(self: Arc<Self>, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(FLUSH_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.cancelled() => break,
+            }
+            if let Err(e) = self.flush().await {
+                tracing::warn!(error = %e, "cursor flush failed; will retry");
+            }
+        }
+        if let Err(e) = self.flush().await {
+            tracing::warn!(error = %e, "final cursor flush failed");
+        }
+    }
+}
+
+async fn write(store: &dyn Store, slots: &[(Key, Arc<Slot>)]) -> Result<(), StoreError> {
+    if slots.is_empty() {
+        return Ok(());
+    }
+    let batch: Vec<(String, String, u64)> = slots
+        .iter()
+        .map(|((uid, device), s)| (uid.clone(), device.clone(), s.acked.load(Ordering::Relaxed)))
+        .collect();
+    store.save_cursors(&batch).await?;
+    for ((_, slot), (_, _, seq)) in slots.iter().zip(&batch) {
+        slot.persisted.fetch_max(*seq, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+impl CursorHandle {
+    /// Records a cumulative ack; never moves back.
+    pub fn ack(&self, seq: u64) {
+        self.slot.acked.fetch_max(seq, Ordering::Relaxed);
+    }
+
+    /// Releases the hold; the last holder writes the cursor if it moved, then forgets it.
+    pub async fn close(self) {
+        if self.slot.holders.load(Ordering::Relaxed) == 1
+            && self.slot.acked.load(Ordering::Relaxed) > self.slot.persisted.load(Ordering::Relaxed)
+        {
+            let one = [(self.key.clone(), self.slot.clone())];
+            if let Err(e) = write(&*self.cursors.store, &one).await {
+                tracing::warn!(error = %e, "cursor write on disconnect failed");
+            }
+        }
+    }
+}
+
+impl Drop for CursorHandle {
+    fn drop(&mut self) {
+        if self.slot.holders.fetch_sub(1, Ordering::Relaxed) == 1 {
+            self.cursors
+                .slots
+                .remove_if(&self.key, |_, s| s.holders.load(Ordering::Relaxed) == 0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::memory::{Limits, MemoryStore};
+    use crate::store::Fanout;
+
+    struct Nobody;
+    impl Fanout for Nobody {
+        fn deliver(&self, _: &str, _: &mut dyn FnMut() -> Option<imgate_proto::Message>) {}
+    }
+
+    fn cursors() -> (Arc<Cursors>, Arc<MemoryStore>) {
+        let limits = Limits {
+            retention: Duration::from_secs(60),
+            max_inbox: 10,
+        };
+        let store = Arc::new(MemoryStore::new(limits, Arc::new(Nobody)));
+        (Cursors::new(store.clone()), store)
+    }
+
+    #[tokio::test]
+    async fn live_slot_is_seen_before_the_store_and_shared_by_holders() {
+        let (c, store) = cursors();
+        let old = c.open("bob", "phone", 5, 5);
+        old.ack(9);
+        assert_eq!(c.load("bob", "phone").await.unwrap(), Some(9));
+        assert_eq!(store.cursor("bob", "phone").await.unwrap(), None);
+        let new = c.open("bob", "phone", 5, 5);
+        old.close().await; // not the last holder: no write yet
+        assert_eq!(store.cursor("bob", "phone").await.unwrap(), None);
+        new.ack(12);
+        new.close().await;
+        assert_eq!(store.cursor("bob", "phone").await.unwrap(), Some(12));
+        assert!(c.slots.is_empty());
+    }
+
+    #[tokio::test]
+    async fn flush_writes_only_moved_cursors() {
+        let (c, store) = cursors();
+        let a = c.open("a", "d", 0, 0);
+        let _b = c.open("b", "d", 3, 3);
+        a.ack(4);
+        c.flush().await.unwrap();
+        assert_eq!(store.cursor("a", "d").await.unwrap(), Some(4));
+        assert_eq!(store.cursor("b", "d").await.unwrap(), None);
+    }
+}

@@ -1,0 +1,292 @@
+//! The local registry: uid → this gateway's connections of that uid, and the fanout that
+//! hands each stored message to them.
+//!
+//! Like async-nats feeds its subscribers, the fanout only ever `try_send`s into a
+//! connection's bounded outbox and never waits on a client. A full outbox means the
+//! connection cannot keep up with its stored messages: it is told to close (`bye
+//! slow_consumer`) and will resume losslessly from its cursor. A message is encoded at most
+//! once per wire format however many connections take it ([`Delivered`]).
+//! This module never touches sockets or the store.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use imgate_proto::{encode, ByeReason, Encoding, Message, ServerFrame};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::store::Fanout;
+
+/// A stored message on its way to connections, with its encodings made on first use.
+#[derive(Debug)]
+pub struct Delivered {
+    frame: ServerFrame,
+    json: OnceLock<Bytes>,
+    msgpack: OnceLock<Bytes>,
+}
+
+impl Delivered {
+    pub fn new(msg: Message) -> Self {
+        Delivered {
+            frame: ServerFrame::Msg(msg),
+            json: OnceLock::new(),
+            msgpack: OnceLock::new(),
+        }
+    }
+
+    pub fn message(&self) -> &Message {
+        match &self.frame {
+            ServerFrame::Msg(m) => m,
+            _ => unreachable!("Delivered only holds msg frames"),
+        }
+    }
+
+    pub fn seq(&self) -> u64 {
+        self.message().seq
+    }
+
+    /// The `msg` frame in `enc`, encoded once and shared by every connection.
+    pub fn encoded(&self, enc: Encoding) -> Bytes {
+        let cell = match enc {
+            Encoding::Json => &self.json,
+            Encoding::Msgpack => &self.msgpack,
+        };
+        cell.get_or_init(|| encode(&self.frame, enc).expect("a stored message always encodes"))
+            .clone()
+    }
+}
+
+/// What the fanout puts in a connection's outbox.
+#[derive(Debug, Clone)]
+pub enum Outbound {
+    Msg(Arc<Delivered>),
+}
+
+/// A request, from anywhere, that a connection close with a reason.
+#[derive(Debug, Default)]
+pub struct Kick {
+    token: CancellationToken,
+    reason: OnceLock<ByeReason>,
+}
+
+impl Kick {
+    /// The first reason given wins.
+    pub fn kick(&self, reason: ByeReason) {
+        let _ = self.reason.set(reason);
+        self.token.cancel();
+    }
+
+    /// Resolves once kicked; cancel-safe.
+    pub async fn kicked(&self) -> ByeReason {
+        self.token.cancelled().await;
+        self.reason.get().copied().unwrap_or(ByeReason::Kicked)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Conn {
+    id: u64,
+    device: Arc<str>,
+    tx: mpsc::Sender<Outbound>,
+    kick: Arc<Kick>,
+}
+
+/// Counters of the fanout, read by `/metrics`.
+#[derive(Debug, Default)]
+pub struct HubStats {
+    /// Copies handed to at least one local connection.
+    pub dispatched: AtomicU64,
+    /// Copies for users with no local connection, dropped without decoding.
+    pub dropped_not_local: AtomicU64,
+    /// Connections closed because their outbox was full.
+    pub slow_consumers: AtomicU64,
+}
+
+/// The registry of this gateway's connections.
+#[derive(Debug, Default)]
+pub struct Hub {
+    users: DashMap<String, Vec<Conn>>,
+    next_id: AtomicU64,
+    pub stats: HubStats,
+}
+
+/// A connection's place in the hub; dropping it unregisters the connection.
+#[derive(Debug)]
+pub struct Registration {
+    hub: Arc<Hub>,
+    uid: String,
+    id: u64,
+    pub rx: mpsc::Receiver<Outbound>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.hub.users.remove_if_mut(&self.uid, |_, conns| {
+            conns.retain(|c| c.id != self.id);
+            conns.is_empty()
+        });
+    }
+}
+
+impl Hub {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Hub::default())
+    }
+
+    /// Registers a connection of `(uid, device)` with an outbox of `capacity`. An older
+    /// connection of the same device is kicked with `replaced`, and so is the oldest one
+    /// when the uid already has `max_devices` connections here.
+    pub fn register(
+        self: &Arc<Self>,
+        uid: &str,
+        device: &str,
+        kick: Arc<Kick>,
+        capacity: usize,
+        max_devices: usize,
+    ) -> Registration {
+        let (tx, rx) = mpsc::channel(capacity);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut conns = self.users.entry(uid.to_owned()).or_default();
+        conns.retain(|c| {
+            let same = &*c.device == device;
+            if same {
+                c.kick.kick(ByeReason::Replaced);
+            }
+            !same
+        });
+        while conns.len() >= max_devices {
+            conns.remove(0).kick.kick(ByeReason::Replaced);
+        }
+        conns.push(Conn {
+            id,
+            device: device.into(),
+            tx,
+            kick,
+        });
+        drop(conns);
+        Registration {
+            hub: self.clone(),
+            uid: uid.to_owned(),
+            id,
+            rx,
+        }
+    }
+
+    /// Number of connections of `uid` on this gateway.
+    pub fn connections_of(&self, uid: &str) -> usize {
+        self.users.get(uid).map_or(0, |c| c.len())
+    }
+
+    /// Number of users with at least one connection here.
+    pub fn users(&self) -> usize {
+        self.users.len()
+    }
+}
+
+impl Fanout for Hub {
+    fn deliver(&self, uid: &str, build: &mut dyn FnMut() -> Option<Message>) {
+        let Some(conns) = self.users.get(uid) else {
+            self.stats.dropped_not_local.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let Some(msg) = build() else { return };
+        let delivered = Arc::new(Delivered::new(msg));
+        self.stats.dispatched.fetch_add(1, Ordering::Relaxed);
+        for c in conns.iter() {
+            match c.tx.try_send(Outbound::Msg(delivered.clone())) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    if !c.kick.token.is_cancelled() {
+                        self.stats.slow_consumers.fetch_add(1, Ordering::Relaxed);
+                    }
+                    c.kick.kick(ByeReason::SlowConsumer);
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn msg(seq: u64) -> Message {
+        Message {
+            seq,
+            id: format!("m{seq}"),
+            from: "alice".into(),
+            to: Some("bob".into()),
+            group: None,
+            ts: 1,
+            body: json!({"text": "hi"}),
+        }
+    }
+
+    #[test]
+    fn delivers_to_every_device_and_drops_non_local_without_building() {
+        let hub = Hub::new();
+        let k1 = Arc::new(Kick::default());
+        let k2 = Arc::new(Kick::default());
+        let mut phone = hub.register("bob", "phone", k1, 8, 16);
+        let mut web = hub.register("bob", "web", k2, 8, 16);
+        hub.deliver("bob", &mut || Some(msg(1)));
+        let mut built = false;
+        hub.deliver("carol", &mut || {
+            built = true;
+            Some(msg(2))
+        });
+        assert!(!built, "a message for a user not held here is never built");
+        assert_eq!(hub.stats.dropped_not_local.load(Ordering::Relaxed), 1);
+        let Outbound::Msg(a) = phone.rx.try_recv().unwrap();
+        let Outbound::Msg(b) = web.rx.try_recv().unwrap();
+        assert!(
+            Arc::ptr_eq(&a, &b),
+            "one Delivered shared by all connections"
+        );
+        assert_eq!(
+            a.encoded(Encoding::Json).as_ptr(),
+            b.encoded(Encoding::Json).as_ptr(),
+            "encoded once, the same bytes for every connection"
+        );
+    }
+
+    #[test]
+    fn same_device_replaces_and_unregister_on_drop() {
+        let hub = Hub::new();
+        let old = Arc::new(Kick::default());
+        let r1 = hub.register("bob", "phone", old.clone(), 8, 16);
+        let _r2 = hub.register("bob", "phone", Arc::new(Kick::default()), 8, 16);
+        assert!(old.token.is_cancelled());
+        assert_eq!(old.reason.get(), Some(&ByeReason::Replaced));
+        assert_eq!(hub.connections_of("bob"), 1);
+        drop(r1); // the replaced registration leaves the new one alone
+        assert_eq!(hub.connections_of("bob"), 1);
+    }
+
+    #[test]
+    fn max_devices_kicks_oldest() {
+        let hub = Hub::new();
+        let first = Arc::new(Kick::default());
+        let _a = hub.register("bob", "a", first.clone(), 8, 2);
+        let _b = hub.register("bob", "b", Arc::new(Kick::default()), 8, 2);
+        let _c = hub.register("bob", "c", Arc::new(Kick::default()), 8, 2);
+        assert!(first.token.is_cancelled());
+        assert_eq!(hub.connections_of("bob"), 2);
+    }
+
+    #[test]
+    fn full_outbox_kicks_slow_consumer() {
+        let hub = Hub::new();
+        let kick = Arc::new(Kick::default());
+        let _r = hub.register("bob", "phone", kick.clone(), 2, 16);
+        for seq in 1..=3 {
+            hub.deliver("bob", &mut || Some(msg(seq)));
+        }
+        assert_eq!(kick.reason.get(), Some(&ByeReason::SlowConsumer));
+        assert_eq!(hub.stats.slow_consumers.load(Ordering::Relaxed), 1);
+    }
+}

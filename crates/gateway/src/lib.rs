@@ -1,0 +1,27 @@
+//! The imgate gateway as a library; the `imgate` binary is a thin CLI over it.
+//!
+//! Layout, from the wire inwards:
+//! - [`tcp`], [`ws`], [`http`]: transports. They authenticate, encode and decode, and hand
+//!   each connection to a session. They never reach into the store.
+//! - [`session`]: one loop for every long-lived connection: login, resume and backlog,
+//!   live delivery, acks, sends, timeouts, `bye`.
+//! - [`hub`]: the local registry (uid → this gateway's connections) and the fanout that
+//!   `try_send`s each stored message into connection outboxes.
+//! - [`cursors`]: batched persistence of device cursors from acks.
+//! - [`store`]: the [`store::Store`] seam and the embedded standalone store.
+//! - [`auth`], [`config`]: tokens and the configuration tree.
+//! - [`server`]: wires it together; `run(listeners, config, shutdown)`.
+
+pub mod auth;
+pub mod config;
+pub mod cursors;
+pub mod http;
+pub mod hub;
+pub mod server;
+pub mod session;
+pub mod store;
+pub mod tcp;
+pub mod ws;
+
+pub use config::Config;
+pub use server::{run, Listeners};

@@ -1,0 +1,663 @@
+//! One session loop for every long-lived transport (TCP, WebSocket).
+//!
+//! A session is generic over a sink of [`Outgoing`] frames and a stream of [`Incoming`]
+//! ones, so the transport only encodes and decodes. States:
+//!
+//! ```text
+//! login ──▶ register in hub ──▶ welcome + backlog replay ──▶ live ──▶ bye / close
+//!  │ (token checked,           (outbox drained and dropped    (select: kick, shutdown,
+//!  │  device chosen)            before each page read; the     outbox, finished sends,
+//!  └─ refused: error, close     read covers what it dropped)   client frames, timers)
+//! ```
+//!
+//! Gap-free hand-over: the connection is registered *before* the resume point is read, and
+//! every stored copy reaches the outbox only after it is readable. So each message is either
+//! in a backlog page or in the outbox after the last page; anything at or below the last seq
+//! sent is skipped. The session never touches sockets or knows which transport it serves.
+
+use std::collections::VecDeque;
+use std::num::NonZeroU32;
+use std::pin::pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::stream::FuturesOrdered;
+use futures::{FutureExt, Sink, SinkExt, Stream, StreamExt};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use imgate_proto::ids::{is_valid_id, is_valid_message_id};
+use imgate_proto::{encode, ByeReason, ClientFrame, Encoding, ErrorCode, ServerFrame};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::{Auth, Identity};
+use crate::config::Config;
+use crate::cursors::{CursorHandle, Cursors};
+use crate::hub::{Delivered, Hub, Kick, Outbound};
+use crate::store::{memory::now_ms, Draft, Store};
+
+/// Messages read from the store per backlog page.
+const REPLAY_PAGE: usize = 256;
+/// Sends a connection may have waiting for the store at once; beyond it, its frames are
+/// not read (backpressure instead of buffering).
+const MAX_INFLIGHT_SENDS: usize = 64;
+/// Outbox items written before one flush.
+const OUT_BATCH: usize = 64;
+/// Time allowed for the last frame (`bye` or a refusal) before the connection is dropped.
+const FAREWELL_TIMEOUT: Duration = Duration::from_secs(1);
+/// Device id used when a login names none.
+pub const DEFAULT_DEVICE: &str = "default";
+/// Unacked messages sent within this span share one ack-timeout bucket.
+const ACK_BUCKET: Duration = Duration::from_secs(1);
+
+/// Everything sessions share: configuration, auth, store, registry, cursors, shutdown.
+pub struct Shared {
+    pub cfg: Config,
+    pub auth: Auth,
+    pub store: Arc<dyn Store>,
+    pub hub: Arc<Hub>,
+    pub cursors: Arc<Cursors>,
+    /// Cancelled when the gateway starts draining.
+    pub shutdown: CancellationToken,
+    /// Every connection task, so shutdown can wait for them.
+    pub tracker: TaskTracker,
+    /// Connection permits (`--max-connections`), taken before a connection is served.
+    pub permits: Arc<Semaphore>,
+}
+
+/// A frame on its way to the client; the transport encodes it.
+#[derive(Debug, Clone)]
+pub enum Outgoing {
+    Frame(ServerFrame),
+    Msg(Arc<Delivered>),
+}
+
+impl Outgoing {
+    /// Encodes for the wire. A stored message is encoded once per encoding and shared.
+    pub fn encode(&self, enc: Encoding) -> Bytes {
+        match self {
+            Outgoing::Frame(f) => encode(f, enc).expect("server frames always encode"),
+            Outgoing::Msg(d) => d.encoded(enc),
+        }
+    }
+}
+
+/// What a transport read from its client.
+#[derive(Debug)]
+pub enum Incoming {
+    Frame(ClientFrame),
+    /// A delimited frame that did not decode; answered with `bad_request`.
+    Malformed(String),
+    /// Traffic that is not a frame (a WebSocket ping); it keeps the connection alive.
+    Activity,
+}
+
+/// Why a transport stops reading.
+#[derive(Debug)]
+pub enum InError {
+    /// A frame above `--max-frame`: cannot be delimited, so the connection ends.
+    TooLarge,
+    /// The peer went away or the socket failed.
+    Closed,
+}
+
+/// A login already checked by the transport (WebSocket with the token in URL or header).
+#[derive(Debug, Clone)]
+pub struct Preauth {
+    pub identity: Identity,
+    pub device: Option<String>,
+    pub resume: Option<u64>,
+}
+
+/// How a session starts.
+#[derive(Debug, Clone)]
+pub enum Start {
+    /// The transport verified the token already: send `welcome` at once.
+    Verified(Preauth),
+    /// Wait for a `login` frame; `device` and `resume` fill in what it leaves out.
+    AwaitLogin {
+        device: Option<String>,
+        resume: Option<u64>,
+    },
+}
+
+/// How a session ends.
+enum End {
+    /// Say `bye` with this reason, then close.
+    Bye(ByeReason),
+    /// Send this (an error) and close.
+    Refuse(ServerFrame),
+    /// The peer is gone; just close.
+    Gone,
+}
+
+fn refuse(code: ErrorCode, message: impl Into<String>) -> End {
+    End::Refuse(ServerFrame::error(code, message))
+}
+
+/// Runs one connection to its end.
+pub async fn run<Si, St>(shared: Arc<Shared>, sink: Si, stream: St, start: Start)
+where
+    Si: Sink<Outgoing> + Unpin,
+    St: Stream<Item = Result<Incoming, InError>> + Unpin,
+{
+    let mut io = Io {
+        sink,
+        stream,
+        kick: Arc::new(Kick::default()),
+        shutdown: shared.shutdown.clone(),
+        write_stall: shared.cfg.ack_timeout,
+    };
+    let end = match start {
+        Start::Verified(p) => Ok(p),
+        Start::AwaitLogin { device, resume } => io.login(&shared).await.map(|mut p| {
+            p.device = p.device.or(device);
+            p.resume = p.resume.or(resume);
+            p
+        }),
+    };
+    let end = match end {
+        Ok(pre) => serve(&shared, &mut io, pre).await,
+        Err(end) => end,
+    };
+    io.farewell(end).await;
+}
+
+/// The transport halves plus what every write races against.
+struct Io<Si, St> {
+    sink: Si,
+    stream: St,
+    kick: Arc<Kick>,
+    shutdown: CancellationToken,
+    /// A single write blocked this long means the client stopped reading.
+    write_stall: Duration,
+}
+
+impl<Si, St> Io<Si, St>
+where
+    Si: Sink<Outgoing> + Unpin,
+    St: Stream<Item = Result<Incoming, InError>> + Unpin,
+{
+    /// Waits for the `login` frame and checks it.
+    async fn login(&mut self, shared: &Shared) -> Result<Preauth, End> {
+        let deadline = Instant::now() + shared.cfg.login_timeout;
+        loop {
+            let next = tokio::select! {
+                r = tokio::time::timeout_at(deadline, self.stream.next()) => r,
+                _ = self.shutdown.cancelled() => return Err(End::Bye(ByeReason::Shutdown)),
+            };
+            let login = match next {
+                Err(_) => return Err(End::Bye(ByeReason::LoginTimeout)),
+                Ok(None) | Ok(Some(Err(InError::Closed))) => return Err(End::Gone),
+                Ok(Some(Err(InError::TooLarge))) => return Err(End::Bye(ByeReason::FrameTooLarge)),
+                Ok(Some(Ok(Incoming::Activity))) => continue,
+                Ok(Some(Ok(Incoming::Malformed(m)))) => {
+                    return Err(refuse(ErrorCode::BadRequest, m))
+                }
+                Ok(Some(Ok(Incoming::Frame(ClientFrame::Login(l))))) => l,
+                Ok(Some(Ok(Incoming::Frame(_)))) => {
+                    return Err(refuse(
+                        ErrorCode::BadRequest,
+                        "the first frame must be login",
+                    ))
+                }
+            };
+            let identity = shared
+                .auth
+                .verify(&login.token)
+                .map_err(|e| refuse(ErrorCode::Unauthorized, e.to_string()))?;
+            return Ok(Preauth {
+                identity,
+                device: login.device,
+                resume: login.resume,
+            });
+        }
+    }
+
+    /// Writes one item, racing the write against a kick, shutdown and a stalled reader.
+    /// `flush` pushes it (and anything fed before) to the socket.
+    async fn write(&mut self, item: Outgoing, flush: bool) -> Result<(), End> {
+        let stall = self.write_stall;
+        let sink = &mut self.sink;
+        let write = async move {
+            if flush {
+                sink.send(item).await
+            } else {
+                sink.feed(item).await
+            }
+        };
+        tokio::select! {
+            biased;
+            r = write => r.map_err(|_| End::Gone),
+            reason = self.kick.kicked() => Err(End::Bye(reason)),
+            _ = self.shutdown.cancelled() => Err(End::Bye(ByeReason::Shutdown)),
+            _ = tokio::time::sleep(stall) => Err(End::Bye(ByeReason::SlowConsumer)),
+        }
+    }
+
+    async fn flush(&mut self) -> Result<(), End> {
+        let stall = self.write_stall;
+        tokio::select! {
+            biased;
+            r = self.sink.flush() => r.map_err(|_| End::Gone),
+            reason = self.kick.kicked() => Err(End::Bye(reason)),
+            _ = self.shutdown.cancelled() => Err(End::Bye(ByeReason::Shutdown)),
+            _ = tokio::time::sleep(stall) => Err(End::Bye(ByeReason::SlowConsumer)),
+        }
+    }
+
+    /// Sends the last frame, if any, within a short deadline, then closes the sink.
+    async fn farewell(&mut self, end: End) {
+        let last = match end {
+            End::Bye(reason) => Some(ServerFrame::Bye { reason }),
+            End::Refuse(frame) => Some(frame),
+            End::Gone => None,
+        };
+        let _ = tokio::time::timeout(FAREWELL_TIMEOUT, async {
+            if let Some(frame) = last {
+                let _ = self.sink.send(Outgoing::Frame(frame)).await;
+            }
+            let _ = self.sink.close().await;
+        })
+        .await;
+    }
+}
+
+/// The state of a logged-in session.
+struct Live {
+    uid: String,
+    cursor: CursorHandle,
+    /// Highest seq written to this connection; anything at or below it is not sent again.
+    last_sent: u64,
+    /// `(highest seq, first send time)` per bucket of unacked messages, oldest first.
+    unacked: VecDeque<(u64, Instant)>,
+    last_activity: Instant,
+    limiter: Option<DefaultDirectRateLimiter>,
+    inflight: FuturesOrdered<BoxFuture<'static, ServerFrame>>,
+}
+
+async fn serve<Si, St>(shared: &Shared, io: &mut Io<Si, St>, pre: Preauth) -> End
+where
+    Si: Sink<Outgoing> + Unpin,
+    St: Stream<Item = Result<Incoming, InError>> + Unpin,
+{
+    let device = pre.device.unwrap_or_else(|| DEFAULT_DEVICE.to_owned());
+    if !is_valid_id(&device) {
+        return refuse(
+            ErrorCode::BadRequest,
+            "device must match ^[A-Za-z0-9_-]{1,64}$",
+        );
+    }
+    let uid = pre.identity.uid;
+    let cfg = &shared.cfg;
+    let mut reg = shared
+        .hub
+        .register(&uid, &device, io.kick.clone(), cfg.outbox, cfg.max_devices);
+
+    // Resume point: explicit, else the stored cursor, else the live tail (and remember it,
+    // so a device seen once resumes from here even if it never acks).
+    let stored = match shared.cursors.load(&uid, &device).await {
+        Ok(c) => c,
+        Err(e) => return refuse(e.code(), e.to_string()),
+    };
+    let resume = match (pre.resume, stored) {
+        (Some(r), _) => r,
+        (None, Some(c)) => c,
+        (None, None) => match shared.store.last_seq(&uid).await {
+            Ok(tail) => tail,
+            Err(e) => return refuse(e.code(), e.to_string()),
+        },
+    };
+    if stored.is_none() {
+        if let Err(e) = shared
+            .store
+            .save_cursors(&[(uid.clone(), device.clone(), resume)])
+            .await
+        {
+            return refuse(e.code(), e.to_string());
+        }
+    }
+    let start = stored.unwrap_or(resume);
+    let limiter = NonZeroU32::new(cfg.send_rate).map(|rate| {
+        let burst = NonZeroU32::new(cfg.send_burst).unwrap_or(rate);
+        RateLimiter::direct(Quota::per_second(rate).allow_burst(burst))
+    });
+    let mut live = Live {
+        cursor: shared.cursors.open(&uid, &device, start, start),
+        uid,
+        last_sent: resume,
+        unacked: VecDeque::new(),
+        last_activity: Instant::now(),
+        limiter,
+        inflight: FuturesOrdered::new(),
+    };
+
+    let end = match replay(shared, io, &mut live, &mut reg.rx, &device, resume).await {
+        Ok(()) => live_loop(shared, io, &mut live, &mut reg.rx).await,
+        Err(end) => end,
+    };
+    drop(reg);
+    live.cursor.close().await;
+    end
+}
+
+/// Sends `welcome` and the backlog after `resume`, page by page.
+async fn replay<Si, St>(
+    shared: &Shared,
+    io: &mut Io<Si, St>,
+    live: &mut Live,
+    rx: &mut tokio::sync::mpsc::Receiver<Outbound>,
+    device: &str,
+    resume: u64,
+) -> Result<(), End>
+where
+    Si: Sink<Outgoing> + Unpin,
+    St: Stream<Item = Result<Incoming, InError>> + Unpin,
+{
+    let mut welcomed = false;
+    loop {
+        // Everything queued so far is stored already, so the read below returns it.
+        while rx.try_recv().is_ok() {}
+        let page = shared
+            .store
+            .read(&live.uid, live.last_sent, REPLAY_PAGE)
+            .await
+            .map_err(|e| refuse(e.code(), e.to_string()))?;
+        if !welcomed {
+            let welcome = ServerFrame::Welcome {
+                uid: live.uid.clone(),
+                device: device.to_owned(),
+                resume,
+                gap: page.gap,
+            };
+            io.write(Outgoing::Frame(welcome), false).await?;
+            welcomed = true;
+        }
+        let full = page.messages.len() == REPLAY_PAGE;
+        let now = Instant::now();
+        for m in page.messages {
+            let seq = m.seq;
+            io.write(Outgoing::Msg(Arc::new(Delivered::new((*m).clone()))), false)
+                .await?;
+            live.sent(seq, now);
+        }
+        io.flush().await?;
+        if !full {
+            return Ok(());
+        }
+    }
+}
+
+async fn live_loop<Si, St>(
+    shared: &Shared,
+    io: &mut Io<Si, St>,
+    live: &mut Live,
+    rx: &mut tokio::sync::mpsc::Receiver<Outbound>,
+) -> End
+where
+    Si: Sink<Outgoing> + Unpin,
+    St: Stream<Item = Result<Incoming, InError>> + Unpin,
+{
+    let cfg = &shared.cfg;
+    let kick = io.kick.clone();
+    let shutdown = io.shutdown.clone();
+    let mut timer = pin!(tokio::time::sleep_until(live.deadline(cfg)));
+    loop {
+        let reading = live.inflight.len() < MAX_INFLIGHT_SENDS;
+        // Every branch is cancel-safe: kicked/cancelled/sleep are plain waits, `recv` and
+        // `next` on an mpsc receiver or a framed stream lose nothing when dropped.
+        let step: Result<(), End> = tokio::select! {
+            biased;
+            reason = kick.kicked() => Err(End::Bye(reason)),
+            _ = shutdown.cancelled() => Err(End::Bye(ByeReason::Shutdown)),
+            Some(frame) = live.inflight.next(), if !live.inflight.is_empty() => {
+                io.write(Outgoing::Frame(frame), true).await
+            }
+            out = rx.recv() => match out {
+                Some(first) => deliver_batch(io, live, rx, first).await,
+                // The hub dropped us: a newer connection replaced this one.
+                None => Err(End::Bye(ByeReason::Replaced)),
+            },
+            inbound = io.stream.next(), if reading => {
+                live.last_activity = Instant::now();
+                match inbound {
+                    None | Some(Err(InError::Closed)) => Err(End::Gone),
+                    Some(Err(InError::TooLarge)) => Err(End::Bye(ByeReason::FrameTooLarge)),
+                    Some(Ok(Incoming::Activity)) => Ok(()),
+                    Some(Ok(Incoming::Malformed(m))) => {
+                        io.write(Outgoing::Frame(ServerFrame::error(ErrorCode::BadRequest, m)), true).await
+                    }
+                    Some(Ok(Incoming::Frame(f))) => handle(shared, io, live, f).await,
+                }
+            }
+            _ = &mut timer => {
+                let now = Instant::now();
+                if live.ack_deadline(cfg).is_some_and(|d| d <= now) {
+                    Err(End::Bye(ByeReason::AckTimeout))
+                } else if live.last_activity + cfg.idle_timeout <= now {
+                    Err(End::Bye(ByeReason::Idle))
+                } else {
+                    timer.as_mut().reset(live.deadline(cfg));
+                    Ok(())
+                }
+            }
+        };
+        if let Err(end) = step {
+            return end;
+        }
+        // Pull the timer in if a new ack deadline came before it; a later deadline is
+        // handled when the timer fires early and re-arms.
+        let next = live.deadline(cfg);
+        if next < timer.deadline() {
+            timer.as_mut().reset(next);
+        }
+    }
+}
+
+async fn deliver_batch<Si, St>(
+    io: &mut Io<Si, St>,
+    live: &mut Live,
+    rx: &mut tokio::sync::mpsc::Receiver<Outbound>,
+    first: Outbound,
+) -> Result<(), End>
+where
+    Si: Sink<Outgoing> + Unpin,
+    St: Stream<Item = Result<Incoming, InError>> + Unpin,
+{
+    let now = Instant::now();
+    let mut next = Some(first);
+    let mut n = 0;
+    while let Some(Outbound::Msg(d)) = next {
+        let seq = d.seq();
+        if seq > live.last_sent {
+            io.write(Outgoing::Msg(d), false).await?;
+            live.sent(seq, now);
+        }
+        n += 1;
+        next = if n < OUT_BATCH {
+            rx.try_recv().ok()
+        } else {
+            None
+        };
+    }
+    io.flush().await
+}
+
+async fn handle<Si, St>(
+    shared: &Shared,
+    io: &mut Io<Si, St>,
+    live: &mut Live,
+    f: ClientFrame,
+) -> Result<(), End>
+where
+    Si: Sink<Outgoing> + Unpin,
+    St: Stream<Item = Result<Incoming, InError>> + Unpin,
+{
+    let answer = match f {
+        ClientFrame::Ping => ServerFrame::Pong,
+        ClientFrame::Ack { seq } => {
+            if seq > live.last_sent {
+                ServerFrame::error(
+                    ErrorCode::BadRequest,
+                    format!("ack {seq} is beyond the last seq sent ({})", live.last_sent),
+                )
+            } else {
+                live.acked(seq);
+                return Ok(());
+            }
+        }
+        ClientFrame::Send(send) => match accept_send(shared, live, send) {
+            Ok(fut) => {
+                live.inflight.push_back(fut);
+                return Ok(());
+            }
+            Err(frame) => *frame,
+        },
+        ClientFrame::Login(_) => ServerFrame::error(ErrorCode::BadRequest, "already logged in"),
+        ClientFrame::Join { .. } | ClientFrame::Leave { .. } | ClientFrame::Publish { .. } => {
+            ServerFrame::error(
+                ErrorCode::BadRequest,
+                "rooms are not enabled on this gateway",
+            )
+        }
+    };
+    io.write(Outgoing::Frame(answer), true).await
+}
+
+/// Checks a `send` and returns the future that stores it and yields the answer frame.
+fn accept_send(
+    shared: &Shared,
+    live: &Live,
+    send: imgate_proto::Send,
+) -> Result<BoxFuture<'static, ServerFrame>, Box<ServerFrame>> {
+    let id = match send.id {
+        Some(id) if is_valid_message_id(&id) => id,
+        Some(_) => {
+            return Err(Box::new(ServerFrame::error(
+                ErrorCode::BadRequest,
+                "id must be 1-64 visible ASCII characters",
+            )))
+        }
+        None => format!("srv-{:016x}", rand::random::<u64>()),
+    };
+    let fail = |code: ErrorCode, message: String| {
+        Box::new(ServerFrame::Error {
+            id: Some(id.clone()),
+            code,
+            message,
+        })
+    };
+    let to = match (send.to, send.group) {
+        (Some(to), None) if is_valid_id(&to) => to,
+        (Some(_), None) => {
+            return Err(fail(
+                ErrorCode::BadRequest,
+                "to must match ^[A-Za-z0-9_-]{1,64}$".into(),
+            ))
+        }
+        (None, Some(group)) => {
+            return Err(fail(
+                ErrorCode::NotFound,
+                format!("unknown group {group:?}"),
+            ))
+        }
+        _ => {
+            return Err(fail(
+                ErrorCode::BadRequest,
+                "a send names exactly one of to or group".into(),
+            ))
+        }
+    };
+    let size = encoded_len(&send.body);
+    if size > shared.cfg.max_body {
+        return Err(fail(
+            ErrorCode::TooLarge,
+            format!(
+                "body is {size} bytes, above the limit of {}",
+                shared.cfg.max_body
+            ),
+        ));
+    }
+    if live.limiter.as_ref().is_some_and(|l| l.check().is_err()) {
+        return Err(fail(
+            ErrorCode::RateLimited,
+            "send rate limit exceeded; retry later".into(),
+        ));
+    }
+    let inboxes = if to == live.uid {
+        vec![to.clone()]
+    } else {
+        vec![to.clone(), live.uid.clone()]
+    };
+    let draft = Draft {
+        id: id.clone(),
+        from: live.uid.clone(),
+        to: Some(to),
+        group: None,
+        ts: now_ms(),
+        body: send.body,
+    };
+    let store = shared.store.clone();
+    Ok(async move {
+        match store.append(draft, &inboxes).await {
+            Ok(a) => ServerFrame::Sent {
+                id,
+                // The sender's own copy is the last inbox.
+                seq: a.seqs.last().copied().unwrap_or_default(),
+                ts: a.ts,
+            },
+            Err(e) => ServerFrame::Error {
+                id: Some(id),
+                code: e.code(),
+                message: e.to_string(),
+            },
+        }
+    }
+    .boxed())
+}
+
+/// JSON-encoded size of a body, without building the encoding.
+pub fn encoded_len(body: &serde_json::Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut c = Count(0);
+    serde_json::to_writer(&mut c, body).expect("writing a JSON value to a counter cannot fail");
+    c.0
+}
+
+impl Live {
+    fn sent(&mut self, seq: u64, now: Instant) {
+        self.last_sent = seq;
+        match self.unacked.back_mut() {
+            Some((last, started)) if now.duration_since(*started) < ACK_BUCKET => *last = seq,
+            _ => self.unacked.push_back((seq, now)),
+        }
+    }
+
+    fn acked(&mut self, seq: u64) {
+        self.cursor.ack(seq);
+        while self.unacked.front().is_some_and(|(last, _)| *last <= seq) {
+            self.unacked.pop_front();
+        }
+    }
+
+    fn ack_deadline(&self, cfg: &Config) -> Option<Instant> {
+        self.unacked.front().map(|(_, t)| *t + cfg.ack_timeout)
+    }
+
+    fn deadline(&self, cfg: &Config) -> Instant {
+        let idle = self.last_activity + cfg.idle_timeout;
+        self.ack_deadline(cfg).map_or(idle, |a| a.min(idle))
+    }
+}

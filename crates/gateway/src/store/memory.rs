@@ -1,0 +1,293 @@
+//! The embedded store of standalone mode: inboxes, dedupe window and cursors in process
+//! memory behind one mutex.
+//!
+//! Seqs come from one counter for the whole store, like JetStream's stream sequence, so they
+//! increase within each inbox without being contiguous. Copies are handed to the [`Fanout`]
+//! under the same lock that stores them, which keeps delivery in seq order per inbox.
+//! Nothing here survives a restart of the process.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use imgate_proto::Message;
+
+use super::{Appended, Draft, Fanout, Page, Store, StoreError};
+
+/// How long a `(from, id)` pair is remembered for idempotent sends.
+pub const DEDUPE_WINDOW: Duration = Duration::from_secs(120);
+
+/// Retention limits of an inbox.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub retention: Duration,
+    pub max_inbox: usize,
+}
+
+/// The standalone store.
+pub struct MemoryStore {
+    inner: Mutex<Inner>,
+    limits: Limits,
+    fanout: Arc<dyn Fanout>,
+}
+
+#[derive(Default)]
+struct Inner {
+    last_seq: u64,
+    inboxes: HashMap<String, Inbox>,
+    /// `(from, id)` → the original outcome, for the dedupe window.
+    dedupe: HashMap<(String, String), Appended>,
+    /// Insertion order of `dedupe`, to expire it.
+    dedupe_order: VecDeque<(Instant, (String, String))>,
+    cursors: HashMap<(String, String), u64>,
+}
+
+#[derive(Default)]
+struct Inbox {
+    msgs: VecDeque<Arc<Message>>,
+    /// Highest seq retention has removed; a reader starting below it has a gap.
+    dropped_upto: u64,
+}
+
+impl Inbox {
+    fn expire(&mut self, limits: Limits, now_ms: u64) {
+        let horizon = now_ms.saturating_sub(limits.retention.as_millis() as u64);
+        while let Some(front) = self.msgs.front() {
+            if self.msgs.len() > limits.max_inbox || front.ts < horizon {
+                self.dropped_upto = front.seq;
+                self.msgs.pop_front();
+            } else {
+                break;
+            }
+        }
+    }
+
+    fn last_seq(&self) -> u64 {
+        self.msgs.back().map_or(self.dropped_upto, |m| m.seq)
+    }
+}
+
+impl MemoryStore {
+    pub fn new(limits: Limits, fanout: Arc<dyn Fanout>) -> Self {
+        MemoryStore {
+            inner: Mutex::new(Inner::default()),
+            limits,
+            fanout,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves plain data behind, still consistent enough
+        // to serve: every mutation below completes before any call that could panic.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    async fn append(&self, draft: Draft, inboxes: &[String]) -> Result<Appended, StoreError> {
+        let mut inner = self.lock();
+        let now = Instant::now();
+        while let Some((at, _)) = inner.dedupe_order.front() {
+            if now.duration_since(*at) < DEDUPE_WINDOW {
+                break;
+            }
+            let (_, key) = inner.dedupe_order.pop_front().expect("front exists");
+            inner.dedupe.remove(&key);
+        }
+        let key = (draft.from.clone(), draft.id.clone());
+        if let Some(original) = inner.dedupe.get(&key) {
+            return Ok(original.clone());
+        }
+        let now_ms = now_ms();
+        let mut seqs = Vec::with_capacity(inboxes.len());
+        for uid in inboxes {
+            inner.last_seq += 1;
+            let seq = inner.last_seq;
+            let msg = Arc::new(draft.to_message(seq));
+            let inbox = inner.inboxes.entry(uid.clone()).or_default();
+            inbox.msgs.push_back(msg.clone());
+            inbox.expire(self.limits, now_ms);
+            seqs.push(seq);
+            self.fanout.deliver(uid, &mut || Some(Message::clone(&msg)));
+        }
+        let appended = Appended { seqs, ts: draft.ts };
+        inner.dedupe.insert(key.clone(), appended.clone());
+        inner.dedupe_order.push_back((now, key));
+        Ok(appended)
+    }
+
+    async fn read(&self, uid: &str, after: u64, limit: usize) -> Result<Page, StoreError> {
+        let mut inner = self.lock();
+        let Some(inbox) = inner.inboxes.get_mut(uid) else {
+            return Ok(Page::default());
+        };
+        inbox.expire(self.limits, now_ms());
+        let start = inbox.msgs.partition_point(|m| m.seq <= after);
+        Ok(Page {
+            messages: inbox.msgs.range(start..).take(limit).cloned().collect(),
+            gap: inbox.dropped_upto > after,
+        })
+    }
+
+    async fn last_seq(&self, uid: &str) -> Result<u64, StoreError> {
+        Ok(self.lock().inboxes.get(uid).map_or(0, Inbox::last_seq))
+    }
+
+    async fn cursor(&self, uid: &str, device: &str) -> Result<Option<u64>, StoreError> {
+        Ok(self
+            .lock()
+            .cursors
+            .get(&(uid.to_owned(), device.to_owned()))
+            .copied())
+    }
+
+    async fn save_cursors(&self, cursors: &[(String, String, u64)]) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        for (uid, device, seq) in cursors {
+            let slot = inner
+                .cursors
+                .entry((uid.clone(), device.clone()))
+                .or_insert(0);
+            *slot = (*slot).max(*seq);
+        }
+        Ok(())
+    }
+
+    async fn ready(&self) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<(String, u64)>>);
+
+    impl Fanout for Recorder {
+        fn deliver(&self, uid: &str, build: &mut dyn FnMut() -> Option<Message>) {
+            let m = build().unwrap();
+            self.0.lock().unwrap().push((uid.to_owned(), m.seq));
+        }
+    }
+
+    fn draft(id: &str, from: &str, to: &str) -> Draft {
+        Draft {
+            id: id.into(),
+            from: from.into(),
+            to: Some(to.into()),
+            group: None,
+            ts: now_ms(),
+            body: json!({"text": id}),
+        }
+    }
+
+    fn store(max_inbox: usize) -> (MemoryStore, Arc<Recorder>) {
+        let rec = Arc::new(Recorder::default());
+        let limits = Limits {
+            retention: Duration::from_secs(3600),
+            max_inbox,
+        };
+        (MemoryStore::new(limits, rec.clone()), rec)
+    }
+
+    #[tokio::test]
+    async fn append_writes_each_inbox_and_fans_out_in_order() {
+        let (s, rec) = store(100);
+        let inboxes = ["bob".to_owned(), "alice".to_owned()];
+        let a = s
+            .append(draft("1", "alice", "bob"), &inboxes)
+            .await
+            .unwrap();
+        let b = s
+            .append(draft("2", "alice", "bob"), &inboxes)
+            .await
+            .unwrap();
+        assert_eq!(a.seqs, vec![1, 2]);
+        assert_eq!(b.seqs, vec![3, 4]);
+        let bob = s.read("bob", 0, 10).await.unwrap();
+        assert_eq!(
+            bob.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+            vec![1, 3]
+        );
+        assert!(!bob.gap);
+        assert_eq!(s.read("bob", 1, 10).await.unwrap().messages.len(), 1);
+        assert_eq!(s.last_seq("alice").await.unwrap(), 4);
+        assert_eq!(s.last_seq("nobody").await.unwrap(), 0);
+        assert_eq!(
+            *rec.0.lock().unwrap(),
+            vec![
+                ("bob".into(), 1),
+                ("alice".into(), 2),
+                ("bob".into(), 3),
+                ("alice".into(), 4)
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn duplicate_send_returns_original_and_stores_nothing() {
+        let (s, rec) = store(100);
+        let inboxes = ["bob".to_owned(), "alice".to_owned()];
+        let a = s
+            .append(draft("x", "alice", "bob"), &inboxes)
+            .await
+            .unwrap();
+        let again = s
+            .append(draft("x", "alice", "bob"), &inboxes)
+            .await
+            .unwrap();
+        assert_eq!(a, again);
+        assert_eq!(s.read("bob", 0, 10).await.unwrap().messages.len(), 1);
+        assert_eq!(rec.0.lock().unwrap().len(), 2);
+        // Same id from another sender is another message.
+        let other = s
+            .append(draft("x", "carol", "bob"), &["bob".to_owned()])
+            .await
+            .unwrap();
+        assert_ne!(other.seqs, a.seqs[..1]);
+    }
+
+    #[tokio::test]
+    async fn max_inbox_drops_oldest_and_reports_gap() {
+        let (s, _) = store(3);
+        for i in 0..5 {
+            s.append(draft(&i.to_string(), "alice", "bob"), &["bob".to_owned()])
+                .await
+                .unwrap();
+        }
+        let page = s.read("bob", 0, 10).await.unwrap();
+        assert_eq!(
+            page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+            vec![3, 4, 5]
+        );
+        assert!(page.gap);
+        assert!(s.read("bob", 1, 10).await.unwrap().gap);
+        assert!(!s.read("bob", 2, 10).await.unwrap().gap);
+        assert_eq!(s.read("bob", 3, 1).await.unwrap().messages.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn cursors_never_move_back() {
+        let (s, _) = store(3);
+        assert_eq!(s.cursor("bob", "phone").await.unwrap(), None);
+        s.save_cursors(&[("bob".into(), "phone".into(), 7)])
+            .await
+            .unwrap();
+        s.save_cursors(&[("bob".into(), "phone".into(), 5)])
+            .await
+            .unwrap();
+        assert_eq!(s.cursor("bob", "phone").await.unwrap(), Some(7));
+    }
+}

@@ -1,0 +1,109 @@
+//! The store seam: where inboxes, cursors and (later) groups live, and how stored messages
+//! reach the delivery registry.
+//!
+//! [`Store`] is implemented by the embedded [`memory::MemoryStore`] (standalone mode) and by
+//! the NATS JetStream store (cluster mode). A store calls its [`Fanout`] once per stored
+//! inbox copy, in seq order per inbox, after the copy is readable; it knows nothing about
+//! connections or transports.
+
+pub mod memory;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use imgate_proto::{ErrorCode, Message};
+use serde_json::Value;
+
+/// A message accepted from a sender, not yet stored.
+#[derive(Debug, Clone)]
+pub struct Draft {
+    pub id: String,
+    pub from: String,
+    pub to: Option<String>,
+    pub group: Option<String>,
+    /// Acceptance time, Unix milliseconds.
+    pub ts: u64,
+    pub body: Value,
+}
+
+impl Draft {
+    /// The message as stored in `seq`'s inbox copy.
+    pub fn to_message(&self, seq: u64) -> Message {
+        Message {
+            seq,
+            id: self.id.clone(),
+            from: self.from.clone(),
+            to: self.to.clone(),
+            group: self.group.clone(),
+            ts: self.ts,
+            body: self.body.clone(),
+        }
+    }
+}
+
+/// The outcome of [`Store::append`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Appended {
+    /// The seq of each inbox copy, in the order the inboxes were given.
+    pub seqs: Vec<u64>,
+    /// Acceptance time of the stored message (the original one for a duplicate send).
+    pub ts: u64,
+}
+
+/// One page of an inbox.
+#[derive(Debug, Clone, Default)]
+pub struct Page {
+    /// Messages after the asked seq, in seq order.
+    pub messages: Vec<Arc<Message>>,
+    /// Retention dropped messages between the asked seq and the first one returned.
+    pub gap: bool,
+}
+
+/// A store failure. `Unavailable` promises nothing was stored.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("store error: {0}")]
+    Internal(String),
+}
+
+impl StoreError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            StoreError::Unavailable(_) => ErrorCode::Unavailable,
+            StoreError::Internal(_) => ErrorCode::Internal,
+        }
+    }
+}
+
+/// Receives stored inbox copies for delivery. Implemented by the registry.
+pub trait Fanout: Send + Sync + 'static {
+    /// One stored copy for inbox `uid`. `build` makes the message; call it only when a local
+    /// connection wants it (this is where "filter before decode" happens).
+    fn deliver(&self, uid: &str, build: &mut dyn FnMut() -> Option<Message>);
+}
+
+/// Inboxes and cursors. Every method is safe to call concurrently.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Stores `draft` in every inbox of `inboxes`, all or nothing from the caller's point of
+    /// view: `Ok` only once every copy is durable. A repeat of the same `(from, id)` within
+    /// the dedupe window stores nothing and returns the original seqs.
+    async fn append(&self, draft: Draft, inboxes: &[String]) -> Result<Appended, StoreError>;
+
+    /// Up to `limit` messages of `uid`'s inbox with seq above `after`.
+    async fn read(&self, uid: &str, after: u64, limit: usize) -> Result<Page, StoreError>;
+
+    /// The seq of the newest message of `uid`'s inbox ever stored (0 if none): the live tail.
+    async fn last_seq(&self, uid: &str) -> Result<u64, StoreError>;
+
+    /// The stored cursor (last acked seq) of `(uid, device)`.
+    async fn cursor(&self, uid: &str, device: &str) -> Result<Option<u64>, StoreError>;
+
+    /// Stores cursors; a cursor never moves backwards.
+    async fn save_cursors(&self, cursors: &[(String, String, u64)]) -> Result<(), StoreError>;
+
+    /// Whether the store can take writes now (for `/readyz`).
+    async fn ready(&self) -> bool;
+}

@@ -1,0 +1,81 @@
+//! The TCP transport: length-prefixed msgpack frames on a plain socket (DESIGN section 4).
+//!
+//! It accepts (a connection permit first, backing off on accept errors), frames with
+//! [`imgate_proto::FrameCodec`], decodes and encodes msgpack, and hands the halves to
+//! [`crate::session::run`]. It holds no session state of its own.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{future, SinkExt, StreamExt};
+use imgate_proto::{decode, ClientFrame, Encoding, FrameCodec, FrameError};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::codec::Framed;
+use tokio_util::task::TaskTracker;
+
+use crate::session::{self, InError, Incoming, Outgoing, Shared, Start};
+
+/// Initial read and write buffer of a TCP connection. Small, because most connections are
+/// idle most of the time; buffers grow when a frame needs it.
+const TCP_BUFFER: usize = 512;
+/// Longest pause after repeated accept errors (for example, out of file descriptors).
+const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Accepts until shutdown; each connection runs as a task on `tracker`.
+pub async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    permits: Arc<Semaphore>,
+    tracker: TaskTracker,
+) {
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+            _ = shared.shutdown.cancelled() => return,
+        };
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = shared.shutdown.cancelled() => return,
+        };
+        let sock = match accepted {
+            Ok((sock, _peer)) => {
+                backoff = Duration::from_millis(5);
+                sock
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "tcp accept failed; backing off");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_ACCEPT_BACKOFF);
+                continue;
+            }
+        };
+        let shared = shared.clone();
+        tracker.spawn(async move {
+            connection(sock, shared).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn connection(sock: TcpStream, shared: Arc<Shared>) {
+    let _ = sock.set_nodelay(true);
+    let codec = FrameCodec::new(shared.cfg.max_frame);
+    let (sink, stream) = Framed::with_capacity(sock, codec, TCP_BUFFER).split();
+    let sink =
+        sink.with(|o: Outgoing| future::ready(Ok::<_, FrameError>(o.encode(Encoding::Msgpack))));
+    let stream = stream.map(|r| match r {
+        Ok(bytes) => Ok(match decode::<ClientFrame>(&bytes, Encoding::Msgpack) {
+            Ok(f) => Incoming::Frame(f),
+            Err(e) => Incoming::Malformed(e.to_string()),
+        }),
+        Err(FrameError::TooLarge { .. }) => Err(InError::TooLarge),
+        Err(FrameError::Io(_)) => Err(InError::Closed),
+    });
+    let start = Start::AwaitLogin {
+        device: None,
+        resume: None,
+    };
+    session::run(shared, Box::pin(sink), Box::pin(stream), start).await;
+}

@@ -1,0 +1,120 @@
+//! The WebSocket transport at `GET /v1/ws` (DESIGN section 4).
+//!
+//! Subprotocol `imgate.json` (text frames, the default) or `imgate.msgpack` (binary). A token
+//! in `?token=` or `Authorization: Bearer` is checked before the upgrade (401 if bad) and the
+//! session starts with `welcome`; otherwise the first frame must be `login`. Text frames are
+//! read as JSON and binary frames as msgpack whatever the subprotocol; the server answers in
+//! the negotiated one. Buffer and message limits are ours, not the library's defaults.
+
+use std::sync::Arc;
+
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use futures::{future, SinkExt, StreamExt};
+use imgate_proto::{decode, ClientFrame, Encoding, ErrorCode};
+use serde::Deserialize;
+
+use crate::http::{bearer, ApiError};
+use crate::session::{self, InError, Incoming, Outgoing, Preauth, Shared, Start};
+
+/// tungstenite's read buffer (its default is 128 KiB per connection, allocated up front).
+const WS_READ_BUFFER: usize = 4 * 1024;
+/// Bytes tungstenite collects before it writes to the socket; small so frames go out at
+/// once and idle connections hold little.
+const WS_WRITE_BUFFER: usize = 0;
+
+#[derive(Debug, Deserialize)]
+pub struct WsQuery {
+    token: Option<String>,
+    device: Option<String>,
+    resume: Option<u64>,
+}
+
+/// The upgrade handler.
+pub async fn upgrade(
+    State(shared): State<Arc<Shared>>,
+    Query(q): Query<WsQuery>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let start = match q.token.or_else(|| bearer(&headers)) {
+        Some(token) => match shared.auth.verify(&token) {
+            Ok(identity) => Start::Verified(Preauth {
+                identity,
+                device: q.device,
+                resume: q.resume,
+            }),
+            Err(e) => return ApiError::new(ErrorCode::Unauthorized, e.to_string()).into_response(),
+        },
+        None => Start::AwaitLogin {
+            device: q.device,
+            resume: q.resume,
+        },
+    };
+    let Ok(permit) = shared.permits.clone().try_acquire_owned() else {
+        return ApiError::new(ErrorCode::Unavailable, "connection limit reached").into_response();
+    };
+    let max = shared.cfg.max_frame;
+    let ws = ws
+        .protocols([
+            Encoding::Json.subprotocol(),
+            Encoding::Msgpack.subprotocol(),
+        ])
+        .max_message_size(max)
+        .max_frame_size(max)
+        .read_buffer_size(WS_READ_BUFFER)
+        .write_buffer_size(WS_WRITE_BUFFER);
+    let enc = ws
+        .selected_protocol()
+        .and_then(|p| p.to_str().ok())
+        .and_then(Encoding::from_subprotocol)
+        .unwrap_or(Encoding::Json);
+    let tracker = shared.tracker.clone();
+    ws.on_upgrade(move |socket| {
+        tracker.track_future(async move {
+            connection(socket, shared, enc, start).await;
+            drop(permit);
+        })
+    })
+}
+
+async fn connection(socket: WebSocket, shared: Arc<Shared>, enc: Encoding, start: Start) {
+    let (sink, stream) = socket.split();
+    let sink = sink.with(move |o: Outgoing| {
+        let bytes = o.encode(enc);
+        future::ready(Ok::<_, axum::Error>(match enc {
+            Encoding::Json => {
+                Message::Text(bytes.try_into().expect("serde_json always produces UTF-8"))
+            }
+            Encoding::Msgpack => Message::Binary(bytes),
+        }))
+    });
+    let stream = stream.filter_map(|r| {
+        future::ready(match r {
+            Ok(Message::Text(t)) => Some(Ok(frame(decode(t.as_bytes(), Encoding::Json)))),
+            Ok(Message::Binary(b)) => Some(Ok(frame(decode(&b, Encoding::Msgpack)))),
+            Ok(Message::Ping(_) | Message::Pong(_)) => Some(Ok(Incoming::Activity)),
+            Ok(Message::Close(_)) => Some(Err(InError::Closed)),
+            Err(e) if is_capacity(&e) => Some(Err(InError::TooLarge)),
+            Err(_) => Some(Err(InError::Closed)),
+        })
+    });
+    session::run(shared, Box::pin(sink), Box::pin(stream), start).await;
+}
+
+fn frame(r: Result<ClientFrame, imgate_proto::DecodeError>) -> Incoming {
+    match r {
+        Ok(f) => Incoming::Frame(f),
+        Err(e) => Incoming::Malformed(e.to_string()),
+    }
+}
+
+/// A message or frame above our size limit.
+fn is_capacity(e: &axum::Error) -> bool {
+    use tokio_tungstenite::tungstenite::Error;
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<Error>())
+        .is_some_and(|e| matches!(e, Error::Capacity(_)))
+}
