@@ -1,0 +1,458 @@
+//! Async Rust client for imgate over TCP (msgpack) or WebSocket (JSON or msgpack).
+//!
+//! A cloneable [`Client`] handle sends [`Command`]s to one connection task (the actor),
+//! which logs in, hands messages to an [`Events`] receiver, acks them automatically,
+//! deduplicates by seq, and on a lost connection reconnects and resumes after the last seq
+//! it saw, re-sending unanswered sends with their original ids (the server dedupes them).
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), imgate_client::Error> {
+//! let (client, mut events) = imgate_client::ClientBuilder::new("tcp://127.0.0.1:7070", "<jwt>")
+//!     .device("laptop")
+//!     .connect()
+//!     .await?;
+//! let sent = client.send_to("bob", serde_json::json!({"text": "hi"})).await?;
+//! while let Some(ev) = events.recv().await {
+//!     if let imgate_client::Event::Msg(m) = ev { println!("{} from {}", m.seq, m.from); }
+//! }
+//! # let _ = sent; Ok(()) }
+//! ```
+
+mod conn;
+mod error;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use imgate_proto::{ClientFrame, Login, Message, Send, ServerFrame};
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot};
+
+pub use error::{Error, ErrorKind};
+pub use imgate_proto::{ByeReason, Encoding, ErrorCode};
+
+use conn::Conn;
+
+/// Messages received before an ack is sent without waiting for the ack interval.
+const ACK_EVERY: u64 = 64;
+/// Longest time a received message stays unacked.
+const ACK_INTERVAL: Duration = Duration::from_millis(200);
+/// First and longest pause between reconnect attempts.
+const RECONNECT_MIN: Duration = Duration::from_millis(50);
+const RECONNECT_MAX: Duration = Duration::from_secs(2);
+/// Longest wait for the server to confirm the last ack when closing.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What the client reports to its owner.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// Logged in (again); `gap` means retention dropped messages after the resume point.
+    Welcome { resume: u64, gap: bool },
+    /// A stored message, in seq order, never twice.
+    Msg(Message),
+    /// A room message.
+    Room {
+        room: String,
+        from: String,
+        body: Value,
+    },
+    /// An error that answers no send (for example a bad ack).
+    Error { code: ErrorCode, message: String },
+    /// The connection closed; the client reconnects unless reconnecting is off.
+    Disconnected { reason: Option<ByeReason> },
+}
+
+/// The answer to a send: the message is durable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sent {
+    pub id: String,
+    pub seq: u64,
+    pub ts: u64,
+}
+
+/// Receives [`Event`]s. Unbounded: the actor never waits on the owner, so a caller that
+/// sends without reading its events cannot deadlock the client.
+pub type Events = mpsc::UnboundedReceiver<Event>;
+
+/// Builds a [`Client`]. Every default is set in [`ClientBuilder::new`].
+#[derive(Debug, Clone)]
+pub struct ClientBuilder {
+    url: String,
+    token: String,
+    device: Option<String>,
+    resume: Option<u64>,
+    encoding: Encoding,
+    reconnect: bool,
+    max_frame: usize,
+    timeout: Duration,
+}
+
+impl ClientBuilder {
+    /// `url` is `tcp://host:port` or `ws://host:port[/v1/ws]`.
+    pub fn new(url: impl Into<String>, token: impl Into<String>) -> Self {
+        ClientBuilder {
+            url: url.into(),
+            token: token.into(),
+            device: None,
+            resume: None,
+            encoding: Encoding::Json,
+            reconnect: true,
+            max_frame: imgate_proto::DEFAULT_MAX_FRAME,
+            timeout: Duration::from_secs(10),
+        }
+    }
+
+    pub fn device(mut self, device: impl Into<String>) -> Self {
+        self.device = Some(device.into());
+        self
+    }
+
+    /// Resume after this seq on the first login (`Some(0)`: the whole retained inbox).
+    pub fn resume(mut self, seq: Option<u64>) -> Self {
+        self.resume = seq;
+        self
+    }
+
+    /// WebSocket encoding (TCP is always msgpack).
+    pub fn encoding(mut self, enc: Encoding) -> Self {
+        self.encoding = enc;
+        self
+    }
+
+    /// Reconnect and resume on a lost connection (default on).
+    pub fn reconnect(mut self, on: bool) -> Self {
+        self.reconnect = on;
+        self
+    }
+
+    /// Time allowed to connect and log in.
+    pub fn timeout(mut self, t: Duration) -> Self {
+        self.timeout = t;
+        self
+    }
+
+    /// Connects and logs in; fails if the first login fails.
+    pub async fn connect(self) -> Result<(Client, Events), Error> {
+        let (conn, welcome) = self.login(self.resume).await?;
+        let (cmd_tx, cmd_rx) = mpsc::channel(256);
+        let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+        let _ = ev_tx.send(welcome);
+        let actor = Actor {
+            builder: self,
+            events: ev_tx,
+            commands: cmd_rx,
+            last_seq: None,
+            acked: 0,
+            pending: HashMap::new(),
+            order: 0,
+        };
+        tokio::spawn(actor.run(conn));
+        Ok((Client { tx: cmd_tx }, ev_rx))
+    }
+
+    async fn login(&self, resume: Option<u64>) -> Result<(Conn, Event), Error> {
+        tokio::time::timeout(self.timeout, async {
+            let mut conn = Conn::open(self, resume).await?;
+            if conn.needs_login_frame() {
+                let login = ClientFrame::Login(Login {
+                    token: self.token.clone(),
+                    device: self.device.clone(),
+                    resume,
+                });
+                conn.sink.send(login).await?;
+            }
+            match conn.stream.next().await {
+                Some(Ok(ServerFrame::Welcome { resume, gap, .. })) => {
+                    Ok((conn, Event::Welcome { resume, gap }))
+                }
+                Some(Ok(ServerFrame::Error { code, message, .. })) => {
+                    Err(Error::new(ErrorKind::Server(code), message))
+                }
+                Some(Ok(other)) => Err(Error::new(
+                    ErrorKind::Protocol,
+                    format!("expected welcome, got {other:?}"),
+                )),
+                Some(Err(e)) => Err(e),
+                None => Err(Error::new(ErrorKind::Closed, "closed before welcome")),
+            }
+        })
+        .await
+        .map_err(|_| Error::new(ErrorKind::Timeout, "login timed out"))?
+    }
+}
+
+/// A handle to one logical connection; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Client {
+    tx: mpsc::Sender<Command>,
+}
+
+/// What the handle asks of the actor.
+#[derive(Debug)]
+enum Command {
+    Send(Send, oneshot::Sender<Result<Sent, Error>>),
+    Frame(ClientFrame),
+    Reconnect,
+    Close(oneshot::Sender<()>),
+}
+
+impl Client {
+    /// Sends a direct message with a fresh id; resolves once it is durable.
+    pub async fn send_to(&self, to: &str, body: Value) -> Result<Sent, Error> {
+        self.send(Send {
+            id: None,
+            to: Some(to.to_owned()),
+            group: None,
+            body,
+        })
+        .await
+    }
+
+    /// Sends any `send` frame. Without an id one is made here, so a resend after a
+    /// reconnect is deduplicated by the server.
+    pub async fn send(&self, mut send: Send) -> Result<Sent, Error> {
+        if send.id.is_none() {
+            send.id = Some(format!("c-{:016x}", rand::random::<u64>()));
+        }
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Send(send, reply))
+            .await
+            .map_err(|_| Error::closed())?;
+        rx.await.map_err(|_| Error::closed())?
+    }
+
+    /// Sends a raw frame (join, leave, publish, ping, a manual ack).
+    pub async fn frame(&self, frame: ClientFrame) -> Result<(), Error> {
+        self.tx
+            .send(Command::Frame(frame))
+            .await
+            .map_err(|_| Error::closed())
+    }
+
+    /// Drops the connection and reconnects with resume (tests use this to cut connections).
+    pub async fn reconnect(&self) -> Result<(), Error> {
+        self.tx
+            .send(Command::Reconnect)
+            .await
+            .map_err(|_| Error::closed())
+    }
+
+    /// Acks what was received, then closes.
+    pub async fn close(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Command::Close(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+struct Actor {
+    builder: ClientBuilder,
+    events: mpsc::UnboundedSender<Event>,
+    commands: mpsc::Receiver<Command>,
+    /// Highest seq handed to the owner; anything at or below it is a duplicate.
+    last_seq: Option<u64>,
+    acked: u64,
+    /// Sends waiting for `sent`, by id.
+    pending: HashMap<String, Pending>,
+    order: u64,
+}
+
+/// A send waiting for its answer: its order (for re-sending), the frame, the caller.
+type Pending = (u64, Send, oneshot::Sender<Result<Sent, Error>>);
+
+/// Why a connected loop ended.
+enum Exit {
+    Reconnect(Option<ByeReason>),
+    Close,
+}
+
+impl Actor {
+    async fn run(mut self, mut conn: Conn) {
+        loop {
+            match self.connected(&mut conn).await {
+                Exit::Close => {
+                    let _ = conn.sink.close().await;
+                    return;
+                }
+                Exit::Reconnect(reason) => {
+                    let _ = self.events.send(Event::Disconnected { reason });
+                    if !self.builder.reconnect {
+                        self.fail_pending(Error::closed());
+                        return;
+                    }
+                }
+            }
+            match self.reconnect().await {
+                Some(c) => conn = c,
+                None => return,
+            }
+        }
+    }
+
+    /// Serves one connection until it ends.
+    async fn connected(&mut self, conn: &mut Conn) -> Exit {
+        let mut ack_tick = tokio::time::interval(ACK_INTERVAL);
+        loop {
+            tokio::select! {
+                cmd = self.commands.recv() => match cmd {
+                    None => return Exit::Close,
+                    Some(Command::Close(done)) => {
+                        self.close_gracefully(conn).await;
+                        let _ = done.send(());
+                        return Exit::Close;
+                    }
+                    Some(Command::Reconnect) => return Exit::Reconnect(None),
+                    Some(Command::Frame(f)) => {
+                        if conn.sink.send(f).await.is_err() {
+                            return Exit::Reconnect(None);
+                        }
+                    }
+                    Some(Command::Send(send, reply)) => {
+                        let id = send.id.clone().expect("the handle sets an id");
+                        self.order += 1;
+                        let frame = ClientFrame::Send(send.clone());
+                        self.pending.insert(id, (self.order, send, reply));
+                        if conn.sink.send(frame).await.is_err() {
+                            return Exit::Reconnect(None);
+                        }
+                    }
+                },
+                frame = conn.stream.next() => match frame {
+                    Some(Ok(f)) => {
+                        if let Some(exit) = self.on_frame(conn, f).await {
+                            return exit;
+                        }
+                    }
+                    Some(Err(_)) | None => return Exit::Reconnect(None),
+                },
+                _ = ack_tick.tick() => {
+                    if self.ack(conn).await.is_err() {
+                        return Exit::Reconnect(None);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn on_frame(&mut self, conn: &mut Conn, f: ServerFrame) -> Option<Exit> {
+        match f {
+            ServerFrame::Msg(m) => {
+                if self.last_seq.is_some_and(|last| m.seq <= last) {
+                    return None;
+                }
+                self.last_seq = Some(m.seq);
+                let _ = self.events.send(Event::Msg(m));
+                if self.last_seq.unwrap_or(0) >= self.acked + ACK_EVERY
+                    && self.ack(conn).await.is_err()
+                {
+                    return Some(Exit::Reconnect(None));
+                }
+            }
+            ServerFrame::Sent { id, seq, ts } => {
+                if let Some((_, _, reply)) = self.pending.remove(&id) {
+                    let _ = reply.send(Ok(Sent { id, seq, ts }));
+                }
+            }
+            ServerFrame::Error {
+                id: Some(id),
+                code,
+                message,
+            } if self.pending.contains_key(&id) => {
+                let (_, _, reply) = self.pending.remove(&id).expect("checked");
+                let _ = reply.send(Err(Error::new(ErrorKind::Server(code), message)));
+            }
+            ServerFrame::Error { code, message, .. } => {
+                let _ = self.events.send(Event::Error { code, message });
+            }
+            ServerFrame::Welcome { resume, gap, .. } => {
+                let _ = self.events.send(Event::Welcome { resume, gap });
+            }
+            ServerFrame::Room {
+                room, from, body, ..
+            } => {
+                let _ = self.events.send(Event::Room { room, from, body });
+            }
+            ServerFrame::Pong => {}
+            ServerFrame::Bye { reason } => return Some(Exit::Reconnect(Some(reason))),
+        }
+        None
+    }
+
+    /// Acks what was received and waits for a pong: the server handles frames in order, so
+    /// the pong means the ack was taken before the connection closes.
+    async fn close_gracefully(&mut self, conn: &mut Conn) {
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+            self.ack(conn).await?;
+            conn.sink.send(ClientFrame::Ping).await?;
+            while let Some(f) = conn.stream.next().await {
+                if matches!(f?, ServerFrame::Pong) {
+                    break;
+                }
+            }
+            Ok::<_, Error>(())
+        })
+        .await;
+    }
+
+    /// Acks everything received, if anything is new.
+    async fn ack(&mut self, conn: &mut Conn) -> Result<(), Error> {
+        match self.last_seq {
+            Some(seq) if seq > self.acked => {
+                conn.sink.send(ClientFrame::Ack { seq }).await?;
+                self.acked = seq;
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Reconnects with backoff, resuming after the last seq seen, and re-sends unanswered
+    /// sends in their original order. `None` when the owner is gone or login is refused.
+    async fn reconnect(&mut self) -> Option<Conn> {
+        let mut pause = RECONNECT_MIN;
+        loop {
+            if self.events.is_closed() && self.commands.is_closed() {
+                return None;
+            }
+            let resume = self.last_seq.or(self.builder.resume);
+            match self.builder.login(resume).await {
+                Ok((mut conn, welcome)) => {
+                    let _ = self.events.send(welcome);
+                    // Acks sent on the old connection may have been lost: ack again.
+                    self.acked = 0;
+                    let mut unanswered: Vec<_> = self
+                        .pending
+                        .values()
+                        .map(|(o, s, _)| (*o, s.clone()))
+                        .collect();
+                    unanswered.sort_by_key(|(o, _)| *o);
+                    for (_, s) in unanswered {
+                        if conn.sink.send(ClientFrame::Send(s)).await.is_err() {
+                            break;
+                        }
+                    }
+                    return Some(conn);
+                }
+                Err(e) if e.kind() == ErrorKind::Server(ErrorCode::Unauthorized) => {
+                    tracing::warn!(error = %e, "login refused; not reconnecting");
+                    self.fail_pending(e);
+                    return None;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "reconnect failed");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(RECONNECT_MAX);
+                }
+            }
+        }
+    }
+
+    fn fail_pending(&mut self, e: Error) {
+        for (_, (_, _, reply)) in self.pending.drain() {
+            let _ = reply.send(Err(e.clone()));
+        }
+    }
+}
