@@ -1,0 +1,111 @@
+//! Connection lifecycle: `bye` for shutdown, replacement, ack timeout and idleness, and a
+//! clean exit on SIGTERM.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::support::*;
+
+#[tokio::test]
+async fn sigterm_says_bye_shutdown_and_exits() {
+    let mut gw = Gateway::start(&["--drain-timeout", "3s"]).await;
+    let mut raw = RawTcp::connect(&gw).await;
+    raw.login(&token("bob"), "phone").await;
+    let (_alice, mut alice_ev) = connect(&gw, "alice", "web", Via::WsJson).await;
+    welcome(&mut alice_ev).await;
+    gw.signal("TERM");
+    let bye = raw.recv_type("bye").await;
+    assert_eq!(bye["reason"], "shutdown");
+    raw.expect_closed().await;
+    let reason = within(WAIT, "ws client disconnect", async {
+        loop {
+            if let Some(imgate_client::Event::Disconnected { reason }) = alice_ev.recv().await {
+                return reason;
+            }
+        }
+    })
+    .await;
+    assert_eq!(reason, Some(imgate_proto::ByeReason::Shutdown));
+    let status = gw.wait(Duration::from_secs(5)).await;
+    assert!(status.success(), "exit status {status:?}");
+}
+
+#[tokio::test]
+async fn a_second_connection_of_the_same_device_replaces_the_first() {
+    let gw = Gateway::start(&[]).await;
+    let mut first = RawTcp::connect(&gw).await;
+    first.login(&token("bob"), "phone").await;
+    let mut second = RawTcp::connect(&gw).await;
+    second.login(&token("bob"), "phone").await;
+    let bye = first.recv_type("bye").await;
+    assert_eq!(bye["reason"], "replaced");
+    first.expect_closed().await;
+    // The new one is served.
+    let (alice, _a) = connect(&gw, "alice", "a", Via::Tcp).await;
+    alice
+        .send_to("bob", json!({"text": "to the new one"}))
+        .await
+        .unwrap();
+    let m = second.recv_type("msg").await;
+    assert_eq!(m["body"]["text"], "to the new one");
+}
+
+#[tokio::test]
+async fn max_devices_replaces_the_oldest_connection() {
+    let gw = Gateway::start(&["--max-devices", "2"]).await;
+    let mut a = RawTcp::connect(&gw).await;
+    a.login(&token("bob"), "a").await;
+    let mut b = RawTcp::connect(&gw).await;
+    b.login(&token("bob"), "b").await;
+    let mut c = RawTcp::connect(&gw).await;
+    c.login(&token("bob"), "c").await;
+    assert_eq!(a.recv_type("bye").await["reason"], "replaced");
+}
+
+#[tokio::test]
+async fn unacked_messages_close_the_connection_and_come_back() {
+    let gw = Gateway::start(&["--ack-timeout", "500ms"]).await;
+    let mut raw = RawTcp::connect(&gw).await;
+    raw.login(&token("bob"), "phone").await;
+    let (alice, _a) = connect(&gw, "alice", "a", Via::Tcp).await;
+    alice
+        .send_to("bob", json!({"text": "ack me"}))
+        .await
+        .unwrap();
+    let m = raw.recv_type("msg").await;
+    let bye = raw.recv_type("bye").await;
+    assert_eq!(bye["reason"], "ack_timeout");
+    raw.expect_closed().await;
+    // The unacked message comes again on resume; acked, it does not.
+    let mut raw = RawTcp::connect(&gw).await;
+    raw.login(&token("bob"), "phone").await;
+    let again = raw.recv_type("msg").await;
+    assert_eq!(again["seq"], m["seq"]);
+    raw.send(json!({"type":"ack","seq":again["seq"]})).await;
+    raw.send(json!({"type":"ping"})).await;
+    raw.recv_type("pong").await;
+    // The pong came after the ack was taken, so even a replacing connection that arrives
+    // before the gateway notices this one closing resumes after the ack.
+    drop(raw);
+    let (_bob, mut ev) = connect(&gw, "bob", "phone", Via::Tcp).await;
+    no_message(&mut ev, Duration::from_millis(700)).await;
+}
+
+#[tokio::test]
+async fn an_idle_connection_gets_bye_idle_and_pings_keep_it_alive() {
+    let gw = Gateway::start(&["--idle-timeout", "600ms"]).await;
+    let mut busy = RawTcp::connect(&gw).await;
+    busy.login(&token("bob"), "busy").await;
+    let mut idle = RawTcp::connect(&gw).await;
+    idle.login(&token("bob"), "idle").await;
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        busy.send(json!({"type":"ping"})).await;
+        busy.recv_type("pong").await;
+    }
+    assert_eq!(idle.recv_type("bye").await["reason"], "idle");
+    idle.expect_closed().await;
+    busy.send(json!({"type":"ping"})).await;
+    busy.recv_type("pong").await;
+}

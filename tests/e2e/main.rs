@@ -1,0 +1,10 @@
+//! End-to-end tests: the real `imgate` binary, real sockets, our client crate and clients we
+//! did not write (Python `websockets` and `msgpack`). One test binary, modules by topic.
+
+mod support;
+
+mod bad_input;
+mod delivery;
+mod lifecycle;
+mod python;
+mod resume;

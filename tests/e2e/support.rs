@@ -1,0 +1,284 @@
+//! Test support: run the real `imgate` binary on free ports, mint tokens, connect clients
+//! (our client crate, or a raw TCP socket speaking msgpack frames), collect messages.
+//!
+//! Every process started here is killed when its handle drops; every wait has a deadline.
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::Duration;
+
+use bytes::{Buf, BufMut, BytesMut};
+use imgate_client::{Client, ClientBuilder, Encoding, Event, Events};
+use imgate_gateway::auth::Auth;
+use imgate_proto::Message;
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+
+/// Default bound for waiting on one expected thing.
+pub(crate) const WAIT: Duration = Duration::from_secs(15);
+
+/// Runs a future with a deadline, failing the test with `what` if it passes.
+pub(crate) async fn within<T>(
+    d: Duration,
+    what: &str,
+    f: impl std::future::Future<Output = T>,
+) -> T {
+    tokio::time::timeout(d, f)
+        .await
+        .unwrap_or_else(|_| panic!("timed out after {d:?}: {what}"))
+}
+
+/// A running gateway process.
+pub(crate) struct Gateway {
+    child: Child,
+    pub(crate) http: SocketAddr,
+    pub(crate) tcp: SocketAddr,
+}
+
+impl Gateway {
+    /// Starts `imgate serve` on free loopback ports with `args` added (tests lift the send
+    /// rate limit unless they pass their own).
+    pub(crate) async fn start(args: &[&str]) -> Gateway {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_imgate"));
+        cmd.args(["serve", "--http", "127.0.0.1:0", "--tcp", "127.0.0.1:0"]);
+        if !args.contains(&"--send-rate") {
+            cmd.args(["--send-rate", "0"]);
+        }
+        cmd.args(args)
+            .env_remove("IMGATE_JWT_SECRET")
+            .env_remove("IMGATE_JWT_SECRET_FILE")
+            .env(
+                "RUST_LOG",
+                std::env::var("IMGATE_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().expect("spawning the imgate binary");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let line = within(
+            WAIT,
+            "gateway to print its listening line",
+            lines.next_line(),
+        )
+        .await
+        .expect("reading gateway stdout")
+        .expect("gateway exited before listening");
+        let field = |name: &str| -> SocketAddr {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(name))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no {name} in {line:?}"))
+        };
+        let (http, tcp) = (field("http="), field("tcp="));
+        // Keep draining stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Gateway { child, http, tcp }
+    }
+
+    pub(crate) fn tcp_url(&self) -> String {
+        format!("tcp://{}", self.tcp)
+    }
+
+    pub(crate) fn ws_url(&self) -> String {
+        format!("ws://{}/v1/ws", self.http)
+    }
+
+    /// Sends a signal to the gateway process (`"TERM"`, `"KILL"`, …).
+    pub(crate) fn signal(&self, sig: &str) {
+        let pid = self.child.id().expect("gateway still running");
+        let ok = std::process::Command::new("kill")
+            .args([&format!("-{sig}"), &pid.to_string()])
+            .status()
+            .expect("running kill")
+            .success();
+        assert!(ok, "kill -{sig} {pid} failed");
+    }
+
+    /// Waits for the process to exit and returns its status.
+    pub(crate) async fn wait(&mut self, d: Duration) -> std::process::ExitStatus {
+        within(d, "gateway to exit", self.child.wait())
+            .await
+            .expect("waiting for the gateway")
+    }
+}
+
+/// A development-mode token for `uid`.
+pub(crate) fn token(uid: &str) -> String {
+    Auth::new(None).mint(uid, Duration::from_secs(3600), false)
+}
+
+/// Which transport a client uses.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Via {
+    Tcp,
+    WsJson,
+    WsMsgpack,
+}
+
+pub(crate) fn builder(gw: &Gateway, uid: &str, device: &str, via: Via) -> ClientBuilder {
+    let (url, enc) = match via {
+        Via::Tcp => (gw.tcp_url(), Encoding::Msgpack),
+        Via::WsJson => (gw.ws_url(), Encoding::Json),
+        Via::WsMsgpack => (gw.ws_url(), Encoding::Msgpack),
+    };
+    ClientBuilder::new(url, token(uid))
+        .device(device)
+        .encoding(enc)
+}
+
+pub(crate) async fn connect(gw: &Gateway, uid: &str, device: &str, via: Via) -> (Client, Events) {
+    within(
+        WAIT,
+        "client connect",
+        builder(gw, uid, device, via).connect(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{uid}/{device} could not connect: {e}"))
+}
+
+/// Waits for the next `n` stored messages, skipping other events.
+pub(crate) async fn messages(events: &mut Events, n: usize) -> Vec<Message> {
+    let mut out = Vec::with_capacity(n);
+    within(WAIT, &format!("{n} messages"), async {
+        while out.len() < n {
+            match events.recv().await {
+                Some(Event::Msg(m)) => out.push(m),
+                Some(_) => {}
+                None => panic!("client ended after {} of {n} messages", out.len()),
+            }
+        }
+    })
+    .await;
+    out
+}
+
+/// Asserts that no stored message arrives within `d`.
+pub(crate) async fn no_message(events: &mut Events, d: Duration) {
+    let deadline = tokio::time::Instant::now() + d;
+    loop {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Err(_) => return,
+            Ok(Some(Event::Msg(m))) => panic!("unexpected message {m:?}"),
+            Ok(Some(_)) => {}
+            Ok(None) => return,
+        }
+    }
+}
+
+/// Waits for the first `Welcome` event and returns its gap flag.
+pub(crate) async fn welcome(events: &mut Events) -> (u64, bool) {
+    within(WAIT, "welcome", async {
+        loop {
+            match events.recv().await {
+                Some(Event::Welcome { resume, gap }) => return (resume, gap),
+                Some(_) => {}
+                None => panic!("client ended before welcome"),
+            }
+        }
+    })
+    .await
+}
+
+pub(crate) fn text(m: &Message) -> &str {
+    m.body["text"].as_str().unwrap_or_default()
+}
+
+/// A raw TCP connection speaking length-prefixed msgpack, for malformed-input tests.
+pub(crate) struct RawTcp {
+    sock: TcpStream,
+    buf: BytesMut,
+}
+
+impl RawTcp {
+    pub(crate) async fn connect(gw: &Gateway) -> RawTcp {
+        RawTcp {
+            sock: TcpStream::connect(gw.tcp).await.expect("tcp connect"),
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// Writes one frame with the given payload bytes.
+    pub(crate) async fn send_raw(&mut self, payload: &[u8]) {
+        let mut out = BytesMut::with_capacity(4 + payload.len());
+        out.put_u32(payload.len() as u32);
+        out.put_slice(payload);
+        self.sock.write_all(&out).await.expect("tcp write");
+    }
+
+    /// Writes raw bytes with no framing.
+    pub(crate) async fn write(&mut self, bytes: &[u8]) {
+        self.sock.write_all(bytes).await.expect("tcp write");
+    }
+
+    /// Writes a JSON value as one msgpack frame with named maps.
+    pub(crate) async fn send(&mut self, v: Value) {
+        let payload = rmp_serde::to_vec_named(&v).expect("msgpack encode");
+        self.send_raw(&payload).await;
+    }
+
+    pub(crate) async fn login(&mut self, token: &str, device: &str) -> Value {
+        self.send(serde_json::json!({"type":"login","token":token,"device":device}))
+            .await;
+        let w = self.recv().await.expect("an answer to login");
+        assert_eq!(w["type"], "welcome", "{w}");
+        w
+    }
+
+    /// Reads the next frame as JSON; `None` when the server closed the connection.
+    pub(crate) async fn recv(&mut self) -> Option<Value> {
+        within(WAIT, "a frame from the gateway", async {
+            loop {
+                if self.buf.len() >= 4 {
+                    let len = u32::from_be_bytes(self.buf[..4].try_into().unwrap()) as usize;
+                    if self.buf.len() >= 4 + len {
+                        self.buf.advance(4);
+                        let payload = self.buf.split_to(len);
+                        return Some(rmp_serde::from_slice(&payload).expect("server msgpack"));
+                    }
+                }
+                match self.sock.read_buf(&mut self.buf).await {
+                    Ok(0) | Err(_) => return None,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+    }
+
+    /// Reads frames until one of `type` arrives (returned) or the connection closes.
+    pub(crate) async fn recv_type(&mut self, ty: &str) -> Value {
+        loop {
+            let f = self
+                .recv()
+                .await
+                .unwrap_or_else(|| panic!("closed while waiting for {ty}"));
+            if f["type"] == ty {
+                return f;
+            }
+        }
+    }
+
+    /// Asserts the server closes the connection, with no stored message before it.
+    pub(crate) async fn expect_closed(&mut self) {
+        while let Some(f) = self.recv().await {
+            assert_ne!(
+                f["type"], "msg",
+                "unexpected message (seq {}) before close",
+                f["seq"]
+            );
+        }
+    }
+
+    /// Reads until the server closes the connection; returns the last frame read.
+    pub(crate) async fn drain_until_closed(&mut self) -> Option<Value> {
+        let mut last = None;
+        while let Some(f) = self.recv().await {
+            last = Some(f);
+        }
+        last
+    }
+}
