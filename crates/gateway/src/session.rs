@@ -153,7 +153,9 @@ where
     };
     let end = match start {
         Start::Verified(p) => Ok(p),
-        Start::AwaitLogin { device, resume } => io.login(&shared).await.map(|mut p| {
+        // One-off phases are boxed: a task reserves room for its largest state for its whole
+        // life, and connections live long.
+        Start::AwaitLogin { device, resume } => Box::pin(io.login(&shared)).await.map(|mut p| {
             p.device = p.device.or(device);
             p.resume = p.resume.or(resume);
             p
@@ -163,7 +165,7 @@ where
         Ok(pre) => serve(&shared, &mut io, pre).await,
         Err(end) => end,
     };
-    io.farewell(end).await;
+    Box::pin(io.farewell(end)).await;
 }
 
 /// The transport halves plus what every write races against.
@@ -297,29 +299,10 @@ where
         .hub
         .register(&uid, &device, io.kick.clone(), cfg.outbox, cfg.max_devices);
 
-    // Resume point: explicit, else the stored cursor, else the live tail (and remember it,
-    // so a device seen once resumes from here even if it never acks).
-    let stored = match shared.cursors.load(&uid, &device).await {
-        Ok(c) => c,
-        Err(e) => return refuse(e.code(), e.to_string()),
+    let (resume, stored) = match Box::pin(resume_point(shared, &uid, &device, pre.resume)).await {
+        Ok(r) => r,
+        Err(end) => return end,
     };
-    let resume = match (pre.resume, stored) {
-        (Some(r), _) => r,
-        (None, Some(c)) => c,
-        (None, None) => match shared.store.last_seq(&uid).await {
-            Ok(tail) => tail,
-            Err(e) => return refuse(e.code(), e.to_string()),
-        },
-    };
-    if stored.is_none() {
-        if let Err(e) = shared
-            .store
-            .save_cursors(&[(uid.clone(), device.clone(), resume)])
-            .await
-        {
-            return refuse(e.code(), e.to_string());
-        }
-    }
     let start = stored.unwrap_or(resume);
     let limiter = NonZeroU32::new(cfg.send_rate).map(|rate| {
         let burst = NonZeroU32::new(cfg.send_burst).unwrap_or(rate);
@@ -335,13 +318,39 @@ where
         inflight: FuturesOrdered::new(),
     };
 
-    let end = match replay(shared, io, &mut live, &mut reg.rx, &device, resume).await {
+    let end = match Box::pin(replay(shared, io, &mut live, &mut reg.rx, &device, resume)).await {
         Ok(()) => live_loop(shared, io, &mut live, &mut reg.rx).await,
         Err(end) => end,
     };
     drop(reg);
-    live.cursor.close().await;
+    Box::pin(live.cursor.close()).await;
     end
+}
+
+/// Where a login resumes: the explicit seq, else the device's cursor, else the live tail
+/// (stored as the cursor at once, so a device seen once resumes from here even if it never
+/// acks). Returns `(resume, stored cursor)`.
+async fn resume_point(
+    shared: &Shared,
+    uid: &str,
+    device: &str,
+    asked: Option<u64>,
+) -> Result<(u64, Option<u64>), End> {
+    let fail = |e: crate::store::StoreError| refuse(e.code(), e.to_string());
+    let stored = shared.cursors.load(uid, device).await.map_err(fail)?;
+    let resume = match (asked, stored) {
+        (Some(r), _) => r,
+        (None, Some(c)) => c,
+        (None, None) => shared.store.last_seq(uid).await.map_err(fail)?,
+    };
+    if stored.is_none() {
+        shared
+            .store
+            .save_cursors(&[(uid.to_owned(), device.to_owned(), resume)])
+            .await
+            .map_err(fail)?;
+    }
+    Ok((resume, stored))
 }
 
 /// Sends `welcome` and the backlog after `resume`, page by page.
@@ -405,6 +414,8 @@ where
     let kick = io.kick.clone();
     let shutdown = io.shutdown.clone();
     let mut timer = pin!(tokio::time::sleep_until(live.deadline(cfg)));
+    // Connections spend their life parked in this select; the work each branch starts is
+    // boxed so the parked state stays small (idle connections are most of them).
     loop {
         let reading = live.inflight.len() < MAX_INFLIGHT_SENDS;
         // Every branch is cancel-safe: kicked/cancelled/sleep are plain waits, `recv` and
@@ -414,10 +425,10 @@ where
             reason = kick.kicked() => Err(End::Bye(reason)),
             _ = shutdown.cancelled() => Err(End::Bye(ByeReason::Shutdown)),
             Some(frame) = live.inflight.next(), if !live.inflight.is_empty() => {
-                io.write(Outgoing::Frame(frame), true).await
+                Box::pin(io.write(Outgoing::Frame(frame), true)).await
             }
             out = rx.recv() => match out {
-                Some(first) => deliver_batch(io, live, rx, first).await,
+                Some(first) => Box::pin(deliver_batch(io, live, rx, first)).await,
                 // The hub dropped us: a newer connection replaced this one.
                 None => Err(End::Bye(ByeReason::Replaced)),
             },
@@ -428,9 +439,10 @@ where
                     Some(Err(InError::TooLarge)) => Err(End::Bye(ByeReason::FrameTooLarge)),
                     Some(Ok(Incoming::Activity)) => Ok(()),
                     Some(Ok(Incoming::Malformed(m))) => {
-                        io.write(Outgoing::Frame(ServerFrame::error(ErrorCode::BadRequest, m)), true).await
+                        let e = ServerFrame::error(ErrorCode::BadRequest, m);
+                        Box::pin(io.write(Outgoing::Frame(e), true)).await
                     }
-                    Some(Ok(Incoming::Frame(f))) => handle(shared, io, live, f).await,
+                    Some(Ok(Incoming::Frame(f))) => Box::pin(handle(shared, io, live, f)).await,
                 }
             }
             _ = &mut timer => {

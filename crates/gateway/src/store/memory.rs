@@ -279,6 +279,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn retention_drops_old_messages_and_reports_gap() {
+        let rec = Arc::new(Recorder::default());
+        let limits = Limits {
+            retention: Duration::from_millis(50),
+            max_inbox: 100,
+        };
+        let s = MemoryStore::new(limits, rec);
+        s.append(draft("old", "alice", "bob"), &["bob".to_owned()])
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        s.append(draft("new", "alice", "bob"), &["bob".to_owned()])
+            .await
+            .unwrap();
+        let page = s.read("bob", 0, 10).await.unwrap();
+        assert_eq!(page.messages.len(), 1);
+        assert_eq!(page.messages[0].id, "new");
+        assert!(page.gap);
+        assert_eq!(s.last_seq("bob").await.unwrap(), 2);
+    }
+
+    #[tokio::test]
     async fn cursors_never_move_back() {
         let (s, _) = store(3);
         assert_eq!(s.cursor("bob", "phone").await.unwrap(), None);
