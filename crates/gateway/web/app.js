@@ -1,0 +1,181 @@
+// imgate chat page: log in, chat, and switch transport (WebSocket, SSE, long poll, short
+// poll) to see each at work. Every transport resumes after the last seq this page has shown,
+// so switching loses nothing; messages are deduplicated by seq.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const MODES = { ws: "WebSocket", sse: "SSE", long: "long poll", short: "short poll" };
+const stats = Object.fromEntries(Object.keys(MODES).map((m) => [m, { requests: 0, bytes: 0, messages: 0 }]));
+
+let token = null, uid = null, device = null;
+let lastSeq = null;        // highest seq shown; transports resume after it
+let mode = "ws";
+let stop = () => {};       // closes the current transport
+let wsConn = null;         // the open WebSocket, used for sending in ws mode
+const pending = new Map(); // ws send id -> resolve
+
+function setStatus(text, up) {
+  $("status").textContent = text;
+  $("dot").classList.toggle("up", !!up);
+}
+
+function renderStats() {
+  $("stats").tBodies[0].innerHTML = Object.entries(stats).map(([m, s]) =>
+    `<tr class="${m === mode ? "active" : ""}"><td>${MODES[m]}</td><td>${s.requests}</td><td>${s.bytes}</td><td>${s.messages}</td></tr>`
+  ).join("");
+}
+
+function show(msg, via) {
+  if (lastSeq !== null && msg.seq <= lastSeq) return; // already shown
+  lastSeq = msg.seq;
+  stats[via].messages++;
+  const li = document.createElement("li");
+  li.className = msg.from === uid ? "mine" : "";
+  li.dataset.seq = msg.seq;
+  const text = typeof msg.body === "object" && msg.body && "text" in msg.body ? String(msg.body.text) : JSON.stringify(msg.body);
+  const latency = Math.max(0, Date.now() - msg.ts);
+  li.innerHTML = `<span class="text"></span><span class="meta"></span>`;
+  li.querySelector(".text").textContent = text;
+  li.querySelector(".meta").textContent = `${msg.from} → ${msg.to ?? msg.group} · seq ${msg.seq} · ${latency} ms via ${MODES[via]}`;
+  $("messages").append(li);
+  li.scrollIntoView({ block: "end" });
+  renderStats();
+}
+
+const api = (path) => `${location.origin}${path}`;
+const authed = (extra = {}) => ({ ...extra, headers: { ...(extra.headers || {}), Authorization: `Bearer ${token}` } });
+const afterParam = () => (lastSeq === null ? "" : `&after=${lastSeq}`);
+
+// --- transports -----------------------------------------------------------------------
+
+function startWs() {
+  let closed = false, ws;
+  const open = () => {
+    const url = `${location.origin.replace(/^http/, "ws")}/v1/ws?token=${encodeURIComponent(token)}&device=${device}` +
+      (lastSeq === null ? "" : `&resume=${lastSeq}`);
+    ws = new WebSocket(url, "imgate.json");
+    stats.ws.requests++; renderStats();
+    ws.onmessage = (e) => {
+      stats.ws.bytes += e.data.length;
+      const f = JSON.parse(e.data);
+      if (f.type === "welcome") { wsConn = ws; setStatus(`connected via WebSocket, resumed after ${f.resume}`, true); }
+      else if (f.type === "msg") { show(f, "ws"); ws.send(JSON.stringify({ type: "ack", seq: f.seq })); }
+      else if (f.type === "sent" || f.type === "error") { const r = pending.get(f.id); if (r) { pending.delete(f.id); r(f); } }
+      renderStats();
+    };
+    ws.onclose = () => { wsConn = null; if (!closed) { setStatus("WebSocket closed, reconnecting…"); setTimeout(open, 1000); } };
+  };
+  open();
+  return () => { closed = true; wsConn = null; ws.close(); };
+}
+
+function startSse() {
+  const es = new EventSource(api(`/v1/events?token=${encodeURIComponent(token)}&device=${device}${afterParam()}`));
+  stats.sse.requests++; renderStats();
+  es.addEventListener("welcome", (e) => { stats.sse.bytes += e.data.length; setStatus(`connected via SSE, resumed after ${JSON.parse(e.data).resume}`, true); });
+  es.addEventListener("msg", (e) => { stats.sse.bytes += e.data.length; show(JSON.parse(e.data), "sse"); });
+  // EventSource reconnects by itself and sends Last-Event-ID: the stream resumes with no gap.
+  es.onerror = () => { setStatus("SSE reconnecting…"); stats.sse.requests++; renderStats(); };
+  return () => es.close();
+}
+
+async function poll(kind, ctl) {
+  const wait = kind === "long" ? "&wait=25" : "";
+  const r = await fetch(api(`/v1/messages?device=${device}${afterParam()}${wait}`), authed({ signal: ctl.signal }));
+  stats[kind].requests++;
+  const body = await r.text();
+  stats[kind].bytes += body.length;
+  if (!r.ok) throw new Error(body);
+  const page = JSON.parse(body);
+  page.messages.forEach((m) => show(m, kind));
+  if (lastSeq === null) lastSeq = page.cursor;
+  renderStats();
+}
+
+function startLongPoll() {
+  const ctl = new AbortController();
+  (async () => {
+    setStatus("connected via long poll (held up to 25 s)", true);
+    while (!ctl.signal.aborted) {
+      try { await poll("long", ctl); }
+      catch (e) { if (!ctl.signal.aborted) { setStatus("long poll failed, retrying…"); await new Promise((r) => setTimeout(r, 1000)); } }
+    }
+  })();
+  return () => ctl.abort();
+}
+
+function startShortPoll() {
+  const ctl = new AbortController();
+  const every = Math.max(200, Number($("interval").value) || 1000);
+  setStatus(`connected via short poll every ${every} ms`, true);
+  const tick = () => poll("short", ctl).catch(() => {});
+  tick();
+  const timer = setInterval(tick, every);
+  return () => { clearInterval(timer); ctl.abort(); };
+}
+
+function connect() {
+  stop();
+  mode = $("transport").value;
+  $("interval-label").hidden = mode !== "short";
+  setStatus(`connecting via ${MODES[mode]}…`);
+  stop = { ws: startWs, sse: startSse, long: startLongPoll, short: startShortPoll }[mode]();
+  renderStats();
+}
+
+// --- sending ----------------------------------------------------------------------------
+
+async function send(text) {
+  const to = $("peer").value.trim();
+  if (!to) throw new Error("choose who to chat with");
+  const id = `web-${Date.now().toString(36)}-${Math.random().toString(36).slice(2, 8)}`;
+  const body = { text };
+  if (mode === "ws" && wsConn) {
+    const answer = new Promise((resolve) => pending.set(id, resolve));
+    wsConn.send(JSON.stringify({ type: "send", id, to, body }));
+    const f = await answer;
+    if (f.type === "error") throw new Error(f.message);
+    return;
+  }
+  const r = await fetch(api("/v1/messages"), authed({
+    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ id, to, body }),
+  }));
+  if (!r.ok) throw new Error((await r.json()).message);
+}
+
+// --- login ------------------------------------------------------------------------------
+
+function start(newToken) {
+  token = newToken;
+  uid = JSON.parse(atob(token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/"))).sub;
+  const key = `imgate-device-${uid}`;
+  device = sessionStorage.getItem(key) || `web-${Math.random().toString(36).slice(2, 10)}`;
+  sessionStorage.setItem(key, device);
+  $("who").textContent = `${uid} · device ${device}`;
+  $("login").hidden = true;
+  $("chat").hidden = false;
+  connect();
+}
+
+$("dev-form").onsubmit = async (e) => {
+  e.preventDefault();
+  $("login-error").textContent = "";
+  const r = await fetch(api("/v1/dev/token"), {
+    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ uid: $("uid").value.trim() }),
+  });
+  if (r.status === 404) { $("login-error").textContent = "This gateway has a real secret: paste a token instead."; return; }
+  const j = await r.json();
+  if (!r.ok) { $("login-error").textContent = j.message; return; }
+  start(j.token);
+};
+
+$("token-form").onsubmit = (e) => { e.preventDefault(); start($("token").value.trim()); };
+$("transport").onchange = connect;
+$("interval").onchange = () => mode === "short" && connect();
+$("composer").onsubmit = async (e) => {
+  e.preventDefault();
+  const input = $("text");
+  try { await send(input.value); input.value = ""; }
+  catch (err) { setStatus(`not sent: ${err.message}`); }
+};
+renderStats();

@@ -1,0 +1,81 @@
+// Drives the chat page in headless Chromium: alice (desktop window) and bob (phone-sized
+// window) exchange messages over each transport the page offers, and each side sees both
+// messages exactly once. Saves a screenshot of bob's page.
+//
+// Usage: node tests/browser/chat.mjs <base-url> <screenshot.png>
+// Chromium comes from CHROMIUM or /usr/bin/chromium (Debian's package).
+import { chromium } from "playwright-core";
+
+const [base, screenshot] = process.argv.slice(2);
+if (!base || !screenshot) {
+  console.error("usage: chat.mjs <base-url> <screenshot.png>");
+  process.exit(2);
+}
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+  headless: true,
+  args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+});
+const TIMEOUT = 15_000;
+
+async function open(uid, peer, viewport) {
+  const ctx = await browser.newContext({ viewport });
+  const page = await ctx.newPage();
+  page.setDefaultTimeout(TIMEOUT);
+  page.on("pageerror", (e) => { console.error(`${uid}: page error: ${e.message}`); process.exitCode = 1; });
+  await page.goto(base);
+  await page.fill("[data-testid=uid]", uid);
+  await page.click("[data-testid=login]");
+  await page.fill("[data-testid=peer]", peer);
+  await page.waitForSelector("[data-testid=status]:has-text('connected via WebSocket')");
+  return page;
+}
+
+async function use(page, mode, label) {
+  await page.selectOption("[data-testid=transport]", mode);
+  await page.waitForSelector(`[data-testid=status]:has-text('connected via ${label}')`);
+}
+
+async function say(page, text) {
+  await page.fill("[data-testid=text]", text);
+  await page.click("[data-testid=send]");
+}
+
+async function sees(page, text) {
+  await page.locator("#messages li .text", { hasText: text }).first().waitFor({ timeout: TIMEOUT });
+}
+
+async function seqsAreUnique(page) {
+  const seqs = await page.$$eval("#messages li", (lis) => lis.map((li) => li.dataset.seq));
+  if (new Set(seqs).size !== seqs.length) throw new Error(`duplicate messages shown: ${seqs}`);
+  return seqs.length;
+}
+
+try {
+  const alice = await open("alice", "bob", { width: 900, height: 800 });
+  const bob = await open("bob", "alice", { width: 390, height: 844 });
+  const modes = [["ws", "WebSocket"], ["sse", "SSE"], ["long", "long poll"], ["short", "short poll"]];
+  for (const [mode, label] of modes) {
+    await use(alice, mode, label);
+    await use(bob, mode, label);
+    await say(alice, `hi bob, over ${label}`);
+    await sees(bob, `hi bob, over ${label}`);
+    await sees(alice, `hi bob, over ${label}`); // her own copy
+    await say(bob, `hi alice, over ${label}`);
+    await sees(alice, `hi alice, over ${label}`);
+    await sees(bob, `hi alice, over ${label}`);
+    console.log(`ok: ${label}`);
+  }
+  const a = await seqsAreUnique(alice);
+  const b = await seqsAreUnique(bob);
+  if (a !== 8 || b !== 8) throw new Error(`expected 8 messages on each page, alice has ${a}, bob ${b}`);
+  await bob.screenshot({ path: screenshot, fullPage: true });
+  console.log(`browser test passed: 4 transports, 8 messages on each page, screenshot ${screenshot}`);
+} catch (e) {
+  console.error(`browser test failed: ${e.stack || e}`);
+  process.exitCode = 1;
+} finally {
+  await browser.close();
+}
