@@ -5,6 +5,7 @@ mod support;
 
 mod bad_input;
 mod delivery;
+mod http;
 mod lifecycle;
 mod python;
 mod resume;

@@ -282,3 +282,42 @@ impl RawTcp {
         last
     }
 }
+
+/// What `curl` answered: HTTP status and body.
+#[derive(Debug)]
+pub(crate) struct Curl {
+    pub(crate) status: u16,
+    pub(crate) body: String,
+}
+
+impl Curl {
+    pub(crate) fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+}
+
+/// Runs `curl` (a client this project did not write) with `args` and a 60 s cap.
+pub(crate) async fn curl(args: &[&str]) -> Curl {
+    let out = within(
+        Duration::from_secs(70),
+        "curl",
+        Command::new("curl")
+            .args(["-sS", "--max-time", "60", "-w", "\n%{http_code}"])
+            .args(args)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("running curl (apt-get install curl)");
+    let text = String::from_utf8(out.stdout).expect("curl output is UTF-8");
+    let (body, status) = text.rsplit_once('\n').expect("curl printed a status line");
+    Curl {
+        status: status.trim().parse().unwrap_or(0),
+        body: body.to_owned(),
+    }
+}
+
+/// `Authorization: Bearer <token of uid>` as a curl header argument.
+pub(crate) fn auth(uid: &str) -> String {
+    format!("Authorization: Bearer {}", token(uid))
+}

@@ -103,6 +103,11 @@ pub struct Config {
     #[arg(long, env = "IMGATE_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
 
+    /// Origin allowed to call the HTTP API from a browser (repeat, or comma-separate in the
+    /// environment variable). None by default: same origin only.
+    #[arg(long, env = "IMGATE_CORS_ORIGIN", value_delimiter = ',')]
+    pub cors_origin: Vec<String>,
+
     /// Log format: text for people, json for machines. Filter with RUST_LOG.
     #[arg(long, env = "IMGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

@@ -62,6 +62,16 @@ impl Cursors {
         Ok(live.max(stored))
     }
 
+    /// Stores an ack at once (a poll naming `after`), and raises the live slot if any.
+    pub async fn ack_now(&self, uid: &str, device: &str, seq: u64) -> Result<(), StoreError> {
+        if let Some(slot) = self.slots.get(&(uid.to_owned(), device.to_owned())) {
+            slot.acked.fetch_max(seq, Ordering::Relaxed);
+        }
+        self.store
+            .save_cursors(&[(uid.to_owned(), device.to_owned(), seq)])
+            .await
+    }
+
     /// Takes a hold on the cursor of `(uid, device)`, which starts at least at `acked`;
     /// `persisted` is what the store holds already.
     pub fn open(

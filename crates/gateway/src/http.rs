@@ -1,4 +1,5 @@
-//! The HTTP listener's router: WebSocket upgrade, development tokens, health.
+//! The HTTP listener's router: WebSocket upgrade, sending and polling, SSE, development
+//! tokens, health, metrics, CORS and the chat page.
 //!
 //! Handlers translate between HTTP and the gateway; API errors are HTTP status plus
 //! `{"code":…,"message":…}` with the codes of DESIGN section 4. Tokens in query strings
@@ -7,9 +8,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::State;
-use axum::http::{header, HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use imgate_proto::ids::is_valid_id;
@@ -17,6 +19,9 @@ use imgate_proto::ErrorCode;
 use serde::Deserialize;
 use serde_json::json;
 
+use tower_http::cors::{AllowOrigin, CorsLayer};
+
+use crate::auth::{AuthError, Identity};
 use crate::session::Shared;
 
 /// Lifetime of a token from `POST /v1/dev/token`.
@@ -55,8 +60,20 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = json!({"code": self.code, "message": self.message});
-        (status_of(self.code), Json(body)).into_response()
+        let mut r = (status_of(self.code), Json(body)).into_response();
+        // Read back by `count_errors` for `imgate_errors_total`.
+        r.extensions_mut().insert(self.code);
+        r
     }
+}
+
+/// Counts every API error answer by its code.
+async fn count_errors(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Response {
+    let r = next.run(req).await;
+    if let Some(code) = r.extensions().get::<ErrorCode>() {
+        shared.metrics.error(*code).increment(1);
+    }
+    r
 }
 
 /// The token of an `Authorization: Bearer …` header.
@@ -68,15 +85,85 @@ pub fn bearer(headers: &HeaderMap) -> Option<String> {
     Some(t.trim().to_owned())
 }
 
+/// Checks the token of a request: `Authorization: Bearer` or `?token=`.
+pub fn authenticate(
+    shared: &Shared,
+    query_token: Option<&str>,
+    headers: &HeaderMap,
+) -> Result<Identity, ApiError> {
+    let token = bearer(headers)
+        .or_else(|| query_token.map(str::to_owned))
+        .ok_or_else(|| ApiError::new(ErrorCode::Unauthorized, AuthError::Missing.to_string()))?;
+    shared
+        .auth
+        .verify(&token)
+        .map_err(|e| ApiError::new(ErrorCode::Unauthorized, e.to_string()))
+}
+
 pub fn router(shared: Arc<Shared>) -> Router {
     let mut r = Router::new()
+        .route("/", get(|| async { Html(CHAT_HTML) }))
+        .route(
+            "/app.js",
+            get(|| async { ([(header::CONTENT_TYPE, "text/javascript")], CHAT_JS) }),
+        )
+        .route(
+            "/style.css",
+            get(|| async { ([(header::CONTENT_TYPE, "text/css")], CHAT_CSS) }),
+        )
         .route("/v1/ws", get(crate::ws::upgrade))
+        .route(
+            "/v1/messages",
+            post(crate::poll::post_message).get(crate::poll::poll),
+        )
+        .route("/v1/events", get(crate::sse::events))
         .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz));
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics));
     if shared.auth.dev_mode() {
         r = r.route("/v1/dev/token", post(dev_token));
     }
-    r.with_state(shared)
+    let cors = cors(&shared.cfg.cors_origin);
+    let r = r
+        .layer(DefaultBodyLimit::max(shared.cfg.max_frame))
+        .layer(middleware::from_fn_with_state(shared.clone(), count_errors))
+        .with_state(shared);
+    match cors {
+        Some(c) => r.layer(c),
+        None => r,
+    }
+}
+
+/// The chat page, embedded in the binary: no front-end build step.
+const CHAT_HTML: &str = include_str!("../web/index.html");
+const CHAT_JS: &str = include_str!("../web/app.js");
+const CHAT_CSS: &str = include_str!("../web/style.css");
+
+/// CORS for the configured origins; none (same origin only) by default.
+fn cors(origins: &[String]) -> Option<CorsLayer> {
+    if origins.is_empty() {
+        return None;
+    }
+    let list: Vec<HeaderValue> = origins.iter().filter_map(|o| o.parse().ok()).collect();
+    Some(
+        CorsLayer::new()
+            .allow_origin(AllowOrigin::list(list))
+            .allow_methods([Method::GET, Method::POST])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                HeaderName::from_static("last-event-id"),
+            ])
+            .max_age(Duration::from_secs(3600)),
+    )
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        shared.metrics.render(&shared.hub.stats),
+    )
+        .into_response()
 }
 
 async fn readyz(State(shared): State<Arc<Shared>>) -> Response {

@@ -88,6 +88,9 @@ impl Kick {
 #[derive(Debug, Clone)]
 struct Conn {
     id: u64,
+    /// A device's connection (TCP, WebSocket, SSE): replaces an older one of the same
+    /// device and counts towards `--max-devices`. Long polls are not exclusive.
+    exclusive: bool,
     device: Arc<str>,
     tx: mpsc::Sender<Outbound>,
     kick: Arc<Kick>,
@@ -150,22 +153,47 @@ impl Hub {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut conns = self.users.entry(uid.to_owned()).or_default();
         conns.retain(|c| {
-            let same = &*c.device == device;
+            let same = c.exclusive && &*c.device == device;
             if same {
                 c.kick.kick(ByeReason::Replaced);
             }
             !same
         });
-        while conns.len() >= max_devices {
-            conns.remove(0).kick.kick(ByeReason::Replaced);
+        while conns.iter().filter(|c| c.exclusive).count() >= max_devices {
+            let oldest = conns
+                .iter()
+                .position(|c| c.exclusive)
+                .expect("counted above");
+            conns.remove(oldest).kick.kick(ByeReason::Replaced);
         }
         conns.push(Conn {
             id,
+            exclusive: true,
             device: device.into(),
             tx,
             kick,
         });
         drop(conns);
+        Registration {
+            hub: self.clone(),
+            uid: uid.to_owned(),
+            id,
+            rx,
+        }
+    }
+
+    /// Registers a waiter (a long poll): it gets `uid`'s messages like a connection but
+    /// neither replaces nor counts as a device.
+    pub fn wait(self: &Arc<Self>, uid: &str, kick: Arc<Kick>, capacity: usize) -> Registration {
+        let (tx, rx) = mpsc::channel(capacity);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.users.entry(uid.to_owned()).or_default().push(Conn {
+            id,
+            exclusive: false,
+            device: "".into(),
+            tx,
+            kick,
+        });
         Registration {
             hub: self.clone(),
             uid: uid.to_owned(),
@@ -276,6 +304,25 @@ mod tests {
         let _c = hub.register("bob", "c", Arc::new(Kick::default()), 8, 2);
         assert!(first.token.is_cancelled());
         assert_eq!(hub.connections_of("bob"), 2);
+    }
+
+    #[test]
+    fn waiters_get_messages_without_replacing_devices() {
+        let hub = Hub::new();
+        let device = Arc::new(Kick::default());
+        let _d = hub.register("bob", "phone", device.clone(), 8, 1);
+        let mut w1 = hub.wait("bob", Arc::new(Kick::default()), 8);
+        let mut w2 = hub.wait("bob", Arc::new(Kick::default()), 8);
+        let _d2 = hub.register("bob", "web", Arc::new(Kick::default()), 8, 2);
+        assert!(
+            !device.token.is_cancelled(),
+            "waiters do not count as devices"
+        );
+        hub.deliver("bob", &mut || Some(msg(1)));
+        assert!(w1.rx.try_recv().is_ok());
+        assert!(w2.rx.try_recv().is_ok());
+        drop(w1);
+        assert_eq!(hub.connections_of("bob"), 3);
     }
 
     #[test]

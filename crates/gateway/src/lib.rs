@@ -1,8 +1,11 @@
 //! The imgate gateway as a library; the `imgate` binary is a thin CLI over it.
 //!
 //! Layout, from the wire inwards:
-//! - [`tcp`], [`ws`], [`http`]: transports. They authenticate, encode and decode, and hand
-//!   each connection to a session. They never reach into the store.
+//! - [`tcp`], [`ws`], [`sse`], [`poll`], [`http`]: transports. They authenticate, encode
+//!   and decode, and hand each connection to a session (polls use the store and the hub's
+//!   waiters directly). They never decide delivery order themselves.
+//! - [`send`]: checks and stores a client's send, the same way for every transport.
+//! - [`metrics`]: Prometheus handles, registered once.
 //! - [`session`]: one loop for every long-lived connection: login, resume and backlog,
 //!   live delivery, acks, sends, timeouts, `bye`.
 //! - [`hub`]: the local registry (uid → this gateway's connections) and the fanout that
@@ -17,8 +20,12 @@ pub mod config;
 pub mod cursors;
 pub mod http;
 pub mod hub;
+pub mod metrics;
+pub mod poll;
+pub mod send;
 pub mod server;
 pub mod session;
+pub mod sse;
 pub mod store;
 pub mod tcp;
 pub mod ws;

@@ -18,9 +18,11 @@ use crate::auth::Auth;
 use crate::config::Config;
 use crate::cursors::Cursors;
 use crate::hub::Hub;
-use crate::session::Shared;
+use crate::metrics::Metrics;
+use crate::session::{send_quota, Shared};
 use crate::store::memory::{Limits, MemoryStore};
 use crate::store::Store;
+use governor::RateLimiter;
 
 /// The gateway's bound sockets.
 pub struct Listeners {
@@ -67,6 +69,7 @@ pub async fn run(
     let stop = CancellationToken::new();
     let tracker = TaskTracker::new();
     let drain_timeout = cfg.drain_timeout;
+    let cfg_for_limits = cfg.clone();
     let shared = Arc::new(Shared {
         permits: Arc::new(Semaphore::new(cfg.max_connections)),
         cfg,
@@ -76,6 +79,8 @@ pub async fn run(
         cursors: cursors.clone(),
         shutdown: stop.clone(),
         tracker: tracker.clone(),
+        metrics: Metrics::new(),
+        http_limiter: send_quota(&cfg_for_limits).map(RateLimiter::keyed),
     });
 
     let flusher_stop = CancellationToken::new();

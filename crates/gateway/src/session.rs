@@ -25,8 +25,8 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::stream::FuturesOrdered;
 use futures::{FutureExt, Sink, SinkExt, Stream, StreamExt};
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use imgate_proto::ids::{is_valid_id, is_valid_message_id};
+use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
+use imgate_proto::ids::is_valid_id;
 use imgate_proto::{encode, ByeReason, ClientFrame, Encoding, ErrorCode, ServerFrame};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
@@ -37,7 +37,9 @@ use crate::auth::{Auth, Identity};
 use crate::config::Config;
 use crate::cursors::{CursorHandle, Cursors};
 use crate::hub::{Delivered, Hub, Kick, Outbound};
-use crate::store::{memory::now_ms, Draft, Store};
+use crate::metrics::{Metrics, Transport};
+use crate::send::{self, Refused};
+use crate::store::{Store, StoreError};
 
 /// Messages read from the store per backlog page.
 const REPLAY_PAGE: usize = 256;
@@ -66,6 +68,9 @@ pub struct Shared {
     pub tracker: TaskTracker,
     /// Connection permits (`--max-connections`), taken before a connection is served.
     pub permits: Arc<Semaphore>,
+    pub metrics: Metrics,
+    /// Sends per second per uid over `POST /v1/messages` (`--send-rate`, `None` = unlimited).
+    pub http_limiter: Option<DefaultKeyedRateLimiter<String>>,
 }
 
 /// A frame on its way to the client; the transport encodes it.
@@ -124,6 +129,32 @@ pub enum Start {
     },
 }
 
+/// What kind of client a session serves.
+#[derive(Debug, Clone, Copy)]
+pub struct Profile {
+    /// For metrics.
+    pub transport: Transport,
+    /// Duplex clients (TCP, WebSocket) ack and send frames: ack and idle timeouts apply.
+    /// Server-push clients (SSE) cannot: a message counts as acked once written, and the
+    /// connection lives until the client goes away.
+    pub client_acks: bool,
+}
+
+impl Profile {
+    pub const TCP: Profile = Profile {
+        transport: Transport::Tcp,
+        client_acks: true,
+    };
+    pub const WS: Profile = Profile {
+        transport: Transport::Ws,
+        client_acks: true,
+    };
+    pub const SSE: Profile = Profile {
+        transport: Transport::Sse,
+        client_acks: false,
+    };
+}
+
 /// How a session ends.
 enum End {
     /// Say `bye` with this reason, then close.
@@ -139,7 +170,7 @@ fn refuse(code: ErrorCode, message: impl Into<String>) -> End {
 }
 
 /// Runs one connection to its end.
-pub async fn run<Si, St>(shared: Arc<Shared>, sink: Si, stream: St, start: Start)
+pub async fn run<Si, St>(shared: Arc<Shared>, sink: Si, stream: St, start: Start, profile: Profile)
 where
     Si: Sink<Outgoing> + Unpin,
     St: Stream<Item = Result<Incoming, InError>> + Unpin,
@@ -150,6 +181,8 @@ where
         kick: Arc::new(Kick::default()),
         shutdown: shared.shutdown.clone(),
         write_stall: shared.cfg.ack_timeout,
+        shared: shared.clone(),
+        profile,
     };
     let end = match start {
         Start::Verified(p) => Ok(p),
@@ -162,7 +195,13 @@ where
         }),
     };
     let end = match end {
-        Ok(pre) => serve(&shared, &mut io, pre).await,
+        Ok(pre) => {
+            let gauge = shared.metrics.connection(profile.transport);
+            gauge.increment(1.0);
+            let end = serve(&shared, &mut io, pre).await;
+            gauge.decrement(1.0);
+            end
+        }
         Err(end) => end,
     };
     Box::pin(io.farewell(end)).await;
@@ -176,6 +215,9 @@ struct Io<Si, St> {
     shutdown: CancellationToken,
     /// A single write blocked this long means the client stopped reading.
     write_stall: Duration,
+    /// For counting what is written.
+    shared: Arc<Shared>,
+    profile: Profile,
 }
 
 impl<Si, St> Io<Si, St>
@@ -222,6 +264,7 @@ where
     /// Writes one item, racing the write against a kick, shutdown and a stalled reader.
     /// `flush` pushes it (and anything fed before) to the socket.
     async fn write(&mut self, item: Outgoing, flush: bool) -> Result<(), End> {
+        self.count(&item);
         let stall = self.write_stall;
         let sink = &mut self.sink;
         let write = async move {
@@ -251,6 +294,15 @@ where
         }
     }
 
+    fn count(&self, item: &Outgoing) {
+        let m = &self.shared.metrics;
+        match item {
+            Outgoing::Msg(_) => m.delivered(self.profile.transport).increment(1),
+            Outgoing::Frame(ServerFrame::Error { code, .. }) => m.error(*code).increment(1),
+            Outgoing::Frame(_) => {}
+        }
+    }
+
     /// Sends the last frame, if any, within a short deadline, then closes the sink.
     async fn farewell(&mut self, end: End) {
         let last = match end {
@@ -260,7 +312,9 @@ where
         };
         let _ = tokio::time::timeout(FAREWELL_TIMEOUT, async {
             if let Some(frame) = last {
-                let _ = self.sink.send(Outgoing::Frame(frame)).await;
+                let item = Outgoing::Frame(frame);
+                self.count(&item);
+                let _ = self.sink.send(item).await;
             }
             let _ = self.sink.close().await;
         })
@@ -271,6 +325,8 @@ where
 /// The state of a logged-in session.
 struct Live {
     uid: String,
+    /// False for server-push clients: written means acked, and no idle timeout.
+    client_acks: bool,
     cursor: CursorHandle,
     /// Highest seq written to this connection; anything at or below it is not sent again.
     last_sent: u64,
@@ -281,7 +337,7 @@ struct Live {
     inflight: FuturesOrdered<BoxFuture<'static, ServerFrame>>,
 }
 
-async fn serve<Si, St>(shared: &Shared, io: &mut Io<Si, St>, pre: Preauth) -> End
+async fn serve<Si, St>(shared: &Arc<Shared>, io: &mut Io<Si, St>, pre: Preauth) -> End
 where
     Si: Sink<Outgoing> + Unpin,
     St: Stream<Item = Result<Incoming, InError>> + Unpin,
@@ -301,14 +357,12 @@ where
 
     let (resume, stored) = match Box::pin(resume_point(shared, &uid, &device, pre.resume)).await {
         Ok(r) => r,
-        Err(end) => return end,
+        Err(e) => return refuse(e.code(), e.to_string()),
     };
     let start = stored.unwrap_or(resume);
-    let limiter = NonZeroU32::new(cfg.send_rate).map(|rate| {
-        let burst = NonZeroU32::new(cfg.send_burst).unwrap_or(rate);
-        RateLimiter::direct(Quota::per_second(rate).allow_burst(burst))
-    });
+    let limiter = send_quota(cfg).map(RateLimiter::direct);
     let mut live = Live {
+        client_acks: io.profile.client_acks,
         cursor: shared.cursors.open(&uid, &device, start, start),
         uid,
         last_sent: resume,
@@ -327,28 +381,34 @@ where
     end
 }
 
+/// The per-connection (or per-uid, over HTTP) send quota; `None` when unlimited.
+pub fn send_quota(cfg: &Config) -> Option<Quota> {
+    NonZeroU32::new(cfg.send_rate).map(|rate| {
+        let burst = NonZeroU32::new(cfg.send_burst).unwrap_or(rate);
+        Quota::per_second(rate).allow_burst(burst)
+    })
+}
+
 /// Where a login resumes: the explicit seq, else the device's cursor, else the live tail
 /// (stored as the cursor at once, so a device seen once resumes from here even if it never
 /// acks). Returns `(resume, stored cursor)`.
-async fn resume_point(
+pub(crate) async fn resume_point(
     shared: &Shared,
     uid: &str,
     device: &str,
     asked: Option<u64>,
-) -> Result<(u64, Option<u64>), End> {
-    let fail = |e: crate::store::StoreError| refuse(e.code(), e.to_string());
-    let stored = shared.cursors.load(uid, device).await.map_err(fail)?;
+) -> Result<(u64, Option<u64>), StoreError> {
+    let stored = shared.cursors.load(uid, device).await?;
     let resume = match (asked, stored) {
         (Some(r), _) => r,
         (None, Some(c)) => c,
-        (None, None) => shared.store.last_seq(uid).await.map_err(fail)?,
+        (None, None) => shared.store.last_seq(uid).await?,
     };
     if stored.is_none() {
         shared
             .store
             .save_cursors(&[(uid.to_owned(), device.to_owned(), resume)])
-            .await
-            .map_err(fail)?;
+            .await?;
     }
     Ok((resume, stored))
 }
@@ -401,7 +461,7 @@ where
 }
 
 async fn live_loop<Si, St>(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     io: &mut Io<Si, St>,
     live: &mut Live,
     rx: &mut tokio::sync::mpsc::Receiver<Outbound>,
@@ -449,7 +509,7 @@ where
                 let now = Instant::now();
                 if live.ack_deadline(cfg).is_some_and(|d| d <= now) {
                     Err(End::Bye(ByeReason::AckTimeout))
-                } else if live.last_activity + cfg.idle_timeout <= now {
+                } else if live.idle_deadline(cfg) <= now {
                     Err(End::Bye(ByeReason::Idle))
                 } else {
                     timer.as_mut().reset(live.deadline(cfg));
@@ -499,7 +559,7 @@ where
 }
 
 async fn handle<Si, St>(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     io: &mut Io<Si, St>,
     live: &mut Live,
     f: ClientFrame,
@@ -517,6 +577,7 @@ where
                     format!("ack {seq} is beyond the last seq sent ({})", live.last_sent),
                 )
             } else {
+                shared.metrics.acks.increment(1);
                 live.acked(seq);
                 return Ok(());
             }
@@ -541,116 +602,50 @@ where
 
 /// Checks a `send` and returns the future that stores it and yields the answer frame.
 fn accept_send(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     live: &Live,
     send: imgate_proto::Send,
 ) -> Result<BoxFuture<'static, ServerFrame>, Box<ServerFrame>> {
-    let id = match send.id {
-        Some(id) if is_valid_message_id(&id) => id,
-        Some(_) => {
-            return Err(Box::new(ServerFrame::error(
-                ErrorCode::BadRequest,
-                "id must be 1-64 visible ASCII characters",
-            )))
-        }
-        None => format!("srv-{:016x}", rand::random::<u64>()),
-    };
-    let fail = |code: ErrorCode, message: String| {
+    let refused = |r: Refused| {
         Box::new(ServerFrame::Error {
-            id: Some(id.clone()),
-            code,
-            message,
+            id: r.id,
+            code: r.code,
+            message: r.message,
         })
     };
-    let to = match (send.to, send.group) {
-        (Some(to), None) if is_valid_id(&to) => to,
-        (Some(_), None) => {
-            return Err(fail(
-                ErrorCode::BadRequest,
-                "to must match ^[A-Za-z0-9_-]{1,64}$".into(),
-            ))
-        }
-        (None, Some(group)) => {
-            return Err(fail(
-                ErrorCode::NotFound,
-                format!("unknown group {group:?}"),
-            ))
-        }
-        _ => {
-            return Err(fail(
-                ErrorCode::BadRequest,
-                "a send names exactly one of to or group".into(),
-            ))
-        }
-    };
-    let size = encoded_len(&send.body);
-    if size > shared.cfg.max_body {
-        return Err(fail(
-            ErrorCode::TooLarge,
-            format!(
-                "body is {size} bytes, above the limit of {}",
-                shared.cfg.max_body
-            ),
-        ));
-    }
+    let prepared = send::prepare(&shared.cfg, &live.uid, send).map_err(refused)?;
     if live.limiter.as_ref().is_some_and(|l| l.check().is_err()) {
-        return Err(fail(
-            ErrorCode::RateLimited,
-            "send rate limit exceeded; retry later".into(),
-        ));
+        return Err(refused(Refused {
+            id: Some(prepared.draft.id),
+            code: ErrorCode::RateLimited,
+            message: "send rate limit exceeded; retry later".into(),
+        }));
     }
-    let inboxes = if to == live.uid {
-        vec![to.clone()]
-    } else {
-        vec![to.clone(), live.uid.clone()]
-    };
-    let draft = Draft {
-        id: id.clone(),
-        from: live.uid.clone(),
-        to: Some(to),
-        group: None,
-        ts: now_ms(),
-        body: send.body,
-    };
-    let store = shared.store.clone();
+    let shared = shared.clone();
     Ok(async move {
-        match store.append(draft, &inboxes).await {
-            Ok(a) => ServerFrame::Sent {
-                id,
-                // The sender's own copy is the last inbox.
-                seq: a.seqs.last().copied().unwrap_or_default(),
-                ts: a.ts,
+        match send::commit(&shared, prepared).await {
+            Ok(s) => ServerFrame::Sent {
+                id: s.id,
+                seq: s.seq,
+                ts: s.ts,
             },
-            Err(e) => ServerFrame::Error {
-                id: Some(id),
-                code: e.code(),
-                message: e.to_string(),
+            Err(r) => ServerFrame::Error {
+                id: r.id,
+                code: r.code,
+                message: r.message,
             },
         }
     }
     .boxed())
 }
 
-/// JSON-encoded size of a body, without building the encoding.
-pub fn encoded_len(body: &serde_json::Value) -> usize {
-    struct Count(usize);
-    impl std::io::Write for Count {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0 += buf.len();
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut c = Count(0);
-    serde_json::to_writer(&mut c, body).expect("writing a JSON value to a counter cannot fail");
-    c.0
-}
-
 impl Live {
     fn sent(&mut self, seq: u64, now: Instant) {
         self.last_sent = seq;
+        if !self.client_acks {
+            self.cursor.ack(seq);
+            return;
+        }
         match self.unacked.back_mut() {
             Some((last, started)) if now.duration_since(*started) < ACK_BUCKET => *last = seq,
             _ => self.unacked.push_back((seq, now)),
@@ -668,8 +663,17 @@ impl Live {
         self.unacked.front().map(|(_, t)| *t + cfg.ack_timeout)
     }
 
+    fn idle_deadline(&self, cfg: &Config) -> Instant {
+        if self.client_acks {
+            self.last_activity + cfg.idle_timeout
+        } else {
+            // Nothing to wait for: the client never speaks. Far enough to never fire.
+            self.last_activity + Duration::from_secs(365 * 24 * 3600)
+        }
+    }
+
     fn deadline(&self, cfg: &Config) -> Instant {
-        let idle = self.last_activity + cfg.idle_timeout;
+        let idle = self.idle_deadline(cfg);
         self.ack_deadline(cfg).map_or(idle, |a| a.min(idle))
     }
 }

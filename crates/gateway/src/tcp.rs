@@ -14,7 +14,7 @@ use tokio::sync::Semaphore;
 use tokio_util::codec::Framed;
 use tokio_util::task::TaskTracker;
 
-use crate::session::{self, InError, Incoming, Outgoing, Shared, Start};
+use crate::session::{self, InError, Incoming, Outgoing, Profile, Shared, Start};
 
 /// Initial read and write buffer of a TCP connection. Small, because most connections are
 /// idle most of the time; buffers grow when a frame needs it.
@@ -77,5 +77,12 @@ async fn connection(sock: TcpStream, shared: Arc<Shared>) {
         device: None,
         resume: None,
     };
-    session::run(shared, Box::pin(sink), Box::pin(stream), start).await;
+    session::run(
+        shared,
+        Box::pin(sink),
+        Box::pin(stream),
+        start,
+        Profile::TCP,
+    )
+    .await;
 }

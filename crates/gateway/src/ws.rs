@@ -17,7 +17,7 @@ use imgate_proto::{decode, ClientFrame, Encoding, ErrorCode};
 use serde::Deserialize;
 
 use crate::http::{bearer, ApiError};
-use crate::session::{self, InError, Incoming, Outgoing, Preauth, Shared, Start};
+use crate::session::{self, InError, Incoming, Outgoing, Preauth, Profile, Shared, Start};
 
 /// tungstenite's read buffer (its default is 128 KiB per connection, allocated up front).
 const WS_READ_BUFFER: usize = 4 * 1024;
@@ -101,7 +101,7 @@ async fn connection(socket: WebSocket, shared: Arc<Shared>, enc: Encoding, start
             Err(_) => Some(Err(InError::Closed)),
         })
     });
-    session::run(shared, Box::pin(sink), Box::pin(stream), start).await;
+    session::run(shared, Box::pin(sink), Box::pin(stream), start, Profile::WS).await;
 }
 
 fn frame(r: Result<ClientFrame, imgate_proto::DecodeError>) -> Incoming {

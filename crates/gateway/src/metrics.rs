@@ -1,0 +1,242 @@
+//! Prometheus metrics of one gateway, served at `GET /metrics`.
+//!
+//! A Prometheus recorder is built for this gateway and its handles are registered once at
+//! start, so counting on the hot path is one atomic add and no global recorder is involved.
+//! Counters the hub keeps itself (dropped by the local filter, slow consumers) are copied in
+//! when `/metrics` is rendered. Nothing here decides anything.
+
+use std::sync::atomic::Ordering;
+
+use imgate_proto::ErrorCode;
+use metrics::{Counter, Gauge, Key, Label, Metadata, Recorder, Unit};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+
+use crate::hub::HubStats;
+
+/// How a client is connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Tcp,
+    Ws,
+    Sse,
+    LongPoll,
+    ShortPoll,
+}
+
+impl Transport {
+    pub const ALL: [Transport; 5] = [
+        Transport::Tcp,
+        Transport::Ws,
+        Transport::Sse,
+        Transport::LongPoll,
+        Transport::ShortPoll,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Ws => "ws",
+            Transport::Sse => "sse",
+            Transport::LongPoll => "long_poll",
+            Transport::ShortPoll => "short_poll",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// The gateway's metric handles.
+pub struct Metrics {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+    connections: Vec<Gauge>,
+    delivered: Vec<Counter>,
+    errors: Vec<Counter>,
+    /// Messages accepted and stored (one per send, however many inbox copies).
+    pub stored: Counter,
+    /// Cumulative acks received (frames, and polls that name `after`).
+    pub acks: Counter,
+    /// Long polls waiting for a message now.
+    pub long_polls_waiting: Gauge,
+    dropped_not_local: Counter,
+    dispatched: Counter,
+    slow_consumers: Counter,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+static METADATA: Metadata<'static> =
+    Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
+
+impl Metrics {
+    pub fn new() -> Self {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let counter = |name: &'static str, labels: Vec<Label>| {
+            recorder.register_counter(&Key::from_parts(name, labels), &METADATA)
+        };
+        let gauge = |name: &'static str, labels: Vec<Label>| {
+            recorder.register_gauge(&Key::from_parts(name, labels), &METADATA)
+        };
+        let by_transport = |name: &'static str| {
+            Transport::ALL
+                .iter()
+                .map(|t| vec![Label::new("transport", t.as_str())])
+                .map(|l| (name, l))
+                .collect::<Vec<_>>()
+        };
+        let connections = by_transport("imgate_connections")
+            .into_iter()
+            .map(|(n, l)| gauge(n, l))
+            .collect();
+        let delivered = by_transport("imgate_delivered_total")
+            .into_iter()
+            .map(|(n, l)| counter(n, l))
+            .collect();
+        let errors = ErrorCode::ALL
+            .iter()
+            .map(|c| counter("imgate_errors_total", vec![Label::new("code", c.as_str())]))
+            .collect();
+        let m = Metrics {
+            connections,
+            delivered,
+            errors,
+            stored: counter("imgate_messages_stored_total", vec![]),
+            acks: counter("imgate_acks_total", vec![]),
+            long_polls_waiting: gauge("imgate_long_polls_waiting", vec![]),
+            dropped_not_local: counter("imgate_fanout_dropped_not_local_total", vec![]),
+            dispatched: counter("imgate_fanout_dispatched_total", vec![]),
+            slow_consumers: counter("imgate_slow_consumers_total", vec![]),
+            recorder,
+            handle,
+        };
+        m.describe();
+        m
+    }
+
+    fn describe(&self) {
+        let d = |name: &'static str, unit: Unit, text: &'static str| {
+            self.recorder
+                .describe_counter(name.into(), Some(unit), text.into())
+        };
+        let g = |name: &'static str, text: &'static str| {
+            self.recorder
+                .describe_gauge(name.into(), Some(Unit::Count), text.into())
+        };
+        g(
+            "imgate_connections",
+            "Open connections by transport (tcp, ws, sse).",
+        );
+        g(
+            "imgate_long_polls_waiting",
+            "Long polls held open waiting for a message.",
+        );
+        d(
+            "imgate_delivered_total",
+            Unit::Count,
+            "Stored messages written to clients, by transport.",
+        );
+        d(
+            "imgate_errors_total",
+            Unit::Count,
+            "Error answers sent to clients, by error code.",
+        );
+        d(
+            "imgate_messages_stored_total",
+            Unit::Count,
+            "Sends accepted and stored.",
+        );
+        d(
+            "imgate_acks_total",
+            Unit::Count,
+            "Cumulative acks received.",
+        );
+        d(
+            "imgate_fanout_dropped_not_local_total",
+            Unit::Count,
+            "Stored inbox copies dropped by the local filter (no connection of that user here), never decoded.",
+        );
+        d(
+            "imgate_fanout_dispatched_total",
+            Unit::Count,
+            "Stored inbox copies handed to at least one local connection.",
+        );
+        d(
+            "imgate_slow_consumers_total",
+            Unit::Count,
+            "Connections closed because their outbox of stored messages was full.",
+        );
+    }
+
+    pub fn connection(&self, t: Transport) -> &Gauge {
+        &self.connections[t.index()]
+    }
+
+    pub fn delivered(&self, t: Transport) -> &Counter {
+        &self.delivered[t.index()]
+    }
+
+    pub fn error(&self, code: ErrorCode) -> &Counter {
+        let i = ErrorCode::ALL
+            .iter()
+            .position(|c| *c == code)
+            .expect("every code is in ALL");
+        &self.errors[i]
+    }
+
+    /// The Prometheus text exposition, with the hub's own counters copied in.
+    pub fn render(&self, hub: &HubStats) -> String {
+        self.dropped_not_local
+            .absolute(hub.dropped_not_local.load(Ordering::Relaxed));
+        self.dispatched
+            .absolute(hub.dispatched.load(Ordering::Relaxed));
+        self.slow_consumers
+            .absolute(hub.slow_consumers.load(Ordering::Relaxed));
+        self.handle.render()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_registered_series() {
+        let m = Metrics::new();
+        m.delivered(Transport::Sse).increment(3);
+        m.error(ErrorCode::TooLarge).increment(1);
+        m.connection(Transport::Tcp).increment(2.0);
+        let hub = HubStats::default();
+        hub.dropped_not_local.store(7, Ordering::Relaxed);
+        let text = m.render(&hub);
+        assert!(
+            text.contains(r#"imgate_delivered_total{transport="sse"} 3"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"imgate_errors_total{code="too_large"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"imgate_connections{transport="tcp"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains("imgate_fanout_dropped_not_local_total 7"),
+            "{text}"
+        );
+        assert!(text.contains("# HELP imgate_acks_total"), "{text}");
+    }
+}

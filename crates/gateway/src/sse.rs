@@ -1,0 +1,117 @@
+//! Server-Sent Events at `GET /v1/events` (DESIGN section 5).
+//!
+//! An SSE stream is a session like TCP and WebSocket ones, run by the same loop with the
+//! server-push profile: the session writes into a channel that feeds the response body,
+//! `event: msg` / `id: <seq>` / `data: <msg JSON>`. It resumes after `Last-Event-ID` (what a
+//! browser's EventSource sends when it reconnects) or `?after=`; without either, from the
+//! device's cursor. A comment line every 15 s keeps proxies from closing an idle stream.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Query, State};
+use axum::http::HeaderMap;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
+use imgate_proto::{Encoding, ErrorCode, ServerFrame};
+use serde::Deserialize;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::PollSender;
+
+use crate::http::{authenticate, ApiError};
+use crate::session::{self, InError, Incoming, Outgoing, Preauth, Profile, Shared, Start};
+
+/// Interval of the keep-alive comment.
+pub const KEEPALIVE: Duration = Duration::from_secs(15);
+/// Events buffered between the session and the HTTP body.
+const BUFFER: usize = 64;
+
+#[derive(Debug, Deserialize)]
+pub struct EventsQuery {
+    token: Option<String>,
+    after: Option<u64>,
+    device: Option<String>,
+}
+
+/// `GET /v1/events`.
+pub async fn events(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Query(q): Query<EventsQuery>,
+) -> Result<Response, ApiError> {
+    let identity = authenticate(&shared, q.token.as_deref(), &headers)?;
+    let last_event_id = match headers.get("last-event-id") {
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .ok_or_else(|| {
+                    ApiError::new(ErrorCode::BadRequest, "Last-Event-ID must be a seq")
+                })?,
+        ),
+        None => None,
+    };
+    let Ok(permit) = shared.permits.clone().try_acquire_owned() else {
+        return Err(ApiError::new(
+            ErrorCode::Unavailable,
+            "connection limit reached",
+        ));
+    };
+    let (tx, rx) = mpsc::channel::<Outgoing>(BUFFER);
+    let gone = tx.clone();
+    // The body is dropped when the client goes away; that ends the session.
+    let client_gone = futures::stream::once(async move {
+        gone.closed().await;
+        Err::<Incoming, _>(InError::Closed)
+    });
+    let sink = PollSender::new(tx);
+    let start = Start::Verified(Preauth {
+        identity,
+        device: q.device,
+        resume: last_event_id.or(q.after),
+    });
+    let session = session::run(
+        shared.clone(),
+        Box::pin(sink),
+        Box::pin(client_gone),
+        start,
+        Profile::SSE,
+    );
+    shared.tracker.spawn(async move {
+        session.await;
+        drop(permit);
+    });
+    let body = ReceiverStream::new(rx).map(|o| Ok::<_, Infallible>(to_event(o)));
+    Ok(Sse::new(body)
+        .keep_alive(KeepAlive::new().interval(KEEPALIVE))
+        .into_response())
+}
+
+fn to_event(o: Outgoing) -> Event {
+    let json = o.encode(Encoding::Json);
+    let data = std::str::from_utf8(&json).expect("serde_json always produces UTF-8");
+    match &o {
+        Outgoing::Msg(d) => Event::default()
+            .event("msg")
+            .id(d.seq().to_string())
+            .data(data),
+        Outgoing::Frame(f) => Event::default().event(frame_type(f)).data(data),
+    }
+}
+
+/// The `type` of a server frame, used as the SSE event name (`welcome`, `bye`, `room`, …).
+fn frame_type(f: &ServerFrame) -> &'static str {
+    match f {
+        ServerFrame::Welcome { .. } => "welcome",
+        ServerFrame::Msg(_) => "msg",
+        ServerFrame::Sent { .. } => "sent",
+        ServerFrame::Room { .. } => "room",
+        // Not `error`: EventSource reserves that name for its own connection errors.
+        ServerFrame::Error { .. } => "problem",
+        ServerFrame::Pong => "pong",
+        ServerFrame::Bye { .. } => "bye",
+    }
+}
