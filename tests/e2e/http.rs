@@ -93,6 +93,27 @@ async fn long_poll_with_nothing_pending_returns_empty_after_wait() {
 }
 
 #[tokio::test]
+async fn a_long_poll_is_not_answered_by_messages_at_or_below_its_after() {
+    let gw = Gateway::start(&[]).await;
+    let (alice, _a) = connect(&gw, "alice", "laptop", Via::Tcp).await;
+    let u = url(&gw, "/v1/messages?device=web&after=1000&wait=2");
+    let h = auth("bob");
+    let started = Instant::now();
+    let poll = tokio::spawn(async move { curl(&["-H", &h, &u]).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    alice
+        .send_to("bob", json!({"text": "seq far below 1000"}))
+        .await
+        .unwrap();
+    let r = poll.await.unwrap();
+    assert_eq!(r.json()["messages"], json!([]));
+    assert!(
+        started.elapsed() >= Duration::from_millis(1900),
+        "waited its full 2 s"
+    );
+}
+
+#[tokio::test]
 async fn long_polls_are_answered_by_a_tcp_send_within_a_second() {
     let gw = Gateway::start(&[]).await;
     // Two devices of bob wait at once.

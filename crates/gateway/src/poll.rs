@@ -147,25 +147,32 @@ pub async fn poll(
     let waiter = waiter.as_mut().expect("checked above");
     let waiting = &shared.metrics.long_polls_waiting;
     waiting.increment(1.0);
-    let first = tokio::select! {
-        m = waiter.rx.recv() => m,
-        _ = tokio::time::sleep(wait) => None,
-        _ = kick.kicked() => None,
-        _ = shared.shutdown.cancelled() => None,
-    };
-    waiting.decrement(1.0);
+    let deadline = tokio::time::Instant::now() + wait;
     let mut encoded = Vec::new();
-    let mut next = first;
-    while let Some(Outbound::Msg(d)) = next {
-        if d.seq() > after {
-            encoded.push((d.seq(), d.encoded(Encoding::Json)));
-        }
-        next = if encoded.len() < limit {
-            waiter.rx.try_recv().ok()
-        } else {
-            None
+    // Deliveries at or below `after` (possible when a client names an `after` beyond its
+    // inbox's newest message) do not answer the poll; it waits on.
+    while encoded.is_empty() {
+        let mut next = tokio::select! {
+            m = waiter.rx.recv() => m,
+            _ = tokio::time::sleep_until(deadline) => None,
+            _ = kick.kicked() => None,
+            _ = shared.shutdown.cancelled() => None,
         };
+        if next.is_none() {
+            break;
+        }
+        while let Some(Outbound::Msg(d)) = next {
+            if d.seq() > after {
+                encoded.push((d.seq(), d.encoded(Encoding::Json)));
+            }
+            next = if encoded.len() < limit {
+                waiter.rx.try_recv().ok()
+            } else {
+                None
+            };
+        }
     }
+    waiting.decrement(1.0);
     shared
         .metrics
         .delivered(transport)
