@@ -238,6 +238,26 @@ async fn sse_resumes_from_last_event_id_with_no_gap_and_no_duplicate() {
 }
 
 #[tokio::test]
+async fn an_idle_sse_stream_gets_keepalive_comments() {
+    let gw = Gateway::start(&["--sse-keepalive", "200ms"]).await;
+    let out = curl(&[
+        "-N",
+        "--max-time",
+        "1",
+        "-H",
+        &auth("bob"),
+        &url(&gw, "/v1/events?device=idle"),
+    ])
+    .await;
+    let comments = out.body.lines().filter(|l| l.starts_with(':')).count();
+    assert!(
+        comments >= 3,
+        "expected a comment every 200 ms over 1 s:\n{}",
+        out.body
+    );
+}
+
+#[tokio::test]
 async fn a_post_reaches_tcp_websocket_sse_and_long_poll_alike() {
     let gw = Gateway::start(&[]).await;
     let (_t, mut tcp_ev) = connect(&gw, "bob", "tcp", Via::Tcp).await;

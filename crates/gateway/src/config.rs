@@ -103,6 +103,10 @@ pub struct Config {
     #[arg(long, env = "IMGATE_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
 
+    /// Interval of the comment line that keeps idle SSE streams open through proxies.
+    #[arg(long, env = "IMGATE_SSE_KEEPALIVE", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub sse_keepalive: Duration,
+
     /// Origin allowed to call the HTTP API from a browser (repeat, or comma-separate in the
     /// environment variable). None by default: same origin only.
     #[arg(long, env = "IMGATE_CORS_ORIGIN", value_delimiter = ',')]

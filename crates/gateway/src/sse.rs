@@ -4,11 +4,11 @@
 //! server-push profile: the session writes into a channel that feeds the response body,
 //! `event: msg` / `id: <seq>` / `data: <msg JSON>`. It resumes after `Last-Event-ID` (what a
 //! browser's EventSource sends when it reconnects) or `?after=`; without either, from the
-//! device's cursor. A comment line every 15 s keeps proxies from closing an idle stream.
+//! device's cursor. A comment line every `--sse-keepalive` (15 s) keeps proxies from closing
+//! an idle stream.
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
@@ -24,8 +24,6 @@ use tokio_util::sync::PollSender;
 use crate::http::{authenticate, ApiError};
 use crate::session::{self, InError, Incoming, Outgoing, Preauth, Profile, Shared, Start};
 
-/// Interval of the keep-alive comment.
-pub const KEEPALIVE: Duration = Duration::from_secs(15);
 /// Events buffered between the session and the HTTP body.
 const BUFFER: usize = 64;
 
@@ -86,7 +84,7 @@ pub async fn events(
     });
     let body = ReceiverStream::new(rx).map(|o| Ok::<_, Infallible>(to_event(o)));
     Ok(Sse::new(body)
-        .keep_alive(KeepAlive::new().interval(KEEPALIVE))
+        .keep_alive(KeepAlive::new().interval(shared.cfg.sse_keepalive))
         .into_response())
 }
 
