@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use imgate_client::{ClientBuilder, Encoding, Event};
 use imgate_gateway::auth::Auth;
 use imgate_gateway::config::{secret_from, LogFormat, Secret};
-use imgate_gateway::{Config, Listeners};
+use imgate_gateway::{Config, Gateway, Listeners};
 
 #[derive(Parser)]
 #[command(name = "imgate", version, about = "Instant-messaging delivery gateway")]
@@ -171,11 +171,13 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     init_logging(cfg.log_format);
     cfg.validate()?;
     let listeners = Listeners::bind(&cfg).await.context("binding listeners")?;
+    let gateway = Gateway::new(cfg).await?;
     let (http, tcp) = listeners.addrs()?;
     tracing::info!(%http, %tcp, "listening");
-    // One plain line on stdout for scripts and tests to find the bound ports.
+    // One plain line on stdout, once the gateway can serve, for scripts and tests to find
+    // the bound ports.
     println!("imgate listening http={http} tcp={tcp}");
-    imgate_gateway::run(listeners, cfg, shutdown_signal()).await
+    gateway.serve(listeners, shutdown_signal()).await
 }
 
 async fn shutdown_signal() {

@@ -31,9 +31,58 @@ pub enum LogFormat {
     Json,
 }
 
+/// Cluster mode: where NATS is and how imgate lays itself out in it.
+#[derive(Debug, Clone, clap::Args)]
+pub struct NatsArgs {
+    /// NATS server URLs (comma-separated). Given: cluster mode over JetStream. Absent:
+    /// standalone mode with the embedded store.
+    #[arg(long, env = "IMGATE_NATS", value_delimiter = ',')]
+    pub nats: Vec<String>,
+
+    /// NATS user (with --nats-password).
+    #[arg(long, env = "IMGATE_NATS_USER")]
+    pub nats_user: Option<String>,
+
+    /// NATS password.
+    #[arg(long, env = "IMGATE_NATS_PASSWORD", hide_env_values = true)]
+    pub nats_password: Option<Secret>,
+
+    /// NATS token.
+    #[arg(long, env = "IMGATE_NATS_TOKEN", hide_env_values = true)]
+    pub nats_token: Option<Secret>,
+
+    /// NATS credentials file (JWT + nkey).
+    #[arg(long, env = "IMGATE_NATS_CREDS")]
+    pub nats_creds: Option<PathBuf>,
+
+    /// CA certificate for TLS to NATS (turns TLS on).
+    #[arg(long, env = "IMGATE_NATS_CA")]
+    pub nats_ca: Option<PathBuf>,
+
+    /// Prefix of every NATS name: stream PREFIX on PREFIX.u.*, KV PREFIX_cursors and
+    /// PREFIX_groups, core subjects PREFIX.room.* and PREFIX.ctl.*.
+    #[arg(long, env = "IMGATE_STREAM_PREFIX", default_value = "imgate")]
+    pub stream_prefix: String,
+
+    /// JetStream replicas of the stream and KV buckets (1, or 3 on a 3-node NATS cluster).
+    #[arg(long, env = "IMGATE_REPLICAS", default_value_t = 1)]
+    pub replicas: usize,
+
+    /// Time allowed for one NATS request or publish acknowledgement.
+    #[arg(long, env = "IMGATE_NATS_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub nats_timeout: Duration,
+
+    /// At start, how long to keep trying to reach NATS and set up the stream.
+    #[arg(long, env = "IMGATE_NATS_STARTUP_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub nats_startup_timeout: Duration,
+}
+
 /// `imgate serve` flags. Each one is also an `IMGATE_*` environment variable.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Config {
+    #[command(flatten)]
+    pub nats: NatsArgs,
+
     /// HTTP listener: WebSocket (/v1/ws), HTTP API, health and metrics.
     #[arg(long, env = "IMGATE_HTTP", default_value = "127.0.0.1:8080")]
     pub http: SocketAddr,
@@ -136,6 +185,10 @@ pub enum ConfigError {
     },
     #[error("the JWT secret is empty")]
     EmptySecret,
+    #[error("--replicas must be 1 or 3 (NATS JetStream replicas), not {0}")]
+    Replicas(usize),
+    #[error("--stream-prefix must match ^[A-Za-z0-9_-]{{1,32}}$")]
+    Prefix,
 }
 
 impl Config {
@@ -158,6 +211,13 @@ impl Config {
                 body: self.max_body,
                 frame: self.max_frame,
             });
+        }
+        if ![1, 3].contains(&self.nats.replicas) {
+            return Err(ConfigError::Replicas(self.nats.replicas));
+        }
+        let p = &self.nats.stream_prefix;
+        if p.len() > 32 || !imgate_proto::ids::is_valid_id(p) {
+            return Err(ConfigError::Prefix);
         }
         if self.secret()?.is_none() {
             for addr in [self.http, self.tcp] {

@@ -161,7 +161,10 @@ fn cors(origins: &[String]) -> Option<CorsLayer> {
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        shared.metrics.render(&shared.hub.stats),
+        shared.metrics.render(
+            &shared.hub.stats,
+            shared.cluster.as_ref().map(|c| &c.tail_stats),
+        ),
     )
         .into_response()
 }

@@ -31,4 +31,4 @@ pub mod tcp;
 pub mod ws;
 
 pub use config::Config;
-pub use server::{run, Listeners};
+pub use server::{run, Gateway, Listeners};

@@ -12,6 +12,7 @@ use metrics::{Counter, Gauge, Key, Label, Metadata, Recorder, Unit};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
 use crate::hub::HubStats;
+use crate::store::nats::TailStats;
 
 /// How a client is connected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +64,10 @@ pub struct Metrics {
     dropped_not_local: Counter,
     dispatched: Counter,
     slow_consumers: Counter,
+    tail_received: Counter,
+    tail_decoded: Counter,
+    tail_undecodable: Counter,
+    tail_restarts: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -113,6 +118,10 @@ impl Metrics {
             dropped_not_local: counter("imgate_fanout_dropped_not_local_total", vec![]),
             dispatched: counter("imgate_fanout_dispatched_total", vec![]),
             slow_consumers: counter("imgate_slow_consumers_total", vec![]),
+            tail_received: counter("imgate_tail_received_total", vec![]),
+            tail_decoded: counter("imgate_tail_decoded_total", vec![]),
+            tail_undecodable: counter("imgate_tail_undecodable_total", vec![]),
+            tail_restarts: counter("imgate_tail_restarts_total", vec![]),
             recorder,
             handle,
         };
@@ -168,6 +177,26 @@ impl Metrics {
             "Stored inbox copies handed to at least one local connection.",
         );
         d(
+            "imgate_tail_received_total",
+            Unit::Count,
+            "Cluster mode: inbox copies received from the stream (every copy, for every user).",
+        );
+        d(
+            "imgate_tail_decoded_total",
+            Unit::Count,
+            "Cluster mode: copies decoded, which happens only for users connected to this gateway.",
+        );
+        d(
+            "imgate_tail_undecodable_total",
+            Unit::Count,
+            "Cluster mode: stored payloads that did not decode as a message.",
+        );
+        d(
+            "imgate_tail_restarts_total",
+            Unit::Count,
+            "Cluster mode: times the stream tail was recreated after a failure (from its last seq).",
+        );
+        d(
             "imgate_slow_consumers_total",
             Unit::Count,
             "Connections closed because their outbox of stored messages was full.",
@@ -190,8 +219,15 @@ impl Metrics {
         &self.errors[i]
     }
 
-    /// The Prometheus text exposition, with the hub's own counters copied in.
-    pub fn render(&self, hub: &HubStats) -> String {
+    /// The Prometheus text exposition, with the hub's and the tail's own counters copied in.
+    pub fn render(&self, hub: &HubStats, tail: Option<&TailStats>) -> String {
+        if let Some(t) = tail {
+            let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+            self.tail_received.absolute(get(&t.received));
+            self.tail_decoded.absolute(get(&t.decoded));
+            self.tail_undecodable.absolute(get(&t.undecodable));
+            self.tail_restarts.absolute(get(&t.restarts));
+        }
         self.dropped_not_local
             .absolute(hub.dropped_not_local.load(Ordering::Relaxed));
         self.dispatched
@@ -220,7 +256,7 @@ mod tests {
         m.connection(Transport::Tcp).increment(2.0);
         let hub = HubStats::default();
         hub.dropped_not_local.store(7, Ordering::Relaxed);
-        let text = m.render(&hub);
+        let text = m.render(&hub, None);
         assert!(
             text.contains(r#"imgate_delivered_total{transport="sse"} 3"#),
             "{text}"

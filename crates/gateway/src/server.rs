@@ -21,6 +21,7 @@ use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::session::{send_quota, Shared};
 use crate::store::memory::{Limits, MemoryStore};
+use crate::store::nats::NatsStore;
 use crate::store::Store;
 use governor::RateLimiter;
 
@@ -44,74 +45,115 @@ impl Listeners {
     }
 }
 
-/// Runs the gateway until `shutdown` resolves, then drains.
+/// A gateway with its store reachable and its tail running, ready to serve.
+pub struct Gateway {
+    shared: Arc<Shared>,
+    tail_stop: CancellationToken,
+}
+
+/// Builds a gateway from `cfg` and serves `listeners` until `shutdown` resolves.
 pub async fn run(
     listeners: Listeners,
     cfg: Config,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    cfg.validate()?;
-    let auth = Auth::new(cfg.secret()?.as_ref());
-    if auth.dev_mode() {
-        tracing::warn!(
-            "DEVELOPMENT MODE: no JWT secret configured (IMGATE_JWT_SECRET or \
-             --jwt-secret-file); tokens are signed with a public development secret, \
-             POST /v1/dev/token hands them to anyone, and only loopback addresses are served"
+    Gateway::new(cfg).await?.serve(listeners, shutdown).await
+}
+
+impl Gateway {
+    /// Checks the configuration, opens the store (connecting to NATS and starting the tail
+    /// in cluster mode). Nothing is listening yet.
+    pub async fn new(cfg: Config) -> anyhow::Result<Gateway> {
+        cfg.validate()?;
+        let auth = Auth::new(cfg.secret()?.as_ref());
+        if auth.dev_mode() {
+            tracing::warn!(
+                "DEVELOPMENT MODE: no JWT secret configured (IMGATE_JWT_SECRET or \
+                 --jwt-secret-file); tokens are signed with a public development secret, \
+                 POST /v1/dev/token hands them to anyone, and only loopback addresses are served"
+            );
+        }
+        let hub = Hub::new();
+        let tail_stop = CancellationToken::new();
+        let (store, cluster): (Arc<dyn Store>, _) = if cfg.nats.nats.is_empty() {
+            let limits = Limits {
+                retention: cfg.retention,
+                max_inbox: cfg.max_inbox,
+            };
+            tracing::info!("standalone mode: embedded store, in-process bus");
+            (Arc::new(MemoryStore::new(limits, hub.clone())), None)
+        } else {
+            let nats = NatsStore::connect(&cfg).await?;
+            // Deliver-new from an exact seq: everything stored from now on reaches us.
+            let after = nats.stream_last_seq().await?;
+            tokio::spawn(nats.clone().run_tail(hub.clone(), after, tail_stop.clone()));
+            tracing::info!(
+                servers = ?cfg.nats.nats,
+                stream = %nats.names().stream,
+                after,
+                "cluster mode: following the stream"
+            );
+            (nats.clone() as Arc<dyn Store>, Some(nats))
+        };
+        let http_limiter = send_quota(&cfg).map(RateLimiter::keyed);
+        let shared = Arc::new(Shared {
+            permits: Arc::new(Semaphore::new(cfg.max_connections)),
+            cursors: Cursors::new(store.clone()),
+            cfg,
+            auth,
+            store,
+            hub,
+            shutdown: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            metrics: Metrics::new(),
+            http_limiter,
+            cluster,
+        });
+        Ok(Gateway { shared, tail_stop })
+    }
+
+    /// Serves until `shutdown` resolves, then drains: `bye shutdown` to every connection,
+    /// wait up to `--drain-timeout`, flush cursors.
+    pub async fn serve(
+        self,
+        listeners: Listeners,
+        shutdown: impl Future<Output = ()>,
+    ) -> anyhow::Result<()> {
+        let shared = self.shared;
+        let stop = shared.shutdown.clone();
+        let tracker = shared.tracker.clone();
+        let drain_timeout = shared.cfg.drain_timeout;
+        let flusher_stop = CancellationToken::new();
+        let flusher = tokio::spawn(shared.cursors.clone().run_flusher(flusher_stop.clone()));
+        let tcp = tokio::spawn(crate::tcp::serve(
+            listeners.tcp,
+            shared.clone(),
+            shared.permits.clone(),
+            tracker.clone(),
+        ));
+        let app = crate::http::router(shared.clone());
+        let http = tokio::spawn(
+            axum::serve(listeners.http, app)
+                .with_graceful_shutdown(stop.clone().cancelled_owned())
+                .into_future(),
         );
-    }
-    let hub = Hub::new();
-    let limits = Limits {
-        retention: cfg.retention,
-        max_inbox: cfg.max_inbox,
-    };
-    let store: Arc<dyn Store> = Arc::new(MemoryStore::new(limits, hub.clone()));
-    let cursors = Cursors::new(store.clone());
-    let stop = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    let drain_timeout = cfg.drain_timeout;
-    let cfg_for_limits = cfg.clone();
-    let shared = Arc::new(Shared {
-        permits: Arc::new(Semaphore::new(cfg.max_connections)),
-        cfg,
-        auth,
-        store,
-        hub,
-        cursors: cursors.clone(),
-        shutdown: stop.clone(),
-        tracker: tracker.clone(),
-        metrics: Metrics::new(),
-        http_limiter: send_quota(&cfg_for_limits).map(RateLimiter::keyed),
-    });
 
-    let flusher_stop = CancellationToken::new();
-    let flusher = tokio::spawn(cursors.run_flusher(flusher_stop.clone()));
-    let tcp = tokio::spawn(crate::tcp::serve(
-        listeners.tcp,
-        shared.clone(),
-        shared.permits.clone(),
-        tracker.clone(),
-    ));
-    let app = crate::http::router(shared.clone());
-    let http = tokio::spawn(
-        axum::serve(listeners.http, app)
-            .with_graceful_shutdown(stop.clone().cancelled_owned())
-            .into_future(),
-    );
-
-    shutdown.await;
-    tracing::info!("shutting down: saying bye to every connection");
-    stop.cancel();
-    tracker.close();
-    if tokio::time::timeout(drain_timeout, tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("drain timeout passed with connections still open");
+        shutdown.await;
+        tracing::info!("shutting down: saying bye to every connection");
+        stop.cancel();
+        tracker.close();
+        if tokio::time::timeout(drain_timeout, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("drain timeout passed with connections still open");
+        }
+        let _ = tokio::time::timeout(drain_timeout, http).await;
+        let _ = tcp.await;
+        flusher_stop.cancel();
+        let _ = flusher.await;
+        self.tail_stop.cancel();
+        tracing::info!("stopped");
+        Ok(())
     }
-    let _ = tokio::time::timeout(drain_timeout, http).await;
-    let _ = tcp.await;
-    flusher_stop.cancel();
-    let _ = flusher.await;
-    tracing::info!("stopped");
-    Ok(())
 }

@@ -39,6 +39,7 @@ use crate::cursors::{CursorHandle, Cursors};
 use crate::hub::{Delivered, Hub, Kick, Outbound};
 use crate::metrics::{Metrics, Transport};
 use crate::send::{self, Refused};
+use crate::store::nats::NatsStore;
 use crate::store::{Store, StoreError};
 
 /// Messages read from the store per backlog page.
@@ -71,6 +72,8 @@ pub struct Shared {
     pub metrics: Metrics,
     /// Sends per second per uid over `POST /v1/messages` (`--send-rate`, `None` = unlimited).
     pub http_limiter: Option<DefaultKeyedRateLimiter<String>>,
+    /// The NATS store in cluster mode (its client and tail counters).
+    pub cluster: Option<Arc<NatsStore>>,
 }
 
 /// A frame on its way to the client; the transport encodes it.

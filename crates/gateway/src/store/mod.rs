@@ -7,6 +7,7 @@
 //! connections or transports.
 
 pub mod memory;
+pub mod nats;
 
 use std::sync::Arc;
 

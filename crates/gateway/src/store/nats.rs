@@ -1,0 +1,586 @@
+//! The cluster-mode store on NATS: JetStream is both the message store and the broadcast
+//! bus; a KV bucket holds device cursors (DESIGN section 6).
+//!
+//! - Sends are JetStream publishes to `<prefix>.u.<uid>` with `Nats-Msg-Id =
+//!   <from>:<id>:<uid>`, all copies published at once; `append` returns once every PubAck is
+//!   in. A duplicate PubAck names the original seq.
+//! - Backlog reads use a short-lived pull consumer filtered to one user's subject.
+//! - The tail follows the whole stream with one consumer per gateway and hands each copy to
+//!   the [`Fanout`] with the uid read from the subject; the payload is decoded only when the
+//!   fanout asks (a local connection wants it). After any failure the tail is recreated from
+//!   the last stream seq it saw, so nothing stored meanwhile is skipped.
+//! - While NATS is unreachable every operation fails at once with `Unavailable`.
+//!
+//! This module knows nothing about connections; it talks to NATS and to the `Fanout` trait.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::connection::State;
+use async_nats::jetstream::{self, consumer, kv, stream};
+use async_nats::HeaderMap;
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::future::try_join_all;
+use futures::StreamExt;
+use imgate_proto::Message;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use super::{Appended, Draft, Fanout, Page, Store, StoreError};
+use crate::config::Config;
+
+/// The JetStream duplicate window: a re-sent id within it stores nothing new.
+pub const DEDUPE_WINDOW: Duration = Duration::from_secs(120);
+/// Messages per pull request of the tail.
+const TAIL_BATCH: usize = 512;
+/// Heartbeat the tail asks of the server; two missed ones recreate the consumer.
+const TAIL_HEARTBEAT: Duration = Duration::from_secs(2);
+/// A server-side consumer nobody pulls from is removed after this long.
+const CONSUMER_INACTIVE: Duration = Duration::from_secs(30);
+/// Longest pause between attempts to recreate the tail.
+const TAIL_MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// Names derived from `--stream-prefix` (default `imgate`).
+#[derive(Debug, Clone)]
+pub struct Names {
+    pub prefix: String,
+    /// `IMGATE`
+    pub stream: String,
+    /// `imgate_cursors`
+    pub cursors: String,
+}
+
+impl Names {
+    pub fn new(prefix: &str) -> Self {
+        Names {
+            prefix: prefix.to_owned(),
+            stream: prefix.to_uppercase().replace(['.', '-'], "_"),
+            cursors: format!("{prefix}_cursors"),
+        }
+    }
+
+    /// `imgate.u.<uid>`
+    pub fn user_subject(&self, uid: &str) -> String {
+        format!("{}.u.{uid}", self.prefix)
+    }
+
+    /// `imgate.u.*`
+    pub fn all_users(&self) -> String {
+        format!("{}.u.*", self.prefix)
+    }
+}
+
+/// Counters of the tail, read by `/metrics`.
+#[derive(Debug, Default)]
+pub struct TailStats {
+    /// Inbox copies the tail received from the stream.
+    pub received: AtomicU64,
+    /// Copies it decoded (only ever for users with a local connection).
+    pub decoded: AtomicU64,
+    /// Payloads that did not decode as a message (published by something else).
+    pub undecodable: AtomicU64,
+    /// Times the tail consumer was recreated after a failure.
+    pub restarts: AtomicU64,
+}
+
+/// The JetStream-backed store.
+pub struct NatsStore {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    stream: stream::Stream,
+    cursors: kv::Store,
+    names: Names,
+    max_inbox: usize,
+    pub tail_stats: TailStats,
+}
+
+/// The payload of a stored message: the message without its seq (the stream assigns it).
+#[derive(Serialize)]
+struct PayloadOut<'a> {
+    id: &'a str,
+    from: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    to: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    group: Option<&'a str>,
+    ts: u64,
+    body: &'a Value,
+}
+
+/// What a payload may hold. A backend publishing straight to `imgate.u.<uid>` may leave out
+/// `id` (then `nats-<seq>`), `from` (then `system`) and `ts` (then the stream's time).
+#[derive(Deserialize)]
+struct PayloadIn {
+    id: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+    group: Option<String>,
+    ts: Option<u64>,
+    #[serde(default)]
+    body: Value,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+/// Decodes a stored payload as the message with stream seq `seq`.
+pub fn decode_payload(payload: &[u8], seq: u64, published_ms: u64) -> Option<Message> {
+    let p: PayloadIn = rmp_serde::from_slice(payload).ok()?;
+    Some(Message {
+        seq,
+        id: p.id.unwrap_or_else(|| format!("nats-{seq}")),
+        from: p.from.unwrap_or_else(|| "system".to_owned()),
+        to: p.to,
+        group: p.group,
+        ts: p.ts.unwrap_or(published_ms),
+        body: p.body,
+    })
+}
+
+/// Creates (or updates) a KV bucket and opens it.
+///
+/// The bucket's stream is written here with the KV conventions (`KV_<bucket>` on
+/// `$KV.<bucket>.>`, one value per key, rollups allowed, deletes denied, direct gets) rather
+/// than through async-nats's `create_key_value`, which first reads account info in a shape
+/// NATS 2.9 (Debian's nats-server) does not send.
+pub async fn kv_bucket(
+    js: &jetstream::Context,
+    bucket: &str,
+    description: &str,
+    replicas: usize,
+) -> anyhow::Result<kv::Store> {
+    js.create_or_update_stream(stream::Config {
+        name: format!("KV_{bucket}"),
+        description: Some(description.to_owned()),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: 1,
+        storage: stream::StorageType::File,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        num_replicas: replicas,
+        discard: stream::DiscardPolicy::New,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("creating KV bucket {bucket}: {e}"))?;
+    js.get_key_value(bucket)
+        .await
+        .map_err(|e| anyhow::anyhow!("opening KV bucket {bucket}: {e}"))
+}
+
+fn unix_ms(t: time::OffsetDateTime) -> u64 {
+    (t.unix_timestamp_nanos() / 1_000_000).max(0) as u64
+}
+
+impl NatsStore {
+    /// Connects, then creates or updates the stream and the cursor bucket.
+    pub async fn connect(cfg: &Config) -> anyhow::Result<Arc<Self>> {
+        let n = &cfg.nats;
+        let mut opts = async_nats::ConnectOptions::new()
+            .name("imgate")
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .connection_timeout(n.nats_timeout);
+        if let (Some(user), Some(pass)) = (&n.nats_user, &n.nats_password) {
+            opts = opts.user_and_password(user.clone(), pass.0.clone());
+        }
+        if let Some(token) = &n.nats_token {
+            opts = opts.token(token.0.clone());
+        }
+        if let Some(creds) = &n.nats_creds {
+            opts = opts.credentials_file(creds).await?;
+        }
+        if let Some(ca) = &n.nats_ca {
+            opts = opts.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        let client = opts.connect(n.nats.join(",")).await?;
+        let js = jetstream::ContextBuilder::new()
+            .timeout(n.nats_timeout)
+            .build(client.clone());
+        let names = Names::new(&n.stream_prefix);
+
+        // NATS may still be starting (compose, a restart): keep trying for a while.
+        let deadline = tokio::time::Instant::now() + n.nats_startup_timeout;
+        let (stream, cursors) = loop {
+            match Self::provision(&js, &names, cfg).await {
+                Ok(v) => break v,
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    tracing::warn!(error = %e, "NATS not ready yet; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        Ok(Arc::new(NatsStore {
+            client,
+            js,
+            stream,
+            cursors,
+            names,
+            max_inbox: cfg.max_inbox,
+            tail_stats: TailStats::default(),
+        }))
+    }
+
+    async fn provision(
+        js: &jetstream::Context,
+        names: &Names,
+        cfg: &Config,
+    ) -> anyhow::Result<(stream::Stream, kv::Store)> {
+        let replicas = cfg.nats.replicas;
+        js.create_or_update_stream(stream::Config {
+            name: names.stream.clone(),
+            subjects: vec![names.all_users()],
+            storage: stream::StorageType::File,
+            max_age: cfg.retention,
+            max_messages_per_subject: cfg.max_inbox as i64,
+            duplicate_window: DEDUPE_WINDOW,
+            num_replicas: replicas,
+            allow_direct: true,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("creating or updating stream {}: {e}", names.stream))?;
+        let stream = js.get_stream(&names.stream).await?;
+        let cursors = kv_bucket(
+            js,
+            &names.cursors,
+            "imgate device cursors: <uid>.<device> -> last acked seq",
+            replicas,
+        )
+        .await?;
+        Ok((stream, cursors))
+    }
+
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    pub fn names(&self) -> &Names {
+        &self.names
+    }
+
+    fn connected(&self) -> Result<(), StoreError> {
+        match self.client.connection_state() {
+            State::Connected => Ok(()),
+            s => Err(StoreError::Unavailable(format!(
+                "NATS is not connected ({s})"
+            ))),
+        }
+    }
+
+    /// The stream's last seq now: where a new gateway's tail starts.
+    pub async fn stream_last_seq(&self) -> Result<u64, StoreError> {
+        self.connected()?;
+        let mut s = self.stream.clone();
+        Ok(s.info().await.map_err(unavailable)?.state.last_sequence)
+    }
+
+    /// Follows the stream after `after` until `stop`, handing each copy to `fanout`.
+    pub async fn run_tail(
+        self: Arc<Self>,
+        fanout: Arc<dyn Fanout>,
+        after: u64,
+        stop: CancellationToken,
+    ) {
+        let mut last = after;
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let r = tokio::select! {
+                r = self.tail_once(&*fanout, &mut last) => r,
+                _ = stop.cancelled() => return,
+            };
+            if let Err(e) = r {
+                self.tail_stats.restarts.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, last, "tail interrupted; recreating it after the last seq seen");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = stop.cancelled() => return,
+            }
+            backoff = (backoff * 2).min(TAIL_MAX_BACKOFF);
+        }
+    }
+
+    async fn tail_once(&self, fanout: &dyn Fanout, last: &mut u64) -> anyhow::Result<()> {
+        self.connected()?;
+        let consumer = self
+            .stream
+            .create_consumer(consumer::pull::Config {
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: *last + 1,
+                },
+                ack_policy: consumer::AckPolicy::None,
+                filter_subject: self.names.all_users(),
+                inactive_threshold: CONSUMER_INACTIVE,
+                memory_storage: true,
+                ..Default::default()
+            })
+            .await?;
+        let mut messages = consumer
+            .stream()
+            .max_messages_per_batch(TAIL_BATCH)
+            .heartbeat(TAIL_HEARTBEAT)
+            .messages()
+            .await?;
+        tracing::debug!(after = *last, "tail following the stream");
+        let mut consumer_seq = 0;
+        while let Some(m) = messages.next().await {
+            let m = m?;
+            let info = m.info().map_err(|e| anyhow::anyhow!("{e}"))?;
+            if info.consumer_sequence != consumer_seq + 1 {
+                anyhow::bail!(
+                    "tail gap: consumer seq {} after {consumer_seq}",
+                    info.consumer_sequence
+                );
+            }
+            consumer_seq = info.consumer_sequence;
+            let seq = info.stream_sequence;
+            if seq <= *last {
+                continue;
+            }
+            *last = seq;
+            self.tail_stats.received.fetch_add(1, Ordering::Relaxed);
+            let Some(uid) = m.subject.rsplit('.').next() else {
+                continue;
+            };
+            let published = unix_ms(info.published);
+            let stats = &self.tail_stats;
+            fanout.deliver(uid, &mut || {
+                stats.decoded.fetch_add(1, Ordering::Relaxed);
+                let msg = decode_payload(&m.payload, seq, published);
+                if msg.is_none() {
+                    stats.undecodable.fetch_add(1, Ordering::Relaxed);
+                }
+                msg
+            });
+        }
+        anyhow::bail!("tail stream ended")
+    }
+
+    async fn publish(
+        &self,
+        draft: &Draft,
+        uid: &str,
+    ) -> Result<jetstream::context::PublishAckFuture, StoreError> {
+        let payload = rmp_serde::to_vec_named(&PayloadOut {
+            id: &draft.id,
+            from: &draft.from,
+            to: draft.to.as_deref(),
+            group: draft.group.as_deref(),
+            ts: draft.ts,
+            body: &draft.body,
+        })
+        .map_err(|e| StoreError::Internal(e.to_string()))?;
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "Nats-Msg-Id",
+            format!("{}:{}:{uid}", draft.from, draft.id).as_str(),
+        );
+        self.js
+            .publish_with_headers(self.names.user_subject(uid), headers, Bytes::from(payload))
+            .await
+            .map_err(unavailable)
+    }
+
+    /// The acceptance time stored with message `seq` (for answering a duplicate send).
+    async fn stored_ts(&self, seq: u64) -> Result<u64, StoreError> {
+        let raw = self
+            .stream
+            .get_raw_message(seq)
+            .await
+            .map_err(unavailable)?;
+        decode_payload(&raw.payload, seq, unix_ms(raw.time))
+            .map(|m| m.ts)
+            .ok_or_else(|| StoreError::Internal(format!("stored message {seq} does not decode")))
+    }
+}
+
+#[async_trait]
+impl Store for NatsStore {
+    async fn append(&self, draft: Draft, inboxes: &[String]) -> Result<Appended, StoreError> {
+        self.connected()?;
+        // Send every copy, then wait for every ack: one round trip, not one per inbox.
+        let mut acks = Vec::with_capacity(inboxes.len());
+        for uid in inboxes {
+            acks.push(self.publish(&draft, uid).await?);
+        }
+        let acks = try_join_all(acks.into_iter().map(std::future::IntoFuture::into_future))
+            .await
+            .map_err(unavailable)?;
+        let seqs: Vec<u64> = acks.iter().map(|a| a.sequence).collect();
+        let ts = match acks.last() {
+            Some(a) if a.duplicate => self.stored_ts(a.sequence).await?,
+            _ => draft.ts,
+        };
+        Ok(Appended { seqs, ts })
+    }
+
+    async fn read(&self, uid: &str, after: u64, limit: usize) -> Result<Page, StoreError> {
+        self.connected()?;
+        let subject = self.names.user_subject(uid);
+        let consumer = self
+            .stream
+            .create_consumer(consumer::pull::Config {
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: after + 1,
+                },
+                ack_policy: consumer::AckPolicy::None,
+                filter_subject: subject.clone(),
+                inactive_threshold: CONSUMER_INACTIVE,
+                memory_storage: true,
+                ..Default::default()
+            })
+            .await
+            .map_err(unavailable)?;
+        let pending = consumer.cached_info().num_pending as usize;
+        let want = pending.min(limit);
+        let mut messages = Vec::with_capacity(want);
+        if want > 0 {
+            let mut batch = consumer
+                .batch()
+                .max_messages(want)
+                .messages()
+                .await
+                .map_err(unavailable)?;
+            while let Some(m) = batch.next().await {
+                let m = m.map_err(unavailable)?;
+                let info = m.info().map_err(unavailable)?;
+                let seq = info.stream_sequence;
+                match decode_payload(&m.payload, seq, unix_ms(info.published)) {
+                    Some(msg) => messages.push(Arc::new(msg)),
+                    None => tracing::warn!(seq, "skipping a stored payload that does not decode"),
+                }
+                if messages.len() >= want {
+                    break;
+                }
+            }
+        }
+        let name = consumer.cached_info().name.clone();
+        let stream = self.stream.clone();
+        tokio::spawn(async move {
+            let _ = stream.delete_consumer(&name).await;
+        });
+        let first = messages.first().map(|m| m.seq);
+        let gap = if first.is_some_and(|f| f == after + 1) {
+            false
+        } else {
+            self.gap_after(&subject, after, first).await?
+        };
+        Ok(Page { messages, gap })
+    }
+
+    async fn last_seq(&self, uid: &str) -> Result<u64, StoreError> {
+        self.connected()?;
+        match self
+            .stream
+            .get_last_raw_message_by_subject(&self.names.user_subject(uid))
+            .await
+        {
+            Ok(m) => Ok(m.sequence),
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
+                self.stream_last_seq().await
+            }
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    async fn cursor(&self, uid: &str, device: &str) -> Result<Option<u64>, StoreError> {
+        self.connected()?;
+        let v = self
+            .cursors
+            .get(format!("{uid}.{device}"))
+            .await
+            .map_err(unavailable)?;
+        Ok(v.and_then(|b| std::str::from_utf8(&b).ok()?.parse().ok()))
+    }
+
+    async fn save_cursors(&self, cursors: &[(String, String, u64)]) -> Result<(), StoreError> {
+        self.connected()?;
+        try_join_all(
+            cursors
+                .iter()
+                .map(|(uid, device, seq)| self.raise_cursor(format!("{uid}.{device}"), *seq)),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn ready(&self) -> bool {
+        self.connected().is_ok()
+    }
+}
+
+impl NatsStore {
+    /// Sets a cursor key to `seq` unless it already holds more (compare-and-set, retried).
+    async fn raise_cursor(&self, key: String, seq: u64) -> Result<(), StoreError> {
+        for _ in 0..5 {
+            let entry = self.cursors.entry(key.clone()).await.map_err(unavailable)?;
+            let value = Bytes::from(seq.to_string());
+            let r = match entry {
+                Some(e) if e.operation == kv::Operation::Put => {
+                    let current: u64 = std::str::from_utf8(&e.value)
+                        .ok()
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or(0);
+                    if current >= seq {
+                        return Ok(());
+                    }
+                    self.cursors
+                        .update(&key, value, e.revision)
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                }
+                _ => self
+                    .cursors
+                    .create(&key, value)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+            };
+            if r.is_ok() {
+                return Ok(());
+            }
+        }
+        Err(StoreError::Unavailable(format!(
+            "cursor {key} kept changing under us"
+        )))
+    }
+
+    /// Whether retention may have dropped messages of `subject` after `after`: the stream
+    /// dropped anything above `after` (age), or the inbox is at `--max-inbox` and its first
+    /// kept message is past `after + 1`. Conservative: it may say yes when nothing of this
+    /// user was dropped, never no when something was.
+    async fn gap_after(
+        &self,
+        subject: &str,
+        after: u64,
+        first: Option<u64>,
+    ) -> Result<bool, StoreError> {
+        let mut s = self.stream.clone();
+        let first_seq = s.info().await.map_err(unavailable)?.state.first_sequence;
+        if first_seq > after + 1 {
+            return Ok(true);
+        }
+        if first.is_none() {
+            return Ok(false);
+        }
+        let mut subjects = self
+            .stream
+            .info_with_subjects(subject)
+            .await
+            .map_err(unavailable)?;
+        let mut count = 0;
+        while let Some(entry) = subjects.next().await {
+            let (_, n) = entry.map_err(unavailable)?;
+            count += n;
+        }
+        Ok(count >= self.max_inbox)
+    }
+}
