@@ -28,9 +28,9 @@ async fn expect_error_then_still_served(raw: &mut RawTcp, frame: Value, code: &s
     err
 }
 
-#[tokio::test]
-async fn first_tcp_frame_must_be_login() {
-    let gw = Gateway::start(&[]).await;
+both_modes! {
+async fn first_tcp_frame_must_be_login(env) {
+    let gw = env.gateway(&[]).await;
     let mut raw = RawTcp::connect(&gw).await;
     raw.send(json!({"type":"ping"})).await;
     let err = raw.recv().await.unwrap();
@@ -38,19 +38,21 @@ async fn first_tcp_frame_must_be_login() {
     assert_eq!(err["code"], "bad_request");
     raw.expect_closed().await;
 }
+}
 
-#[tokio::test]
-async fn login_timeout_says_bye_and_closes() {
-    let gw = Gateway::start(&["--login-timeout", "300ms"]).await;
+both_modes! {
+async fn login_timeout_says_bye_and_closes(env) {
+    let gw = env.gateway(&["--login-timeout", "300ms"]).await;
     let mut raw = RawTcp::connect(&gw).await;
     let bye = raw.recv().await.unwrap();
     assert_eq!(bye, json!({"type":"bye","reason":"login_timeout"}));
     raw.expect_closed().await;
 }
+}
 
-#[tokio::test]
-async fn refused_logins_get_unauthorized_then_close() {
-    let gw = Gateway::start(&[]).await;
+both_modes! {
+async fn refused_logins_get_unauthorized_then_close(env) {
+    let gw = env.gateway(&[]).await;
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
@@ -110,10 +112,11 @@ async fn refused_logins_get_unauthorized_then_close() {
     assert_eq!(raw.recv().await.unwrap()["code"], "bad_request");
     raw.expect_closed().await;
 }
+}
 
-#[tokio::test]
-async fn malformed_frames_get_errors_and_the_connection_stays() {
-    let gw = Gateway::start(&["--max-body", "1024"]).await;
+both_modes! {
+async fn malformed_frames_get_errors_and_the_connection_stays(env) {
+    let gw = env.gateway(&["--max-body", "1024"]).await;
     let mut raw = RawTcp::connect(&gw).await;
     raw.login(&token("alice"), "raw").await;
     // msgpack of the wrong shape, an unknown type, a map without type, bytes that are not
@@ -166,10 +169,11 @@ async fn malformed_frames_get_errors_and_the_connection_stays() {
     let sent = raw.recv_type("sent").await;
     assert_eq!(sent["id"], "ok");
 }
+}
 
-#[tokio::test]
-async fn malformed_websocket_json_gets_an_error() {
-    let gw = Gateway::start(&[]).await;
+both_modes! {
+async fn malformed_websocket_json_gets_an_error(env) {
+    let gw = env.gateway(&[]).await;
     let url = format!("{}?token={}", gw.ws_url(), token("alice"));
     let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
     let welcome: Value = match ws.next().await.unwrap().unwrap() {
@@ -192,10 +196,11 @@ async fn malformed_websocket_json_gets_an_error() {
         other => panic!("{other:?}"),
     }
 }
+}
 
-#[tokio::test]
-async fn frames_above_max_frame_end_the_connection_with_bye() {
-    let gw = Gateway::start(&["--max-frame", "4096", "--max-body", "1024"]).await;
+both_modes! {
+async fn frames_above_max_frame_end_the_connection_with_bye(env) {
+    let gw = env.gateway(&["--max-frame", "4096", "--max-body", "1024"]).await;
     // TCP: a length prefix far above the limit (nothing else needs to follow).
     let mut raw = RawTcp::connect(&gw).await;
     raw.login(&token("alice"), "raw").await;
@@ -232,12 +237,13 @@ async fn frames_above_max_frame_end_the_connection_with_bye() {
         .unwrap();
     assert_eq!(text(&messages(&mut bob_ev, 1).await[0]), "still here");
 }
+}
 
+both_modes! {
 /// A device that stops reading is closed once its outbox fills; everyone else keeps being
 /// served, and when the device comes back it gets every stored message.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_that_stops_reading_is_closed_and_loses_nothing() {
-    let gw = Gateway::start(&["--outbox", "32"]).await;
+async fn a_client_that_stops_reading_is_closed_and_loses_nothing(env) {
+    let gw = env.gateway(&["--outbox", "32"]).await;
     let mut stalled = RawTcp::connect(&gw).await;
     stalled.login(&token("bob"), "phone").await;
     let (alice, _a) = connect(&gw, "alice", "laptop", Via::Tcp).await;
@@ -269,10 +275,11 @@ async fn a_client_that_stops_reading_is_closed_and_loses_nothing() {
         assert_eq!(text(m), i.to_string());
     }
 }
+}
 
-#[tokio::test]
-async fn send_rate_limit_answers_rate_limited_without_disconnecting() {
-    let gw = Gateway::start(&["--send-rate", "5", "--send-burst", "5"]).await;
+both_modes! {
+async fn send_rate_limit_answers_rate_limited_without_disconnecting(env) {
+    let gw = env.gateway(&["--send-rate", "5", "--send-burst", "5"]).await;
     let (alice, mut ev) = connect(&gw, "alice", "laptop", Via::Tcp).await;
     let mut limited = 0;
     let mut ok = 0;
@@ -306,4 +313,5 @@ async fn send_rate_limit_answers_rate_limited_without_disconnecting() {
             "rate limiting never disconnects"
         );
     }
+}
 }

@@ -12,8 +12,8 @@ use serde_json::json;
 
 use crate::support::*;
 
-async fn alice_to_bob(via: Via) {
-    let gw = Gateway::start(&[]).await;
+async fn alice_to_bob(env: &Env, via: Via) {
+    let gw = env.gateway(&[]).await;
     let (bob, mut bob_ev) = connect(&gw, "bob", "phone", via).await;
     let (alice, mut alice_ev) = connect(&gw, "alice", "laptop", via).await;
     let sent = alice
@@ -36,24 +36,27 @@ async fn alice_to_bob(via: Via) {
     assert_eq!(text(&back[0]), "hi alice");
 }
 
-#[tokio::test]
-async fn alice_to_bob_over_tcp() {
-    alice_to_bob(Via::Tcp).await;
+both_modes! {
+async fn alice_to_bob_over_tcp(env) {
+    alice_to_bob(&env, Via::Tcp).await;
+}
 }
 
-#[tokio::test]
-async fn alice_to_bob_over_websocket_json() {
-    alice_to_bob(Via::WsJson).await;
+both_modes! {
+async fn alice_to_bob_over_websocket_json(env) {
+    alice_to_bob(&env, Via::WsJson).await;
+}
 }
 
-#[tokio::test]
-async fn alice_to_bob_over_websocket_msgpack() {
-    alice_to_bob(Via::WsMsgpack).await;
+both_modes! {
+async fn alice_to_bob_over_websocket_msgpack(env) {
+    alice_to_bob(&env, Via::WsMsgpack).await;
+}
 }
 
-#[tokio::test]
-async fn every_device_gets_every_message() {
-    let gw = Gateway::start(&[]).await;
+both_modes! {
+async fn every_device_gets_every_message(env) {
+    let gw = env.gateway(&[]).await;
     let (_bob_tcp, mut bob_tcp_ev) = connect(&gw, "bob", "phone", Via::Tcp).await;
     let (_bob_ws, mut bob_ws_ev) = connect(&gw, "bob", "web", Via::WsJson).await;
     let (alice, _alice_ev) = connect(&gw, "alice", "laptop", Via::Tcp).await;
@@ -82,10 +85,11 @@ async fn every_device_gets_every_message() {
         b.iter().map(|m| m.seq).collect::<Vec<_>>()
     );
 }
+}
 
-#[tokio::test]
-async fn a_message_to_oneself_is_stored_once() {
-    let gw = Gateway::start(&[]).await;
+both_modes! {
+async fn a_message_to_oneself_is_stored_once(env) {
+    let gw = env.gateway(&[]).await;
     let (alice, mut ev) = connect(&gw, "alice", "a", Via::Tcp).await;
     let sent = alice
         .send_to("alice", json!({"text": "note"}))
@@ -95,10 +99,11 @@ async fn a_message_to_oneself_is_stored_once() {
     assert_eq!(got[0].seq, sent.seq);
     no_message(&mut ev, Duration::from_millis(300)).await;
 }
+}
 
-#[tokio::test]
-async fn same_id_twice_stores_one_message_with_one_seq() {
-    let gw = Gateway::start(&[]).await;
+both_modes! {
+async fn same_id_twice_stores_one_message_with_one_seq(env) {
+    let gw = env.gateway(&[]).await;
     let (alice, _ev) = connect(&gw, "alice", "laptop", Via::Tcp).await;
     let send = |id: &str| Send {
         id: Some(id.into()),
@@ -129,13 +134,14 @@ async fn same_id_twice_stores_one_message_with_one_seq() {
     );
     no_message(&mut bob_ev, Duration::from_millis(300)).await;
 }
+}
 
+both_modes! {
 /// While alice sends 5,000 messages as fast as the gateway takes them, bob's device drops
 /// and resumes 20 times; bob ends with every message exactly once, in seq order.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hand_over_under_load_loses_nothing() {
+async fn hand_over_under_load_loses_nothing(env) {
     const N: usize = 5_000;
-    let gw = Gateway::start(&[]).await;
+    let gw = env.gateway(&[]).await;
     let (bob, mut bob_ev) = connect(&gw, "bob", "phone", Via::WsJson).await;
     let (alice, _alice_ev) = connect(&gw, "alice", "laptop", Via::Tcp).await;
 
@@ -221,4 +227,5 @@ async fn hand_over_under_load_loses_nothing() {
     .unwrap();
     let stored: Vec<u64> = messages(&mut all, N).await.iter().map(|m| m.seq).collect();
     assert_eq!(stored, seqs);
+}
 }

@@ -11,9 +11,9 @@ fn url(gw: &Gateway, path: &str) -> String {
     format!("http://{}{path}", gw.http)
 }
 
-#[tokio::test]
-async fn short_poll_answers_at_once_empty_then_with_messages() {
-    let gw = Gateway::start(&[]).await;
+both_modes! {
+async fn short_poll_answers_at_once_empty_then_with_messages(env) {
+    let gw = env.gateway(&[]).await;
     let bob = auth("bob");
     let started = Instant::now();
     let r = curl(&["-H", &bob, &url(&gw, "/v1/messages?device=web")]).await;
@@ -72,10 +72,11 @@ async fn short_poll_answers_at_once_empty_then_with_messages() {
     .json();
     assert_eq!(r["messages"].as_array().unwrap().len(), 1);
 }
+}
 
-#[tokio::test]
-async fn long_poll_with_nothing_pending_returns_empty_after_wait() {
-    let gw = Gateway::start(&[]).await;
+both_modes! {
+async fn long_poll_with_nothing_pending_returns_empty_after_wait(env) {
+    let gw = env.gateway(&[]).await;
     let started = Instant::now();
     let r = curl(&[
         "-H",
@@ -91,10 +92,11 @@ async fn long_poll_with_nothing_pending_returns_empty_after_wait() {
         "{took:?}"
     );
 }
+}
 
-#[tokio::test]
-async fn a_long_poll_is_not_answered_by_messages_at_or_below_its_after() {
-    let gw = Gateway::start(&[]).await;
+both_modes! {
+async fn a_long_poll_is_not_answered_by_messages_at_or_below_its_after(env) {
+    let gw = env.gateway(&[]).await;
     let (alice, _a) = connect(&gw, "alice", "laptop", Via::Tcp).await;
     let u = url(&gw, "/v1/messages?device=web&after=1000&wait=2");
     let h = auth("bob");
@@ -112,10 +114,11 @@ async fn a_long_poll_is_not_answered_by_messages_at_or_below_its_after() {
         "waited its full 2 s"
     );
 }
+}
 
-#[tokio::test]
-async fn long_polls_are_answered_by_a_tcp_send_within_a_second() {
-    let gw = Gateway::start(&[]).await;
+both_modes! {
+async fn long_polls_are_answered_by_a_tcp_send_within_a_second(env) {
+    let gw = env.gateway(&[]).await;
     // Two devices of bob wait at once.
     let polls: Vec<_> = ["phone", "web"]
         .into_iter()
@@ -157,6 +160,7 @@ async fn long_polls_are_answered_by_a_tcp_send_within_a_second() {
         );
     }
 }
+}
 
 /// Parses `curl -N` SSE output into `(event, id, data)` triples.
 fn sse_events(text: &str) -> Vec<(String, Option<u64>, serde_json::Value)> {
@@ -179,9 +183,9 @@ fn sse_events(text: &str) -> Vec<(String, Option<u64>, serde_json::Value)> {
         .collect()
 }
 
-#[tokio::test]
-async fn sse_resumes_from_last_event_id_with_no_gap_and_no_duplicate() {
-    let gw = Gateway::start(&[]).await;
+both_modes! {
+async fn sse_resumes_from_last_event_id_with_no_gap_and_no_duplicate(env) {
+    let gw = env.gateway(&[]).await;
     let (alice, _a) = connect(&gw, "alice", "laptop", Via::Tcp).await;
     for i in 0..5 {
         alice.send_to("bob", json!({"text": i})).await.unwrap();
@@ -236,10 +240,11 @@ async fn sse_resumes_from_last_event_id_with_no_gap_and_no_duplicate() {
         .collect();
     assert_eq!(texts, [4, 5, 6]);
 }
+}
 
-#[tokio::test]
-async fn an_idle_sse_stream_gets_keepalive_comments() {
-    let gw = Gateway::start(&["--sse-keepalive", "200ms"]).await;
+both_modes! {
+async fn an_idle_sse_stream_gets_keepalive_comments(env) {
+    let gw = env.gateway(&["--sse-keepalive", "200ms"]).await;
     let out = curl(&[
         "-N",
         "--max-time",
@@ -256,10 +261,11 @@ async fn an_idle_sse_stream_gets_keepalive_comments() {
         out.body
     );
 }
+}
 
-#[tokio::test]
-async fn a_post_reaches_tcp_websocket_sse_and_long_poll_alike() {
-    let gw = Gateway::start(&[]).await;
+both_modes! {
+async fn a_post_reaches_tcp_websocket_sse_and_long_poll_alike(env) {
+    let gw = env.gateway(&[]).await;
     let (_t, mut tcp_ev) = connect(&gw, "bob", "tcp", Via::Tcp).await;
     let (_w, mut ws_ev) = connect(&gw, "bob", "ws", Via::WsJson).await;
     let sse_url = url(&gw, "/v1/events?device=sse");
@@ -322,10 +328,11 @@ async fn a_post_reaches_tcp_websocket_sse_and_long_poll_alike() {
     .json();
     assert_eq!(again["seq"], sent["seq"]);
 }
+}
 
-#[tokio::test]
-async fn http_errors_carry_the_design_codes() {
-    let gw = Gateway::start(&[
+both_modes! {
+async fn http_errors_carry_the_design_codes(env) {
+    let gw = env.gateway(&[
         "--max-body",
         "100",
         "--max-frame",
@@ -429,10 +436,11 @@ async fn http_errors_carry_the_design_codes() {
         "{m}"
     );
 }
+}
 
-#[tokio::test]
-async fn metrics_count_connections_deliveries_and_the_local_filter() {
-    let gw = Gateway::start(&[]).await;
+both_modes! {
+async fn metrics_count_connections_deliveries_and_the_local_filter(env) {
+    let gw = env.gateway(&[]).await;
     let (_b, mut bob_ev) = connect(&gw, "bob", "phone", Via::WsJson).await;
     let (alice, _a) = connect(&gw, "alice", "laptop", Via::Tcp).await;
     alice
@@ -470,10 +478,11 @@ async fn metrics_count_connections_deliveries_and_the_local_filter() {
     assert_eq!(curl(&[&url(&gw, "/healthz")]).await.status, 200);
     assert_eq!(curl(&[&url(&gw, "/readyz")]).await.status, 200);
 }
+}
 
-#[tokio::test]
-async fn cors_is_off_by_default_and_follows_cors_origin() {
-    let plain = Gateway::start(&[]).await;
+both_modes! {
+async fn cors_is_off_by_default_and_follows_cors_origin(env) {
+    let plain = env.gateway(&[]).await;
     let preflight = |gw: &Gateway| {
         let u = url(gw, "/v1/messages");
         async move {
@@ -498,16 +507,17 @@ async fn cors_is_off_by_default_and_follows_cors_origin() {
     assert!(!preflight(&plain)
         .await
         .contains("access-control-allow-origin"));
-    let open = Gateway::start(&["--cors-origin", "http://app.example"]).await;
+    let open = env.gateway(&["--cors-origin", "http://app.example"]).await;
     assert!(preflight(&open)
         .await
         .contains("access-control-allow-origin: http://app.example"));
 }
+}
 
+both_modes! {
 /// The chat page in headless Chromium: two users exchange messages over each transport.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn chat_page_works_over_every_transport_in_a_browser() {
-    let gw = Gateway::start(&[]).await;
+async fn chat_page_works_over_every_transport_in_a_browser(env) {
+    let gw = env.gateway(&[]).await;
     let root = env!("CARGO_MANIFEST_DIR");
     let script = format!("{root}/tests/browser/chat.mjs");
     assert!(
@@ -541,4 +551,22 @@ async fn chat_page_works_over_every_transport_in_a_browser() {
         "browser test failed:\n{stdout}\n{stderr}"
     );
     assert!(stdout.contains("browser test passed"), "{stdout}");
+}
+}
+
+both_modes! {
+/// Presence counts a user's connections; bad uids are refused.
+async fn presence_counts_connections(env) {
+    let gw = env.gateway(&[]).await;
+    let (_a, _ea) = connect(&gw, "bob", "phone", Via::Tcp).await;
+    let (_b, _eb) = connect(&gw, "bob", "web", Via::WsJson).await;
+    let r = curl(&["-H", &auth("alice"), &url(&gw, "/v1/presence?uid=bob,carol")]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let p = r.json();
+    assert_eq!(p["presence"]["bob"], json!({"online": true, "connections": 2}));
+    assert_eq!(p["presence"]["carol"], json!({"online": false, "connections": 0}));
+    let bad = curl(&["-H", &auth("alice"), &url(&gw, "/v1/presence?uid=bob,no.dots")]).await;
+    assert_eq!(bad.status, 400);
+    assert_eq!(curl(&[&url(&gw, "/v1/presence?uid=bob")]).await.status, 401);
+}
 }

@@ -7,9 +7,9 @@ use serde_json::json;
 
 use crate::support::*;
 
-#[tokio::test]
-async fn sigterm_says_bye_shutdown_and_exits() {
-    let mut gw = Gateway::start(&["--drain-timeout", "3s"]).await;
+both_modes! {
+async fn sigterm_says_bye_shutdown_and_exits(env) {
+    let mut gw = env.gateway(&["--drain-timeout", "3s"]).await;
     let mut raw = RawTcp::connect(&gw).await;
     raw.login(&token("bob"), "phone").await;
     let (_alice, mut alice_ev) = connect(&gw, "alice", "web", Via::WsJson).await;
@@ -30,10 +30,11 @@ async fn sigterm_says_bye_shutdown_and_exits() {
     let status = gw.wait(Duration::from_secs(5)).await;
     assert!(status.success(), "exit status {status:?}");
 }
+}
 
-#[tokio::test]
-async fn a_second_connection_of_the_same_device_replaces_the_first() {
-    let gw = Gateway::start(&[]).await;
+both_modes! {
+async fn a_second_connection_of_the_same_device_replaces_the_first(env) {
+    let gw = env.gateway(&[]).await;
     let mut first = RawTcp::connect(&gw).await;
     first.login(&token("bob"), "phone").await;
     let mut second = RawTcp::connect(&gw).await;
@@ -50,10 +51,11 @@ async fn a_second_connection_of_the_same_device_replaces_the_first() {
     let m = second.recv_type("msg").await;
     assert_eq!(m["body"]["text"], "to the new one");
 }
+}
 
-#[tokio::test]
-async fn max_devices_replaces_the_oldest_connection() {
-    let gw = Gateway::start(&["--max-devices", "2"]).await;
+both_modes! {
+async fn max_devices_replaces_the_oldest_connection(env) {
+    let gw = env.gateway(&["--max-devices", "2"]).await;
     let mut a = RawTcp::connect(&gw).await;
     a.login(&token("bob"), "a").await;
     let mut b = RawTcp::connect(&gw).await;
@@ -62,10 +64,11 @@ async fn max_devices_replaces_the_oldest_connection() {
     c.login(&token("bob"), "c").await;
     assert_eq!(a.recv_type("bye").await["reason"], "replaced");
 }
+}
 
-#[tokio::test]
-async fn unacked_messages_close_the_connection_and_come_back() {
-    let gw = Gateway::start(&["--ack-timeout", "500ms"]).await;
+both_modes! {
+async fn unacked_messages_close_the_connection_and_come_back(env) {
+    let gw = env.gateway(&["--ack-timeout", "500ms"]).await;
     let mut raw = RawTcp::connect(&gw).await;
     raw.login(&token("bob"), "phone").await;
     let (alice, _a) = connect(&gw, "alice", "a", Via::Tcp).await;
@@ -91,10 +94,11 @@ async fn unacked_messages_close_the_connection_and_come_back() {
     let (_bob, mut ev) = connect(&gw, "bob", "phone", Via::Tcp).await;
     no_message(&mut ev, Duration::from_millis(700)).await;
 }
+}
 
-#[tokio::test]
-async fn an_idle_connection_gets_bye_idle_and_pings_keep_it_alive() {
-    let gw = Gateway::start(&["--idle-timeout", "600ms"]).await;
+both_modes! {
+async fn an_idle_connection_gets_bye_idle_and_pings_keep_it_alive(env) {
+    let gw = env.gateway(&["--idle-timeout", "600ms"]).await;
     let mut busy = RawTcp::connect(&gw).await;
     busy.login(&token("bob"), "busy").await;
     let mut idle = RawTcp::connect(&gw).await;
@@ -108,4 +112,5 @@ async fn an_idle_connection_gets_bye_idle_and_pings_keep_it_alive() {
     idle.expect_closed().await;
     busy.send(json!({"type":"ping"})).await;
     busy.recv_type("pong").await;
+}
 }

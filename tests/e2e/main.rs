@@ -1,9 +1,12 @@
 //! End-to-end tests: the real `imgate` binary, real sockets, our client crate and clients we
 //! did not write (Python `websockets` and `msgpack`). One test binary, modules by topic.
 
+#[macro_use]
 mod support;
+mod natsd;
 
 mod bad_input;
+mod cluster;
 mod delivery;
 mod http;
 mod lifecycle;

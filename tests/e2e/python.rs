@@ -73,14 +73,16 @@ async fn python_child(
     (out, child)
 }
 
-#[tokio::test]
-async fn python_websockets_client_chats_over_ws() {
-    let gw = Gateway::start(&[]).await;
+both_modes! {
+async fn python_websockets_client_chats_over_ws(env) {
+    let gw = env.gateway(&[]).await;
     exchange(&gw, "ws_client.py", gw.ws_url()).await;
 }
+}
 
-#[tokio::test]
-async fn python_msgpack_client_chats_over_raw_tcp() {
-    let gw = Gateway::start(&[]).await;
+both_modes! {
+async fn python_msgpack_client_chats_over_raw_tcp(env) {
+    let gw = env.gateway(&[]).await;
     exchange(&gw, "tcp_msgpack_client.py", gw.tcp.to_string()).await;
+}
 }

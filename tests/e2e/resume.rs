@@ -8,9 +8,9 @@ use serde_json::json;
 
 use crate::support::*;
 
-#[tokio::test]
-async fn offline_device_gets_everything_from_its_stored_cursor_then_live() {
-    let gw = Gateway::start(&[]).await;
+both_modes! {
+async fn offline_device_gets_everything_from_its_stored_cursor_then_live(env) {
+    let gw = env.gateway(&[]).await;
     // Bob's phone is seen once, then goes offline.
     let (bob, mut ev) = connect(&gw, "bob", "phone", Via::Tcp).await;
     welcome(&mut ev).await;
@@ -67,10 +67,11 @@ async fn offline_device_gets_everything_from_its_stored_cursor_then_live() {
     let rest = messages(&mut after, 51).await;
     assert_eq!(text(&rest[0]), "50");
 }
+}
 
-#[tokio::test]
-async fn a_new_device_starts_at_the_live_tail() {
-    let gw = Gateway::start(&[]).await;
+both_modes! {
+async fn a_new_device_starts_at_the_live_tail(env) {
+    let gw = env.gateway(&[]).await;
     let (alice, _a) = connect(&gw, "alice", "laptop", Via::Tcp).await;
     alice.send_to("bob", json!({"text": "old"})).await.unwrap();
     let (_bob, mut ev) = connect(&gw, "bob", "brand-new", Via::Tcp).await;
@@ -79,10 +80,11 @@ async fn a_new_device_starts_at_the_live_tail() {
     let got = messages(&mut ev, 1).await;
     assert_eq!(text(&got[0]), "new");
 }
+}
 
-#[tokio::test]
-async fn retention_gap_is_reported_in_welcome() {
-    let gw = Gateway::start(&["--max-inbox", "10"]).await;
+both_modes! {
+async fn retention_gap_is_reported_in_welcome(env) {
+    let gw = env.gateway(&["--max-inbox", "10"]).await;
     let (bob, mut ev) = connect(&gw, "bob", "phone", Via::Tcp).await;
     let (_, gap) = welcome(&mut ev).await;
     assert!(!gap);
@@ -103,4 +105,5 @@ async fn retention_gap_is_reported_in_welcome() {
     let got = messages(&mut ev, 10).await;
     assert_eq!(text(&got[0]), "15");
     assert_eq!(text(&got[9]), "24");
+}
 }

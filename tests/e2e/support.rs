@@ -321,3 +321,64 @@ pub(crate) async fn curl(args: &[&str]) -> Curl {
 pub(crate) fn auth(uid: &str) -> String {
     format!("Authorization: Bearer {}", token(uid))
 }
+
+/// Where a test's gateways keep their messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// The embedded store, one process.
+    Standalone,
+    /// JetStream on a `nats-server` of the test's own.
+    Cluster,
+}
+
+/// A test's world: in cluster mode, its NATS server.
+pub(crate) struct Env {
+    pub(crate) nats: Option<crate::natsd::NatsServer>,
+}
+
+impl Env {
+    pub(crate) async fn new(mode: Mode) -> Env {
+        let nats = match mode {
+            Mode::Standalone => None,
+            Mode::Cluster => Some(crate::natsd::NatsServer::start().await),
+        };
+        Env { nats }
+    }
+
+    /// A gateway of this world (in cluster mode, on the world's NATS).
+    pub(crate) async fn gateway(&self, args: &[&str]) -> Gateway {
+        match &self.nats {
+            None => Gateway::start(args).await,
+            Some(n) => {
+                let url = n.url();
+                let mut a = args.to_vec();
+                a.extend(["--nats", &url]);
+                Gateway::start(&a).await
+            }
+        }
+    }
+}
+
+/// Declares tests that run once against a standalone gateway and once against a cluster:
+/// `async fn name(env) { … }` becomes `name::standalone` and `name::cluster`.
+macro_rules! both_modes {
+    ($( $(#[doc = $doc:literal])* async fn $name:ident($env:ident) $body:block )*) => { $(
+        $(#[doc = $doc])*
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            async fn body($env: $crate::support::Env) $body
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn standalone() {
+                body($crate::support::Env::new($crate::support::Mode::Standalone).await).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn cluster() {
+                body($crate::support::Env::new($crate::support::Mode::Cluster).await).await
+            }
+        }
+    )* };
+}

@@ -36,9 +36,13 @@ impl Conn {
         self.login_frame
     }
 
-    pub(crate) async fn open(b: &ClientBuilder, resume: Option<u64>) -> Result<Conn, Error> {
-        let url = url::Url::parse(&b.url)
-            .map_err(|e| Error::new(ErrorKind::Config, format!("bad url {}: {e}", b.url)))?;
+    pub(crate) async fn open(
+        b: &ClientBuilder,
+        url: &str,
+        resume: Option<u64>,
+    ) -> Result<Conn, Error> {
+        let url = url::Url::parse(url)
+            .map_err(|e| Error::new(ErrorKind::Config, format!("bad url {url}: {e}")))?;
         match url.scheme() {
             "tcp" => {
                 let host = url.host_str().unwrap_or("127.0.0.1");

@@ -78,7 +78,8 @@ pub type Events = mpsc::UnboundedReceiver<Event>;
 /// Builds a [`Client`]. Every default is set in [`ClientBuilder::new`].
 #[derive(Debug, Clone)]
 pub struct ClientBuilder {
-    url: String,
+    /// Gateways to try, in turn: the first, then the fallbacks.
+    urls: Vec<String>,
     token: String,
     device: Option<String>,
     resume: Option<u64>,
@@ -92,7 +93,7 @@ impl ClientBuilder {
     /// `url` is `tcp://host:port` or `ws://host:port[/v1/ws]`.
     pub fn new(url: impl Into<String>, token: impl Into<String>) -> Self {
         ClientBuilder {
-            url: url.into(),
+            urls: vec![url.into()],
             token: token.into(),
             device: None,
             resume: None,
@@ -101,6 +102,13 @@ impl ClientBuilder {
             max_frame: imgate_proto::DEFAULT_MAX_FRAME,
             timeout: Duration::from_secs(10),
         }
+    }
+
+    /// Another gateway of the same cluster to reconnect to when the current one fails;
+    /// the client rotates through all of them.
+    pub fn fallback(mut self, url: impl Into<String>) -> Self {
+        self.urls.push(url.into());
+        self
     }
 
     pub fn device(mut self, device: impl Into<String>) -> Self {
@@ -134,7 +142,7 @@ impl ClientBuilder {
 
     /// Connects and logs in; fails if the first login fails.
     pub async fn connect(self) -> Result<(Client, Events), Error> {
-        let (conn, welcome) = self.login(self.resume).await?;
+        let (conn, welcome) = self.login(&self.urls[0], self.resume).await?;
         let (cmd_tx, cmd_rx) = mpsc::channel(256);
         let (ev_tx, ev_rx) = mpsc::unbounded_channel();
         let _ = ev_tx.send(welcome);
@@ -146,14 +154,15 @@ impl ClientBuilder {
             acked: 0,
             pending: HashMap::new(),
             order: 0,
+            url: 0,
         };
         tokio::spawn(actor.run(conn));
         Ok((Client { tx: cmd_tx }, ev_rx))
     }
 
-    async fn login(&self, resume: Option<u64>) -> Result<(Conn, Event), Error> {
+    async fn login(&self, url: &str, resume: Option<u64>) -> Result<(Conn, Event), Error> {
         tokio::time::timeout(self.timeout, async {
-            let mut conn = Conn::open(self, resume).await?;
+            let mut conn = Conn::open(self, url, resume).await?;
             if conn.needs_login_frame() {
                 let login = ClientFrame::Login(Login {
                     token: self.token.clone(),
@@ -258,6 +267,8 @@ struct Actor {
     /// Sends waiting for `sent`, by id.
     pending: HashMap<String, Pending>,
     order: u64,
+    /// Index in `builder.urls` of the gateway in use.
+    url: usize,
 }
 
 /// A send waiting for its answer: its order (for re-sending), the frame, the caller.
@@ -418,7 +429,8 @@ impl Actor {
                 return None;
             }
             let resume = self.last_seq.or(self.builder.resume);
-            match self.builder.login(resume).await {
+            let url = &self.builder.urls[self.url];
+            match self.builder.login(url, resume).await {
                 Ok((mut conn, welcome)) => {
                     let _ = self.events.send(welcome);
                     // Acks sent on the old connection may have been lost: ack again.
@@ -442,7 +454,8 @@ impl Actor {
                     return None;
                 }
                 Err(e) => {
-                    tracing::debug!(error = %e, "reconnect failed");
+                    tracing::debug!(error = %e, url, "reconnect failed; trying the next gateway");
+                    self.url = (self.url + 1) % self.builder.urls.len();
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(RECONNECT_MAX);
                 }

@@ -117,6 +117,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
             post(crate::poll::post_message).get(crate::poll::poll),
         )
         .route("/v1/events", get(crate::sse::events))
+        .route("/v1/presence", get(crate::presence::presence))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics));

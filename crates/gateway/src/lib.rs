@@ -22,6 +22,7 @@ pub mod http;
 pub mod hub;
 pub mod metrics;
 pub mod poll;
+pub mod presence;
 pub mod send;
 pub mod server;
 pub mod session;

@@ -87,6 +87,11 @@ impl Gateway {
             // Deliver-new from an exact seq: everything stored from now on reaches us.
             let after = nats.stream_last_seq().await?;
             tokio::spawn(nats.clone().run_tail(hub.clone(), after, tail_stop.clone()));
+            tokio::spawn(crate::presence::answer_queries(
+                nats.clone(),
+                hub.clone(),
+                tail_stop.clone(),
+            ));
             tracing::info!(
                 servers = ?cfg.nats.nats,
                 stream = %nats.names().stream,

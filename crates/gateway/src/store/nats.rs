@@ -198,7 +198,13 @@ impl NatsStore {
         if let Some(ca) = &n.nats_ca {
             opts = opts.add_root_certificates(ca.clone()).require_tls(true);
         }
-        let client = opts.connect(n.nats.join(",")).await?;
+        let servers = n
+            .nats
+            .iter()
+            .map(|u| u.parse::<async_nats::ServerAddr>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| anyhow::anyhow!("--nats: {e}"))?;
+        let client = opts.connect(servers).await?;
         let js = jetstream::ContextBuilder::new()
             .timeout(n.nats_timeout)
             .build(client.clone());

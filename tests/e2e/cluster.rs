@@ -1,0 +1,445 @@
+//! Cluster mode only: several gateways on real NATS servers, and failures on purpose
+//! (SIGKILL a gateway, stop NATS, kill a NATS node). Behaviour that is the same in both
+//! modes is tested by the `both_modes!` suites; these tests exist because a cluster can fail
+//! in ways one process cannot.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use futures::stream::{FuturesUnordered, StreamExt};
+use imgate_client::{Client, ErrorKind, Event, Events};
+use imgate_proto::{ErrorCode, Send};
+use serde_json::json;
+
+use crate::natsd::NatsServer;
+use crate::support::*;
+
+/// Gateways sharing NATS servers.
+struct Cluster {
+    nats: Vec<NatsServer>,
+    gws: Vec<Gateway>,
+}
+
+impl Cluster {
+    /// `gateways` gateways on one NATS server.
+    async fn start(gateways: usize, args: &[&str]) -> Cluster {
+        let nats = vec![NatsServer::start().await];
+        Self::with_nats(nats, gateways, args).await
+    }
+
+    async fn with_nats(nats: Vec<NatsServer>, gateways: usize, args: &[&str]) -> Cluster {
+        let urls = nats.iter().map(|n| n.url()).collect::<Vec<_>>().join(",");
+        let mut a = args.to_vec();
+        a.extend(["--nats", &urls]);
+        let mut gws = Vec::new();
+        for _ in 0..gateways {
+            gws.push(Gateway::start(&a).await);
+        }
+        Cluster { nats, gws }
+    }
+
+    /// A client of `uid` on gateway `i`, falling back to the others in turn.
+    async fn client(&self, i: usize, uid: &str, device: &str, via: Via) -> (Client, Events) {
+        let mut b = builder(&self.gws[i], uid, device, via);
+        for j in 1..self.gws.len() {
+            let other = &self.gws[(i + j) % self.gws.len()];
+            b = b.fallback(match via {
+                Via::Tcp => other.tcp_url(),
+                _ => other.ws_url(),
+            });
+        }
+        within(WAIT, "cluster client", b.connect()).await.unwrap()
+    }
+
+    async fn metric(&self, i: usize, name: &str) -> u64 {
+        let m = curl(&[&format!("http://{}/metrics", self.gws[i].http)])
+            .await
+            .body;
+        m.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or(0)
+    }
+}
+
+/// Sends `to` the message `id`, retrying `unavailable` with the same id until accepted.
+async fn send_until_accepted(c: &Client, to: &str, id: String, text: u64) -> u64 {
+    loop {
+        let r = c
+            .send(Send {
+                id: Some(id.clone()),
+                to: Some(to.into()),
+                group: None,
+                body: json!({"text": text}),
+            })
+            .await;
+        match r {
+            Ok(s) => return s.seq,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::Server(ErrorCode::Unavailable)
+                        | ErrorKind::Closed
+                        | ErrorKind::Timeout
+                ) =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("send {id} failed: {e}"),
+        }
+    }
+}
+
+/// Connects, retrying a login refused as `unavailable` (NATS electing a leader, say), as a
+/// real client would.
+async fn connect_retrying(b: imgate_client::ClientBuilder) -> (Client, Events) {
+    within(Duration::from_secs(30), "a login to succeed", async {
+        loop {
+            match b.clone().connect().await {
+                Ok(c) => return c,
+                Err(e) if e.kind() == ErrorKind::Server(ErrorCode::Unavailable) => {
+                    tokio::time::sleep(Duration::from_millis(200)).await
+                }
+                Err(e) => panic!("login failed: {e}"),
+            }
+        }
+    })
+    .await
+}
+
+/// Collects stored messages until every id in `want` arrived; asserts none twice and seqs
+/// strictly increasing. Returns how many times the client logged in.
+async fn receive_all(ev: &mut Events, want: usize, d: Duration) -> (Vec<u64>, usize) {
+    let mut ids = HashSet::new();
+    let mut seqs = Vec::new();
+    let mut welcomes = 0;
+    within(d, &format!("{want} messages"), async {
+        while ids.len() < want {
+            match ev.recv().await.expect("client ended") {
+                Event::Msg(m) => {
+                    assert!(ids.insert(m.id.clone()), "duplicate delivery of {}", m.id);
+                    assert!(
+                        seqs.last().is_none_or(|l| *l < m.seq),
+                        "out of order at {}",
+                        m.seq
+                    );
+                    seqs.push(m.seq);
+                }
+                Event::Welcome { .. } => welcomes += 1,
+                _ => {}
+            }
+        }
+    })
+    .await;
+    (seqs, welcomes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_gateways_deliver_to_every_device_once() {
+    let c = Cluster::start(3, &[]).await;
+    let (alice, _a) = c.client(0, "alice", "laptop", Via::Tcp).await;
+    let (_b1, mut bob_phone) = c.client(1, "bob", "phone", Via::Tcp).await;
+    let (_b2, mut bob_web) = c.client(2, "bob", "web", Via::WsJson).await;
+    let (_a2, mut alice_tablet) = c.client(2, "alice", "tablet", Via::WsMsgpack).await;
+    for i in 0..10 {
+        alice.send_to("bob", json!({"text": i})).await.unwrap();
+    }
+    for ev in [&mut bob_phone, &mut bob_web, &mut alice_tablet] {
+        let got = messages(ev, 10).await;
+        let texts: Vec<u64> = got
+            .iter()
+            .map(|m| m.body["text"].as_u64().unwrap())
+            .collect();
+        assert_eq!(texts, (0..10).collect::<Vec<_>>());
+        no_message(ev, Duration::from_millis(300)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offline_device_resumes_on_any_gateway_from_its_cursor_in_kv() {
+    let c = Cluster::start(3, &[]).await;
+    let (bob, mut ev) = c.client(0, "bob", "phone", Via::Tcp).await;
+    welcome(&mut ev).await;
+    bob.close().await;
+    let (alice, _a) = c.client(1, "alice", "laptop", Via::Tcp).await;
+    for i in 0..20 {
+        alice.send_to("bob", json!({"text": i})).await.unwrap();
+    }
+    // Back on another gateway, with no resume point of its own: the cursor comes from KV.
+    let (_bob, mut ev) = c.client(2, "bob", "phone", Via::WsJson).await;
+    let got = messages(&mut ev, 20).await;
+    assert_eq!(got[0].body["text"], 0);
+    assert_eq!(got[19].body["text"], 19);
+    no_message(&mut ev, Duration::from_millis(300)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_a_gateway_loses_nothing_for_its_users() {
+    const N: u64 = 5_000;
+    let mut c = Cluster::start(3, &[]).await;
+    let (_b, mut bob) = c.client(0, "bob", "phone", Via::Tcp).await;
+    let (_c, mut carol) = c.client(0, "carol", "web", Via::WsJson).await;
+    let (alice, _a) = c.client(1, "alice", "laptop", Via::Tcp).await;
+    let sender = tokio::spawn(async move {
+        let mut inflight = FuturesUnordered::new();
+        for i in 0..N {
+            let alice = alice.clone();
+            let to = if i % 2 == 0 { "bob" } else { "carol" };
+            inflight
+                .push(async move { send_until_accepted(&alice, to, format!("k-{i}"), i).await });
+            if inflight.len() >= 64 {
+                inflight.next().await;
+            }
+        }
+        while inflight.next().await.is_some() {}
+    });
+    // Kill the gateway both receivers are on once some messages have flowed.
+    let first = messages(&mut bob, 300).await;
+    c.gws[0].signal("KILL");
+    let (rest, welcomes) =
+        receive_all(&mut bob, (N / 2) as usize - 300, Duration::from_secs(120)).await;
+    assert!(welcomes >= 1, "bob reconnected to another gateway");
+    assert!(
+        first.last().unwrap().seq < rest[0],
+        "resumed after the last seq seen"
+    );
+    let (_, welcomes) = receive_all(&mut carol, (N / 2) as usize, Duration::from_secs(120)).await;
+    assert!(welcomes >= 1, "carol reconnected to another gateway");
+    sender.await.unwrap();
+    c.gws[0].wait(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_down_for_5s_answers_unavailable_then_delivers_everything_once() {
+    const N: u64 = 300;
+    let mut c = Cluster::start(2, &["--nats-timeout", "1s"]).await;
+    let (_b, mut bob) = c.client(1, "bob", "phone", Via::Tcp).await;
+    let (alice, _a) = c.client(0, "alice", "laptop", Via::Tcp).await;
+    let (probe, _p) = c.client(0, "dave", "d", Via::Tcp).await;
+    let sender = {
+        let alice = alice.clone();
+        tokio::spawn(async move {
+            let mut unavailable_seen = 0;
+            for i in 0..N {
+                loop {
+                    let r = alice
+                        .send(Send {
+                            id: Some(format!("n-{i}")),
+                            to: Some("bob".into()),
+                            group: None,
+                            body: json!({"text": i}),
+                        })
+                        .await;
+                    match r {
+                        Ok(_) => break,
+                        Err(e) if e.kind() == ErrorKind::Server(ErrorCode::Unavailable) => {
+                            unavailable_seen += 1;
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                        Err(e) => panic!("send {i}: {e}"),
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(15)).await;
+            }
+            unavailable_seen
+        })
+    };
+    let _ = messages(&mut bob, 50).await;
+    c.nats[0].stop(false).await;
+    let down_at = Instant::now();
+    // While NATS is away: readiness fails, and a send answers at once, not after a timeout.
+    let r = curl(&[&format!("http://{}/readyz", c.gws[0].http)]).await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    let started = Instant::now();
+    let err = probe
+        .send_to("bob", json!({"text": "probe"}))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.kind(),
+        ErrorKind::Server(ErrorCode::Unavailable),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "unavailable at once"
+    );
+    tokio::time::sleep(Duration::from_secs(5).saturating_sub(down_at.elapsed())).await;
+    c.nats[0].restart().await;
+
+    let unavailable_seen = within(Duration::from_secs(60), "sender", sender)
+        .await
+        .unwrap();
+    assert!(unavailable_seen > 0, "the outage was seen by the sender");
+    let (seqs, welcomes) = receive_all(&mut bob, (N - 50) as usize, Duration::from_secs(60)).await;
+    assert_eq!(
+        welcomes, 0,
+        "bob's connection stayed open through the outage"
+    );
+    assert!(!seqs.is_empty());
+    // No retried message was stored twice: bob's whole inbox holds exactly N messages.
+    let (_f, mut fresh) =
+        connect_retrying(builder(&c.gws[1], "bob", "audit", Via::Tcp).resume(Some(0))).await;
+    let (_, _) = receive_all(&mut fresh, N as usize, Duration::from_secs(30)).await;
+    no_message(&mut fresh, Duration::from_millis(500)).await;
+    assert_eq!(
+        curl(&[&format!("http://{}/readyz", c.gws[0].http)])
+            .await
+            .status,
+        200
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_one_of_three_nats_nodes_loses_no_accepted_message() {
+    const N: u64 = 400;
+    let nats = NatsServer::cluster(3).await;
+    let mut c = Cluster::with_nats(nats, 2, &["--replicas", "3", "--nats-timeout", "1s"]).await;
+    let (_b, mut bob) = c.client(1, "bob", "phone", Via::Tcp).await;
+    let (alice, _a) = c.client(0, "alice", "laptop", Via::Tcp).await;
+    let sender = tokio::spawn(async move {
+        for i in 0..N {
+            send_until_accepted(&alice, "bob", format!("r-{i}"), i).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    let _ = messages(&mut bob, 100).await;
+    c.nats[0].stop(true).await;
+    within(Duration::from_secs(90), "sender", sender)
+        .await
+        .unwrap();
+    receive_all(&mut bob, (N - 100) as usize, Duration::from_secs(60)).await;
+    let (_f, mut fresh) =
+        connect_retrying(builder(&c.gws[0], "bob", "audit", Via::Tcp).resume(Some(0))).await;
+    receive_all(&mut fresh, N as usize, Duration::from_secs(30)).await;
+    no_message(&mut fresh, Duration::from_millis(500)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polls_need_no_sticky_sessions() {
+    const N: u64 = 60;
+    let c = Cluster::start(3, &[]).await;
+    let (alice, _a) = c.client(0, "alice", "laptop", Via::Tcp).await;
+    let tail = curl(&[
+        "-H",
+        &auth("bob"),
+        &format!("http://{}/v1/messages?device=web", c.gws[0].http),
+    ])
+    .await
+    .json()["cursor"]
+        .as_u64()
+        .unwrap();
+    let sender = tokio::spawn(async move {
+        for i in 0..N {
+            alice.send_to("bob", json!({"text": i})).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    let mut cursor = tail;
+    let mut got: Vec<u64> = Vec::new();
+    let mut turn = 0;
+    within(Duration::from_secs(60), "polling every message", async {
+        while (got.len() as u64) < N {
+            let gw = &c.gws[turn % 3];
+            turn += 1;
+            let page = curl(&[
+                "-H",
+                &auth("bob"),
+                &format!(
+                    "http://{}/v1/messages?device=web&after={cursor}&wait=2",
+                    gw.http
+                ),
+            ])
+            .await
+            .json();
+            for m in page["messages"].as_array().unwrap() {
+                let seq = m["seq"].as_u64().unwrap();
+                assert!(seq > cursor, "no message twice, in order");
+                got.push(m["body"]["text"].as_u64().unwrap());
+                cursor = seq;
+            }
+            assert_eq!(page["cursor"].as_u64().unwrap(), cursor);
+        }
+    })
+    .await;
+    sender.await.unwrap();
+    assert_eq!(got, (0..N).collect::<Vec<_>>());
+    assert!(turn >= 3, "polls went to every gateway");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tail_decodes_only_for_local_users() {
+    let c = Cluster::start(2, &[]).await;
+    let (alice, _a) = c.client(1, "alice", "laptop", Via::Tcp).await;
+    let (_b, mut bob) = c.client(1, "bob", "phone", Via::Tcp).await;
+    for i in 0..50 {
+        alice.send_to("bob", json!({"text": i})).await.unwrap();
+    }
+    messages(&mut bob, 50).await;
+    // Gateway 0 holds no connection: it receives every copy and decodes none.
+    within(WAIT, "gateway 0 to see all 100 copies", async {
+        while c.metric(0, "imgate_tail_received_total").await < 100 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert_eq!(c.metric(0, "imgate_tail_decoded_total").await, 0);
+    assert_eq!(
+        c.metric(0, "imgate_fanout_dropped_not_local_total").await,
+        100
+    );
+    // Gateway 1 holds both users: it decodes each copy once.
+    assert_eq!(c.metric(1, "imgate_tail_received_total").await, 100);
+    assert_eq!(c.metric(1, "imgate_tail_decoded_total").await, 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_publishing_to_the_user_subject_is_delivered() {
+    let c = Cluster::start(2, &[]).await;
+    let (_b, mut bob) = c.client(0, "bob", "phone", Via::WsJson).await;
+    let nc = async_nats::connect(c.nats[0].url()).await.unwrap();
+    let full = rmp_serde::to_vec_named(&json!({"id": "b-1", "from": "billing", "ts": 1_700_000_000_000u64, "body": {"text": "invoice ready"}})).unwrap();
+    nc.publish("imgate.u.bob", full.into()).await.unwrap();
+    let minimal = rmp_serde::to_vec_named(&json!({"body": {"text": "bare"}})).unwrap();
+    nc.publish("imgate.u.bob", minimal.into()).await.unwrap();
+    nc.flush().await.unwrap();
+    let got = messages(&mut bob, 2).await;
+    assert_eq!(
+        (got[0].from.as_str(), got[0].id.as_str(), text(&got[0])),
+        ("billing", "b-1", "invoice ready")
+    );
+    assert_eq!(got[1].from, "system");
+    assert_eq!(got[1].id, format!("nats-{}", got[1].seq));
+    assert!(
+        got[1].ts > 1_700_000_000_000,
+        "ts defaults to the stream's time"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_is_gathered_from_every_gateway() {
+    let c = Cluster::start(3, &[]).await;
+    let (_b1, _e1) = c.client(0, "bob", "phone", Via::Tcp).await;
+    let (_b2, _e2) = c.client(2, "bob", "web", Via::WsJson).await;
+    let (_c1, _e3) = c.client(1, "carol", "x", Via::Tcp).await;
+    let r = curl(&[
+        "-H",
+        &auth("alice"),
+        &format!("http://{}/v1/presence?uid=bob,carol,dave", c.gws[1].http),
+    ])
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let p = r.json();
+    assert_eq!(p["gateways"], 3, "{p}");
+    assert_eq!(
+        p["presence"]["bob"],
+        json!({"online": true, "connections": 2})
+    );
+    assert_eq!(
+        p["presence"]["carol"],
+        json!({"online": true, "connections": 1})
+    );
+    assert_eq!(
+        p["presence"]["dave"],
+        json!({"online": false, "connections": 0})
+    );
+}

@@ -1,0 +1,171 @@
+//! Real `nats-server` processes for tests: started from the repository's `nats/` configs on
+//! free loopback ports, each with its own temporary JetStream directory, so a test can stop,
+//! kill and restart them. The binary comes from `NATS_SERVER` or `PATH`; a missing binary
+//! fails the test with how to install it.
+
+use std::net::TcpListener;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::support::within;
+
+fn binary() -> String {
+    if let Ok(b) = std::env::var("NATS_SERVER") {
+        return b;
+    }
+    for candidate in [
+        "nats-server",
+        "/usr/sbin/nats-server",
+        "/usr/local/bin/nats-server",
+    ] {
+        if std::process::Command::new(candidate)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
+            return candidate.to_owned();
+        }
+    }
+    panic!(
+        "nats-server not found: run tests/run (it installs it), or install it yourself \
+         (Debian: apt-get install nats-server) or set NATS_SERVER to its path"
+    );
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("binding a free port")
+        .port()
+}
+
+fn config(name: &str) -> String {
+    format!("{}/nats/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// One `nats-server` process (or a stopped one that can be restarted on the same port and
+/// store).
+pub(crate) struct NatsServer {
+    child: Option<Child>,
+    pub(crate) port: u16,
+    store: tempfile::TempDir,
+    /// `(name, cluster port, routes)` for a cluster member.
+    cluster: Option<(String, u16, String)>,
+}
+
+impl NatsServer {
+    /// One server from `nats/nats.conf`.
+    pub(crate) async fn start() -> NatsServer {
+        let mut s = NatsServer {
+            child: None,
+            port: free_port(),
+            store: tempfile::tempdir().expect("temp dir"),
+            cluster: None,
+        };
+        s.run().await;
+        s
+    }
+
+    /// `n` servers clustered from `nats/cluster.conf`.
+    pub(crate) async fn cluster(n: usize) -> Vec<NatsServer> {
+        let cports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let routes = cports
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut servers = Vec::with_capacity(n);
+        for (i, cport) in cports.iter().enumerate() {
+            servers.push(NatsServer {
+                child: None,
+                port: free_port(),
+                store: tempfile::tempdir().expect("temp dir"),
+                cluster: Some((format!("n{}", i + 1), *cport, routes.clone())),
+            });
+        }
+        for s in &mut servers {
+            s.spawn();
+        }
+        for s in &mut servers {
+            s.wait_ready().await;
+        }
+        servers
+    }
+
+    pub(crate) fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&mut self) {
+        let mut cmd = Command::new(binary());
+        let port = self.port.to_string();
+        let store = self.store.path().display().to_string();
+        match &self.cluster {
+            None => {
+                cmd.args(["-c", &config("nats.conf")]);
+            }
+            Some((name, cport, routes)) => {
+                cmd.args(["-c", &config("cluster.conf"), "-n", name])
+                    .args(["--cluster_name", "imgate"])
+                    .args(["--cluster", &format!("nats://127.0.0.1:{cport}")])
+                    .args(["--routes", routes])
+                    .env("NATS_NAME", name);
+            }
+        }
+        cmd.args(["-a", "127.0.0.1", "-p", &port, "-m", "0", "-sd", &store])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        self.child = Some(cmd.spawn().expect("spawning nats-server"));
+    }
+
+    async fn wait_ready(&mut self) {
+        let child = self.child.as_mut().expect("spawned");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let mut lines = BufReader::new(stderr).lines();
+        let mut log = String::new();
+        within(Duration::from_secs(20), "nats-server to be ready", async {
+            loop {
+                match lines.next_line().await {
+                    Ok(Some(l)) => {
+                        let ready = l.contains("Server is ready");
+                        log.push_str(&l);
+                        log.push('\n');
+                        if ready {
+                            return;
+                        }
+                    }
+                    _ => panic!("nats-server exited before it was ready:\n{log}"),
+                }
+            }
+        })
+        .await;
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    }
+
+    async fn run(&mut self) {
+        self.spawn();
+        self.wait_ready().await;
+    }
+
+    /// Stops the server: SIGTERM (a clean stop), or SIGKILL with `kill`.
+    pub(crate) async fn stop(&mut self, kill: bool) {
+        if let Some(mut child) = self.child.take() {
+            let pid = child.id().expect("running").to_string();
+            let sig = if kill { "-KILL" } else { "-TERM" };
+            let _ = std::process::Command::new("kill")
+                .args([sig, &pid])
+                .status();
+            let _ = within(Duration::from_secs(10), "nats-server to exit", child.wait()).await;
+        }
+    }
+
+    /// Starts the server again on the same port with the same store.
+    pub(crate) async fn restart(&mut self) {
+        assert!(self.child.is_none(), "restart a stopped server");
+        self.run().await;
+    }
+}
