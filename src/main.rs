@@ -29,6 +29,15 @@ enum Cmd {
     Send(SendArgs),
     /// Print every message received, one JSON object per line, acking as it goes.
     Listen(ListenArgs),
+    /// Exit 0 if the local gateway answers /readyz with 200 (a container health check).
+    Check(CheckArgs),
+}
+
+#[derive(Args)]
+struct CheckArgs {
+    /// The gateway's HTTP listener; an unspecified address (0.0.0.0) means this host.
+    #[arg(long, env = "IMGATE_HTTP", default_value = "127.0.0.1:8080")]
+    http: std::net::SocketAddr,
 }
 
 #[derive(Args)]
@@ -152,6 +161,31 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Send(a) => rt.block_on(send(a)),
         Cmd::Listen(a) => rt.block_on(listen(a)),
+        Cmd::Check(a) => check(a),
+    }
+}
+
+/// A plain HTTP/1.0 GET of /readyz with std's blocking socket: no runtime, no curl needed in
+/// a slim container image.
+fn check(a: CheckArgs) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let mut addr = a.http;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let timeout = Duration::from_secs(2);
+    let mut sock = std::net::TcpStream::connect_timeout(&addr, timeout)
+        .with_context(|| format!("connecting to {addr}"))?;
+    sock.set_read_timeout(Some(timeout))?;
+    sock.write_all(b"GET /readyz HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut answer = String::new();
+    sock.read_to_string(&mut answer)?;
+    let status = answer.lines().next().unwrap_or_default();
+    if status.split_whitespace().nth(1) == Some("200") {
+        println!("ready");
+        Ok(())
+    } else {
+        anyhow::bail!("not ready: {status}")
     }
 }
 

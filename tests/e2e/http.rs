@@ -522,10 +522,10 @@ async fn chat_page_works_over_every_transport_in_a_browser(env) {
     let script = format!("{root}/tests/browser/chat.mjs");
     assert!(
         std::path::Path::new(&format!(
-            "{root}/tests/browser/node_modules/playwright-core"
+            "{root}/tests/node_modules/playwright-core"
         ))
         .exists(),
-        "playwright-core is missing: run tests/run (it runs npm ci in tests/browser)"
+        "playwright-core is missing: run tests/run (it runs npm ci in tests/)"
     );
     let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
     assert!(

@@ -8,6 +8,7 @@ mod natsd;
 mod bad_input;
 mod cluster;
 mod delivery;
+mod deploy;
 mod http;
 mod lifecycle;
 mod python;
