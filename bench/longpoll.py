@@ -29,14 +29,18 @@ async def http(reader, writer, method, path, tok, body=b""):
     return await read_response(reader)
 
 
-async def read_response(reader):
+async def read_raw(reader):
     status = int((await reader.readline()).split()[1])
     length = 0
     while (line := await reader.readline()) not in (b"\r\n", b""):
         k, _, v = line.decode().partition(":")
         if k.lower() == "content-length":
             length = int(v)
-    body = await reader.readexactly(length)
+    return status, await reader.readexactly(length)
+
+
+async def read_response(reader):
+    status, body = await read_raw(reader)
     return status, json.loads(body)
 
 
@@ -61,13 +65,8 @@ async def main(args):
         for _ in range(200):
             mw.write(b"GET /metrics HTTP/1.1\r\nHost: bench\r\n\r\n")
             await mw.drain()
-            status = int((await mr.readline()).split()[1])
-            length = 0
-            while (line := await mr.readline()) not in (b"\r\n", b""):
-                k, _, v = line.decode().partition(":")
-                if k.lower() == "content-length":
-                    length = int(v)
-            text = (await mr.readexactly(length)).decode()
+            _, raw = await read_raw(mr)
+            text = raw.decode()
             waiting = next((float(l.split()[1]) for l in text.splitlines() if l.startswith("imgate_long_polls_waiting ")), 0)
             if waiting >= args.polls:
                 break

@@ -258,20 +258,25 @@ pub fn secret_from(
     Ok(Some(Secret(s)))
 }
 
+/// A configuration from command-line words, for unit tests.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) fn parse_for_test(args: &[&str]) -> Config {
     use clap::Parser;
-
     #[derive(Parser)]
     struct Cli {
         #[command(flatten)]
         cfg: Config,
     }
+    Cli::parse_from(std::iter::once("imgate").chain(args.iter().copied())).cfg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
 
     #[test]
     fn defaults_are_the_design_defaults() {
-        let cfg = Cli::parse_from(["imgate"]).cfg;
+        let cfg = parse_for_test(&[]);
         assert_eq!(cfg.max_frame, 256 * 1024);
         assert_eq!(cfg.max_body, 64 * 1024);
         assert_eq!(cfg.retention, Duration::from_secs(7 * 24 * 3600));
@@ -285,12 +290,12 @@ mod tests {
 
     #[test]
     fn dev_secret_refuses_public_addresses() {
-        let cfg = Cli::parse_from(["imgate", "--http", "0.0.0.0:8080"]).cfg;
+        let cfg = parse_for_test(&["--http", "0.0.0.0:8080"]);
         assert!(matches!(
             cfg.validate(),
             Err(ConfigError::DevSecretNotLoopback(_))
         ));
-        let cfg = Cli::parse_from(["imgate", "--http", "0.0.0.0:8080", "--jwt-secret", "s3"]).cfg;
+        let cfg = parse_for_test(&["--http", "0.0.0.0:8080", "--jwt-secret", "s3"]);
         cfg.validate().unwrap();
         assert_eq!(format!("{:?}", cfg.jwt_secret), "Some(Secret(***))");
     }

@@ -139,14 +139,8 @@ pub fn encoded_len(body: &serde_json::Value) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
+    use crate::config::parse_for_test;
     use serde_json::json;
-
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        cfg: Config,
-    }
 
     fn send(to: Option<&str>, group: Option<&str>, body: serde_json::Value) -> Send {
         Send {
@@ -159,7 +153,7 @@ mod tests {
 
     #[test]
     fn inboxes_and_refusals() {
-        let cfg = Cli::parse_from(["x", "--max-body", "16"]).cfg;
+        let cfg = parse_for_test(&["--max-body", "16"]);
         let p = prepare(&cfg, "alice", send(Some("bob"), None, json!(1))).unwrap();
         assert_eq!(p.inboxes, ["bob", "alice"]);
         let p = prepare(&cfg, "alice", send(Some("alice"), None, json!(1))).unwrap();

@@ -1,0 +1,65 @@
+//! `imgate-bench`: load generator for the workloads of DESIGN section 8.
+//!
+//! Each scenario starts what it measures (a `nats-server` and N `imgate serve` processes,
+//! release build) on free loopback ports, connects users through the client crate, drives a
+//! fixed offered rate for a fixed time, and reports delivered rate, latency percentiles
+//! (HdrHistogram, microseconds), lost and duplicated messages (reported even when 0), and the
+//! CPU seconds and peak RSS of every process it started. `--json` prints one JSON object.
+//!
+//! Latency is measured from the moment the sender's client is asked to send (a microsecond
+//! timestamp carried in the body) to the moment the recipient's client hands the message
+//! over: it includes the store write, the bus and both client libraries.
+
+mod procs;
+mod w1;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "imgate-bench", about = "Load generator for imgate")]
+struct Cli {
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// W1, 1:1 chat: users spread over gateways, each message to a random user on another
+    /// gateway, at a fixed offered rate.
+    W1(w1::Args),
+}
+
+/// Where the binaries and configs are.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct Setup {
+    /// The imgate binary (release build).
+    #[arg(long, default_value_os_t = default_imgate())]
+    pub(crate) imgate: PathBuf,
+    /// NATS configuration to start nats-server with.
+    #[arg(long, default_value_os_t = workspace().join("nats/nats.conf"))]
+    pub(crate) nats_config: PathBuf,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn default_imgate() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target"));
+    target.join("release/imgate")
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Runtime::new()?;
+    match cli.scenario {
+        Scenario::W1(a) => rt.block_on(w1::run(a)),
+    }
+}

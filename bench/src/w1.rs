@@ -1,0 +1,322 @@
+//! W1, 1:1 chat across gateways: U users spread evenly over G gateways on one NATS server;
+//! each message goes from a random user to a random user on another gateway; 200-byte
+//! bodies; a fixed total offered rate for a fixed time.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use futures::stream::{self, StreamExt};
+use hdrhistogram::Histogram;
+use imgate_client::{Client, ClientBuilder, Event};
+use imgate_gateway::auth::Auth;
+use imgate_proto::Send;
+use rand::Rng;
+use serde_json::json;
+
+use crate::procs::{Gateway, Nats, Usage};
+use crate::Setup;
+
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct Args {
+    /// Gateways (users are spread evenly over them).
+    #[arg(long, default_value_t = 2)]
+    gateways: usize,
+    /// Users, one TCP connection each.
+    #[arg(long, default_value_t = 2_000)]
+    users: usize,
+    /// Offered messages per second, in total.
+    #[arg(long, default_value_t = 5_000)]
+    rate: u64,
+    /// How long to offer load.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Messages sent in the first part of the run are not in the latency histogram.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    warmup: Duration,
+    /// Size of each message body, JSON-encoded.
+    #[arg(long, default_value_t = 200)]
+    body: usize,
+    #[command(flatten)]
+    setup: Setup,
+}
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_micros() as u64
+}
+
+/// What the receivers record.
+struct Tally {
+    latency_us: Mutex<Histogram<u64>>,
+    ids: Mutex<HashSet<u64>>,
+    received: AtomicU64,
+    duplicates: AtomicU64,
+    /// Messages sent before this time (µs) are warm-up: counted, not timed.
+    timed_after_us: AtomicU64,
+}
+
+pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
+    anyhow::ensure!(a.gateways >= 2, "W1 needs at least two gateways");
+    let nats = Nats::start(&a.setup.nats_config).await?;
+    let mut gws = Vec::new();
+    for _ in 0..a.gateways {
+        gws.push(Gateway::start(&a.setup.imgate, &["--nats".into(), nats.url()]).await?);
+    }
+    eprintln!(
+        "w1: nats {} and {} gateways up; connecting {} users",
+        nats.url(),
+        gws.len(),
+        a.users
+    );
+
+    let auth = Auth::new(None);
+    let tally = Arc::new(Tally {
+        latency_us: Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3)?),
+        ids: Mutex::new(HashSet::new()),
+        received: AtomicU64::new(0),
+        duplicates: AtomicU64::new(0),
+        timed_after_us: AtomicU64::new(u64::MAX),
+    });
+    let clients: Vec<Client> = stream::iter(0..a.users)
+        .map(|i| {
+            let gw = &gws[i % gws.len()];
+            let uid = format!("u{i}");
+            let token = auth.mint(&uid, Duration::from_secs(3600), false);
+            let url = format!("tcp://{}", gw.tcp);
+            let tally = tally.clone();
+            async move {
+                let (client, mut events) = ClientBuilder::new(url, token)
+                    .device("bench")
+                    .connect()
+                    .await
+                    .with_context(|| format!("connecting {uid}"))?;
+                tokio::spawn(async move {
+                    while let Some(ev) = events.recv().await {
+                        if let Event::Msg(m) = ev {
+                            if m.from == uid {
+                                continue; // the sender's own copy
+                            }
+                            let at = now_us();
+                            let n: u64 = m.id.trim_start_matches("w1-").parse().unwrap_or(0);
+                            if !tally.ids.lock().unwrap().insert(n) {
+                                tally.duplicates.fetch_add(1, Ordering::Relaxed);
+                                continue;
+                            }
+                            tally.received.fetch_add(1, Ordering::Relaxed);
+                            let sent = m.body["t"].as_u64().unwrap_or(at);
+                            if sent >= tally.timed_after_us.load(Ordering::Relaxed) {
+                                let _ = tally
+                                    .latency_us
+                                    .lock()
+                                    .unwrap()
+                                    .record(at.saturating_sub(sent).max(1));
+                            }
+                        }
+                    }
+                });
+                anyhow::Ok(client)
+            }
+        })
+        .buffered(100)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()?;
+    eprintln!(
+        "w1: {} users connected; offering {} msg/s for {:?}",
+        clients.len(),
+        a.rate,
+        a.duration
+    );
+
+    let before: Vec<Usage> = gws.iter().map(|g| g.usage()).collect::<Result<_, _>>()?;
+    let nats_before = nats.usage()?;
+    let me_before = crate::procs::usage(std::process::id())?;
+    let accepted = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    // Pad the body so it is `a.body` bytes JSON-encoded.
+    let overhead = json!({"t": now_us(), "pad": ""}).to_string().len();
+    let pad = "x".repeat(a.body.saturating_sub(overhead));
+
+    let started = Instant::now();
+    tally
+        .timed_after_us
+        .store(now_us() + a.warmup.as_micros() as u64, Ordering::Relaxed);
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut sent: u64 = 0;
+    let g = gws.len();
+    while started.elapsed() < a.duration {
+        tick.tick().await;
+        let due = (started.elapsed().as_secs_f64() * a.rate as f64) as u64;
+        while sent < due {
+            let (from, to) = {
+                let mut rng = rand::rng();
+                let from = rng.random_range(0..a.users);
+                // A recipient on another gateway: same index modulo g is the same gateway.
+                let shift = rng.random_range(1..g);
+                let mut to = rng.random_range(0..a.users / g) * g + (from % g + shift) % g;
+                if to >= a.users {
+                    to -= g;
+                }
+                (from, to)
+            };
+            let client = clients[from].clone();
+            let body = json!({"t": now_us(), "pad": pad});
+            let (accepted, failed) = (accepted.clone(), failed.clone());
+            let id = sent;
+            tokio::spawn(async move {
+                let r = client
+                    .send(Send {
+                        id: Some(format!("w1-{id}")),
+                        to: Some(format!("u{to}")),
+                        group: None,
+                        body,
+                    })
+                    .await;
+                match r {
+                    Ok(_) => accepted.fetch_add(1, Ordering::Relaxed),
+                    Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                };
+            });
+            sent += 1;
+        }
+    }
+    let offered_for = started.elapsed();
+    // Let in-flight messages land (up to 10 s).
+    let drain_deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < drain_deadline {
+        let done = accepted.load(Ordering::Relaxed) + failed.load(Ordering::Relaxed);
+        if done == sent
+            && tally.received.load(Ordering::Relaxed) >= accepted.load(Ordering::Relaxed)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let elapsed = started.elapsed();
+    let after: Vec<Usage> = gws.iter().map(|g| g.usage()).collect::<Result<_, _>>()?;
+    let nats_after = nats.usage()?;
+    let me_after = crate::procs::usage(std::process::id())?;
+
+    let accepted = accepted.load(Ordering::Relaxed);
+    let received = tally.received.load(Ordering::Relaxed);
+    let h = tally.latency_us.lock().unwrap().clone();
+    let mut per_gateway = Vec::new();
+    for (i, gw) in gws.iter().enumerate() {
+        per_gateway.push(json!({
+            "gateway": i,
+            "cpu_seconds": round(after[i].cpu_seconds - before[i].cpu_seconds),
+            "peak_rss_kib": after[i].peak_rss_kib,
+            "tail_received": gw.metric("imgate_tail_received_total").await,
+            "tail_decoded": gw.metric("imgate_tail_decoded_total").await,
+            "dropped_not_local": gw.metric("imgate_fanout_dropped_not_local_total").await,
+        }));
+    }
+    let report = json!({
+        "scenario": "W1",
+        "gateways": a.gateways,
+        "users": a.users,
+        "offered_rate": a.rate,
+        "body_bytes": a.body,
+        "offered_seconds": round(offered_for.as_secs_f64()),
+        "sent": sent,
+        "accepted": accepted,
+        "send_errors": failed.load(Ordering::Relaxed),
+        "delivered": received,
+        "delivered_per_second": round(received as f64 / offered_for.as_secs_f64()),
+        "lost": accepted.saturating_sub(received),
+        "duplicates": tally.duplicates.load(Ordering::Relaxed),
+        "latency_ms": {
+            "samples": h.len(),
+            "p50": ms(h.value_at_quantile(0.50)),
+            "p90": ms(h.value_at_quantile(0.90)),
+            "p99": ms(h.value_at_quantile(0.99)),
+            "p999": ms(h.value_at_quantile(0.999)),
+            "max": ms(h.max()),
+        },
+        "gateway_processes": per_gateway,
+        "nats_server": {
+            "cpu_seconds": round(nats_after.cpu_seconds - nats_before.cpu_seconds),
+            "peak_rss_kib": nats_after.peak_rss_kib,
+        },
+        "load_generator_cpu_seconds": round(me_after.cpu_seconds - me_before.cpu_seconds),
+        "wall_seconds": round(elapsed.as_secs_f64()),
+    });
+    if a.setup.json {
+        println!("{report}");
+    } else {
+        print_table(&report);
+    }
+    Ok(())
+}
+
+fn round(v: f64) -> f64 {
+    (v * 1000.0).round() / 1000.0
+}
+
+fn ms(us: u64) -> f64 {
+    round(us as f64 / 1000.0)
+}
+
+fn print_table(r: &serde_json::Value) {
+    let l = &r["latency_ms"];
+    println!(
+        "W1 1:1 chat across {} gateways, {} users, {} msg/s offered for {} s, {}-byte bodies",
+        r["gateways"], r["users"], r["offered_rate"], r["offered_seconds"], r["body_bytes"]
+    );
+    println!(
+        "{:<28} {}",
+        "sent / accepted / errors",
+        format!("{} / {} / {}", r["sent"], r["accepted"], r["send_errors"])
+    );
+    println!(
+        "{:<28} {}",
+        "delivered (per second)",
+        format!("{} ({})", r["delivered"], r["delivered_per_second"])
+    );
+    println!(
+        "{:<28} {}",
+        "lost / duplicated",
+        format!("{} / {}", r["lost"], r["duplicates"])
+    );
+    println!(
+        "{:<28} {}",
+        "latency ms p50/p90/p99/p99.9/max",
+        format!(
+            "{} / {} / {} / {} / {}",
+            l["p50"], l["p90"], l["p99"], l["p999"], l["max"]
+        )
+    );
+    for g in r["gateway_processes"].as_array().into_iter().flatten() {
+        println!(
+            "{:<28} {}",
+            format!("gateway {} cpu s / peak RSS", g["gateway"]),
+            format!(
+                "{} / {} KiB (tail received {}, decoded {}, dropped {})",
+                g["cpu_seconds"],
+                g["peak_rss_kib"],
+                g["tail_received"],
+                g["tail_decoded"],
+                g["dropped_not_local"]
+            )
+        );
+    }
+    println!(
+        "{:<28} {}",
+        "nats-server cpu s / peak RSS",
+        format!(
+            "{} / {} KiB",
+            r["nats_server"]["cpu_seconds"], r["nats_server"]["peak_rss_kib"]
+        )
+    );
+    println!(
+        "{:<28} {} (same 2-core machine)",
+        "load generator cpu s", r["load_generator_cpu_seconds"]
+    );
+}
