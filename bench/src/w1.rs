@@ -271,52 +271,40 @@ fn print_table(r: &serde_json::Value) {
         r["gateways"], r["users"], r["offered_rate"], r["offered_seconds"], r["body_bytes"]
     );
     println!(
-        "{:<28} {}",
-        "sent / accepted / errors",
-        format!("{} / {} / {}", r["sent"], r["accepted"], r["send_errors"])
+        "{:<34} {} / {} / {}",
+        "sent / accepted / errors", r["sent"], r["accepted"], r["send_errors"]
     );
     println!(
-        "{:<28} {}",
-        "delivered (per second)",
-        format!("{} ({})", r["delivered"], r["delivered_per_second"])
+        "{:<34} {} ({})",
+        "delivered (per second)", r["delivered"], r["delivered_per_second"]
     );
     println!(
-        "{:<28} {}",
-        "lost / duplicated",
-        format!("{} / {}", r["lost"], r["duplicates"])
+        "{:<34} {} / {}",
+        "lost / duplicated", r["lost"], r["duplicates"]
     );
     println!(
-        "{:<28} {}",
-        "latency ms p50/p90/p99/p99.9/max",
-        format!(
-            "{} / {} / {} / {} / {}",
-            l["p50"], l["p90"], l["p99"], l["p999"], l["max"]
-        )
+        "{:<34} {} / {} / {} / {} / {}",
+        "latency ms p50/p90/p99/p99.9/max", l["p50"], l["p90"], l["p99"], l["p999"], l["max"]
     );
     for g in r["gateway_processes"].as_array().into_iter().flatten() {
+        let label = format!("gateway {} cpu s / peak RSS", g["gateway"]);
         println!(
-            "{:<28} {}",
-            format!("gateway {} cpu s / peak RSS", g["gateway"]),
-            format!(
-                "{} / {} KiB (tail received {}, decoded {}, dropped {})",
-                g["cpu_seconds"],
-                g["peak_rss_kib"],
-                g["tail_received"],
-                g["tail_decoded"],
-                g["dropped_not_local"]
-            )
+            "{label:<34} {} / {} KiB (tail received {}, decoded {}, dropped {})",
+            g["cpu_seconds"],
+            g["peak_rss_kib"],
+            g["tail_received"],
+            g["tail_decoded"],
+            g["dropped_not_local"]
         );
     }
     println!(
-        "{:<28} {}",
+        "{:<34} {} / {} KiB",
         "nats-server cpu s / peak RSS",
-        format!(
-            "{} / {} KiB",
-            r["nats_server"]["cpu_seconds"], r["nats_server"]["peak_rss_kib"]
-        )
+        r["nats_server"]["cpu_seconds"],
+        r["nats_server"]["peak_rss_kib"]
     );
     println!(
-        "{:<28} {} (same 2-core machine)",
+        "{:<34} {} (same 2-core machine)",
         "load generator cpu s", r["load_generator_cpu_seconds"]
     );
 }

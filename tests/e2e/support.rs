@@ -111,6 +111,11 @@ pub(crate) fn token(uid: &str) -> String {
     Auth::new(None).mint(uid, Duration::from_secs(3600), false)
 }
 
+/// A development-mode admin token.
+pub(crate) fn admin_token(uid: &str) -> String {
+    Auth::new(None).mint(uid, Duration::from_secs(3600), true)
+}
+
 /// Which transport a client uses.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Via {
@@ -195,8 +200,12 @@ pub(crate) struct RawTcp {
 
 impl RawTcp {
     pub(crate) async fn connect(gw: &Gateway) -> RawTcp {
+        Self::from_stream(TcpStream::connect(gw.tcp).await.expect("tcp connect"))
+    }
+
+    pub(crate) fn from_stream(sock: TcpStream) -> RawTcp {
         RawTcp {
-            sock: TcpStream::connect(gw.tcp).await.expect("tcp connect"),
+            sock,
             buf: BytesMut::new(),
         }
     }
@@ -343,6 +352,17 @@ impl Env {
             Mode::Cluster => Some(crate::natsd::NatsServer::start().await),
         };
         Env { nats }
+    }
+
+    /// `n` gateways sharing this world's store: in cluster mode `n` processes on its NATS; in
+    /// standalone mode the one gateway there can be.
+    pub(crate) async fn gateways(&self, n: usize, args: &[&str]) -> Vec<Gateway> {
+        let n = if self.nats.is_some() { n } else { 1 };
+        let mut v = Vec::with_capacity(n);
+        for _ in 0..n {
+            v.push(self.gateway(args).await);
+        }
+        v
     }
 
     /// A gateway of this world (in cluster mode, on the world's NATS).

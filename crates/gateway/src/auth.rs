@@ -14,6 +14,9 @@ use crate::config::Secret;
 /// for a gateway that listens on loopback and says so in its log.
 pub const DEV_SECRET: &str = "imgate-development-secret-do-not-use-in-production";
 
+/// The sender of admin messages; no token may speak for it.
+pub const SYSTEM: &str = "system";
+
 /// Clock skew tolerated on `exp`.
 const LEEWAY_SECS: u64 = 5;
 
@@ -41,7 +44,7 @@ pub enum AuthError {
     Expired,
     #[error("invalid token: {0}")]
     Invalid(String),
-    #[error("token subject is not a valid uid")]
+    #[error("token subject is not a valid uid (or is the reserved uid \"system\")")]
     BadSubject,
 }
 
@@ -94,7 +97,7 @@ impl Auth {
                 ErrorKind::InvalidSignature => AuthError::Invalid("bad signature".into()),
                 _ => AuthError::Invalid(e.to_string()),
             })?;
-        if !imgate_proto::ids::is_valid_id(&data.claims.sub) {
+        if !imgate_proto::ids::is_valid_id(&data.claims.sub) || data.claims.sub == SYSTEM {
             return Err(AuthError::BadSubject);
         }
         Ok(Identity {
@@ -159,6 +162,8 @@ mod tests {
         assert_eq!(auth.verify(&expired), Err(AuthError::Expired));
         let bad_uid = auth.mint("al.ice", Duration::from_secs(60), false);
         assert_eq!(auth.verify(&bad_uid), Err(AuthError::BadSubject));
+        let reserved = auth.mint(SYSTEM, Duration::from_secs(60), true);
+        assert_eq!(auth.verify(&reserved), Err(AuthError::BadSubject));
         assert_eq!(auth.verify(""), Err(AuthError::Missing));
         assert!(matches!(
             auth.verify("nonsense"),

@@ -144,6 +144,14 @@ pub struct Config {
     #[arg(long, env = "IMGATE_OUTBOX", default_value_t = 1024)]
     pub outbox: usize,
 
+    /// Most members of a group (its owner included).
+    #[arg(long, env = "IMGATE_MAX_GROUP", default_value_t = 1_000)]
+    pub max_group: usize,
+
+    /// Most rooms one connection (or one device over HTTP) may be in at once.
+    #[arg(long, env = "IMGATE_MAX_ROOMS_PER_CONNECTION", default_value_t = 32)]
+    pub max_rooms_per_connection: usize,
+
     /// Most concurrent connections (TCP + WebSocket) this gateway accepts.
     #[arg(long, env = "IMGATE_MAX_CONNECTIONS", default_value_t = 200_000)]
     pub max_connections: usize,

@@ -32,6 +32,7 @@ const DEV_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
 pub struct ApiError {
     pub code: ErrorCode,
     pub message: String,
+    status: Option<StatusCode>,
 }
 
 impl ApiError {
@@ -39,7 +40,14 @@ impl ApiError {
         ApiError {
             code,
             message: message.into(),
+            status: None,
         }
+    }
+
+    /// Answers with `status` instead of the code's usual one (409 for an existing group).
+    pub fn with_status(mut self, status: StatusCode) -> Self {
+        self.status = Some(status);
+        self
     }
 }
 
@@ -60,7 +68,8 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = json!({"code": self.code, "message": self.message});
-        let mut r = (status_of(self.code), Json(body)).into_response();
+        let status = self.status.unwrap_or_else(|| status_of(self.code));
+        let mut r = (status, Json(body)).into_response();
         // Read back by `count_errors` for `imgate_errors_total`.
         r.extensions_mut().insert(self.code);
         r
@@ -118,6 +127,13 @@ pub fn router(shared: Arc<Shared>) -> Router {
         )
         .route("/v1/events", get(crate::sse::events))
         .route("/v1/presence", get(crate::presence::presence))
+        .route("/v1/admin/messages", post(crate::poll::admin_message))
+        .route("/v1/rooms/{id}/join", post(crate::rooms::join))
+        .route("/v1/rooms/{id}/leave", post(crate::rooms::leave))
+        .route("/v1/rooms/{id}/publish", post(crate::rooms::publish_http))
+        .route("/v1/groups", post(crate::groups::create))
+        .route("/v1/groups/{id}", get(crate::groups::get))
+        .route("/v1/groups/{id}/members", post(crate::groups::members))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics));

@@ -19,7 +19,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::store::Fanout;
 
-/// A stored message on its way to connections, with its encodings made on first use.
+/// A stored message (or a room message) on its way to connections, with its encodings
+/// made on first use.
 #[derive(Debug)]
 pub struct Delivered {
     frame: ServerFrame,
@@ -29,22 +30,24 @@ pub struct Delivered {
 
 impl Delivered {
     pub fn new(msg: Message) -> Self {
+        Self::frame(ServerFrame::Msg(msg))
+    }
+
+    /// Any server frame shared by many connections (a `room` frame).
+    pub fn frame(frame: ServerFrame) -> Self {
         Delivered {
-            frame: ServerFrame::Msg(msg),
+            frame,
             json: OnceLock::new(),
             msgpack: OnceLock::new(),
         }
     }
 
-    pub fn message(&self) -> &Message {
-        match &self.frame {
-            ServerFrame::Msg(m) => m,
-            _ => unreachable!("Delivered only holds msg frames"),
-        }
-    }
-
+    /// The seq of a stored message; 0 for a room message.
     pub fn seq(&self) -> u64 {
-        self.message().seq
+        match &self.frame {
+            ServerFrame::Msg(m) => m.seq,
+            _ => 0,
+        }
     }
 
     /// The `msg` frame in `enc`, encoded once and shared by every connection.
@@ -61,7 +64,21 @@ impl Delivered {
 /// What the fanout puts in a connection's outbox.
 #[derive(Debug, Clone)]
 pub enum Outbound {
+    /// A stored message: never dropped (a full outbox closes the connection instead).
     Msg(Arc<Delivered>),
+    /// A room message: dropped, and counted, when the outbox is more than three quarters full.
+    Room(Arc<Delivered>),
+}
+
+/// A device in a room.
+#[derive(Debug, Clone)]
+struct RoomMember {
+    uid: Arc<str>,
+    device: Arc<str>,
+    /// The connection that joined (its leave or end removes the membership); 0 for a join
+    /// over HTTP, which lasts until `expires`.
+    holder: u64,
+    expires: Option<std::time::Instant>,
 }
 
 /// A request, from anywhere, that a connection close with a reason.
@@ -105,12 +122,17 @@ pub struct HubStats {
     pub dropped_not_local: AtomicU64,
     /// Connections closed because their outbox was full.
     pub slow_consumers: AtomicU64,
+    /// Room messages put in an outbox.
+    pub room_delivered: AtomicU64,
+    /// Room messages dropped for connections too slow to take them.
+    pub room_dropped: AtomicU64,
 }
 
 /// The registry of this gateway's connections.
 #[derive(Debug, Default)]
 pub struct Hub {
     users: DashMap<String, Vec<Conn>>,
+    rooms: DashMap<String, Vec<RoomMember>>,
     next_id: AtomicU64,
     pub stats: HubStats,
 }
@@ -120,7 +142,8 @@ pub struct Hub {
 pub struct Registration {
     hub: Arc<Hub>,
     uid: String,
-    id: u64,
+    /// This connection's id in the hub (never 0).
+    pub id: u64,
     pub rx: mpsc::Receiver<Outbound>,
 }
 
@@ -150,7 +173,7 @@ impl Hub {
         max_devices: usize,
     ) -> Registration {
         let (tx, rx) = mpsc::channel(capacity);
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let mut conns = self.users.entry(uid.to_owned()).or_default();
         conns.retain(|c| {
             let same = c.exclusive && &*c.device == device;
@@ -184,13 +207,19 @@ impl Hub {
 
     /// Registers a waiter (a long poll): it gets `uid`'s messages like a connection but
     /// neither replaces nor counts as a device.
-    pub fn wait(self: &Arc<Self>, uid: &str, kick: Arc<Kick>, capacity: usize) -> Registration {
+    pub fn wait(
+        self: &Arc<Self>,
+        uid: &str,
+        device: &str,
+        kick: Arc<Kick>,
+        capacity: usize,
+    ) -> Registration {
         let (tx, rx) = mpsc::channel(capacity);
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         self.users.entry(uid.to_owned()).or_default().push(Conn {
             id,
             exclusive: false,
-            device: "".into(),
+            device: device.into(),
             tx,
             kick,
         });
@@ -199,6 +228,82 @@ impl Hub {
             uid: uid.to_owned(),
             id,
             rx,
+        }
+    }
+
+    /// Puts `(uid, device)` in `room`, held by connection `holder` (0 for HTTP, with an
+    /// expiry). Returns how many rooms that holder is in now.
+    pub fn join_room(
+        &self,
+        room: &str,
+        uid: &str,
+        device: &str,
+        holder: u64,
+        expires: Option<std::time::Instant>,
+    ) {
+        let mut members = self.rooms.entry(room.to_owned()).or_default();
+        members.retain(|m| !(&*m.uid == uid && &*m.device == device));
+        members.push(RoomMember {
+            uid: uid.into(),
+            device: device.into(),
+            holder,
+            expires,
+        });
+    }
+
+    /// Takes `(uid, device)` out of `room` if `holder` holds the membership (a newer
+    /// connection of the same device that joined again keeps it).
+    pub fn leave_room(&self, room: &str, uid: &str, device: &str, holder: u64) {
+        self.rooms.remove_if_mut(room, |_, members| {
+            members.retain(|m| !(&*m.uid == uid && &*m.device == device && m.holder == holder));
+            members.is_empty()
+        });
+    }
+
+    /// Rooms `(uid, device)` joined over HTTP that have not expired.
+    pub fn http_rooms_of(&self, uid: &str, device: &str) -> usize {
+        let now = std::time::Instant::now();
+        self.rooms
+            .iter()
+            .filter(|r| {
+                r.iter().any(|m| {
+                    &*m.uid == uid
+                        && &*m.device == device
+                        && m.holder == 0
+                        && m.expires.is_some_and(|e| e > now)
+                })
+            })
+            .count()
+    }
+
+    /// Whether anyone here is in `room` (the filter before decoding a room message).
+    pub fn room_is_local(&self, room: &str) -> bool {
+        self.rooms.contains_key(room)
+    }
+
+    /// Hands a room message to every connection of every device in `room` here.
+    pub fn deliver_room(&self, room: &str, build: impl FnOnce() -> Arc<Delivered>) {
+        let now = std::time::Instant::now();
+        let Some(mut members) = self.rooms.get_mut(room) else {
+            return;
+        };
+        members.retain(|m| m.expires.is_none_or(|e| e > now));
+        let d = build();
+        for m in members.iter() {
+            let Some(conns) = self.users.get(&*m.uid) else {
+                continue;
+            };
+            for c in conns.iter().filter(|c| c.device == m.device) {
+                // Keep a quarter of the outbox for stored messages.
+                let ok = c.tx.capacity() * 4 > c.tx.max_capacity()
+                    && c.tx.try_send(Outbound::Room(d.clone())).is_ok();
+                let counter = if ok {
+                    &self.stats.room_delivered
+                } else {
+                    &self.stats.room_dropped
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 
@@ -269,8 +374,12 @@ mod tests {
         });
         assert!(!built, "a message for a user not held here is never built");
         assert_eq!(hub.stats.dropped_not_local.load(Ordering::Relaxed), 1);
-        let Outbound::Msg(a) = phone.rx.try_recv().unwrap();
-        let Outbound::Msg(b) = web.rx.try_recv().unwrap();
+        let Outbound::Msg(a) = phone.rx.try_recv().unwrap() else {
+            panic!()
+        };
+        let Outbound::Msg(b) = web.rx.try_recv().unwrap() else {
+            panic!()
+        };
         assert!(
             Arc::ptr_eq(&a, &b),
             "one Delivered shared by all connections"
@@ -311,8 +420,8 @@ mod tests {
         let hub = Hub::new();
         let device = Arc::new(Kick::default());
         let _d = hub.register("bob", "phone", device.clone(), 8, 1);
-        let mut w1 = hub.wait("bob", Arc::new(Kick::default()), 8);
-        let mut w2 = hub.wait("bob", Arc::new(Kick::default()), 8);
+        let mut w1 = hub.wait("bob", "web", Arc::new(Kick::default()), 8);
+        let mut w2 = hub.wait("bob", "tab", Arc::new(Kick::default()), 8);
         let _d2 = hub.register("bob", "web", Arc::new(Kick::default()), 8, 2);
         assert!(
             !device.token.is_cancelled(),
@@ -323,6 +432,48 @@ mod tests {
         assert!(w2.rx.try_recv().is_ok());
         drop(w1);
         assert_eq!(hub.connections_of("bob"), 3);
+    }
+
+    #[test]
+    fn room_messages_reach_members_and_a_slow_one_drops_them() {
+        let hub = Hub::new();
+        let mut fast = hub.register("bob", "phone", Arc::new(Kick::default()), 8, 16);
+        let slow_kick = Arc::new(Kick::default());
+        let mut slow = hub.register("carol", "web", slow_kick.clone(), 8, 16);
+        let _other = hub.register("dave", "x", Arc::new(Kick::default()), 8, 16);
+        hub.join_room("r1", "bob", "phone", fast.id, None);
+        hub.join_room("r1", "carol", "web", slow.id, None);
+        assert!(hub.room_is_local("r1"));
+        let frame = |i: u64| {
+            Arc::new(Delivered::frame(ServerFrame::Room {
+                room: "r1".into(),
+                from: "bob".into(),
+                ts: i,
+                body: json!(i),
+            }))
+        };
+        for i in 0..10 {
+            hub.deliver_room("r1", || frame(i));
+            let _ = fast.rx.try_recv(); // bob keeps up; carol reads nothing
+        }
+        assert_eq!(hub.stats.room_delivered.load(Ordering::Relaxed), 10 + 6);
+        assert_eq!(hub.stats.room_dropped.load(Ordering::Relaxed), 4);
+        assert!(
+            !slow_kick.token.is_cancelled(),
+            "dropping room messages never kicks"
+        );
+        // Stored messages still fit in the quarter kept free.
+        hub.deliver("carol", &mut || Some(msg(1)));
+        let mut kinds = vec![];
+        while let Ok(o) = slow.rx.try_recv() {
+            kinds.push(matches!(o, Outbound::Msg(_)));
+        }
+        assert_eq!(kinds.iter().filter(|m| **m).count(), 1);
+        // Leaving by another holder does nothing; by the holder, it leaves.
+        hub.leave_room("r1", "bob", "phone", 999);
+        hub.leave_room("r1", "bob", "phone", fast.id);
+        hub.leave_room("r1", "carol", "web", slow.id);
+        assert!(!hub.room_is_local("r1"));
     }
 
     #[test]

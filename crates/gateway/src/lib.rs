@@ -18,11 +18,13 @@
 pub mod auth;
 pub mod config;
 pub mod cursors;
+pub mod groups;
 pub mod http;
 pub mod hub;
 pub mod metrics;
 pub mod poll;
 pub mod presence;
+pub mod rooms;
 pub mod send;
 pub mod server;
 pub mod session;

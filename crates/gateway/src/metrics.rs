@@ -68,6 +68,8 @@ pub struct Metrics {
     tail_decoded: Counter,
     tail_undecodable: Counter,
     tail_restarts: Counter,
+    room_delivered: Counter,
+    room_dropped: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -122,6 +124,8 @@ impl Metrics {
             tail_decoded: counter("imgate_tail_decoded_total", vec![]),
             tail_undecodable: counter("imgate_tail_undecodable_total", vec![]),
             tail_restarts: counter("imgate_tail_restarts_total", vec![]),
+            room_delivered: counter("imgate_room_delivered_total", vec![]),
+            room_dropped: counter("imgate_room_dropped_total", vec![]),
             recorder,
             handle,
         };
@@ -197,6 +201,16 @@ impl Metrics {
             "Cluster mode: times the stream tail was recreated after a failure (from its last seq).",
         );
         d(
+            "imgate_room_delivered_total",
+            Unit::Count,
+            "Room messages put in a connection's outbox.",
+        );
+        d(
+            "imgate_room_dropped_total",
+            Unit::Count,
+            "Room messages dropped for connections too slow to take them (stored messages never are).",
+        );
+        d(
             "imgate_slow_consumers_total",
             Unit::Count,
             "Connections closed because their outbox of stored messages was full.",
@@ -234,6 +248,10 @@ impl Metrics {
             .absolute(hub.dispatched.load(Ordering::Relaxed));
         self.slow_consumers
             .absolute(hub.slow_consumers.load(Ordering::Relaxed));
+        self.room_delivered
+            .absolute(hub.room_delivered.load(Ordering::Relaxed));
+        self.room_dropped
+            .absolute(hub.room_dropped.load(Ordering::Relaxed));
         self.handle.render()
     }
 }

@@ -21,6 +21,7 @@ use imgate_proto::{Encoding, ErrorCode, Send};
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::auth::SYSTEM;
 use crate::http::{authenticate, ApiError};
 use crate::hub::{Delivered, Kick, Outbound};
 use crate::metrics::Transport;
@@ -64,9 +65,35 @@ pub async fn post_message(
     Ok(Json(json!({"seq": s.seq, "id": s.id, "ts": s.ts})))
 }
 
+/// `POST /v1/admin/messages`: a system message (`from` = `system`) to a user or a group,
+/// with an admin token. Answers the id, the acceptance time and the seq of the last copy.
+pub async fn admin_message(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Query(q): Query<TokenQuery>,
+    body: Result<Json<Send>, JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let id = authenticate(&shared, q.token.as_deref(), &headers)?;
+    if !id.admin {
+        return Err(ApiError::new(
+            ErrorCode::Unauthorized,
+            "an admin token (role: admin) is required",
+        )
+        .with_status(StatusCode::FORBIDDEN));
+    }
+    let Json(send) = body.map_err(|e| ApiError::new(ErrorCode::BadRequest, e.body_text()))?;
+    let mut prepared = send::prepare(&shared.cfg, SYSTEM, send).map_err(ApiError::from)?;
+    prepared.member_only = false;
+    let s = send::commit(&shared, prepared)
+        .await
+        .map_err(ApiError::from)?;
+    Ok(Json(json!({"seq": s.seq, "id": s.id, "ts": s.ts})))
+}
+
+/// `?token=` on endpoints that take nothing else in the query.
 #[derive(Debug, Deserialize)]
 pub struct TokenQuery {
-    token: Option<String>,
+    pub token: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -121,7 +148,8 @@ pub async fn poll(
 
     // Register before reading, so nothing stored between the read and the wait is missed.
     let kick = Arc::new(Kick::default());
-    let mut waiter = (!wait.is_zero()).then(|| shared.hub.wait(&id.uid, kick.clone(), limit));
+    let mut waiter =
+        (!wait.is_zero()).then(|| shared.hub.wait(&id.uid, &device, kick.clone(), limit));
     let page = shared
         .store
         .read(&id.uid, after, limit)
@@ -141,7 +169,7 @@ pub async fn poll(
             .metrics
             .delivered(transport)
             .increment(encoded.len() as u64);
-        return Ok(answer(&encoded, after, page.gap));
+        return Ok(answer(&encoded, &[], after, page.gap));
     }
 
     let waiter = waiter.as_mut().expect("checked above");
@@ -149,9 +177,10 @@ pub async fn poll(
     waiting.increment(1.0);
     let deadline = tokio::time::Instant::now() + wait;
     let mut encoded = Vec::new();
+    let mut rooms = Vec::new();
     // Deliveries at or below `after` (possible when a client names an `after` beyond its
     // inbox's newest message) do not answer the poll; it waits on.
-    while encoded.is_empty() {
+    while encoded.is_empty() && rooms.is_empty() {
         let mut next = tokio::select! {
             m = waiter.rx.recv() => m,
             _ = tokio::time::sleep_until(deadline) => None,
@@ -161,11 +190,15 @@ pub async fn poll(
         if next.is_none() {
             break;
         }
-        while let Some(Outbound::Msg(d)) = next {
-            if d.seq() > after {
-                encoded.push((d.seq(), d.encoded(Encoding::Json)));
+        while let Some(out) = next {
+            match out {
+                Outbound::Msg(d) if d.seq() > after => {
+                    encoded.push((d.seq(), d.encoded(Encoding::Json)))
+                }
+                Outbound::Msg(_) => {}
+                Outbound::Room(d) => rooms.push(d.encoded(Encoding::Json)),
             }
-            next = if encoded.len() < limit {
+            next = if encoded.len() + rooms.len() < limit {
                 waiter.rx.try_recv().ok()
             } else {
                 None
@@ -177,20 +210,29 @@ pub async fn poll(
         .metrics
         .delivered(transport)
         .increment(encoded.len() as u64);
-    Ok(answer(&encoded, after, false))
+    Ok(answer(&encoded, &rooms, after, false))
 }
 
-/// `{"messages":[…],"cursor":M,"gap":…}` built from messages already encoded as JSON.
-fn answer(messages: &[(u64, Bytes)], after: u64, gap: bool) -> Response {
+/// `{"messages":[…],"cursor":M,"gap":…}` built from messages already encoded as JSON, with
+/// `"rooms":[…]` when room messages arrived while the poll waited.
+fn answer(messages: &[(u64, Bytes)], rooms: &[Bytes], after: u64, gap: bool) -> Response {
     let cursor = messages.last().map_or(after, |(seq, _)| *seq);
-    let mut body =
-        BytesMut::with_capacity(64 + messages.iter().map(|(_, b)| b.len() + 1).sum::<usize>());
-    body.put_slice(b"{\"messages\":[");
-    for (i, (_, m)) in messages.iter().enumerate() {
-        if i > 0 {
-            body.put_u8(b',');
+    let size = messages.iter().map(|(_, b)| b.len() + 1).sum::<usize>()
+        + rooms.iter().map(|b| b.len() + 1).sum::<usize>();
+    let mut body = BytesMut::with_capacity(80 + size);
+    let list = |body: &mut BytesMut, items: &mut dyn Iterator<Item = &Bytes>| {
+        for (i, m) in items.enumerate() {
+            if i > 0 {
+                body.put_u8(b',');
+            }
+            body.put_slice(m);
         }
-        body.put_slice(m);
+    };
+    body.put_slice(b"{\"messages\":[");
+    list(&mut body, &mut messages.iter().map(|(_, m)| m));
+    if !rooms.is_empty() {
+        body.put_slice(b"],\"rooms\":[");
+        list(&mut body, &mut rooms.iter());
     }
     body.put_slice(format!("],\"cursor\":{cursor},\"gap\":{gap}}}").as_bytes());
     ([(header::CONTENT_TYPE, "application/json")], body.freeze()).into_response()

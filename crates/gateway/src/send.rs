@@ -1,5 +1,6 @@
 //! Turning a client's `send` into a stored message, the same way for every transport (TCP,
-//! WebSocket, `POST /v1/messages`): check ids and sizes, pick the inboxes, store, answer.
+//! WebSocket, `POST /v1/messages`, admin messages): check ids and sizes, pick the inboxes (a
+//! direct message's two, a group's members), store every copy at once, answer.
 //!
 //! Rate limiting is the caller's (per connection for sessions, per uid for HTTP); this
 //! module never talks to a socket.
@@ -11,12 +12,12 @@ use crate::config::Config;
 use crate::session::Shared;
 use crate::store::{memory::now_ms, Draft};
 
-/// A send that passed every check, ready to store.
+/// A send that passed every check that needs no store, ready to resolve and store.
 #[derive(Debug)]
 pub struct Prepared {
     pub draft: Draft,
-    /// Inboxes to write; the sender's own copy is last.
-    pub inboxes: Vec<String>,
+    /// Whether the sender must be a member of the group (not for system messages).
+    pub member_only: bool,
 }
 
 /// A send refused before or while storing; `id` is set once the send's id is known.
@@ -53,18 +54,13 @@ pub fn prepare(cfg: &Config, from: &str, send: Send) -> Result<Prepared, Refused
         code,
         message,
     };
-    let to = match (send.to, send.group) {
-        (Some(to), None) if is_valid_id(&to) => to,
-        (Some(_), None) => {
+    let (to, group) = match (send.to, send.group) {
+        (Some(to), None) if is_valid_id(&to) => (Some(to), None),
+        (None, Some(group)) if is_valid_id(&group) => (None, Some(group)),
+        (Some(_), None) | (None, Some(_)) => {
             return Err(fail(
                 ErrorCode::BadRequest,
-                "to must match ^[A-Za-z0-9_-]{1,64}$".into(),
-            ))
-        }
-        (None, Some(group)) => {
-            return Err(fail(
-                ErrorCode::NotFound,
-                format!("unknown group {group:?}"),
+                "to and group must match ^[A-Za-z0-9_-]{1,64}$".into(),
             ))
         }
         _ => {
@@ -81,28 +77,59 @@ pub fn prepare(cfg: &Config, from: &str, send: Send) -> Result<Prepared, Refused
             format!("body is {size} bytes, above the limit of {}", cfg.max_body),
         ));
     }
-    let inboxes = if to == from {
-        vec![to.clone()]
-    } else {
-        vec![to.clone(), from.to_owned()]
-    };
     Ok(Prepared {
         draft: Draft {
             id,
             from: from.to_owned(),
-            to: Some(to),
-            group: None,
+            to,
+            group,
             ts: now_ms(),
             body: send.body,
         },
-        inboxes,
+        member_only: true,
     })
 }
 
-/// Stores a prepared send; `Ok` once every inbox copy is durable.
+/// The inboxes of a prepared send; the sender's own copy (if it has one) is last.
+async fn inboxes(shared: &Shared, p: &Prepared) -> Result<Vec<String>, Refused> {
+    let d = &p.draft;
+    let fail = |code: ErrorCode, message: String| Refused {
+        id: Some(d.id.clone()),
+        code,
+        message,
+    };
+    if let Some(to) = &d.to {
+        return Ok(if *to == d.from || !p.member_only {
+            vec![to.clone()]
+        } else {
+            vec![to.clone(), d.from.clone()]
+        });
+    }
+    let gid = d.group.as_deref().expect("prepare sets to or group");
+    let group = shared
+        .store
+        .group(gid)
+        .await
+        .map_err(|e| fail(e.code(), e.to_string()))?
+        .ok_or_else(|| fail(ErrorCode::NotFound, format!("no group {gid:?}")))?;
+    let mut members = group.members;
+    if let Some(i) = members.iter().position(|m| *m == d.from) {
+        let me = members.remove(i);
+        members.push(me);
+    } else if p.member_only {
+        return Err(fail(
+            ErrorCode::NotMember,
+            format!("you are not a member of {gid:?}"),
+        ));
+    }
+    Ok(members)
+}
+
+/// Resolves and stores a prepared send; `Ok` once every inbox copy is durable.
 pub async fn commit(shared: &Shared, p: Prepared) -> Result<Stored, Refused> {
     let id = p.draft.id.clone();
-    match shared.store.append(p.draft, &p.inboxes).await {
+    let inboxes = inboxes(shared, &p).await?;
+    match shared.store.append(p.draft, &inboxes).await {
         Ok(a) => {
             shared.metrics.stored.increment(1);
             Ok(Stored {
@@ -152,15 +179,20 @@ mod tests {
     }
 
     #[test]
-    fn inboxes_and_refusals() {
+    fn checks_before_the_store() {
         let cfg = parse_for_test(&["--max-body", "16"]);
         let p = prepare(&cfg, "alice", send(Some("bob"), None, json!(1))).unwrap();
-        assert_eq!(p.inboxes, ["bob", "alice"]);
-        let p = prepare(&cfg, "alice", send(Some("alice"), None, json!(1))).unwrap();
-        assert_eq!(p.inboxes, ["alice"]);
+        assert_eq!(p.draft.to.as_deref(), Some("bob"));
+        assert!(p.member_only);
+        let p = prepare(&cfg, "alice", send(None, Some("g1"), json!(1))).unwrap();
+        assert_eq!(p.draft.group.as_deref(), Some("g1"));
         let code = |s| prepare(&cfg, "alice", s).unwrap_err().code;
         assert_eq!(
             code(send(Some("b b"), None, json!(1))),
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            code(send(None, Some("g.1"), json!(1))),
             ErrorCode::BadRequest
         );
         assert_eq!(code(send(None, None, json!(1))), ErrorCode::BadRequest);
@@ -168,7 +200,6 @@ mod tests {
             code(send(Some("b"), Some("g"), json!(1))),
             ErrorCode::BadRequest
         );
-        assert_eq!(code(send(None, Some("g"), json!(1))), ErrorCode::NotFound);
         assert_eq!(
             code(send(Some("b"), None, json!("x".repeat(20)))),
             ErrorCode::TooLarge

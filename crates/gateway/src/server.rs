@@ -87,6 +87,19 @@ impl Gateway {
             // Deliver-new from an exact seq: everything stored from now on reaches us.
             let after = nats.stream_last_seq().await?;
             tokio::spawn(nats.clone().run_tail(hub.clone(), after, tail_stop.clone()));
+            let (groups_ready, loaded) = tokio::sync::oneshot::channel();
+            tokio::spawn(
+                nats.clone()
+                    .run_group_watch(groups_ready, tail_stop.clone()),
+            );
+            tokio::time::timeout(cfg.nats.nats_startup_timeout, loaded)
+                .await
+                .map_err(|_| anyhow::anyhow!("loading groups from NATS timed out"))??;
+            tokio::spawn(crate::rooms::run_room_tail(
+                nats.clone(),
+                hub.clone(),
+                tail_stop.clone(),
+            ));
             tokio::spawn(crate::presence::answer_queries(
                 nats.clone(),
                 hub.clone(),

@@ -81,6 +81,7 @@ pub struct Shared {
 pub enum Outgoing {
     Frame(ServerFrame),
     Msg(Arc<Delivered>),
+    Room(Arc<Delivered>),
 }
 
 impl Outgoing {
@@ -88,7 +89,7 @@ impl Outgoing {
     pub fn encode(&self, enc: Encoding) -> Bytes {
         match self {
             Outgoing::Frame(f) => encode(f, enc).expect("server frames always encode"),
-            Outgoing::Msg(d) => d.encoded(enc),
+            Outgoing::Msg(d) | Outgoing::Room(d) => d.encoded(enc),
         }
     }
 }
@@ -302,7 +303,7 @@ where
         match item {
             Outgoing::Msg(_) => m.delivered(self.profile.transport).increment(1),
             Outgoing::Frame(ServerFrame::Error { code, .. }) => m.error(*code).increment(1),
-            Outgoing::Frame(_) => {}
+            Outgoing::Frame(_) | Outgoing::Room(_) => {}
         }
     }
 
@@ -328,6 +329,11 @@ where
 /// The state of a logged-in session.
 struct Live {
     uid: String,
+    device: String,
+    /// This connection's id in the hub: it holds the room memberships it joined.
+    conn_id: u64,
+    /// Rooms this connection joined.
+    rooms: Vec<String>,
     /// False for server-push clients: written means acked, and no idle timeout.
     client_acks: bool,
     cursor: CursorHandle,
@@ -365,6 +371,9 @@ where
     let start = stored.unwrap_or(resume);
     let limiter = send_quota(cfg).map(RateLimiter::direct);
     let mut live = Live {
+        device: device.clone(),
+        conn_id: reg.id,
+        rooms: Vec::new(),
         client_acks: io.profile.client_acks,
         cursor: shared.cursors.open(&uid, &device, start, start),
         uid,
@@ -379,6 +388,11 @@ where
         Ok(()) => live_loop(shared, io, &mut live, &mut reg.rx).await,
         Err(end) => end,
     };
+    for room in &live.rooms {
+        shared
+            .hub
+            .leave_room(room, &live.uid, &live.device, live.conn_id);
+    }
     drop(reg);
     Box::pin(live.cursor.close()).await;
     end
@@ -545,11 +559,16 @@ where
     let now = Instant::now();
     let mut next = Some(first);
     let mut n = 0;
-    while let Some(Outbound::Msg(d)) = next {
-        let seq = d.seq();
-        if seq > live.last_sent {
-            io.write(Outgoing::Msg(d), false).await?;
-            live.sent(seq, now);
+    while let Some(out) = next {
+        match out {
+            Outbound::Msg(d) => {
+                let seq = d.seq();
+                if seq > live.last_sent {
+                    io.write(Outgoing::Msg(d), false).await?;
+                    live.sent(seq, now);
+                }
+            }
+            Outbound::Room(d) => io.write(Outgoing::Room(d), false).await?,
         }
         n += 1;
         next = if n < OUT_BATCH {
@@ -593,11 +612,57 @@ where
             Err(frame) => *frame,
         },
         ClientFrame::Login(_) => ServerFrame::error(ErrorCode::BadRequest, "already logged in"),
-        ClientFrame::Join { .. } | ClientFrame::Leave { .. } | ClientFrame::Publish { .. } => {
-            ServerFrame::error(
-                ErrorCode::BadRequest,
-                "rooms are not enabled on this gateway",
-            )
+        ClientFrame::Join { room } => {
+            if !is_valid_id(&room) {
+                ServerFrame::error(
+                    ErrorCode::BadRequest,
+                    "room must match ^[A-Za-z0-9_-]{1,64}$",
+                )
+            } else if live.rooms.contains(&room) {
+                return Ok(());
+            } else if live.rooms.len() >= shared.cfg.max_rooms_per_connection {
+                ServerFrame::error(
+                    ErrorCode::BadRequest,
+                    format!(
+                        "a connection joins at most {} rooms (--max-rooms-per-connection)",
+                        shared.cfg.max_rooms_per_connection
+                    ),
+                )
+            } else {
+                shared
+                    .hub
+                    .join_room(&room, &live.uid, &live.device, live.conn_id, None);
+                live.rooms.push(room);
+                return Ok(());
+            }
+        }
+        ClientFrame::Leave { room } => {
+            if let Some(i) = live.rooms.iter().position(|r| *r == room) {
+                live.rooms.swap_remove(i);
+                shared
+                    .hub
+                    .leave_room(&room, &live.uid, &live.device, live.conn_id);
+            }
+            return Ok(());
+        }
+        ClientFrame::Publish { room, body } => {
+            match crate::rooms::check_publish(shared, &room, &body) {
+                Err((code, message)) => ServerFrame::error(code, message),
+                Ok(()) if !live.rooms.contains(&room) => ServerFrame::error(
+                    ErrorCode::NotMember,
+                    format!("join {room:?} before publishing to it"),
+                ),
+                Ok(()) if live.limiter.as_ref().is_some_and(|l| l.check().is_err()) => {
+                    ServerFrame::error(
+                        ErrorCode::RateLimited,
+                        "send rate limit exceeded; retry later",
+                    )
+                }
+                Ok(()) => match crate::rooms::publish(shared, &room, &live.uid, body).await {
+                    Ok(()) => return Ok(()),
+                    Err(e) => ServerFrame::error(e.code(), e.to_string()),
+                },
+            }
         }
     };
     io.write(Outgoing::Frame(answer), true).await

@@ -97,6 +97,7 @@ fn to_event(o: Outgoing) -> Event {
             .id(d.seq().to_string())
             .data(data),
         Outgoing::Frame(f) => Event::default().event(frame_type(f)).data(data),
+        Outgoing::Room(_) => Event::default().event("room").data(data),
     }
 }
 

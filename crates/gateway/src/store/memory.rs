@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use imgate_proto::Message;
 
-use super::{Appended, Draft, Fanout, Page, Store, StoreError};
+use super::{Appended, ChangeError, Draft, Fanout, Group, GroupChange, Page, Store, StoreError};
 
 /// How long a `(from, id)` pair is remembered for idempotent sends.
 pub const DEDUPE_WINDOW: Duration = Duration::from_secs(120);
@@ -41,6 +41,7 @@ struct Inner {
     /// Insertion order of `dedupe`, to expire it.
     dedupe_order: VecDeque<(Instant, (String, String))>,
     cursors: HashMap<(String, String), u64>,
+    groups: HashMap<String, Group>,
 }
 
 #[derive(Default)]
@@ -164,6 +165,27 @@ impl Store for MemoryStore {
 
     async fn ready(&self) -> bool {
         true
+    }
+
+    async fn create_group(&self, id: &str, group: &Group) -> Result<bool, StoreError> {
+        let mut inner = self.lock();
+        if inner.groups.contains_key(id) {
+            return Ok(false);
+        }
+        inner.groups.insert(id.to_owned(), group.clone());
+        Ok(true)
+    }
+
+    async fn group(&self, id: &str) -> Result<Option<Group>, StoreError> {
+        Ok(self.lock().groups.get(id).cloned())
+    }
+
+    async fn change_group(&self, id: &str, change: &GroupChange<'_>) -> Result<Group, ChangeError> {
+        let mut inner = self.lock();
+        let current = inner.groups.get(id).ok_or(ChangeError::NotFound)?;
+        let next = change(current).map_err(ChangeError::Refused)?;
+        inner.groups.insert(id.to_owned(), next.clone());
+        Ok(next)
     }
 }
 

@@ -78,6 +78,25 @@ impl StoreError {
     }
 }
 
+/// A group: its owner and members (the owner is a member).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Group {
+    pub owner: String,
+    pub members: Vec<String>,
+}
+
+/// Why a group change did not happen.
+#[derive(Debug, Clone)]
+pub enum ChangeError {
+    NotFound,
+    Refused(crate::groups::Refusal),
+    Store(StoreError),
+}
+
+/// A membership change, applied to the current group inside the store's compare-and-set.
+pub type GroupChange<'a> =
+    dyn Fn(&Group) -> Result<Group, crate::groups::Refusal> + Send + Sync + 'a;
+
 /// Receives stored inbox copies for delivery. Implemented by the registry.
 pub trait Fanout: Send + Sync + 'static {
     /// One stored copy for inbox `uid`. `build` makes the message; call it only when a local
@@ -107,4 +126,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// Whether the store can take writes now (for `/readyz`).
     async fn ready(&self) -> bool;
+
+    /// Creates group `id`; `false` if it exists already.
+    async fn create_group(&self, id: &str, group: &Group) -> Result<bool, StoreError>;
+
+    /// Group `id`, if it exists (in cluster mode, from this gateway's watched cache).
+    async fn group(&self, id: &str) -> Result<Option<Group>, StoreError>;
+
+    /// Applies `change` to group `id` atomically (retrying on a concurrent change).
+    async fn change_group(&self, id: &str, change: &GroupChange<'_>) -> Result<Group, ChangeError>;
 }

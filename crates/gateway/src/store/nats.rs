@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use super::{Appended, Draft, Fanout, Page, Store, StoreError};
+use super::{Appended, ChangeError, Draft, Fanout, Group, GroupChange, Page, Store, StoreError};
 use crate::config::Config;
 
 /// The JetStream duplicate window: a re-sent id within it stores nothing new.
@@ -51,6 +51,8 @@ pub struct Names {
     pub stream: String,
     /// `imgate_cursors`
     pub cursors: String,
+    /// `imgate_groups`
+    pub groups: String,
 }
 
 impl Names {
@@ -59,6 +61,7 @@ impl Names {
             prefix: prefix.to_owned(),
             stream: prefix.to_uppercase().replace(['.', '-'], "_"),
             cursors: format!("{prefix}_cursors"),
+            groups: format!("{prefix}_groups"),
         }
     }
 
@@ -92,6 +95,9 @@ pub struct NatsStore {
     js: jetstream::Context,
     stream: stream::Stream,
     cursors: kv::Store,
+    groups: kv::Store,
+    /// Every group, kept current by a watch on the groups bucket.
+    group_cache: dashmap::DashMap<String, Group>,
     names: Names,
     max_inbox: usize,
     pub tail_stats: TailStats,
@@ -212,7 +218,7 @@ impl NatsStore {
 
         // NATS may still be starting (compose, a restart): keep trying for a while.
         let deadline = tokio::time::Instant::now() + n.nats_startup_timeout;
-        let (stream, cursors) = loop {
+        let (stream, cursors, groups) = loop {
             match Self::provision(&js, &names, cfg).await {
                 Ok(v) => break v,
                 Err(e) if tokio::time::Instant::now() < deadline => {
@@ -227,6 +233,8 @@ impl NatsStore {
             js,
             stream,
             cursors,
+            groups,
+            group_cache: dashmap::DashMap::new(),
             names,
             max_inbox: cfg.max_inbox,
             tail_stats: TailStats::default(),
@@ -237,7 +245,7 @@ impl NatsStore {
         js: &jetstream::Context,
         names: &Names,
         cfg: &Config,
-    ) -> anyhow::Result<(stream::Stream, kv::Store)> {
+    ) -> anyhow::Result<(stream::Stream, kv::Store, kv::Store)> {
         let replicas = cfg.nats.replicas;
         js.create_or_update_stream(stream::Config {
             name: names.stream.clone(),
@@ -260,7 +268,82 @@ impl NatsStore {
             replicas,
         )
         .await?;
-        Ok((stream, cursors))
+        let groups = kv_bucket(
+            js,
+            &names.groups,
+            "imgate groups: <gid> -> msgpack {owner, members}",
+            replicas,
+        )
+        .await?;
+        Ok((stream, cursors, groups))
+    }
+
+    /// Keeps the group cache current from the groups bucket until `stop`; re-watches after a
+    /// failure (a watch starts with every current value).
+    pub async fn run_group_watch(
+        self: Arc<Self>,
+        ready: tokio::sync::oneshot::Sender<()>,
+        stop: CancellationToken,
+    ) {
+        let mut ready = Some(ready);
+        loop {
+            let r = tokio::select! {
+                r = self.watch_groups_once(&mut ready) => r,
+                _ = stop.cancelled() => return,
+            };
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "group watch interrupted; watching again");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = stop.cancelled() => return,
+            }
+        }
+    }
+
+    async fn watch_groups_once(
+        &self,
+        ready: &mut Option<tokio::sync::oneshot::Sender<()>>,
+    ) -> anyhow::Result<()> {
+        self.connected()?;
+        // Everything there is now, then every change.
+        let mut current = std::collections::HashMap::new();
+        let mut keys = self.groups.keys().await?;
+        while let Some(k) = keys.next().await {
+            let k = k?;
+            if let Some(v) = self.groups.get(&k).await? {
+                if let Ok(g) = rmp_serde::from_slice::<Group>(&v) {
+                    current.insert(k, g);
+                }
+            }
+        }
+        // Last value of every key, then every change: anything changed after the listing
+        // above arrives here too.
+        let mut watch = self.groups.watch_with_history(">").await?;
+        self.group_cache.retain(|k, _| current.contains_key(k));
+        for (k, g) in current {
+            self.group_cache.insert(k, g);
+        }
+        if let Some(r) = ready.take() {
+            let _ = r.send(());
+        }
+        while let Some(e) = watch.next().await {
+            let e = e?;
+            match e.operation {
+                kv::Operation::Put => match rmp_serde::from_slice::<Group>(&e.value) {
+                    Ok(g) => {
+                        self.group_cache.insert(e.key, g);
+                    }
+                    Err(err) => {
+                        tracing::warn!(key = e.key, error = %err, "ignoring a group that does not decode")
+                    }
+                },
+                kv::Operation::Delete | kv::Operation::Purge => {
+                    self.group_cache.remove(&e.key);
+                }
+            }
+        }
+        anyhow::bail!("group watch ended")
     }
 
     pub fn client(&self) -> &async_nats::Client {
@@ -269,6 +352,11 @@ impl NatsStore {
 
     pub fn names(&self) -> &Names {
         &self.names
+    }
+
+    /// Whether the NATS connection is up right now.
+    pub fn connected_now(&self) -> bool {
+        self.connected().is_ok()
     }
 
     fn connected(&self) -> Result<(), StoreError> {
@@ -519,6 +607,61 @@ impl Store for NatsStore {
 
     async fn ready(&self) -> bool {
         self.connected().is_ok()
+    }
+
+    async fn create_group(&self, id: &str, group: &Group) -> Result<bool, StoreError> {
+        self.connected()?;
+        let value =
+            rmp_serde::to_vec_named(group).map_err(|e| StoreError::Internal(e.to_string()))?;
+        match self.groups.create(id, value.into()).await {
+            Ok(_) => {
+                self.group_cache.insert(id.to_owned(), group.clone());
+                Ok(true)
+            }
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    async fn group(&self, id: &str) -> Result<Option<Group>, StoreError> {
+        if let Some(g) = self.group_cache.get(id) {
+            return Ok(Some(g.clone()));
+        }
+        // Not in the cache: possibly created a moment ago on another gateway.
+        self.connected()?;
+        let v = self.groups.get(id).await.map_err(unavailable)?;
+        Ok(v.and_then(|b| rmp_serde::from_slice(&b).ok()))
+    }
+
+    async fn change_group(&self, id: &str, change: &GroupChange<'_>) -> Result<Group, ChangeError> {
+        self.connected().map_err(ChangeError::Store)?;
+        for _ in 0..5 {
+            let entry = self
+                .groups
+                .entry(id)
+                .await
+                .map_err(|e| ChangeError::Store(unavailable(e)))?;
+            let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) else {
+                return Err(ChangeError::NotFound);
+            };
+            let current: Group = rmp_serde::from_slice(&entry.value)
+                .map_err(|e| ChangeError::Store(StoreError::Internal(e.to_string())))?;
+            let next = change(&current).map_err(ChangeError::Refused)?;
+            let value = rmp_serde::to_vec_named(&next)
+                .map_err(|e| ChangeError::Store(StoreError::Internal(e.to_string())))?;
+            if self
+                .groups
+                .update(id, value.into(), entry.revision)
+                .await
+                .is_ok()
+            {
+                self.group_cache.insert(id.to_owned(), next.clone());
+                return Ok(next);
+            }
+        }
+        Err(ChangeError::Store(StoreError::Unavailable(format!(
+            "group {id} kept changing under us"
+        ))))
     }
 }
 
