@@ -10,8 +10,11 @@
 //! timestamp carried in the body) to the moment the recipient's client hands the message
 //! over: it includes the store write, the bus and both client libraries.
 
+mod common;
+mod group;
 mod procs;
 mod w1;
+mod w4;
 
 use std::path::PathBuf;
 
@@ -29,6 +32,10 @@ enum Scenario {
     /// W1, 1:1 chat: users spread over gateways, each message to a random user on another
     /// gateway, at a fixed offered rate.
     W1(w1::Args),
+    /// W4, a live room: thousands of connections over two gateways in one room.
+    W4(w4::Args),
+    /// A message to a large group: time to `sent` and to the last member.
+    Group(group::Args),
 }
 
 /// Where the binaries and configs are.
@@ -61,5 +68,19 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     match cli.scenario {
         Scenario::W1(a) => rt.block_on(w1::run(a)),
+        Scenario::W4(a) => rt.block_on(w4::run(a)),
+        Scenario::Group(a) => rt.block_on(group::run(a)),
+    }
+}
+
+/// Prints a report: pretty JSON for people, one line with `--json`.
+pub(crate) fn print(setup: &Setup, report: &serde_json::Value) {
+    if setup.json {
+        println!("{report}");
+    } else {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(report).expect("a JSON value prints")
+        );
     }
 }

@@ -53,9 +53,11 @@ async function seqsAreUnique(page) {
   return seqs.length;
 }
 
+const pages = {};
 try {
   const alice = await open("alice", "bob", { width: 900, height: 800 });
   const bob = await open("bob", "alice", { width: 390, height: 844 });
+  Object.assign(pages, { alice, bob });
   const modes = [["ws", "WebSocket"], ["sse", "SSE"], ["long", "long poll"], ["short", "short poll"]];
   for (const [mode, label] of modes) {
     await use(alice, mode, label);
@@ -71,10 +73,42 @@ try {
   const a = await seqsAreUnique(alice);
   const b = await seqsAreUnique(bob);
   if (a !== 8 || b !== 8) throw new Error(`expected 8 messages on each page, alice has ${a}, bob ${b}`);
+
+  // A group: alice creates it with bob in it and writes to it; bob's page lists it.
+  await use(alice, "ws", "WebSocket");
+  await use(bob, "sse", "SSE");
+  await alice.click("[data-testid=groups-panel] summary");
+  await alice.fill("[data-testid=group-id]", "crew");
+  await alice.fill("[data-testid=group-members]", "bob");
+  await alice.click("[data-testid=group-create]");
+  await alice.waitForFunction(() => document.querySelector("[data-testid=kind]").value === "group");
+  await say(alice, "hello crew");
+  await sees(bob, "hello crew");
+  await bob.locator("#messages li .meta", { hasText: "alice → #crew" }).first().waitFor();
+  await bob.locator("[data-testid=groups] button", { hasText: "#crew" }).waitFor({ state: "attached" });
+  console.log("ok: group");
+
+  // A live room: bob (SSE, joined over HTTP) and alice (WebSocket frames).
+  for (const p of [alice, bob]) {
+    await p.click("[data-testid=room-panel] summary");
+    await p.fill("[data-testid=room-id]", "lobby");
+    await p.click("[data-testid=room-join]");
+    await p.waitForSelector("[data-testid=room-panel] summary:has-text('Live room: lobby')");
+  }
+  await alice.fill("[data-testid=room-text]", "live from the lobby");
+  await alice.click("[data-testid=room-send]");
+  await bob.locator("#room-messages li", { hasText: "live from the lobby" }).waitFor();
+  console.log("ok: room");
+
   await bob.screenshot({ path: screenshot, fullPage: true });
-  console.log(`browser test passed: 4 transports, 8 messages on each page, screenshot ${screenshot}`);
+  console.log(`browser test passed: 4 transports, 8 messages on each page, a group, a room, screenshot ${screenshot}`);
 } catch (e) {
   console.error(`browser test failed: ${e.stack || e}`);
+  for (const [who, p] of Object.entries(pages)) {
+    const status = await p.textContent("[data-testid=status]").catch(() => "?");
+    console.error(`${who}'s status: ${status}`);
+    await p.screenshot({ path: screenshot.replace(/\.png$/, `-failed-${who}.png`), fullPage: true }).catch(() => {});
+  }
   process.exitCode = 1;
 } finally {
   await browser.close();

@@ -12,6 +12,7 @@ let lastSeq = null;        // highest seq shown; transports resume after it
 let mode = "ws";
 let stop = () => {};       // closes the current transport
 let wsConn = null;         // the open WebSocket, used for sending in ws mode
+let room = null;           // the live room this page is in
 const pending = new Map(); // ws send id -> resolve
 
 function setStatus(text, up) {
@@ -28,6 +29,7 @@ function renderStats() {
 function show(msg, via) {
   if (lastSeq !== null && msg.seq <= lastSeq) return; // already shown
   lastSeq = msg.seq;
+  if (msg.group) addGroup(msg.group);
   stats[via].messages++;
   const li = document.createElement("li");
   li.className = msg.from === uid ? "mine" : "";
@@ -36,7 +38,8 @@ function show(msg, via) {
   const latency = Math.max(0, Date.now() - msg.ts);
   li.innerHTML = `<span class="text"></span><span class="meta"></span>`;
   li.querySelector(".text").textContent = text;
-  li.querySelector(".meta").textContent = `${msg.from} → ${msg.to ?? msg.group} · seq ${msg.seq} · ${latency} ms via ${MODES[via]}`;
+  const target = msg.group ? `#${msg.group}` : msg.to;
+  li.querySelector(".meta").textContent = `${msg.from} → ${target} · seq ${msg.seq} · ${latency} ms via ${MODES[via]}`;
   $("messages").append(li);
   li.scrollIntoView({ block: "end" });
   renderStats();
@@ -58,7 +61,12 @@ function startWs() {
     ws.onmessage = (e) => {
       stats.ws.bytes += e.data.length;
       const f = JSON.parse(e.data);
-      if (f.type === "welcome") { wsConn = ws; setStatus(`connected via WebSocket, resumed after ${f.resume}`, true); }
+      if (f.type === "welcome") {
+        wsConn = ws;
+        setStatus(`connected via WebSocket, resumed after ${f.resume}`, true);
+        if (room) ws.send(JSON.stringify({ type: "join", room }));
+      }
+      else if (f.type === "room") showRoom(f);
       else if (f.type === "msg") { show(f, "ws"); ws.send(JSON.stringify({ type: "ack", seq: f.seq })); }
       else if (f.type === "sent" || f.type === "error") { const r = pending.get(f.id); if (r) { pending.delete(f.id); r(f); } }
       renderStats();
@@ -74,6 +82,7 @@ function startSse() {
   stats.sse.requests++; renderStats();
   es.addEventListener("welcome", (e) => { stats.sse.bytes += e.data.length; setStatus(`connected via SSE, resumed after ${JSON.parse(e.data).resume}`, true); });
   es.addEventListener("msg", (e) => { stats.sse.bytes += e.data.length; show(JSON.parse(e.data), "sse"); });
+  es.addEventListener("room", (e) => { stats.sse.bytes += e.data.length; showRoom(JSON.parse(e.data)); });
   // EventSource reconnects by itself and sends Last-Event-ID: the stream resumes with no gap.
   es.onerror = () => { setStatus("SSE reconnecting…"); stats.sse.requests++; renderStats(); };
   return () => es.close();
@@ -88,6 +97,7 @@ async function poll(kind, ctl) {
   if (!r.ok) throw new Error(body);
   const page = JSON.parse(body);
   page.messages.forEach((m) => show(m, kind));
+  (page.rooms || []).forEach(showRoom);
   if (lastSeq === null) lastSeq = page.cursor;
   renderStats();
 }
@@ -116,6 +126,8 @@ function startShortPoll() {
 
 function connect() {
   stop();
+  // A room joined over HTTP is rejoined by the new transport (WebSocket joins per connection).
+  if (room && $("transport").value !== "ws") postJson(`/v1/rooms/${room}/join?device=${device}`, {}).catch(() => {});
   mode = $("transport").value;
   $("interval-label").hidden = mode !== "short";
   setStatus(`connecting via ${MODES[mode]}…`);
@@ -126,22 +138,83 @@ function connect() {
 // --- sending ----------------------------------------------------------------------------
 
 async function send(text) {
-  const to = $("peer").value.trim();
-  if (!to) throw new Error("choose who to chat with");
+  const peer = $("peer").value.trim();
+  if (!peer) throw new Error("choose who to chat with");
   const id = `web-${Date.now().toString(36)}-${Math.random().toString(36).slice(2, 8)}`;
+  const target = { [$("kind").value]: peer };  // {to: "bob"} or {group: "g1"}
   const body = { text };
   if (mode === "ws" && wsConn) {
     const answer = new Promise((resolve) => pending.set(id, resolve));
-    wsConn.send(JSON.stringify({ type: "send", id, to, body }));
+    wsConn.send(JSON.stringify({ type: "send", id, ...target, body }));
     const f = await answer;
     if (f.type === "error") throw new Error(f.message);
     return;
   }
   const r = await fetch(api("/v1/messages"), authed({
-    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ id, to, body }),
+    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ id, ...target, body }),
   }));
   if (!r.ok) throw new Error((await r.json()).message);
 }
+
+// --- groups and rooms -----------------------------------------------------------------
+
+const postJson = (path, body) => fetch(api(path), authed({
+  method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+}));
+
+function addGroup(id) {
+  if ([...$("groups").children].some((li) => li.dataset.id === id)) return;
+  const li = document.createElement("li");
+  li.dataset.id = id;
+  const b = document.createElement("button");
+  b.type = "button";
+  b.textContent = `#${id}`;
+  b.onclick = () => { $("kind").value = "group"; $("peer").value = id; };
+  li.append(b);
+  $("groups").append(li);
+}
+
+function showRoom(f) {
+  const li = document.createElement("li");
+  li.innerHTML = `<span class="from"></span><span class="text"></span>`;
+  li.querySelector(".from").textContent = f.from;
+  li.querySelector(".text").textContent = typeof f.body === "object" && f.body && "text" in f.body ? String(f.body.text) : JSON.stringify(f.body);
+  $("room-messages").append(li);
+  li.scrollIntoView({ block: "end" });
+}
+
+async function joinRoom(id) {
+  room = id;
+  if (mode === "ws" && wsConn) wsConn.send(JSON.stringify({ type: "join", room }));
+  else {
+    // SSE and polling devices join over HTTP; the room's messages reach this device.
+    const r = await postJson(`/v1/rooms/${room}/join?device=${device}`, {});
+    if (!r.ok) throw new Error((await r.json()).message);
+  }
+  $("room-panel").querySelector("summary").textContent = `Live room: ${room}`;
+}
+
+async function publishRoom(text) {
+  if (!room) throw new Error("join a room first");
+  if (mode === "ws" && wsConn) { wsConn.send(JSON.stringify({ type: "publish", room, body: { text } })); return; }
+  const r = await postJson(`/v1/rooms/${room}/publish?device=${device}`, { body: { text } });
+  if (!r.ok) throw new Error((await r.json()).message);
+}
+
+$("group-form").onsubmit = async (e) => {
+  e.preventDefault();
+  const id = $("group-id").value.trim();
+  const members = $("group-members").value.split(",").map((m) => m.trim()).filter(Boolean);
+  const r = await postJson("/v1/groups", { id, members });
+  if (r.ok || r.status === 409) { addGroup(id); $("kind").value = "group"; $("peer").value = id; }
+  else setStatus(`group not created: ${(await r.json()).message}`);
+};
+$("room-form").onsubmit = (e) => { e.preventDefault(); joinRoom($("room-id").value.trim()).catch((err) => setStatus(err.message)); };
+$("room-composer").onsubmit = async (e) => {
+  e.preventDefault();
+  try { await publishRoom($("room-text").value); $("room-text").value = ""; }
+  catch (err) { setStatus(`not published: ${err.message}`); }
+};
 
 // --- login ------------------------------------------------------------------------------
 
