@@ -14,6 +14,7 @@ mod common;
 mod group;
 mod procs;
 mod w1;
+mod w3;
 mod w4;
 
 use std::path::PathBuf;
@@ -32,6 +33,8 @@ enum Scenario {
     /// W1, 1:1 chat: users spread over gateways, each message to a random user on another
     /// gateway, at a fixed offered rate.
     W1(w1::Args),
+    /// W3, fanout cost: the same load with G = 1, 2, 4, 8 gateways.
+    W3(w3::Args),
     /// W4, a live room: thousands of connections over two gateways in one room.
     W4(w4::Args),
     /// A message to a large group: time to `sent` and to the last member.
@@ -68,6 +71,7 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     match cli.scenario {
         Scenario::W1(a) => rt.block_on(w1::run(a)),
+        Scenario::W3(a) => rt.block_on(w3::run(a)),
         Scenario::W4(a) => rt.block_on(w4::run(a)),
         Scenario::Group(a) => rt.block_on(group::run(a)),
     }

@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use futures::stream::{self, StreamExt};
@@ -16,7 +16,8 @@ use imgate_proto::Send;
 use rand::Rng;
 use serde_json::json;
 
-use crate::procs::{Gateway, Nats, Usage};
+use crate::common::{cluster, histogram, now_us, percentiles_ms, round};
+use crate::procs::Usage;
 use crate::Setup;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -43,13 +44,6 @@ pub(crate) struct Args {
     setup: Setup,
 }
 
-fn now_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_micros() as u64
-}
-
 /// What the receivers record.
 struct Tally {
     latency_us: Mutex<Histogram<u64>>,
@@ -62,11 +56,7 @@ struct Tally {
 
 pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     anyhow::ensure!(a.gateways >= 2, "W1 needs at least two gateways");
-    let nats = Nats::start(&a.setup.nats_config).await?;
-    let mut gws = Vec::new();
-    for _ in 0..a.gateways {
-        gws.push(Gateway::start(&a.setup.imgate, &["--nats".into(), nats.url()]).await?);
-    }
+    let (nats, gws) = cluster(&a.setup, a.gateways).await?;
     eprintln!(
         "w1: nats {} and {} gateways up; connecting {} users",
         nats.url(),
@@ -76,7 +66,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
 
     let auth = Auth::new(None);
     let tally = Arc::new(Tally {
-        latency_us: Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3)?),
+        latency_us: Mutex::new(histogram()),
         ids: Mutex::new(HashSet::new()),
         received: AtomicU64::new(0),
         duplicates: AtomicU64::new(0),
@@ -232,14 +222,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         "delivered_per_second": round(received as f64 / offered_for.as_secs_f64()),
         "lost": accepted.saturating_sub(received),
         "duplicates": tally.duplicates.load(Ordering::Relaxed),
-        "latency_ms": {
-            "samples": h.len(),
-            "p50": ms(h.value_at_quantile(0.50)),
-            "p90": ms(h.value_at_quantile(0.90)),
-            "p99": ms(h.value_at_quantile(0.99)),
-            "p999": ms(h.value_at_quantile(0.999)),
-            "max": ms(h.max()),
-        },
+        "latency_ms": percentiles_ms(&h),
         "gateway_processes": per_gateway,
         "nats_server": {
             "cpu_seconds": round(nats_after.cpu_seconds - nats_before.cpu_seconds),
@@ -249,19 +232,11 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         "wall_seconds": round(elapsed.as_secs_f64()),
     });
     if a.setup.json {
-        println!("{report}");
+        crate::print(&a.setup, &report);
     } else {
         print_table(&report);
     }
     Ok(())
-}
-
-fn round(v: f64) -> f64 {
-    (v * 1000.0).round() / 1000.0
-}
-
-fn ms(us: u64) -> f64 {
-    round(us as f64 / 1000.0)
 }
 
 fn print_table(r: &serde_json::Value) {

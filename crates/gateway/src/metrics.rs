@@ -65,6 +65,7 @@ pub struct Metrics {
     dispatched: Counter,
     slow_consumers: Counter,
     tail_received: Counter,
+    tail_received_bytes: Counter,
     tail_decoded: Counter,
     tail_undecodable: Counter,
     tail_restarts: Counter,
@@ -121,6 +122,7 @@ impl Metrics {
             dispatched: counter("imgate_fanout_dispatched_total", vec![]),
             slow_consumers: counter("imgate_slow_consumers_total", vec![]),
             tail_received: counter("imgate_tail_received_total", vec![]),
+            tail_received_bytes: counter("imgate_tail_received_bytes_total", vec![]),
             tail_decoded: counter("imgate_tail_decoded_total", vec![]),
             tail_undecodable: counter("imgate_tail_undecodable_total", vec![]),
             tail_restarts: counter("imgate_tail_restarts_total", vec![]),
@@ -186,6 +188,11 @@ impl Metrics {
             "Cluster mode: inbox copies received from the stream (every copy, for every user).",
         );
         d(
+            "imgate_tail_received_bytes_total",
+            Unit::Bytes,
+            "Cluster mode: subject and payload bytes of the copies received from the stream.",
+        );
+        d(
             "imgate_tail_decoded_total",
             Unit::Count,
             "Cluster mode: copies decoded, which happens only for users connected to this gateway.",
@@ -238,6 +245,7 @@ impl Metrics {
         if let Some(t) = tail {
             let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
             self.tail_received.absolute(get(&t.received));
+            self.tail_received_bytes.absolute(get(&t.received_bytes));
             self.tail_decoded.absolute(get(&t.decoded));
             self.tail_undecodable.absolute(get(&t.undecodable));
             self.tail_restarts.absolute(get(&t.restarts));

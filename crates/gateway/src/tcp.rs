@@ -18,7 +18,7 @@ use crate::session::{self, InError, Incoming, Outgoing, Profile, Shared, Start};
 
 /// Initial read and write buffer of a TCP connection. Small, because most connections are
 /// idle most of the time; buffers grow when a frame needs it.
-const TCP_BUFFER: usize = 512;
+const TCP_BUFFER: usize = 128;
 /// Longest pause after repeated accept errors (for example, out of file descriptors).
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 

@@ -81,6 +81,8 @@ impl Names {
 pub struct TailStats {
     /// Inbox copies the tail received from the stream.
     pub received: AtomicU64,
+    /// Their subject and payload bytes: what the broadcast costs this gateway on the bus.
+    pub received_bytes: AtomicU64,
     /// Copies it decoded (only ever for users with a local connection).
     pub decoded: AtomicU64,
     /// Payloads that did not decode as a message (published by something else).
@@ -440,6 +442,10 @@ impl NatsStore {
             }
             *last = seq;
             self.tail_stats.received.fetch_add(1, Ordering::Relaxed);
+            self.tail_stats.received_bytes.fetch_add(
+                (m.subject.len() + m.payload.len()) as u64,
+                Ordering::Relaxed,
+            );
             let Some(uid) = m.subject.rsplit('.').next() else {
                 continue;
             };

@@ -1,0 +1,91 @@
+//! Criterion benchmarks of the delivery hot path, without sockets:
+//! - `drop_non_local`: what a gateway does with a stream message for a user it does not hold
+//!   (read the uid from the subject, look it up, drop without decoding);
+//! - `deliver_to_k`: decode a stored payload once, encode it once per wire format, and hand
+//!   it to k local connections' outboxes;
+//! on 32 B, 1 KiB and 8 KiB bodies. `cargo bench -p imgate-gateway --bench hot_path`.
+
+use std::hint::black_box;
+use std::sync::Arc;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use imgate_gateway::hub::{Hub, Kick, Outbound};
+use imgate_gateway::store::nats::decode_payload;
+use imgate_gateway::store::Fanout;
+use imgate_proto::Encoding;
+use serde_json::json;
+
+const SIZES: [(&str, usize); 3] = [("32B", 32), ("1KiB", 1024), ("8KiB", 8 * 1024)];
+
+/// A stored payload (msgpack, as the NATS store writes it) with a body of about `size` bytes.
+fn payload(size: usize) -> Vec<u8> {
+    let body = json!({"text": "x".repeat(size.saturating_sub(11))});
+    rmp_serde::to_vec_named(&json!({
+        "id": "c-1", "from": "alice", "to": "bob", "ts": 1_764_190_000_123u64, "body": body
+    }))
+    .unwrap()
+}
+
+fn drop_non_local(c: &mut Criterion) {
+    let hub = Hub::new();
+    // Some users are held here, just not the recipient.
+    let regs: Vec<_> = (0..1000)
+        .map(|i| hub.register(&format!("local{i}"), "d", Arc::new(Kick::default()), 16, 16))
+        .collect();
+    let mut g = c.benchmark_group("drop_non_local");
+    g.throughput(Throughput::Elements(1));
+    for (name, size) in SIZES {
+        let p = payload(size);
+        let subject = "imgate.u.remote-user-4711";
+        g.bench_with_input(BenchmarkId::from_parameter(name), &p, |b, p| {
+            b.iter(|| {
+                let uid = black_box(subject).rsplit('.').next().unwrap();
+                hub.deliver(uid, &mut || decode_payload(black_box(p), 42, 0));
+            })
+        });
+    }
+    g.finish();
+    drop(regs);
+}
+
+fn deliver_to_k(c: &mut Criterion) {
+    let mut g = c.benchmark_group("deliver_to_k");
+    for k in [1usize, 10, 100] {
+        let hub = Hub::new();
+        let mut regs: Vec<_> = (0..k)
+            .map(|i| {
+                hub.register(
+                    "bob",
+                    &format!("d{i}"),
+                    Arc::new(Kick::default()),
+                    1024,
+                    1000,
+                )
+            })
+            .collect();
+        g.throughput(Throughput::Elements(k as u64));
+        for (name, size) in SIZES {
+            let p = payload(size);
+            g.bench_with_input(BenchmarkId::new(format!("k={k}"), name), &p, |b, p| {
+                b.iter(|| {
+                    hub.deliver("bob", &mut || decode_payload(black_box(p), 42, 0));
+                    // What each connection's writer does: take the shared encoding.
+                    for (i, r) in regs.iter_mut().enumerate() {
+                        if let Ok(Outbound::Msg(d)) = r.rx.try_recv() {
+                            let enc = if i % 2 == 0 {
+                                Encoding::Msgpack
+                            } else {
+                                Encoding::Json
+                            };
+                            black_box(d.encoded(enc));
+                        }
+                    }
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, drop_non_local, deliver_to_k);
+criterion_main!(benches);
