@@ -2,8 +2,9 @@
 //! - `drop_non_local`: what a gateway does with a stream message for a user it does not hold
 //!   (read the uid from the subject, look it up, drop without decoding);
 //! - `deliver_to_k`: decode a stored payload once, encode it once per wire format, and hand
-//!   it to k local connections' outboxes;
-//! on 32 B, 1 KiB and 8 KiB bodies. `cargo bench -p imgate-gateway --bench hot_path`.
+//!   it to k local connections' outboxes.
+//!
+//! Both on 32 B, 1 KiB and 8 KiB bodies: `cargo bench -p imgate-gateway --bench hot_path`.
 
 use std::hint::black_box;
 use std::sync::Arc;
