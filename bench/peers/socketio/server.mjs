@@ -1,0 +1,27 @@
+// A Socket.IO chat server with the Redis adapter: the peer of an imgate gateway in W1.
+// Every server sees every message through Redis pub/sub (broadcast, like imgate over NATS)
+// and emits it to the sockets it holds. Each user's socket joins a room named by its uid;
+// a send is `socket.emit("send", {to, id, body}, ack)`. Nothing is stored: Socket.IO has no
+// inbox, so this peer does less work per message than imgate (no durable write).
+// Usage: PORT=3001 REDIS_URL=redis://127.0.0.1:6390 node server.mjs
+import { createServer } from "node:http";
+import { Server } from "socket.io";
+import { createAdapter } from "@socket.io/redis-adapter";
+import { createClient } from "redis";
+
+const port = Number(process.env.PORT || 3001);
+const pub = createClient({ url: process.env.REDIS_URL });
+const sub = pub.duplicate();
+await Promise.all([pub.connect(), sub.connect()]);
+
+const http = createServer();
+const io = new Server(http, { adapter: createAdapter(pub, sub), transports: ["websocket"] });
+io.on("connection", (socket) => {
+  const uid = socket.handshake.auth.uid;
+  socket.join(uid);
+  socket.on("send", (m, ack) => {
+    io.to(m.to).emit("msg", { id: m.id, from: uid, to: m.to, ts: Date.now(), body: m.body });
+    if (typeof ack === "function") ack({ ok: true });
+  });
+});
+http.listen(port, "127.0.0.1", () => console.log(`socket.io listening port=${port}`));
