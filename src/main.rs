@@ -12,6 +12,11 @@ use imgate_gateway::auth::Auth;
 use imgate_gateway::config::{secret_from, LogFormat, Secret};
 use imgate_gateway::{Config, Gateway, Listeners};
 
+/// mimalloc instead of glibc's allocator: allocation was about an eighth of a gateway's CPU
+/// under W1 (perf), and a gateway allocates per message and per connection.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "imgate", version, about = "Instant-messaging delivery gateway")]
 struct Cli {
