@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::http::{authenticate, ApiError};
-use crate::poll::TokenQuery;
+use crate::poll::{json_body, TokenQuery};
 use crate::session::Shared;
 use crate::store::{ChangeError, Group};
 
@@ -155,11 +155,6 @@ fn view(id: &str, g: &Group) -> Json<serde_json::Value> {
     }))
 }
 
-fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
-    b.map(|Json(v)| v)
-        .map_err(|e| ApiError::new(ErrorCode::BadRequest, e.body_text()))
-}
-
 fn store_err(e: crate::store::StoreError) -> ApiError {
     ApiError::new(e.code(), e.to_string())
 }
@@ -183,7 +178,7 @@ pub async fn create(
     b: Result<Json<CreateGroup>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let who = authenticate(&shared, q.token.as_deref(), &headers)?;
-    let req = body(b)?;
+    let req = json_body(b)?;
     check_id(&req.id)?;
     let group = new_group(&who.uid, &req.members, shared.cfg.max_group)
         .map_err(|r| ApiError::new(r.code, r.message))?;
@@ -235,7 +230,7 @@ pub async fn members(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let who = authenticate(&shared, q.token.as_deref(), &headers)?;
     check_id(&id)?;
-    let req = body(b)?;
+    let req = json_body(b)?;
     let max = shared.cfg.max_group;
     let apply = |g: &Group| change(g, &who.uid, &req.add, &req.remove, max);
     match shared.store.change_group(&id, &apply).await {

@@ -42,26 +42,37 @@ pub async fn post_message(
     body: Result<Json<Send>, JsonRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let id = authenticate(&shared, q.token.as_deref(), &headers)?;
-    let Json(send) = body.map_err(|e| {
+    let prepared = send::prepare(&shared.cfg, &id.uid, json_body(body)?).map_err(ApiError::from)?;
+    check_http_rate(&shared, &id.uid)?;
+    stored(send::commit(&shared, prepared).await)
+}
+
+/// A JSON request body, or the API error for it (413 when above the body limit).
+pub fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
+    body.map(|Json(v)| v).map_err(|e| {
         let code = if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ErrorCode::TooLarge
         } else {
             ErrorCode::BadRequest
         };
         ApiError::new(code, e.body_text())
-    })?;
-    let prepared = send::prepare(&shared.cfg, &id.uid, send).map_err(ApiError::from)?;
-    if let Some(l) = &shared.http_limiter {
-        if l.check_key(&id.uid).is_err() {
-            return Err(ApiError::new(
-                ErrorCode::RateLimited,
-                "send rate limit exceeded; retry later",
-            ));
-        }
+    })
+}
+
+/// The per-uid send rate of the HTTP API (`--send-rate`, `--send-burst`).
+pub fn check_http_rate(shared: &Shared, uid: &str) -> Result<(), ApiError> {
+    match &shared.http_limiter {
+        Some(l) if l.check_key(&uid.to_owned()).is_err() => Err(ApiError::new(
+            ErrorCode::RateLimited,
+            "send rate limit exceeded; retry later",
+        )),
+        _ => Ok(()),
     }
-    let s = send::commit(&shared, prepared)
-        .await
-        .map_err(ApiError::from)?;
+}
+
+/// `{"seq":…,"id":…,"ts":…}` for a durable send.
+fn stored(r: Result<send::Stored, send::Refused>) -> Result<Json<serde_json::Value>, ApiError> {
+    let s = r.map_err(ApiError::from)?;
     Ok(Json(json!({"seq": s.seq, "id": s.id, "ts": s.ts})))
 }
 
@@ -81,13 +92,10 @@ pub async fn admin_message(
         )
         .with_status(StatusCode::FORBIDDEN));
     }
-    let Json(send) = body.map_err(|e| ApiError::new(ErrorCode::BadRequest, e.body_text()))?;
-    let mut prepared = send::prepare(&shared.cfg, SYSTEM, send).map_err(ApiError::from)?;
+    let mut prepared =
+        send::prepare(&shared.cfg, SYSTEM, json_body(body)?).map_err(ApiError::from)?;
     prepared.member_only = false;
-    let s = send::commit(&shared, prepared)
-        .await
-        .map_err(ApiError::from)?;
-    Ok(Json(json!({"seq": s.seq, "id": s.id, "ts": s.ts})))
+    stored(send::commit(&shared, prepared).await)
 }
 
 /// `?token=` on endpoints that take nothing else in the query.

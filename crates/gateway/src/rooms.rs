@@ -218,16 +218,9 @@ pub async fn publish_http(
     b: Result<Json<PublishBody>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let (uid, _device) = who(&shared, &q, &headers, &room)?;
-    let Json(b) = b.map_err(|e| ApiError::new(ErrorCode::BadRequest, e.body_text()))?;
+    let b = crate::poll::json_body(b)?;
     check_publish(&shared, &room, &b.body).map_err(|(c, m)| ApiError::new(c, m))?;
-    if let Some(l) = &shared.http_limiter {
-        if l.check_key(&uid).is_err() {
-            return Err(ApiError::new(
-                ErrorCode::RateLimited,
-                "send rate limit exceeded; retry later",
-            ));
-        }
-    }
+    crate::poll::check_http_rate(&shared, &uid)?;
     publish(&shared, &room, &uid, b.body)
         .await
         .map_err(|e| ApiError::new(e.code(), e.to_string()))?;
