@@ -8,6 +8,7 @@ import json
 import os
 import re
 import subprocess
+import tempfile
 import time
 
 # The gateway's public development secret (crates/gateway/src/auth.rs, DEV_SECRET).
@@ -37,9 +38,11 @@ class Gateway:
     """`imgate serve` on free loopback ports; use as a context manager."""
 
     def __init__(self, binary, *args):
+        # The gateway's log goes to a file, so an exit can be explained afterwards.
+        self.log = tempfile.NamedTemporaryFile(prefix="imgate-gw-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(
             [binary, "serve", "--http", "127.0.0.1:0", "--tcp", "127.0.0.1:0", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            stdout=subprocess.PIPE, stderr=self.log, text=True,
         )
         line = self.proc.stdout.readline()
         m = re.search(r"http=(\S+):(\d+) tcp=(\S+):(\d+)", line)
