@@ -35,28 +35,34 @@ async def hold(host, port, tok, ready, stop, source=None):
     writer.close()
 
 
+async def connect_all(addr, first, count, stop, source=None, deadline=120):
+    """Opens `count` connections as users u<first>.. (one user each), logged in; returns
+    their tasks, which hold the connections until `stop` is set."""
+    done = 0
+
+    def ready():
+        nonlocal done
+        done += 1
+
+    tasks = []
+    started = time.monotonic()
+    for i in range(first, first + count):
+        tasks.append(asyncio.create_task(hold(*addr, token(f"u{i}"), ready, stop, source)))
+        if i % 500 == 499:
+            await asyncio.sleep(0.05)
+    while done < count:
+        await asyncio.sleep(0.1)
+        if time.monotonic() - started > deadline:
+            raise SystemExit(f"only {done} of {count} connections logged in")
+    return tasks
+
+
 async def main(args):
     with Gateway(args.binary, "--idle-timeout", "1h", "--max-connections", str(args.connections + 100)) as gw:
         time.sleep(0.3)
         before = gw.rss_kib()
-        done = 0
         stop = asyncio.Event()
-
-        def ready():
-            nonlocal done
-            done += 1
-
-        tasks = []
-        started = time.monotonic()
-        for i in range(args.connections):
-            # One user per connection.
-            tasks.append(asyncio.create_task(hold(*gw.tcp, token(f"u{i}"), ready, stop)))
-            if i % 500 == 499:
-                await asyncio.sleep(0.05)
-        while done < args.connections:
-            await asyncio.sleep(0.1)
-            if time.monotonic() - started > 120:
-                raise SystemExit(f"only {done} of {args.connections} connections logged in")
+        tasks = await connect_all(gw.tcp, 0, args.connections, stop)
         await asyncio.sleep(2)
         after = gw.rss_kib()
         peak = gw.rss_kib("VmHWM")
@@ -75,20 +81,8 @@ async def main(args):
 def worker(addr, source, first, count, ready_q, stop_ev):
     """A client process holding `count` connections to one gateway until `stop_ev`."""
     async def run():
-        done = 0
         stop = asyncio.Event()
-
-        def ready():
-            nonlocal done
-            done += 1
-
-        tasks = []
-        for i in range(first, first + count):
-            tasks.append(asyncio.create_task(hold(*addr, token(f"u{i}"), ready, stop, source)))
-            if i % 500 == 499:
-                await asyncio.sleep(0.05)
-        while done < count:
-            await asyncio.sleep(0.1)
+        tasks = await connect_all(addr, first, count, stop, source, deadline=600)
         ready_q.put(count)
         while not stop_ev.is_set():
             await asyncio.sleep(0.2)

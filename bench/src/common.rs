@@ -21,6 +21,24 @@ pub(crate) fn now_us() -> u64 {
         .as_micros() as u64
 }
 
+/// Calls `send(n)` for n = 0, 1, 2, … at `rate` per second for `duration`, catching up in
+/// bursts when a tick comes late; returns how many it sent.
+pub(crate) async fn pace(rate: u64, duration: Duration, mut send: impl FnMut(u64)) -> u64 {
+    let started = std::time::Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut sent = 0;
+    while started.elapsed() < duration {
+        tick.tick().await;
+        let due = (started.elapsed().as_secs_f64() * rate as f64) as u64;
+        while sent < due {
+            send(sent);
+            sent += 1;
+        }
+    }
+    sent
+}
+
 /// A NATS server and `n` gateways in cluster mode on it.
 pub(crate) async fn cluster(setup: &Setup, n: usize) -> anyhow::Result<(Nats, Vec<Gateway>)> {
     let nats = Nats::start(&setup.nats_config).await?;

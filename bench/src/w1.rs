@@ -16,7 +16,7 @@ use imgate_proto::Send;
 use rand::Rng;
 use serde_json::json;
 
-use crate::common::{cluster, histogram, now_us, percentiles_ms, round};
+use crate::common::{cluster, histogram, now_us, pace, percentiles_ms, round};
 use crate::procs::Usage;
 use crate::Setup;
 
@@ -137,46 +137,38 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     tally
         .timed_after_us
         .store(now_us() + a.warmup.as_micros() as u64, Ordering::Relaxed);
-    let mut tick = tokio::time::interval(Duration::from_millis(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let mut sent: u64 = 0;
     let g = gws.len();
-    while started.elapsed() < a.duration {
-        tick.tick().await;
-        let due = (started.elapsed().as_secs_f64() * a.rate as f64) as u64;
-        while sent < due {
-            let (from, to) = {
-                let mut rng = rand::rng();
-                let from = rng.random_range(0..a.users);
-                // A recipient on another gateway: same index modulo g is the same gateway.
-                let shift = rng.random_range(1..g);
-                let mut to = rng.random_range(0..a.users / g) * g + (from % g + shift) % g;
-                if to >= a.users {
-                    to -= g;
-                }
-                (from, to)
+    let sent = pace(a.rate, a.duration, |id| {
+        let (from, to) = {
+            let mut rng = rand::rng();
+            let from = rng.random_range(0..a.users);
+            // A recipient on another gateway: same index modulo g is the same gateway.
+            let shift = rng.random_range(1..g);
+            let mut to = rng.random_range(0..a.users / g) * g + (from % g + shift) % g;
+            if to >= a.users {
+                to -= g;
+            }
+            (from, to)
+        };
+        let client = clients[from].clone();
+        let body = json!({"t": now_us(), "pad": pad});
+        let (accepted, failed) = (accepted.clone(), failed.clone());
+        tokio::spawn(async move {
+            let r = client
+                .send(Send {
+                    id: Some(format!("w1-{id}")),
+                    to: Some(format!("u{to}")),
+                    group: None,
+                    body,
+                })
+                .await;
+            match r {
+                Ok(_) => accepted.fetch_add(1, Ordering::Relaxed),
+                Err(_) => failed.fetch_add(1, Ordering::Relaxed),
             };
-            let client = clients[from].clone();
-            let body = json!({"t": now_us(), "pad": pad});
-            let (accepted, failed) = (accepted.clone(), failed.clone());
-            let id = sent;
-            tokio::spawn(async move {
-                let r = client
-                    .send(Send {
-                        id: Some(format!("w1-{id}")),
-                        to: Some(format!("u{to}")),
-                        group: None,
-                        body,
-                    })
-                    .await;
-                match r {
-                    Ok(_) => accepted.fetch_add(1, Ordering::Relaxed),
-                    Err(_) => failed.fetch_add(1, Ordering::Relaxed),
-                };
-            });
-            sent += 1;
-        }
-    }
+        });
+    })
+    .await;
     let offered_for = started.elapsed();
     // Let in-flight messages land (up to 10 s).
     let drain_deadline = Instant::now() + Duration::from_secs(10);

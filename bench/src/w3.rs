@@ -16,7 +16,7 @@ use plotters::prelude::*;
 use rand::Rng;
 use serde_json::{json, Value};
 
-use crate::common::{cluster, connect_users, now_us, round};
+use crate::common::{cluster, connect_users, now_us, pace, round};
 use crate::Setup;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -88,32 +88,24 @@ async fn one(a: &Args, g: usize) -> anyhow::Result<Value> {
             gw.metric("imgate_tail_received_bytes_total").await,
         ));
     }
-    let started = Instant::now();
-    let mut sent = 0u64;
-    let mut tick = tokio::time::interval(Duration::from_millis(1));
-    while started.elapsed() < a.duration {
-        tick.tick().await;
-        let due = (started.elapsed().as_secs_f64() * a.rate as f64) as u64;
-        while sent < due {
-            let (from, to) = {
-                let mut rng = rand::rng();
-                (rng.random_range(0..a.users), rng.random_range(0..a.users))
-            };
-            let c = clients[from].clone();
-            let id = sent;
-            tokio::spawn(async move {
-                let _ = c
-                    .send(Send {
-                        id: Some(format!("w3-{id}")),
-                        to: Some(format!("w{to}")),
-                        group: None,
-                        body: json!({"t": now_us()}),
-                    })
-                    .await;
-            });
-            sent += 1;
-        }
-    }
+    let sent = pace(a.rate, a.duration, |id| {
+        let (from, to) = {
+            let mut rng = rand::rng();
+            (rng.random_range(0..a.users), rng.random_range(0..a.users))
+        };
+        let c = clients[from].clone();
+        tokio::spawn(async move {
+            let _ = c
+                .send(Send {
+                    id: Some(format!("w3-{id}")),
+                    to: Some(format!("w{to}")),
+                    group: None,
+                    body: json!({"t": now_us()}),
+                })
+                .await;
+        });
+    })
+    .await;
     // Wait until every gateway has seen every copy (or 10 s).
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
