@@ -19,8 +19,10 @@ use serde::Deserialize;
 use crate::http::{bearer, ApiError};
 use crate::session::{self, InError, Incoming, Outgoing, Preauth, Profile, Shared, Start};
 
-/// tungstenite's read buffer (its default is 128 KiB per connection, allocated up front).
-const WS_READ_BUFFER: usize = 4 * 1024;
+/// tungstenite's initial read buffer (its default is 128 KiB per connection, allocated up
+/// front). It grows to hold a larger frame; small, because most connections are idle, and
+/// heaptrack showed a 4 KiB buffer as the largest allocation of an idle WebSocket.
+const WS_READ_BUFFER: usize = 256;
 /// Bytes tungstenite collects before it writes to the socket; small so frames go out at
 /// once and idle connections hold little.
 const WS_WRITE_BUFFER: usize = 0;
