@@ -154,7 +154,14 @@ struct ListenArgs {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let rt = tokio::runtime::Runtime::new()?;
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    rt.enable_all();
+    if let Cmd::Serve(cfg) = &cli.cmd {
+        if let Some(n) = cfg.worker_threads {
+            rt.worker_threads(n.get());
+        }
+    }
+    let rt = rt.build()?;
     match cli.cmd {
         Cmd::Serve(cfg) => rt.block_on(serve(*cfg)),
         Cmd::Token(a) => {

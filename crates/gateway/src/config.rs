@@ -156,6 +156,11 @@ pub struct Config {
     #[arg(long, env = "IMGATE_MAX_CONNECTIONS", default_value_t = 200_000)]
     pub max_connections: usize,
 
+    /// Threads that run connections (default: one per CPU). Fewer than the CPUs leaves
+    /// room for a NATS server or other gateways on the same machine.
+    #[arg(long, env = "IMGATE_WORKER_THREADS")]
+    pub worker_threads: Option<std::num::NonZeroUsize>,
+
     /// On SIGTERM/SIGINT, how long to wait for connections to close before exiting.
     #[arg(long, env = "IMGATE_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
@@ -293,7 +298,10 @@ mod tests {
         assert_eq!(cfg.idle_timeout, Duration::from_secs(90));
         assert_eq!(cfg.max_devices, 16);
         assert_eq!(cfg.drain_timeout, Duration::from_secs(10));
+        assert_eq!(cfg.worker_threads, None, "tokio's default: one per CPU");
         cfg.validate().unwrap();
+        let cfg = parse_for_test(&["--worker-threads", "1"]);
+        assert_eq!(cfg.worker_threads.map(|n| n.get()), Some(1));
     }
 
     #[test]
