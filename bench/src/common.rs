@@ -6,11 +6,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use futures::stream::{self, StreamExt};
 use hdrhistogram::Histogram;
-use imgate_client::{Client, ClientBuilder, Events};
+use imgate_client::{Client, ClientBuilder, Encoding, Events};
 use imgate_gateway::auth::Auth;
+use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 
-use crate::procs::{Gateway, Nats};
+use crate::procs::{Gateway, Nats, Usage};
 use crate::Setup;
 
 /// Microseconds since the Unix epoch (the timestamp carried in message bodies).
@@ -21,9 +22,22 @@ pub(crate) fn now_us() -> u64 {
         .as_micros() as u64
 }
 
+/// A progress bar on stderr (drawn only when stderr is a terminal).
+pub(crate) fn progress(len: u64, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template("{msg:>12} [{bar:30}] {pos}/{len} {elapsed}")
+            .expect("static template is valid")
+            .progress_chars("=> "),
+    );
+    bar.set_message(what.to_string());
+    bar
+}
+
 /// Calls `send(n)` for n = 0, 1, 2, … at `rate` per second for `duration`, catching up in
 /// bursts when a tick comes late; returns how many it sent.
 pub(crate) async fn pace(rate: u64, duration: Duration, mut send: impl FnMut(u64)) -> u64 {
+    let bar = progress(duration.as_secs(), "offering");
     let started = std::time::Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -35,8 +49,53 @@ pub(crate) async fn pace(rate: u64, duration: Duration, mut send: impl FnMut(u64
             send(sent);
             sent += 1;
         }
+        bar.set_position(started.elapsed().as_secs());
     }
+    bar.finish_and_clear();
     sent
+}
+
+/// How the load generator's users connect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Transport {
+    /// Length-prefixed msgpack over TCP.
+    Tcp,
+    /// WebSocket, subprotocol imgate.json.
+    WsJson,
+    /// WebSocket, subprotocol imgate.msgpack.
+    WsMsgpack,
+}
+
+impl Transport {
+    /// A client builder for `uid` on gateway `gw`.
+    pub(crate) fn builder(self, gw: &Gateway, token: String) -> ClientBuilder {
+        let b = match self {
+            Transport::Tcp => ClientBuilder::new(format!("tcp://{}", gw.tcp), token),
+            Transport::WsJson | Transport::WsMsgpack => {
+                ClientBuilder::new(format!("ws://{}/v1/ws", gw.http), token)
+            }
+        };
+        let enc = if self == Transport::WsJson {
+            Encoding::Json
+        } else {
+            Encoding::Msgpack
+        };
+        b.device("bench").encoding(enc)
+    }
+}
+
+/// The processes a scenario measures: gateways, and the NATS server they share unless the
+/// single gateway is standalone.
+pub(crate) struct Cluster {
+    pub(crate) nats: Option<Nats>,
+    pub(crate) gateways: Vec<Gateway>,
+}
+
+impl Cluster {
+    /// CPU and peak RSS of the NATS server (zero when standalone).
+    pub(crate) fn nats_usage(&self) -> anyhow::Result<Usage> {
+        self.nats.as_ref().map_or(Ok(Usage::default()), Nats::usage)
+    }
 }
 
 /// A NATS server and `n` gateways in cluster mode on it.
@@ -44,9 +103,70 @@ pub(crate) async fn cluster(setup: &Setup, n: usize) -> anyhow::Result<(Nats, Ve
     let nats = Nats::start(&setup.nats_config).await?;
     let mut gws = Vec::new();
     for _ in 0..n {
-        gws.push(Gateway::start(&setup.imgate, &["--nats".into(), nats.url()]).await?);
+        let args = [gateway_args(setup), vec!["--nats".into(), nats.url()]].concat();
+        gws.push(Gateway::start(&setup.imgate, &args).await?);
     }
     Ok((nats, gws))
+}
+
+fn gateway_args(setup: &Setup) -> Vec<String> {
+    match setup.gateway_threads {
+        0 => vec![],
+        n => vec!["--worker-threads".into(), n.to_string()],
+    }
+}
+
+/// `n` gateways on one NATS server, or with `standalone` one gateway and no NATS.
+pub(crate) async fn start(setup: &Setup, n: usize, standalone: bool) -> anyhow::Result<Cluster> {
+    if standalone {
+        anyhow::ensure!(n == 1, "a standalone run has exactly one gateway");
+        let gw = Gateway::start(&setup.imgate, &gateway_args(setup)).await?;
+        return Ok(Cluster {
+            nats: None,
+            gateways: vec![gw],
+        });
+    }
+    let (nats, gateways) = cluster(setup, n).await?;
+    Ok(Cluster {
+        nats: Some(nats),
+        gateways,
+    })
+}
+
+/// Connects users `prefix0 .. prefix{n-1}`, user `i` on gateway `i % gateways`, and hands
+/// each `(index, uid, client, events)` to `each`, which returns what to keep.
+pub(crate) async fn connect_each<T>(
+    gws: &[Gateway],
+    transport: Transport,
+    prefix: &str,
+    n: usize,
+    each: impl Fn(usize, String, Client, Events) -> T,
+) -> anyhow::Result<Vec<T>> {
+    let auth = Auth::new(None);
+    let bar = progress(n as u64, "connecting");
+    let each = &each;
+    let out = stream::iter(0..n)
+        .map(|i| {
+            let uid = format!("{prefix}{i}");
+            let token = auth.mint(&uid, Duration::from_secs(3600), false);
+            let builder = transport.builder(&gws[i % gws.len()], token);
+            let bar = &bar;
+            async move {
+                let (client, events) = builder
+                    .connect()
+                    .await
+                    .with_context(|| format!("connecting {uid}"))?;
+                bar.inc(1);
+                anyhow::Ok(each(i, uid, client, events))
+            }
+        })
+        .buffered(100)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect();
+    bar.finish_and_clear();
+    out
 }
 
 /// Connects users `prefix0 .. prefix{n-1}` over TCP, user `i` on gateway `i % gateways`.
@@ -55,25 +175,7 @@ pub(crate) async fn connect_users(
     prefix: &str,
     n: usize,
 ) -> anyhow::Result<Vec<(Client, Events)>> {
-    let auth = Auth::new(None);
-    stream::iter(0..n)
-        .map(|i| {
-            let uid = format!("{prefix}{i}");
-            let token = auth.mint(&uid, Duration::from_secs(3600), false);
-            let url = format!("tcp://{}", gws[i % gws.len()].tcp);
-            async move {
-                ClientBuilder::new(url, token)
-                    .device("bench")
-                    .connect()
-                    .await
-                    .with_context(|| format!("connecting {uid}"))
-            }
-        })
-        .buffered(100)
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .collect()
+    connect_each(gws, Transport::Tcp, prefix, n, |_, _, c, e| (c, e)).await
 }
 
 /// A latency histogram in microseconds, 1 µs to 60 s, 3 significant figures.

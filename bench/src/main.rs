@@ -50,6 +50,10 @@ pub(crate) struct Setup {
     /// NATS configuration to start nats-server with.
     #[arg(long, default_value_os_t = workspace().join("nats/nats.conf"))]
     pub(crate) nats_config: PathBuf,
+    /// Worker threads per gateway (`imgate serve --worker-threads`); 0 keeps the gateway's
+    /// default of one per CPU.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) gateway_threads: usize,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub(crate) json: bool,

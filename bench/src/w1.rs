@@ -7,16 +7,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
-use futures::stream::{self, StreamExt};
 use hdrhistogram::Histogram;
-use imgate_client::{Client, ClientBuilder, Event};
-use imgate_gateway::auth::Auth;
+use imgate_client::{Client, Event};
 use imgate_proto::Send;
 use rand::Rng;
 use serde_json::json;
 
-use crate::common::{cluster, histogram, now_us, pace, percentiles_ms, round};
+use crate::common::{
+    connect_each, histogram, now_us, pace, percentiles_ms, round, start, Transport,
+};
 use crate::procs::Usage;
 use crate::Setup;
 
@@ -25,9 +24,15 @@ pub(crate) struct Args {
     /// Gateways (users are spread evenly over them).
     #[arg(long, default_value_t = 2)]
     gateways: usize,
-    /// Users, one TCP connection each.
+    /// Users, one connection each.
     #[arg(long, default_value_t = 2_000)]
     users: usize,
+    /// How users connect.
+    #[arg(long, value_enum, default_value_t = Transport::Tcp)]
+    transport: Transport,
+    /// One gateway with no NATS (the in-memory store): every message is local.
+    #[arg(long)]
+    standalone: bool,
     /// Offered messages per second, in total.
     #[arg(long, default_value_t = 5_000)]
     rate: u64,
@@ -55,16 +60,20 @@ struct Tally {
 }
 
 pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
-    anyhow::ensure!(a.gateways >= 2, "W1 needs at least two gateways");
-    let (nats, gws) = cluster(&a.setup, a.gateways).await?;
+    let gateways = if a.standalone { 1 } else { a.gateways };
+    anyhow::ensure!(
+        a.standalone || gateways >= 2,
+        "W1 needs two gateways, or --standalone"
+    );
+    let cluster = start(&a.setup, gateways, a.standalone).await?;
+    let (nats, gws) = (&cluster, &cluster.gateways);
     eprintln!(
-        "w1: nats {} and {} gateways up; connecting {} users",
-        nats.url(),
+        "w1: {} gateway(s) up; connecting {} users over {:?}",
         gws.len(),
-        a.users
+        a.users,
+        a.transport
     );
 
-    let auth = Auth::new(None);
     let tally = Arc::new(Tally {
         latency_us: Mutex::new(histogram()),
         ids: Mutex::new(HashSet::new()),
@@ -72,51 +81,41 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         duplicates: AtomicU64::new(0),
         timed_after_us: AtomicU64::new(u64::MAX),
     });
-    let clients: Vec<Client> = stream::iter(0..a.users)
-        .map(|i| {
-            let gw = &gws[i % gws.len()];
-            let uid = format!("u{i}");
-            let token = auth.mint(&uid, Duration::from_secs(3600), false);
-            let url = format!("tcp://{}", gw.tcp);
+    let clients: Vec<Client> = connect_each(
+        gws,
+        a.transport,
+        "u",
+        a.users,
+        |_, uid, client, mut events| {
             let tally = tally.clone();
-            async move {
-                let (client, mut events) = ClientBuilder::new(url, token)
-                    .device("bench")
-                    .connect()
-                    .await
-                    .with_context(|| format!("connecting {uid}"))?;
-                tokio::spawn(async move {
-                    while let Some(ev) = events.recv().await {
-                        if let Event::Msg(m) = ev {
-                            if m.from == uid {
-                                continue; // the sender's own copy
-                            }
-                            let at = now_us();
-                            let n: u64 = m.id.trim_start_matches("w1-").parse().unwrap_or(0);
-                            if !tally.ids.lock().unwrap().insert(n) {
-                                tally.duplicates.fetch_add(1, Ordering::Relaxed);
-                                continue;
-                            }
-                            tally.received.fetch_add(1, Ordering::Relaxed);
-                            let sent = m.body["t"].as_u64().unwrap_or(at);
-                            if sent >= tally.timed_after_us.load(Ordering::Relaxed) {
-                                let _ = tally
-                                    .latency_us
-                                    .lock()
-                                    .unwrap()
-                                    .record(at.saturating_sub(sent).max(1));
-                            }
+            tokio::spawn(async move {
+                while let Some(ev) = events.recv().await {
+                    if let Event::Msg(m) = ev {
+                        if m.from == uid {
+                            continue; // the sender's own copy
+                        }
+                        let at = now_us();
+                        let n: u64 = m.id.trim_start_matches("w1-").parse().unwrap_or(0);
+                        if !tally.ids.lock().unwrap().insert(n) {
+                            tally.duplicates.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
+                        tally.received.fetch_add(1, Ordering::Relaxed);
+                        let sent = m.body["t"].as_u64().unwrap_or(at);
+                        if sent >= tally.timed_after_us.load(Ordering::Relaxed) {
+                            let _ = tally
+                                .latency_us
+                                .lock()
+                                .unwrap()
+                                .record(at.saturating_sub(sent).max(1));
                         }
                     }
-                });
-                anyhow::Ok(client)
-            }
-        })
-        .buffered(100)
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .collect::<Result<_, _>>()?;
+                }
+            });
+            client
+        },
+    )
+    .await?;
     eprintln!(
         "w1: {} users connected; offering {} msg/s for {:?}",
         clients.len(),
@@ -125,7 +124,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     );
 
     let before: Vec<Usage> = gws.iter().map(|g| g.usage()).collect::<Result<_, _>>()?;
-    let nats_before = nats.usage()?;
+    let nats_before = nats.nats_usage()?;
     let me_before = crate::procs::usage(std::process::id())?;
     let accepted = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
@@ -143,11 +142,18 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             let mut rng = rand::rng();
             let from = rng.random_range(0..a.users);
             // A recipient on another gateway: same index modulo g is the same gateway.
-            let shift = rng.random_range(1..g);
-            let mut to = rng.random_range(0..a.users / g) * g + (from % g + shift) % g;
-            if to >= a.users {
-                to -= g;
-            }
+            let to = if g == 1 {
+                // Standalone: anyone else.
+                (from + rng.random_range(1..a.users)) % a.users
+            } else {
+                let shift = rng.random_range(1..g);
+                let to = rng.random_range(0..a.users / g) * g + (from % g + shift) % g;
+                if to >= a.users {
+                    to - g
+                } else {
+                    to
+                }
+            };
             (from, to)
         };
         let client = clients[from].clone();
@@ -183,7 +189,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     }
     let elapsed = started.elapsed();
     let after: Vec<Usage> = gws.iter().map(|g| g.usage()).collect::<Result<_, _>>()?;
-    let nats_after = nats.usage()?;
+    let nats_after = nats.nats_usage()?;
     let me_after = crate::procs::usage(std::process::id())?;
 
     let accepted = accepted.load(Ordering::Relaxed);
@@ -202,7 +208,9 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     }
     let report = json!({
         "scenario": "W1",
-        "gateways": a.gateways,
+        "gateways": gateways,
+        "standalone": a.standalone,
+        "transport": format!("{:?}", a.transport),
         "users": a.users,
         "offered_rate": a.rate,
         "body_bytes": a.body,

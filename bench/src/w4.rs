@@ -10,7 +10,7 @@ use imgate_client::Event;
 use imgate_proto::ClientFrame;
 use serde_json::json;
 
-use crate::common::{cluster, connect_users, histogram, now_us, percentiles_ms, round};
+use crate::common::{connect_users, histogram, now_us, percentiles_ms, round, start};
 use crate::Setup;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -25,14 +25,19 @@ pub(crate) struct Args {
     rate: u64,
     #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
     duration: Duration,
+    /// One gateway with no NATS (the in-memory store).
+    #[arg(long)]
+    standalone: bool,
     #[command(flatten)]
     setup: Setup,
 }
 
 pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
-    let (nats, gws) = cluster(&a.setup, a.gateways).await?;
+    let gateways = if a.standalone { 1 } else { a.gateways };
+    let cluster = start(&a.setup, gateways, a.standalone).await?;
+    let gws = &cluster.gateways;
     eprintln!("w4: connecting {} viewers", a.connections);
-    let viewers = connect_users(&gws, "v", a.connections).await?;
+    let viewers = connect_users(gws, "v", a.connections).await?;
     let latency = Arc::new(Mutex::new(histogram()));
     let received = Arc::new(AtomicU64::new(0));
     let probes = Arc::new(AtomicU64::new(0));
@@ -65,7 +70,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         });
         clients.push(client);
     }
-    let (host, _events) = connect_users(&gws, "host", 1)
+    let (host, _events) = connect_users(gws, "host", 1)
         .await?
         .pop()
         .expect("one host");
@@ -95,7 +100,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     );
 
     let before: Vec<_> = gws.iter().map(|g| g.usage()).collect::<Result<_, _>>()?;
-    let nats_before = nats.usage()?;
+    let nats_before = cluster.nats_usage()?;
     let me_before = crate::procs::usage(std::process::id())?;
     let started = Instant::now();
     let mut published = 0u64;
@@ -116,17 +121,18 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     }
     let secs = started.elapsed().as_secs_f64();
     let after: Vec<_> = gws.iter().map(|g| g.usage()).collect::<Result<_, _>>()?;
-    let nats_after = nats.usage()?;
+    let nats_after = cluster.nats_usage()?;
     let me_after = crate::procs::usage(std::process::id())?;
     let got = received.load(Ordering::Relaxed);
     let mut dropped = 0;
-    for g in &gws {
+    for g in gws {
         dropped += g.metric("imgate_room_dropped_total").await;
     }
     let h = latency.lock().unwrap().clone();
     let report = json!({
         "scenario": "W4",
-        "gateways": a.gateways,
+        "gateways": gateways,
+        "standalone": a.standalone,
         "connections": a.connections,
         "rate": a.rate,
         "published": published,

@@ -1,11 +1,35 @@
-//! A 10-second W1 smoke run in CI, so the load generator cannot rot: two gateways on a real
-//! nats-server, 100 users, 200 msg/s. It must deliver everything once.
+//! Smoke runs in CI, so the load generator cannot rot: a 10-second W1 (two gateways on a real
+//! nats-server, 100 users, 200 msg/s, TCP) and a 5-second standalone W1 over WebSocket
+//! msgpack on a one-thread gateway. Each must deliver everything once.
 
 use std::path::PathBuf;
 use std::process::Command;
 
 #[test]
 fn w1_smoke_delivers_everything_once() {
+    let r = run_w1(&["--duration", "10s"]);
+    assert!(r["delivered"].as_u64().unwrap() >= 1_900, "{r}");
+}
+
+#[test]
+fn standalone_websocket_smoke_delivers_everything_once() {
+    let r = run_w1(&[
+        "--duration",
+        "5s",
+        "--standalone",
+        "--transport",
+        "ws-msgpack",
+        "--gateway-threads",
+        "1",
+    ]);
+    assert_eq!(r["standalone"], true, "{r}");
+    assert_eq!(r["transport"], "WsMsgpack", "{r}");
+    assert!(r["delivered"].as_u64().unwrap() >= 900, "{r}");
+}
+
+/// Runs `imgate-bench w1` with 100 users at 200 msg/s plus `extra`, checks that nothing was
+/// lost or duplicated, and returns the report.
+fn run_w1(extra: &[&str]) -> serde_json::Value {
     let bench = PathBuf::from(env!("CARGO_BIN_EXE_imgate-bench"));
     // The gateway binary built by the same `cargo test` run, beside this one.
     let imgate = bench.with_file_name("imgate");
@@ -16,17 +40,9 @@ fn w1_smoke_delivers_everything_once() {
     );
     let out = Command::new(&bench)
         .args([
-            "w1",
-            "--users",
-            "100",
-            "--rate",
-            "200",
-            "--duration",
-            "10s",
-            "--warmup",
-            "1s",
-            "--json",
+            "w1", "--users", "100", "--rate", "200", "--warmup", "1s", "--json",
         ])
+        .args(extra)
         .arg("--imgate")
         .arg(&imgate)
         .output()
@@ -41,6 +57,6 @@ fn w1_smoke_delivers_everything_once() {
     assert_eq!(r["send_errors"], 0, "{r}");
     assert_eq!(r["lost"], 0, "{r}");
     assert_eq!(r["duplicates"], 0, "{r}");
-    assert!(r["delivered"].as_u64().unwrap() >= 1_900, "{r}");
     assert_eq!(r["delivered"], r["accepted"], "{r}");
+    r
 }
