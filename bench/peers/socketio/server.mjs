@@ -1,4 +1,5 @@
-// A Socket.IO chat server with the Redis adapter: the peer of an imgate gateway in W1.
+// A Socket.IO chat server with the Redis adapter: the peer of an imgate gateway in W1, W2
+// and W4.
 // Every server sees every message through Redis pub/sub (broadcast, like imgate over NATS)
 // and emits it to the sockets it holds. Each user's socket joins a room named by its uid;
 // a send is `socket.emit("send", {to, id, body}, ack)`. Nothing is stored: Socket.IO has no
@@ -23,5 +24,8 @@ io.on("connection", (socket) => {
     io.to(m.to).emit("msg", { id: m.id, from: uid, to: m.to, ts: Date.now(), body: m.body });
     if (typeof ack === "function") ack({ ok: true });
   });
+  // W4: a live room, like imgate's join/publish (nothing stored).
+  socket.on("join", (room) => socket.join(`room:${room}`));
+  socket.on("publish", (m) => io.to(`room:${m.room}`).emit("room", { room: m.room, from: uid, body: m.body }));
 });
 http.listen(port, "127.0.0.1", () => console.log(`socket.io listening port=${port}`));

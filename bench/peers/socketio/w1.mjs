@@ -2,7 +2,7 @@
 // half on each server, a fixed total offered rate for a fixed time, each message from a
 // random user to a random user on the other server, bodies of the same size, latency from
 // the send call (a microsecond timestamp in the body) to the recipient's handler. Prints one
-// JSON line. Usage: node loadgen.mjs <url1,url2> <users> <rate> <seconds> <body bytes> <warmup s>
+// JSON line. Usage: node w1.mjs <url1,url2> <users> <rate> <seconds> <body bytes> <warmup s>
 import { io } from "socket.io-client";
 
 const [urlsArg, usersArg, rateArg, secsArg, bodyArg, warmArg] = process.argv.slice(2);
