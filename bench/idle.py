@@ -82,7 +82,7 @@ async def connect_all(transport, addr, first, count, source, stop, deadline=600)
     done = 0
     # At most this many logins in flight per process: an overloaded client that opens sockets
     # faster than it can send their login frames gets `bye login_timeout` from the gateway.
-    logins = asyncio.Semaphore(200)
+    logins = asyncio.Semaphore(100)
 
     async def one(i):
         nonlocal done
@@ -161,16 +161,17 @@ def main(a):
     counts = [a.connections // a.gateways + (k < a.connections % a.gateways) for k in range(a.gateways)]
     firsts = [sum(counts[:k]) for k in range(a.gateways)]
     servers = Servers(a.transport, a.gateways, counts[0], a.binary)
+    stop_ev, procs = multiprocessing.Event(), []
     try:
         time.sleep(0.5)
         before = [rss_kib(p) for p in servers.pids]
-        ready_q, stop_ev = multiprocessing.Queue(), multiprocessing.Event()
+        ready_q = multiprocessing.Queue()
         # Fresh source addresses each run, so sockets left in TIME_WAIT by an earlier run
         # cannot exhaust the ephemeral ports of the one we bind to.
         net = f"127.{random.randrange(1, 255)}.{random.randrange(0, 255)}"
-        procs = [multiprocessing.Process(target=worker, args=(a.transport, addr, f"{net}.{k + 2}", firsts[k], counts[k],
-                                                              ready_q, stop_ev))
-                 for k, addr in enumerate(servers.addrs)]
+        procs += [multiprocessing.Process(target=worker, args=(a.transport, addr, f"{net}.{k + 2}", firsts[k],
+                                                               counts[k], ready_q, stop_ev))
+                  for k, addr in enumerate(servers.addrs)]
         started = time.monotonic()
         for p in procs:
             p.start()
@@ -194,10 +195,10 @@ def main(a):
             "total_rss_mib": round(sum(after) / 1024, 1),
             "kib_per_connection": round((sum(after) - sum(before)) / held, 2),
         }))
-        stop_ev.set()
+    finally:
+        stop_ev.set()  # also on failure, so no client process is left waiting
         for p in procs:
             p.join(timeout=60)
-    finally:
         servers.close()
 
 
