@@ -64,15 +64,31 @@ pub(crate) enum Transport {
     WsJson,
     /// WebSocket, subprotocol imgate.msgpack.
     WsMsgpack,
+    /// Server-Sent Events to receive, `POST /v1/messages` to send.
+    Sse,
+    /// Long polls to receive, `POST /v1/messages` to send.
+    LongPoll,
 }
 
 impl Transport {
+    /// How an HTTP user receives; None for the transports of the client crate.
+    pub(crate) fn http_receive(self) -> Option<crate::http_user::Receive> {
+        match self {
+            Transport::Sse => Some(crate::http_user::Receive::Sse),
+            Transport::LongPoll => Some(crate::http_user::Receive::LongPoll),
+            _ => None,
+        }
+    }
+
     /// A client builder for `uid` on gateway `gw`.
     pub(crate) fn builder(self, gw: &Gateway, token: String) -> ClientBuilder {
         let b = match self {
             Transport::Tcp => ClientBuilder::new(format!("tcp://{}", gw.tcp), token),
             Transport::WsJson | Transport::WsMsgpack => {
                 ClientBuilder::new(format!("ws://{}/v1/ws", gw.http), token)
+            }
+            Transport::Sse | Transport::LongPoll => {
+                unreachable!("HTTP users are connected by http_user, not the client crate")
             }
         };
         let enc = if self == Transport::WsJson {

@@ -12,6 +12,7 @@
 
 mod common;
 mod group;
+mod http_user;
 mod procs;
 mod w1;
 mod w3;

@@ -7,15 +7,20 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
+use futures::stream::{self, StreamExt};
 use hdrhistogram::Histogram;
 use imgate_client::{Client, Event};
-use imgate_proto::Send;
+use imgate_gateway::auth::Auth;
+use imgate_proto::{Message, Send};
 use rand::Rng;
 use serde_json::json;
 
 use crate::common::{
-    connect_each, histogram, now_us, pace, percentiles_ms, round, start, Transport,
+    connect_each, histogram, now_us, pace, percentiles_ms, progress, round, start, Transport,
 };
+use crate::http_user::{receive, HttpSender, Receive};
+use crate::procs::Gateway;
 use crate::procs::Usage;
 use crate::Setup;
 
@@ -59,6 +64,80 @@ struct Tally {
     timed_after_us: AtomicU64,
 }
 
+impl Tally {
+    /// A message a user received: counted once by id, timed unless sent during warm-up.
+    fn record(&self, uid: &str, m: Message) {
+        if m.from == uid {
+            return; // the sender's own copy
+        }
+        let at = now_us();
+        let n: u64 = m.id.trim_start_matches("w1-").parse().unwrap_or(0);
+        if !self.ids.lock().unwrap().insert(n) {
+            self.duplicates.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.received.fetch_add(1, Ordering::Relaxed);
+        let sent = m.body["t"].as_u64().unwrap_or(at);
+        if sent >= self.timed_after_us.load(Ordering::Relaxed) {
+            let _ = self
+                .latency_us
+                .lock()
+                .unwrap()
+                .record(at.saturating_sub(sent).max(1));
+        }
+    }
+}
+
+/// A user's way to send: the client crate (TCP, WebSocket) or HTTP POST.
+#[derive(Clone)]
+enum User {
+    Client(Client),
+    Http(Arc<HttpSender>),
+}
+
+impl User {
+    async fn send(&self, s: Send) -> anyhow::Result<()> {
+        match self {
+            User::Client(c) => c.send(s).await.map(drop).map_err(Into::into),
+            User::Http(h) => h.send(s).await,
+        }
+    }
+}
+
+/// Users that send with POST and receive over SSE or long polls, user `i` on gateway
+/// `i % gateways`.
+async fn connect_http(
+    gws: &[Gateway],
+    how: Receive,
+    n: usize,
+    tally: &Arc<Tally>,
+) -> anyhow::Result<Vec<User>> {
+    let auth = Auth::new(None);
+    let bar = progress(n as u64, "connecting");
+    let users = stream::iter(0..n)
+        .map(|i| {
+            let uid = format!("u{i}");
+            let token = auth.mint(&uid, Duration::from_secs(3600), false);
+            let addr = gws[i % gws.len()].http;
+            let (tally, bar) = (tally.clone(), &bar);
+            async move {
+                let sender = HttpSender::connect(addr, token.clone()).await?;
+                receive(how, addr, token, move |m| tally.record(&uid, m))
+                    .await
+                    .with_context(|| format!("receiving for u{i}"))?;
+                bar.inc(1);
+                anyhow::Ok(User::Http(Arc::new(sender)))
+            }
+        })
+        .buffered(100)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect();
+    bar.finish_and_clear();
+    users
+}
+
 pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     let gateways = if a.standalone { 1 } else { a.gateways };
     anyhow::ensure!(
@@ -81,41 +160,29 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         duplicates: AtomicU64::new(0),
         timed_after_us: AtomicU64::new(u64::MAX),
     });
-    let clients: Vec<Client> = connect_each(
-        gws,
-        a.transport,
-        "u",
-        a.users,
-        |_, uid, client, mut events| {
-            let tally = tally.clone();
-            tokio::spawn(async move {
-                while let Some(ev) = events.recv().await {
-                    if let Event::Msg(m) = ev {
-                        if m.from == uid {
-                            continue; // the sender's own copy
+    let clients: Vec<User> = match a.transport.http_receive() {
+        None => {
+            connect_each(
+                gws,
+                a.transport,
+                "u",
+                a.users,
+                |_, uid, client, mut events| {
+                    let tally = tally.clone();
+                    tokio::spawn(async move {
+                        while let Some(ev) = events.recv().await {
+                            if let Event::Msg(m) = ev {
+                                tally.record(&uid, m);
+                            }
                         }
-                        let at = now_us();
-                        let n: u64 = m.id.trim_start_matches("w1-").parse().unwrap_or(0);
-                        if !tally.ids.lock().unwrap().insert(n) {
-                            tally.duplicates.fetch_add(1, Ordering::Relaxed);
-                            continue;
-                        }
-                        tally.received.fetch_add(1, Ordering::Relaxed);
-                        let sent = m.body["t"].as_u64().unwrap_or(at);
-                        if sent >= tally.timed_after_us.load(Ordering::Relaxed) {
-                            let _ = tally
-                                .latency_us
-                                .lock()
-                                .unwrap()
-                                .record(at.saturating_sub(sent).max(1));
-                        }
-                    }
-                }
-            });
-            client
-        },
-    )
-    .await?;
+                    });
+                    User::Client(client)
+                },
+            )
+            .await?
+        }
+        Some(how) => connect_http(gws, how, a.users, &tally).await?,
+    };
     eprintln!(
         "w1: {} users connected; offering {} msg/s for {:?}",
         clients.len(),

@@ -1,6 +1,7 @@
 //! Smoke runs in CI, so the load generator cannot rot: a 10-second W1 (two gateways on a real
-//! nats-server, 100 users, 200 msg/s, TCP) and a 5-second standalone W1 over WebSocket
-//! msgpack on a one-thread gateway. Each must deliver everything once.
+//! nats-server, 100 users, 200 msg/s, TCP), a 5-second standalone W1 over WebSocket msgpack
+//! on a one-thread gateway, and 3-second standalone runs whose users send with POST and
+//! receive over SSE or long polls. Each must deliver everything once.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -25,6 +26,22 @@ fn standalone_websocket_smoke_delivers_everything_once() {
     assert_eq!(r["standalone"], true, "{r}");
     assert_eq!(r["transport"], "WsMsgpack", "{r}");
     assert!(r["delivered"].as_u64().unwrap() >= 900, "{r}");
+}
+
+#[test]
+fn http_transports_smoke_deliver_everything_once() {
+    for transport in ["sse", "long-poll"] {
+        let r = run_w1(&["--duration", "3s", "--standalone", "--transport", transport]);
+        assert_eq!(
+            r["transport"],
+            if transport == "sse" {
+                "Sse"
+            } else {
+                "LongPoll"
+            }
+        );
+        assert!(r["delivered"].as_u64().unwrap() >= 500, "{r}");
+    }
 }
 
 /// Runs `imgate-bench w1` with 100 users at 200 msg/s plus `extra`, checks that nothing was
