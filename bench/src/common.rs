@@ -1,6 +1,7 @@
 //! What every scenario shares: starting a NATS server and gateways, connecting many users,
 //! timestamps, and turning a histogram into a report.
 
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
@@ -80,8 +81,8 @@ impl Transport {
         }
     }
 
-    /// A client builder for `uid` on gateway `gw`.
-    pub(crate) fn builder(self, gw: &Gateway, token: String) -> ClientBuilder {
+    /// A client builder for a user on the gateway listening at `gw`.
+    pub(crate) fn builder(self, gw: Addrs, token: String) -> ClientBuilder {
         let b = match self {
             Transport::Tcp => ClientBuilder::new(format!("tcp://{}", gw.tcp), token),
             Transport::WsJson | Transport::WsMsgpack => {
@@ -149,23 +150,44 @@ pub(crate) async fn start(setup: &Setup, n: usize, standalone: bool) -> anyhow::
     })
 }
 
-/// Connects users `prefix0 .. prefix{n-1}`, user `i` on gateway `i % gateways`, and hands
-/// each `(index, uid, client, events)` to `each`, which returns what to keep.
+/// Where a gateway listens.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Addrs {
+    pub(crate) tcp: SocketAddr,
+    pub(crate) http: SocketAddr,
+}
+
+impl From<&Gateway> for Addrs {
+    fn from(gw: &Gateway) -> Addrs {
+        Addrs {
+            tcp: gw.tcp,
+            http: gw.http,
+        }
+    }
+}
+
+/// Connects users `prefix<i>` for i in `users`, user `i` on gateway `i % gateways`, from
+/// `source` when given, and hands each `(index, uid, client, events)` to `each`, which
+/// returns what to keep.
 pub(crate) async fn connect_each<T>(
-    gws: &[Gateway],
+    gws: &[Addrs],
     transport: Transport,
     prefix: &str,
-    n: usize,
+    users: std::ops::Range<usize>,
+    source: Option<IpAddr>,
     each: impl Fn(usize, String, Client, Events) -> T,
 ) -> anyhow::Result<Vec<T>> {
     let auth = Auth::new(None);
-    let bar = progress(n as u64, "connecting");
+    let bar = progress(users.len() as u64, "connecting");
     let each = &each;
-    let out = stream::iter(0..n)
+    let out = stream::iter(users)
         .map(|i| {
             let uid = format!("{prefix}{i}");
             let token = auth.mint(&uid, Duration::from_secs(3600), false);
-            let builder = transport.builder(&gws[i % gws.len()], token);
+            let mut builder = transport.builder(gws[i % gws.len()], token);
+            if let Some(ip) = source {
+                builder = builder.local_addr(ip);
+            }
             let bar = &bar;
             async move {
                 let (client, events) = builder
@@ -191,7 +213,11 @@ pub(crate) async fn connect_users(
     prefix: &str,
     n: usize,
 ) -> anyhow::Result<Vec<(Client, Events)>> {
-    connect_each(gws, Transport::Tcp, prefix, n, |_, _, c, e| (c, e)).await
+    let addrs: Vec<Addrs> = gws.iter().map(Addrs::from).collect();
+    connect_each(&addrs, Transport::Tcp, prefix, 0..n, None, |_, _, c, e| {
+        (c, e)
+    })
+    .await
 }
 
 /// A latency histogram in microseconds, 1 µs to 60 s, 3 significant figures.

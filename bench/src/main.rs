@@ -15,6 +15,7 @@ mod group;
 mod http_user;
 mod procs;
 mod w1;
+mod w2;
 mod w3;
 mod w4;
 
@@ -34,6 +35,12 @@ enum Scenario {
     /// W1, 1:1 chat: users spread over gateways, each message to a random user on another
     /// gateway, at a fixed offered rate.
     W1(w1::Args),
+    /// W2, idle connections: gateways' memory per connection, the connections held by one
+    /// child process per gateway, each from its own loopback address.
+    W2(w2::Args),
+    /// (Used by w2.) Holds connections until stdin closes.
+    #[command(hide = true)]
+    Hold(w2::HoldArgs),
     /// W3, fanout cost: the same load with G = 1, 2, 4, 8 gateways.
     W3(w3::Args),
     /// W4, a live room: thousands of connections over two gateways in one room.
@@ -76,6 +83,8 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     match cli.scenario {
         Scenario::W1(a) => rt.block_on(w1::run(a)),
+        Scenario::W2(a) => rt.block_on(w2::run(a)),
+        Scenario::Hold(a) => rt.block_on(w2::hold(a)),
         Scenario::W3(a) => rt.block_on(w3::run(a)),
         Scenario::W4(a) => rt.block_on(w4::run(a)),
         Scenario::Group(a) => rt.block_on(group::run(a)),

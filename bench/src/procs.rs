@@ -41,6 +41,16 @@ pub(crate) fn usage(pid: u32) -> anyhow::Result<Usage> {
     })
 }
 
+/// Current resident memory (`VmRSS`) of a process.
+pub(crate) fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("no VmRSS in /proc status")
+}
+
 fn clock_ticks() -> u64 {
     // sysconf(_SC_CLK_TCK) is 100 on every Linux this runs on; `getconf` confirms it.
     std::process::Command::new("getconf")
@@ -149,7 +159,11 @@ impl Gateway {
     }
 
     pub(crate) fn usage(&self) -> anyhow::Result<Usage> {
-        usage(self.child.id().context("gateway exited")?)
+        usage(self.pid()?)
+    }
+
+    pub(crate) fn pid(&self) -> anyhow::Result<u32> {
+        self.child.id().context("gateway exited")
     }
 
     /// A counter from the gateway's `/metrics` (0 if absent).

@@ -17,7 +17,7 @@ use rand::Rng;
 use serde_json::json;
 
 use crate::common::{
-    connect_each, histogram, now_us, pace, percentiles_ms, progress, round, start, Transport,
+    connect_each, histogram, now_us, pace, percentiles_ms, progress, round, start, Addrs, Transport,
 };
 use crate::http_user::{receive, HttpSender, Receive};
 use crate::procs::Gateway;
@@ -162,11 +162,13 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     });
     let clients: Vec<User> = match a.transport.http_receive() {
         None => {
+            let addrs: Vec<Addrs> = gws.iter().map(Addrs::from).collect();
             connect_each(
-                gws,
+                &addrs,
                 a.transport,
                 "u",
-                a.users,
+                0..a.users,
+                None,
                 |_, uid, client, mut events| {
                     let tally = tally.clone();
                     tokio::spawn(async move {

@@ -47,7 +47,7 @@ impl Conn {
             "tcp" => {
                 let host = url.host_str().unwrap_or("127.0.0.1");
                 let port = url.port().unwrap_or(7070);
-                let sock = TcpStream::connect((host, port))
+                let sock = tcp_connect(b, host, port)
                     .await
                     .map_err(|e| Error::new(ErrorKind::Connect, e.to_string()))?;
                 let _ = sock.set_nodelay(true);
@@ -98,20 +98,29 @@ impl Conn {
                 let mut cfg = WebSocketConfig::default();
                 cfg.max_message_size = Some(b.max_frame);
                 cfg.max_frame_size = Some(b.max_frame);
-                let (ws, _resp) =
-                    tokio_tungstenite::connect_async_with_config(req, Some(cfg), true)
-                        .await
-                        .map_err(|e| match e {
-                            tokio_tungstenite::tungstenite::Error::Http(resp)
-                                if resp.status() == 401 =>
-                            {
-                                Error::new(
-                                    ErrorKind::Server(imgate_proto::ErrorCode::Unauthorized),
-                                    "token refused (HTTP 401)",
-                                )
-                            }
-                            e => Error::new(ErrorKind::Connect, e.to_string()),
-                        })?;
+                let connected = match b.local_addr {
+                    None => {
+                        tokio_tungstenite::connect_async_with_config(req, Some(cfg), true).await
+                    }
+                    Some(_) => {
+                        let host = url.host_str().unwrap_or("127.0.0.1");
+                        let sock = tcp_connect(b, host, url.port().unwrap_or(80))
+                            .await
+                            .map_err(|e| Error::new(ErrorKind::Connect, e.to_string()))?;
+                        let _ = sock.set_nodelay(true);
+                        let sock = tokio_tungstenite::MaybeTlsStream::Plain(sock);
+                        tokio_tungstenite::client_async_with_config(req, sock, Some(cfg)).await
+                    }
+                };
+                let (ws, _resp) = connected.map_err(|e| match e {
+                    tokio_tungstenite::tungstenite::Error::Http(resp) if resp.status() == 401 => {
+                        Error::new(
+                            ErrorKind::Server(imgate_proto::ErrorCode::Unauthorized),
+                            "token refused (HTTP 401)",
+                        )
+                    }
+                    e => Error::new(ErrorKind::Connect, e.to_string()),
+                })?;
                 let enc = b.encoding;
                 let (sink, stream) = ws.split();
                 let sink = sink.sink_map_err(io_err).with(move |f: ClientFrame| {
@@ -147,6 +156,47 @@ impl Conn {
                 ErrorKind::Config,
                 format!("unsupported scheme {s:?}: use tcp:// or ws://"),
             )),
+        }
+    }
+}
+
+/// A TCP connection to `host:port`, from the builder's local address when it names one.
+async fn tcp_connect(b: &ClientBuilder, host: &str, port: u16) -> std::io::Result<TcpStream> {
+    let Some(ip) = b.local_addr else {
+        return TcpStream::connect((host, port)).await;
+    };
+    let addr = tokio::net::lookup_host((host, port))
+        .await?
+        .find(|a| a.is_ipv4() == ip.is_ipv4())
+        .ok_or_else(|| std::io::Error::other(format!("{host} has no address like {ip}")))?;
+    let sock = if ip.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    sock.bind(std::net::SocketAddr::new(ip, 0))?;
+    sock.connect(addr).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn connects_from_the_local_address_it_is_given() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let from: std::net::IpAddr = "127.0.0.7".parse().unwrap();
+        for url in [
+            format!("tcp://127.0.0.1:{port}"),
+            format!("ws://127.0.0.1:{port}"),
+        ] {
+            let b = ClientBuilder::new(url.clone(), "t").local_addr(from);
+            let opening = tokio::spawn(async move { Conn::open(&b, &url, None).await.is_ok() });
+            let (sock, peer) = listener.accept().await.unwrap();
+            assert_eq!(peer.ip(), from);
+            drop(sock);
+            opening.await.unwrap();
         }
     }
 }

@@ -87,6 +87,7 @@ pub struct ClientBuilder {
     reconnect: bool,
     max_frame: usize,
     timeout: Duration,
+    local_addr: Option<std::net::IpAddr>,
 }
 
 impl ClientBuilder {
@@ -101,6 +102,7 @@ impl ClientBuilder {
             reconnect: true,
             max_frame: imgate_proto::DEFAULT_MAX_FRAME,
             timeout: Duration::from_secs(10),
+            local_addr: None,
         }
     }
 
@@ -131,6 +133,14 @@ impl ClientBuilder {
     /// Reconnect and resume on a lost connection (default on).
     pub fn reconnect(mut self, on: bool) -> Self {
         self.reconnect = on;
+        self
+    }
+
+    /// The local address to connect from (default: the system's choice). A load generator
+    /// spreads connections over several loopback addresses so that one source address's
+    /// ephemeral ports do not run out.
+    pub fn local_addr(mut self, ip: std::net::IpAddr) -> Self {
+        self.local_addr = Some(ip);
         self
     }
 
