@@ -166,36 +166,28 @@ impl From<&Gateway> for Addrs {
     }
 }
 
-/// Connects users `prefix<i>` for i in `users`, user `i` on gateway `i % gateways`, from
-/// `source` when given, and hands each `(index, uid, client, events)` to `each`, which
-/// returns what to keep.
-pub(crate) async fn connect_each<T>(
-    gws: &[Addrs],
-    transport: Transport,
+/// Runs `connect(i, uid, token)` for the users `prefix<i>`, i in `users`, a hundred at a
+/// time, with a progress bar; fails on the first user that fails.
+pub(crate) async fn connect_many<T, Fut>(
     prefix: &str,
     users: std::ops::Range<usize>,
-    source: Option<IpAddr>,
-    each: impl Fn(usize, String, Client, Events) -> T,
-) -> anyhow::Result<Vec<T>> {
+    connect: impl Fn(usize, String, String) -> Fut,
+) -> anyhow::Result<Vec<T>>
+where
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
     let auth = Auth::new(None);
     let bar = progress(users.len() as u64, "connecting");
-    let each = &each;
     let out = stream::iter(users)
         .map(|i| {
             let uid = format!("{prefix}{i}");
             let token = auth.mint(&uid, Duration::from_secs(3600), false);
-            let mut builder = transport.builder(gws[i % gws.len()], token);
-            if let Some(ip) = source {
-                builder = builder.local_addr(ip);
-            }
+            let connected = connect(i, uid, token);
             let bar = &bar;
             async move {
-                let (client, events) = builder
-                    .connect()
-                    .await
-                    .with_context(|| format!("connecting {uid}"))?;
+                let t = connected.await?;
                 bar.inc(1);
-                anyhow::Ok(each(i, uid, client, events))
+                anyhow::Ok(t)
             }
         })
         .buffered(100)
@@ -205,6 +197,34 @@ pub(crate) async fn connect_each<T>(
         .collect();
     bar.finish_and_clear();
     out
+}
+
+/// Connects users `prefix<i>` for i in `users` through the client crate, user `i` on
+/// gateway `i % gateways`, from `source` when given, and hands each
+/// `(index, uid, client, events)` to `each`, which returns what to keep.
+pub(crate) async fn connect_each<T>(
+    gws: &[Addrs],
+    transport: Transport,
+    prefix: &str,
+    users: std::ops::Range<usize>,
+    source: Option<IpAddr>,
+    each: impl Fn(usize, String, Client, Events) -> T,
+) -> anyhow::Result<Vec<T>> {
+    let each = &each;
+    connect_many(prefix, users, |i, uid, token| {
+        let mut builder = transport.builder(gws[i % gws.len()], token);
+        if let Some(ip) = source {
+            builder = builder.local_addr(ip);
+        }
+        async move {
+            let (client, events) = builder
+                .connect()
+                .await
+                .with_context(|| format!("connecting {uid}"))?;
+            Ok(each(i, uid, client, events))
+        }
+    })
+    .await
 }
 
 /// Connects users `prefix0 .. prefix{n-1}` over TCP, user `i` on gateway `i % gateways`.

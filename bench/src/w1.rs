@@ -8,16 +8,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use futures::stream::{self, StreamExt};
 use hdrhistogram::Histogram;
 use imgate_client::{Client, Event};
-use imgate_gateway::auth::Auth;
 use imgate_proto::{Message, Send};
 use rand::Rng;
 use serde_json::json;
 
 use crate::common::{
-    connect_each, histogram, now_us, pace, percentiles_ms, progress, round, start, Addrs, Transport,
+    connect_each, connect_many, histogram, now_us, pace, percentiles_ms, round, start, Addrs,
+    Transport,
 };
 use crate::http_user::{receive, HttpSender, Receive};
 use crate::procs::Gateway;
@@ -112,30 +111,18 @@ async fn connect_http(
     n: usize,
     tally: &Arc<Tally>,
 ) -> anyhow::Result<Vec<User>> {
-    let auth = Auth::new(None);
-    let bar = progress(n as u64, "connecting");
-    let users = stream::iter(0..n)
-        .map(|i| {
-            let uid = format!("u{i}");
-            let token = auth.mint(&uid, Duration::from_secs(3600), false);
-            let addr = gws[i % gws.len()].http;
-            let (tally, bar) = (tally.clone(), &bar);
-            async move {
-                let sender = HttpSender::connect(addr, token.clone()).await?;
-                receive(how, addr, token, move |m| tally.record(&uid, m))
-                    .await
-                    .with_context(|| format!("receiving for u{i}"))?;
-                bar.inc(1);
-                anyhow::Ok(User::Http(Arc::new(sender)))
-            }
-        })
-        .buffered(100)
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .collect();
-    bar.finish_and_clear();
-    users
+    connect_many("u", 0..n, |i, uid, token| {
+        let addr = gws[i % gws.len()].http;
+        let tally = tally.clone();
+        async move {
+            let sender = HttpSender::connect(addr, token.clone()).await?;
+            receive(how, addr, token, move |m| tally.record(&uid, m))
+                .await
+                .with_context(|| format!("receiving for u{i}"))?;
+            Ok(User::Http(Arc::new(sender)))
+        }
+    })
+    .await
 }
 
 pub(crate) async fn run(a: Args) -> anyhow::Result<()> {

@@ -34,9 +34,12 @@ pub(crate) struct Args {
 /// What a holding process is told.
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct HoldArgs {
-    /// `tcp://host:port` or `ws://host:port`.
+    /// The gateway's TCP listener.
     #[arg(long)]
-    url: String,
+    tcp: SocketAddr,
+    /// The gateway's HTTP (WebSocket) listener.
+    #[arg(long)]
+    http: SocketAddr,
     #[arg(long, value_enum)]
     transport: Transport,
     /// Users u<first> .. u<first + count - 1>.
@@ -64,10 +67,10 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         gws.push(Gateway::start(&a.setup.imgate, &args).await?);
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let before: Vec<u64> = gws
-        .iter()
-        .map(|gw| gw.pid().and_then(rss_kib))
-        .collect::<Result<_, _>>()?;
+    let rss = |gws: &[Gateway]| -> anyhow::Result<Vec<u64>> {
+        gws.iter().map(|gw| gw.pid().and_then(rss_kib)).collect()
+    };
+    let before = rss(&gws)?;
 
     let me = std::env::current_exe()?;
     let net: u8 = rand::random_range(1..=254);
@@ -75,16 +78,13 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     let mut first = 0;
     let started = std::time::Instant::now();
     for (k, (gw, &count)) in gws.iter().zip(&counts).enumerate() {
-        let url = match a.transport {
-            Transport::Tcp => format!("tcp://{}", gw.tcp),
-            _ => format!("ws://{}", gw.http),
-        };
         let transport = clap::ValueEnum::to_possible_value(&a.transport)
             .expect("every transport has a name")
             .get_name()
             .to_string();
         let child = Command::new(&me)
-            .args(["hold", "--url", &url, "--transport", &transport])
+            .args(["hold", "--transport", &transport])
+            .args(["--tcp", &gw.tcp.to_string(), "--http", &gw.http.to_string()])
             .args(["--first", &first.to_string(), "--count", &count.to_string()])
             .args(["--source", &format!("127.{net}.{k}.2")])
             .stdin(Stdio::piped())
@@ -101,7 +101,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     for child in &mut children {
         let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
         match lines.next_line().await? {
-            Some(l) if l.starts_with("held ") => held += l[5..].trim().parse::<usize>()?,
+            Some(l) if l.starts_with("held ") => held += l["held ".len()..].parse::<usize>()?,
             other => bail!("a holding process failed: {other:?}"),
         }
         bar.set_position(held as u64);
@@ -109,11 +109,13 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     bar.finish_and_clear();
     let took = started.elapsed();
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let after: Vec<u64> = gws
-        .iter()
-        .map(|gw| gw.pid().and_then(rss_kib))
-        .collect::<Result<_, _>>()?;
+    let after = rss(&gws)?;
     let grown: u64 = after.iter().sum::<u64>() - before.iter().sum::<u64>();
+    let holders_peak: Vec<u64> = children
+        .iter()
+        .filter_map(|c| c.id())
+        .map(|p| usage(p).map_or(0, |u| u.peak_rss_kib))
+        .collect();
     let report = json!({
         "scenario": "W2",
         "transport": format!("{:?}", a.transport),
@@ -123,7 +125,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         "rss_before_kib": before,
         "rss_after_kib": after,
         "kib_per_connection": round(grown as f64 / held.max(1) as f64),
-        "holding_process_peak_rss_kib": children.iter().filter_map(|c| c.id()).map(|p| usage(p).map(|u| u.peak_rss_kib).unwrap_or(0)).collect::<Vec<_>>(),
+        "holding_process_peak_rss_kib": holders_peak,
     });
     crate::print(&a.setup, &report);
     Ok(())
@@ -132,15 +134,9 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
 /// `imgate-bench hold`: connects the users it is given, says `held N` on stdout, and holds
 /// them until its stdin closes (the parent is done or gone).
 pub(crate) async fn hold(a: HoldArgs) -> anyhow::Result<()> {
-    let addr: SocketAddr = a
-        .url
-        .split_once("://")
-        .map_or(a.url.as_str(), |(_, rest)| rest)
-        .parse()
-        .context("--url names host:port")?;
     let gw = Addrs {
-        tcp: addr,
-        http: addr,
+        tcp: a.tcp,
+        http: a.http,
     };
     let range = a.first..a.first + a.count;
     let clients = connect_each(
