@@ -1,7 +1,8 @@
 //! Smoke runs in CI, so the load generator cannot rot: a 10-second W1 (two gateways on a real
 //! nats-server, 100 users, 200 msg/s, TCP), a 5-second standalone W1 over WebSocket msgpack
 //! on a one-thread gateway, and 3-second standalone runs whose users send with POST and
-//! receive over SSE or long polls. Each must deliver everything once.
+//! receive over SSE or long polls. Each must deliver everything once. And a W2 run whose
+//! 301 connections are held by two child processes, one per gateway.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -42,6 +43,32 @@ fn http_transports_smoke_deliver_everything_once() {
         );
         assert!(r["delivered"].as_u64().unwrap() >= 500, "{r}");
     }
+}
+
+#[test]
+fn w2_smoke_holds_every_connection_from_child_processes() {
+    let bench = PathBuf::from(env!("CARGO_BIN_EXE_imgate-bench"));
+    let out = Command::new(&bench)
+        .args(["w2", "--connections", "301", "--gateways", "2", "--json"])
+        .arg("--imgate")
+        .arg(bench.with_file_name("imgate"))
+        .output()
+        .expect("running imgate-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON report");
+    assert_eq!(r["connections"], 301, "{r}");
+    assert_eq!(
+        r["holding_process_peak_rss_kib"].as_array().map(Vec::len),
+        Some(2),
+        "{r}"
+    );
+    let grew = |k: usize| r["rss_after_kib"][k].as_u64() > r["rss_before_kib"][k].as_u64();
+    assert!(grew(0) && grew(1), "both gateways hold connections: {r}");
 }
 
 /// Runs `imgate-bench w1` with 100 users at 200 msg/s plus `extra`, checks that nothing was
