@@ -366,6 +366,116 @@ async fn polls_need_no_sticky_sessions() {
     assert!(turn >= 3, "polls went to every gateway");
 }
 
+/// A long poll that continues from the previous answer takes over the waiter that poll left
+/// registered, so in cluster mode it reads nothing from JetStream; a device that falls
+/// further behind than its waiter holds is served from the store. Nothing is lost either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consecutive_long_polls_are_served_from_the_parked_waiter() {
+    let c = Cluster::start(2, &[]).await;
+    let (alice, _a) = c.client(1, "alice", "laptop", Via::Tcp).await;
+    let gw = c.gws[0].http;
+    let tail = curl(&[
+        "-H",
+        &auth("bob"),
+        &format!("http://{gw}/v1/messages?device=web"),
+    ])
+    .await
+    .json()["cursor"]
+        .as_u64()
+        .unwrap();
+    let mut cursor = tail;
+    let mut got: Vec<u64> = Vec::new();
+
+    // Polling while messages arrive, 20 ms apart.
+    let sender = {
+        let alice = alice.clone();
+        tokio::spawn(async move {
+            for i in 0..20 {
+                alice.send_to("bob", json!({"text": i})).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    within(
+        WAIT,
+        "20 messages polled as they arrive",
+        poll_until(gw, 20, &mut got, &mut cursor),
+    )
+    .await;
+    sender.await.unwrap();
+    let resumed = c.metric(0, "imgate_long_polls_resumed_total").await;
+    assert!(resumed >= 1, "consecutive polls took over the waiter");
+
+    // Away while 12 arrive: more than the parked waiter holds (limit 5), so the store answers.
+    for i in 20..32 {
+        alice.send_to("bob", json!({"text": i})).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    within(
+        WAIT,
+        "12 messages from the store",
+        poll_until(gw, 32, &mut got, &mut cursor),
+    )
+    .await;
+
+    // Away while 3 arrive: the parked waiter holds them and answers at once.
+    for i in 32..35 {
+        alice.send_to("bob", json!({"text": i})).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = c.metric(0, "imgate_long_polls_resumed_total").await;
+    let (bodies, _) = within(
+        Duration::from_secs(2),
+        "an immediate answer",
+        long_poll(gw, cursor),
+    )
+    .await;
+    assert_eq!(bodies, vec![32, 33, 34]);
+    assert_eq!(
+        c.metric(0, "imgate_long_polls_resumed_total").await,
+        before + 1
+    );
+    got.extend(bodies);
+
+    assert_eq!(
+        got,
+        (0..35).collect::<Vec<_>>(),
+        "every message once, in order"
+    );
+    assert_eq!(
+        c.metric(0, "imgate_slow_consumers_total").await,
+        0,
+        "an overflowing parked waiter is not a slow consumer"
+    );
+}
+
+/// One long poll of bob's device `web` (limit 5): the message bodies and the cursor.
+async fn long_poll(gw: std::net::SocketAddr, after: u64) -> (Vec<u64>, u64) {
+    let page = curl(&[
+        "-H",
+        &auth("bob"),
+        &format!("http://{gw}/v1/messages?device=web&after={after}&limit=5&wait=5"),
+    ])
+    .await
+    .json();
+    let bodies = page["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["body"]["text"].as_u64().unwrap())
+        .collect();
+    (bodies, page["cursor"].as_u64().unwrap())
+}
+
+/// Long polls from `cursor` until `got` holds `n` bodies.
+async fn poll_until(gw: std::net::SocketAddr, n: usize, got: &mut Vec<u64>, cursor: &mut u64) {
+    while got.len() < n {
+        let (bodies, next) = long_poll(gw, *cursor).await;
+        got.extend(bodies);
+        *cursor = next;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_tail_decodes_only_for_local_users() {
     let c = Cluster::start(2, &[]).await;

@@ -95,6 +95,11 @@ impl Kick {
         self.token.cancel();
     }
 
+    /// Whether a reason was given already.
+    pub fn is_kicked(&self) -> bool {
+        self.token.is_cancelled()
+    }
+
     /// Resolves once kicked; cancel-safe.
     pub async fn kicked(&self) -> ByeReason {
         self.token.cancelled().await;
@@ -331,7 +336,9 @@ impl Fanout for Hub {
             match c.tx.try_send(Outbound::Msg(delivered.clone())) {
                 Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(_)) => {
-                    if !c.kick.token.is_cancelled() {
+                    // A full waiter is a long poll whose device has not polled again; its
+                    // next poll reads the store instead. Only connections are slow consumers.
+                    if c.exclusive && !c.kick.token.is_cancelled() {
                         self.stats.slow_consumers.fetch_add(1, Ordering::Relaxed);
                     }
                     c.kick.kick(ByeReason::SlowConsumer);

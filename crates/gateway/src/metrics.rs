@@ -61,6 +61,8 @@ pub struct Metrics {
     pub acks: Counter,
     /// Long polls waiting for a message now.
     pub long_polls_waiting: Gauge,
+    /// Long polls that took over the waiter of the device's previous poll (no store read).
+    pub long_polls_resumed: Counter,
     dropped_not_local: Counter,
     dispatched: Counter,
     slow_consumers: Counter,
@@ -118,6 +120,7 @@ impl Metrics {
             stored: counter("imgate_messages_stored_total", vec![]),
             acks: counter("imgate_acks_total", vec![]),
             long_polls_waiting: gauge("imgate_long_polls_waiting", vec![]),
+            long_polls_resumed: counter("imgate_long_polls_resumed_total", vec![]),
             dropped_not_local: counter("imgate_fanout_dropped_not_local_total", vec![]),
             dispatched: counter("imgate_fanout_dispatched_total", vec![]),
             slow_consumers: counter("imgate_slow_consumers_total", vec![]),
@@ -151,6 +154,11 @@ impl Metrics {
         g(
             "imgate_long_polls_waiting",
             "Long polls held open waiting for a message.",
+        );
+        d(
+            "imgate_long_polls_resumed_total",
+            Unit::Count,
+            "Long polls answered from the waiter the device's previous poll left registered, without reading the store.",
         );
         d(
             "imgate_delivered_total",

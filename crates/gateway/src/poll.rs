@@ -4,11 +4,14 @@
 //! A long poll registers as a waiter in the hub *before* it reads the store, then sleeps on
 //! that waiter: it is woken by the delivery of a message to its user on this gateway (the
 //! same event that feeds TCP and WebSocket connections) and answers with what was delivered.
-//! It never re-reads the store in a loop. Polls carry their cursor, so any gateway answers
-//! any poll.
+//! It never re-reads the store in a loop. Once answered, the waiter stays registered for a
+//! few seconds ([`ParkedPolls`]): the device's next poll on this gateway that continues from
+//! that answer takes it over and reads nothing from the store, which is what keeps long
+//! polls cheap for the bus in cluster mode. Polls carry their cursor, so any gateway answers
+//! any poll; a poll that finds no waiter to take over reads the store.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Query, State};
@@ -16,23 +19,29 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::{BufMut, Bytes, BytesMut};
+use dashmap::DashMap;
 use imgate_proto::ids::is_valid_id;
 use imgate_proto::{Encoding, ErrorCode, Send};
 use serde::Deserialize;
 use serde_json::json;
+use tokio_util::sync::CancellationToken;
 
 use crate::auth::SYSTEM;
+use crate::cursors::CursorHandle;
 use crate::http::{authenticate, ApiError};
-use crate::hub::{Delivered, Kick, Outbound};
+use crate::hub::{Delivered, Kick, Outbound, Registration};
 use crate::metrics::Transport;
 use crate::send;
 use crate::session::{resume_point, Shared, DEFAULT_DEVICE};
+use crate::store::Page;
 
 /// Messages per poll answer when `limit` is not given, and the most a poll may ask for.
 const DEFAULT_LIMIT: usize = 100;
 const MAX_LIMIT: usize = 1_000;
 /// Longest `wait` of a long poll, in seconds.
 pub const MAX_WAIT_SECS: u64 = 60;
+/// How long an answered long poll's waiter stays registered for the device's next poll.
+pub const PARK_FOR: Duration = Duration::from_secs(10);
 
 /// `POST /v1/messages`: send, answered once durable.
 pub async fn post_message(
@@ -129,25 +138,38 @@ pub async fn poll(
     }
     let limit = q.limit.unwrap_or(DEFAULT_LIMIT).clamp(1, MAX_LIMIT);
     let wait = Duration::from_secs(q.wait.unwrap_or(0).min(MAX_WAIT_SECS));
-    let transport = if wait.is_zero() {
-        Transport::ShortPoll
-    } else {
-        Transport::LongPoll
-    };
+    let uid = id.uid;
+
+    // The device's previous long poll on this gateway left its waiter registered: if this
+    // poll continues from that answer, everything after it is in the waiter already.
+    if let (false, Some(after)) = (wait.is_zero(), q.after) {
+        if let Some(parked) = shared.polls.take(&uid, &device, after).await {
+            parked.cursor.ack(after);
+            shared.metrics.acks.increment(1);
+            shared.metrics.long_polls_resumed.increment(1);
+            let w = Waiter {
+                reg: parked.reg,
+                kick: parked.kick,
+                cursor: parked.cursor,
+            };
+            return Ok(wait_for_messages(&shared, uid, device, w, after, limit, wait).await);
+        }
+    }
+
     let store_err = |e: crate::store::StoreError| ApiError::new(e.code(), e.to_string());
     let after = match q.after {
         Some(n) => {
             // Asking after N acks everything up to N for this device.
             shared
                 .cursors
-                .ack_now(&id.uid, &device, n)
+                .ack_now(&uid, &device, n)
                 .await
                 .map_err(store_err)?;
             shared.metrics.acks.increment(1);
             n
         }
         None => {
-            resume_point(&shared, &id.uid, &device, None)
+            resume_point(&shared, &uid, &device, None)
                 .await
                 .map_err(store_err)?
                 .0
@@ -155,44 +177,87 @@ pub async fn poll(
     };
 
     // Register before reading, so nothing stored between the read and the wait is missed.
-    let kick = Arc::new(Kick::default());
-    let mut waiter =
-        (!wait.is_zero()).then(|| shared.hub.wait(&id.uid, &device, kick.clone(), limit));
+    let waiter = (!wait.is_zero()).then(|| {
+        let kick = Arc::new(Kick::default());
+        Waiter {
+            reg: shared.hub.wait(&uid, &device, kick.clone(), limit),
+            kick,
+            // The cursor is stored up to `after` (acked just above, or the resume point).
+            cursor: shared.cursors.open(&uid, &device, after, after),
+        }
+    });
     let page = shared
         .store
-        .read(&id.uid, after, limit)
+        .read(&uid, after, limit)
         .await
         .map_err(store_err)?;
-    if !page.messages.is_empty() || waiter.is_none() {
-        let delivered: Vec<Delivered> = page
-            .messages
-            .iter()
-            .map(|m| Delivered::new((**m).clone()))
-            .collect();
-        let encoded: Vec<(u64, Bytes)> = delivered
-            .iter()
-            .map(|d| (d.seq(), d.encoded(Encoding::Json)))
-            .collect();
-        shared
-            .metrics
-            .delivered(transport)
-            .increment(encoded.len() as u64);
-        return Ok(answer(&encoded, &[], after, page.gap));
+    let Some(waiter) = waiter else {
+        return Ok(answer_page(&shared, Transport::ShortPoll, &page, after));
+    };
+    if page.messages.is_empty() {
+        return Ok(wait_for_messages(&shared, uid, device, waiter, after, limit, wait).await);
     }
+    let response = answer_page(&shared, Transport::LongPoll, &page, after);
+    // A full page may have left messages stored before the waiter registered unread: the
+    // next poll must read the store. Otherwise the waiter holds everything after the page.
+    if page.messages.len() < limit {
+        let given = page.messages.last().map_or(after, |m| m.seq);
+        shared.polls.park(uid, device, waiter, given);
+    }
+    Ok(response)
+}
 
-    let waiter = waiter.as_mut().expect("checked above");
+/// A poll answer straight from a store page.
+fn answer_page(shared: &Shared, transport: Transport, page: &Page, after: u64) -> Response {
+    let delivered: Vec<Delivered> = page
+        .messages
+        .iter()
+        .map(|m| Delivered::new((**m).clone()))
+        .collect();
+    let encoded: Vec<(u64, Bytes)> = delivered
+        .iter()
+        .map(|d| (d.seq(), d.encoded(Encoding::Json)))
+        .collect();
+    shared
+        .metrics
+        .delivered(transport)
+        .increment(encoded.len() as u64);
+    answer(&encoded, &[], after, page.gap)
+}
+
+/// A long poll's registration in the hub, with the device's cursor slot.
+struct Waiter {
+    reg: Registration,
+    kick: Arc<Kick>,
+    cursor: CursorHandle,
+}
+
+/// Waits up to `wait` for deliveries above `after` and answers with them (at most `limit`;
+/// the rest stay queued), then parks the waiter for the device's next poll.
+async fn wait_for_messages(
+    shared: &Shared,
+    uid: String,
+    device: String,
+    mut w: Waiter,
+    after: u64,
+    limit: usize,
+    wait: Duration,
+) -> Response {
     let waiting = &shared.metrics.long_polls_waiting;
     waiting.increment(1.0);
     let deadline = tokio::time::Instant::now() + wait;
     let mut encoded = Vec::new();
     let mut rooms = Vec::new();
     // Deliveries at or below `after` (possible when a client names an `after` beyond its
-    // inbox's newest message) do not answer the poll; it waits on.
+    // inbox's newest message, or for copies the store read returned too) do not answer the
+    // poll; it waits on.
     while encoded.is_empty() && rooms.is_empty() {
+        // Queued deliveries first: a kicked waiter still answers what it holds.
         let mut next = tokio::select! {
-            m = waiter.rx.recv() => m,
+            biased;
+            m = w.reg.rx.recv() => m,
             _ = tokio::time::sleep_until(deadline) => None,
-            _ = kick.kicked() => None,
+            _ = w.kick.kicked() => None,
             _ = shared.shutdown.cancelled() => None,
         };
         if next.is_none() {
@@ -207,7 +272,7 @@ pub async fn poll(
                 Outbound::Room(d) => rooms.push(d.encoded(Encoding::Json)),
             }
             next = if encoded.len() + rooms.len() < limit {
-                waiter.rx.try_recv().ok()
+                w.reg.rx.try_recv().ok()
             } else {
                 None
             };
@@ -216,9 +281,94 @@ pub async fn poll(
     waiting.decrement(1.0);
     shared
         .metrics
-        .delivered(transport)
+        .delivered(Transport::LongPoll)
         .increment(encoded.len() as u64);
-    Ok(answer(&encoded, &rooms, after, false))
+    let response = answer(&encoded, &rooms, after, false);
+    let given = encoded.last().map_or(after, |(seq, _)| *seq);
+    if !shared.shutdown.is_cancelled() {
+        shared.polls.park(uid, device, w, given);
+    }
+    response
+}
+
+/// Long-poll waiters kept registered for [`PARK_FOR`] after their poll is answered, keyed
+/// by `(uid, device)`. While parked a waiter keeps receiving the device's deliveries (up to
+/// its poll's `limit`; one more kicks it), so the device's next poll, if it continues from
+/// the answer given (`after` = that answer's cursor), is answered without reading the store.
+#[derive(Default)]
+pub struct ParkedPolls {
+    parked: DashMap<(String, String), Parked>,
+}
+
+struct Parked {
+    reg: Registration,
+    kick: Arc<Kick>,
+    cursor: CursorHandle,
+    /// The cursor of the answer given.
+    given: u64,
+    until: Instant,
+}
+
+impl ParkedPolls {
+    fn park(&self, uid: String, device: String, w: Waiter, given: u64) {
+        if w.kick.is_kicked() {
+            return;
+        }
+        let parked = Parked {
+            reg: w.reg,
+            kick: w.kick,
+            cursor: w.cursor,
+            given,
+            until: Instant::now() + PARK_FOR,
+        };
+        // A concurrent poll of the same device parked first: the newer answer wins.
+        self.parked.insert((uid, device), parked);
+    }
+
+    /// The parked waiter of `(uid, device)` if it can answer a poll after `after`; any
+    /// other one parked for the device is released.
+    async fn take(&self, uid: &str, device: &str, after: u64) -> Option<Parked> {
+        let (_, p) = self.parked.remove(&(uid.to_owned(), device.to_owned()))?;
+        if p.given == after && !p.kick.is_kicked() && p.until > Instant::now() {
+            return Some(p);
+        }
+        p.cursor.close().await;
+        None
+    }
+
+    /// Releases expired waiters every `PARK_FOR / 2` until `stop`.
+    pub async fn run_sweeper(&self, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(PARK_FOR / 2);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.cancelled() => return,
+            }
+            let now = Instant::now();
+            let expired: Vec<(String, String)> = self
+                .parked
+                .iter()
+                .filter(|p| p.until <= now || p.kick.is_kicked())
+                .map(|p| p.key().clone())
+                .collect();
+            for key in expired {
+                let removed = self
+                    .parked
+                    .remove_if(&key, |_, p| p.until <= now || p.kick.is_kicked());
+                if let Some((_, p)) = removed {
+                    p.cursor.close().await;
+                }
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for ParkedPolls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ParkedPolls")
+            .field("parked", &self.parked.len())
+            .finish()
+    }
 }
 
 /// `{"messages":[…],"cursor":M,"gap":…}` built from messages already encoded as JSON, with

@@ -117,6 +117,7 @@ impl Gateway {
         let shared = Arc::new(Shared {
             permits: Arc::new(Semaphore::new(cfg.max_connections)),
             cursors: Cursors::new(store.clone()),
+            polls: Default::default(),
             cfg,
             auth,
             store,
@@ -143,6 +144,10 @@ impl Gateway {
         let drain_timeout = shared.cfg.drain_timeout;
         let flusher_stop = CancellationToken::new();
         let flusher = tokio::spawn(shared.cursors.clone().run_flusher(flusher_stop.clone()));
+        let sweeper = {
+            let (shared, stop) = (shared.clone(), flusher_stop.clone());
+            tokio::spawn(async move { shared.polls.run_sweeper(stop).await })
+        };
         let tcp = tokio::spawn(crate::tcp::serve(
             listeners.tcp,
             shared.clone(),
@@ -172,6 +177,7 @@ impl Gateway {
         let _ = tokio::time::timeout(drain_timeout, http).await;
         let _ = tcp.await;
         flusher_stop.cancel();
+        let _ = sweeper.await;
         let _ = flusher.await;
         self.tail_stop.cancel();
         tracing::info!("stopped");

@@ -63,6 +63,8 @@ pub struct Shared {
     pub store: Arc<dyn Store>,
     pub hub: Arc<Hub>,
     pub cursors: Arc<Cursors>,
+    /// Long-poll waiters kept between a device's polls.
+    pub polls: crate::poll::ParkedPolls,
     /// Cancelled when the gateway starts draining.
     pub shutdown: CancellationToken,
     /// Every connection task, so shutdown can wait for them.
