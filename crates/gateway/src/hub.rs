@@ -14,7 +14,6 @@ use std::sync::{Arc, OnceLock};
 use bytes::Bytes;
 use dashmap::DashMap;
 use imgate_proto::{encode, ByeReason, Encoding, Message, ServerFrame};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::store::Fanout;
@@ -114,7 +113,7 @@ struct Conn {
     /// device and counts towards `--max-devices`. Long polls are not exclusive.
     exclusive: bool,
     device: Arc<str>,
-    tx: mpsc::Sender<Outbound>,
+    tx: flume::Sender<Outbound>,
     kick: Arc<Kick>,
 }
 
@@ -149,7 +148,7 @@ pub struct Registration {
     uid: String,
     /// This connection's id in the hub (never 0).
     pub id: u64,
-    pub rx: mpsc::Receiver<Outbound>,
+    pub rx: flume::Receiver<Outbound>,
 }
 
 impl Drop for Registration {
@@ -177,7 +176,7 @@ impl Hub {
         capacity: usize,
         max_devices: usize,
     ) -> Registration {
-        let (tx, rx) = mpsc::channel(capacity);
+        let (tx, rx) = flume::bounded(capacity);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let mut conns = self.users.entry(uid.to_owned()).or_default();
         conns.retain(|c| {
@@ -194,6 +193,8 @@ impl Hub {
                 .expect("counted above");
             conns.remove(oldest).kick.kick(ByeReason::Replaced);
         }
+        // Most users hold one connection: grow by one, not to Vec's default of four slots.
+        conns.reserve_exact(1);
         conns.push(Conn {
             id,
             exclusive: true,
@@ -219,15 +220,18 @@ impl Hub {
         kick: Arc<Kick>,
         capacity: usize,
     ) -> Registration {
-        let (tx, rx) = mpsc::channel(capacity);
+        let (tx, rx) = flume::bounded(capacity);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
-        self.users.entry(uid.to_owned()).or_default().push(Conn {
+        let mut conns = self.users.entry(uid.to_owned()).or_default();
+        conns.reserve_exact(1);
+        conns.push(Conn {
             id,
             exclusive: false,
             device: device.into(),
             tx,
             kick,
         });
+        drop(conns);
         Registration {
             hub: self.clone(),
             uid: uid.to_owned(),
@@ -300,7 +304,8 @@ impl Hub {
             };
             for c in conns.iter().filter(|c| c.device == m.device) {
                 // Keep a quarter of the outbox for stored messages.
-                let ok = c.tx.capacity() * 4 > c.tx.max_capacity()
+                let max = c.tx.capacity().unwrap_or(usize::MAX);
+                let ok = max.saturating_sub(c.tx.len()).saturating_mul(4) > max
                     && c.tx.try_send(Outbound::Room(d.clone())).is_ok();
                 let counter = if ok {
                     &self.stats.room_delivered
@@ -335,7 +340,7 @@ impl Fanout for Hub {
         for c in conns.iter() {
             match c.tx.try_send(Outbound::Msg(delivered.clone())) {
                 Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(_)) => {
+                Err(flume::TrySendError::Full(_)) => {
                     // A full waiter is a long poll whose device has not polled again; its
                     // next poll reads the store instead. Only connections are slow consumers.
                     if c.exclusive && !c.kick.token.is_cancelled() {
@@ -343,7 +348,7 @@ impl Fanout for Hub {
                     }
                     c.kick.kick(ByeReason::SlowConsumer);
                 }
-                Err(mpsc::error::TrySendError::Closed(_)) => {}
+                Err(flume::TrySendError::Disconnected(_)) => {}
             }
         }
     }
@@ -371,8 +376,8 @@ mod tests {
         let hub = Hub::new();
         let k1 = Arc::new(Kick::default());
         let k2 = Arc::new(Kick::default());
-        let mut phone = hub.register("bob", "phone", k1, 8, 16);
-        let mut web = hub.register("bob", "web", k2, 8, 16);
+        let phone = hub.register("bob", "phone", k1, 8, 16);
+        let web = hub.register("bob", "web", k2, 8, 16);
         hub.deliver("bob", &mut || Some(msg(1)));
         let mut built = false;
         hub.deliver("carol", &mut || {
@@ -427,8 +432,8 @@ mod tests {
         let hub = Hub::new();
         let device = Arc::new(Kick::default());
         let _d = hub.register("bob", "phone", device.clone(), 8, 1);
-        let mut w1 = hub.wait("bob", "web", Arc::new(Kick::default()), 8);
-        let mut w2 = hub.wait("bob", "tab", Arc::new(Kick::default()), 8);
+        let w1 = hub.wait("bob", "web", Arc::new(Kick::default()), 8);
+        let w2 = hub.wait("bob", "tab", Arc::new(Kick::default()), 8);
         let _d2 = hub.register("bob", "web", Arc::new(Kick::default()), 8, 2);
         assert!(
             !device.token.is_cancelled(),
@@ -444,9 +449,9 @@ mod tests {
     #[test]
     fn room_messages_reach_members_and_a_slow_one_drops_them() {
         let hub = Hub::new();
-        let mut fast = hub.register("bob", "phone", Arc::new(Kick::default()), 8, 16);
+        let fast = hub.register("bob", "phone", Arc::new(Kick::default()), 8, 16);
         let slow_kick = Arc::new(Kick::default());
-        let mut slow = hub.register("carol", "web", slow_kick.clone(), 8, 16);
+        let slow = hub.register("carol", "web", slow_kick.clone(), 8, 16);
         let _other = hub.register("dave", "x", Arc::new(Kick::default()), 8, 16);
         hub.join_room("r1", "bob", "phone", fast.id, None);
         hub.join_room("r1", "carol", "web", slow.id, None);

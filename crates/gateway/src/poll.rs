@@ -238,7 +238,7 @@ async fn wait_for_messages(
     shared: &Shared,
     uid: String,
     device: String,
-    mut w: Waiter,
+    w: Waiter,
     after: u64,
     limit: usize,
     wait: Duration,
@@ -255,7 +255,7 @@ async fn wait_for_messages(
         // Queued deliveries first: a kicked waiter still answers what it holds.
         let mut next = tokio::select! {
             biased;
-            m = w.reg.rx.recv() => m,
+            m = w.reg.rx.recv_async() => m.ok(),
             _ = tokio::time::sleep_until(deadline) => None,
             _ = w.kick.kicked() => None,
             _ = shared.shutdown.cancelled() => None,

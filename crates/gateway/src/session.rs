@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::future::BoxFuture;
+use futures::future::{BoxFuture, OptionFuture};
 use futures::stream::FuturesOrdered;
 use futures::{FutureExt, Sink, SinkExt, Stream, StreamExt};
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
@@ -36,7 +36,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::{Auth, Identity};
 use crate::config::Config;
 use crate::cursors::{CursorHandle, Cursors};
-use crate::hub::{Delivered, Hub, Kick, Outbound};
+use crate::hub::{Delivered, Hub, Kick, Outbound, Registration};
 use crate::metrics::{Metrics, Transport};
 use crate::send::{self, Refused};
 use crate::store::nats::NatsStore;
@@ -165,14 +165,15 @@ impl Profile {
 enum End {
     /// Say `bye` with this reason, then close.
     Bye(ByeReason),
-    /// Send this (an error) and close.
-    Refuse(ServerFrame),
+    /// Send this (an error) and close. Boxed: an `End` is kept in every parked connection's
+    /// state, and a frame is ten times the size of the other variants.
+    Refuse(Box<ServerFrame>),
     /// The peer is gone; just close.
     Gone,
 }
 
 fn refuse(code: ErrorCode, message: impl Into<String>) -> End {
-    End::Refuse(ServerFrame::error(code, message))
+    End::Refuse(Box::new(ServerFrame::error(code, message)))
 }
 
 /// Runs one connection to its end.
@@ -190,22 +191,14 @@ where
         shared: shared.clone(),
         profile,
     };
-    let end = match start {
-        Start::Verified(p) => Ok(p),
-        // One-off phases are boxed: a task reserves room for its largest state for its whole
-        // life, and connections live long.
-        Start::AwaitLogin { device, resume } => Box::pin(io.login(&shared)).await.map(|mut p| {
-            p.device = p.device.or(device);
-            p.resume = p.resume.or(resume);
-            p
-        }),
-    };
-    let end = match end {
-        Ok(pre) => {
-            let gauge = shared.metrics.connection(profile.transport);
-            gauge.increment(1.0);
-            let end = serve(&shared, &mut io, pre).await;
-            gauge.decrement(1.0);
+    // Only the live loop runs inline: a task's future is as large as its largest state for
+    // its whole life, and the live state is the one a connection keeps. The phases before and
+    // after it are boxed, and the logged-in state is one heap block the loop borrows.
+    let end = match Box::pin(begin(&shared, &mut io, start)).await {
+        Ok(mut conn) => {
+            let end = live_loop(&shared, &mut io, &mut conn.live, &mut conn.reg.rx).await;
+            Box::pin(close(&shared, conn)).await;
+            shared.metrics.connection(profile.transport).decrement(1.0);
             end
         }
         Err(end) => end,
@@ -313,7 +306,7 @@ where
     async fn farewell(&mut self, end: End) {
         let last = match end {
             End::Bye(reason) => Some(ServerFrame::Bye { reason }),
-            End::Refuse(frame) => Some(frame),
+            End::Refuse(frame) => Some(*frame),
             End::Gone => None,
         };
         let _ = tokio::time::timeout(FAREWELL_TIMEOUT, async {
@@ -345,20 +338,29 @@ struct Live {
     unacked: VecDeque<(u64, Instant)>,
     last_activity: Instant,
     limiter: Option<DefaultDirectRateLimiter>,
-    inflight: FuturesOrdered<BoxFuture<'static, ServerFrame>>,
+    /// Sends waiting for the store, answered in order. Made on the first send: an empty
+    /// `FuturesOrdered` already allocates, and most connections are idle.
+    inflight: Option<FuturesOrdered<BoxFuture<'static, ServerFrame>>>,
 }
 
-async fn serve<Si, St>(shared: &Arc<Shared>, io: &mut Io<Si, St>, pre: Preauth) -> End
+/// A logged-in connection: its session state and its place in the hub.
+struct Conn {
+    live: Live,
+    reg: Registration,
+}
+
+/// Registers a logged-in connection, then sends `welcome` and its backlog.
+async fn open<Si, St>(shared: &Arc<Shared>, io: &mut Io<Si, St>, pre: Preauth) -> Result<Conn, End>
 where
     Si: Sink<Outgoing> + Unpin,
     St: Stream<Item = Result<Incoming, InError>> + Unpin,
 {
     let device = pre.device.unwrap_or_else(|| DEFAULT_DEVICE.to_owned());
     if !is_valid_id(&device) {
-        return refuse(
+        return Err(refuse(
             ErrorCode::BadRequest,
             "device must match ^[A-Za-z0-9_-]{1,64}$",
-        );
+        ));
     }
     let uid = pre.identity.uid;
     let cfg = &shared.cfg;
@@ -368,7 +370,7 @@ where
 
     let (resume, stored) = match Box::pin(resume_point(shared, &uid, &device, pre.resume)).await {
         Ok(r) => r,
-        Err(e) => return refuse(e.code(), e.to_string()),
+        Err(e) => return Err(refuse(e.code(), e.to_string())),
     };
     let start = stored.unwrap_or(resume);
     let limiter = send_quota(cfg).map(RateLimiter::direct);
@@ -383,21 +385,55 @@ where
         unacked: VecDeque::new(),
         last_activity: Instant::now(),
         limiter,
-        inflight: FuturesOrdered::new(),
+        inflight: None,
     };
 
-    let end = match Box::pin(replay(shared, io, &mut live, &mut reg.rx, &device, resume)).await {
-        Ok(()) => live_loop(shared, io, &mut live, &mut reg.rx).await,
-        Err(end) => end,
+    if let Err(end) = replay(shared, io, &mut live, &mut reg.rx, &device, resume).await {
+        close(shared, Box::new(Conn { live, reg })).await;
+        return Err(end);
+    }
+    Ok(Conn { live, reg })
+}
+
+/// Logs in (unless the transport did) and opens the session; a session that opens counts
+/// in the connection gauge until [`close`].
+async fn begin<Si, St>(
+    shared: &Arc<Shared>,
+    io: &mut Io<Si, St>,
+    start: Start,
+) -> Result<Box<Conn>, End>
+where
+    Si: Sink<Outgoing> + Unpin,
+    St: Stream<Item = Result<Incoming, InError>> + Unpin,
+{
+    let pre = match start {
+        Start::Verified(p) => p,
+        Start::AwaitLogin { device, resume } => {
+            let mut p = io.login(shared).await?;
+            p.device = p.device.or(device);
+            p.resume = p.resume.or(resume);
+            p
+        }
     };
+    let gauge = shared.metrics.connection(io.profile.transport);
+    gauge.increment(1.0);
+    let opened = open(shared, io, pre).await.map(Box::new);
+    if opened.is_err() {
+        gauge.decrement(1.0);
+    }
+    opened
+}
+
+/// Ends a session's place in the hub and writes its cursor.
+async fn close(shared: &Shared, conn: Box<Conn>) {
+    let Conn { live, reg } = *conn;
     for room in &live.rooms {
         shared
             .hub
             .leave_room(room, &live.uid, &live.device, live.conn_id);
     }
     drop(reg);
-    Box::pin(live.cursor.close()).await;
-    end
+    live.cursor.close().await;
 }
 
 /// The per-connection (or per-uid, over HTTP) send quota; `None` when unlimited.
@@ -437,7 +473,7 @@ async fn replay<Si, St>(
     shared: &Shared,
     io: &mut Io<Si, St>,
     live: &mut Live,
-    rx: &mut tokio::sync::mpsc::Receiver<Outbound>,
+    rx: &mut flume::Receiver<Outbound>,
     device: &str,
     resume: u64,
 ) -> Result<(), End>
@@ -483,7 +519,7 @@ async fn live_loop<Si, St>(
     shared: &Arc<Shared>,
     io: &mut Io<Si, St>,
     live: &mut Live,
-    rx: &mut tokio::sync::mpsc::Receiver<Outbound>,
+    rx: &mut flume::Receiver<Outbound>,
 ) -> End
 where
     Si: Sink<Outgoing> + Unpin,
@@ -496,20 +532,22 @@ where
     // Connections spend their life parked in this select; the work each branch starts is
     // boxed so the parked state stays small (idle connections are most of them).
     loop {
-        let reading = live.inflight.len() < MAX_INFLIGHT_SENDS;
+        let inflight = live.inflight.as_ref().map_or(0, |f| f.len());
+        let reading = inflight < MAX_INFLIGHT_SENDS;
         // Every branch is cancel-safe: kicked/cancelled/sleep are plain waits, `recv` and
-        // `next` on an mpsc receiver or a framed stream lose nothing when dropped.
+        // `next` on a channel receiver or a framed stream lose nothing when dropped.
         let step: Result<(), End> = tokio::select! {
             biased;
             reason = kick.kicked() => Err(End::Bye(reason)),
             _ = shutdown.cancelled() => Err(End::Bye(ByeReason::Shutdown)),
-            Some(frame) = live.inflight.next(), if !live.inflight.is_empty() => {
+            Some(Some(frame)) = OptionFuture::from(live.inflight.as_mut().map(|f| f.next())),
+                if inflight > 0 => {
                 Box::pin(io.write(Outgoing::Frame(frame), true)).await
             }
-            out = rx.recv() => match out {
-                Some(first) => Box::pin(deliver_batch(io, live, rx, first)).await,
+            out = rx.recv_async() => match out {
+                Ok(first) => Box::pin(deliver_batch(io, live, rx, first)).await,
                 // The hub dropped us: a newer connection replaced this one.
-                None => Err(End::Bye(ByeReason::Replaced)),
+                Err(flume::RecvError::Disconnected) => Err(End::Bye(ByeReason::Replaced)),
             },
             inbound = io.stream.next(), if reading => {
                 live.last_activity = Instant::now();
@@ -551,7 +589,7 @@ where
 async fn deliver_batch<Si, St>(
     io: &mut Io<Si, St>,
     live: &mut Live,
-    rx: &mut tokio::sync::mpsc::Receiver<Outbound>,
+    rx: &mut flume::Receiver<Outbound>,
     first: Outbound,
 ) -> Result<(), End>
 where
@@ -608,7 +646,9 @@ where
         }
         ClientFrame::Send(send) => match accept_send(shared, live, send) {
             Ok(fut) => {
-                live.inflight.push_back(fut);
+                live.inflight
+                    .get_or_insert_with(FuturesOrdered::new)
+                    .push_back(fut);
                 return Ok(());
             }
             Err(frame) => *frame,
