@@ -14,7 +14,7 @@ use std::sync::{Arc, OnceLock};
 use bytes::Bytes;
 use dashmap::DashMap;
 use imgate_proto::{encode, ByeReason, Encoding, Message, ServerFrame};
-use tokio_util::sync::CancellationToken;
+use tokio::sync::Notify;
 
 use crate::store::Fanout;
 
@@ -80,10 +80,12 @@ struct RoomMember {
     expires: Option<std::time::Instant>,
 }
 
-/// A request, from anywhere, that a connection close with a reason.
+/// A request, from anywhere, that a connection close with a reason. Every connection holds
+/// one, so it is a `Notify` and the reason, not a `CancellationToken` (whose tree node is
+/// a second, larger allocation).
 #[derive(Debug, Default)]
 pub struct Kick {
-    token: CancellationToken,
+    notify: Notify,
     reason: OnceLock<ByeReason>,
 }
 
@@ -91,18 +93,26 @@ impl Kick {
     /// The first reason given wins.
     pub fn kick(&self, reason: ByeReason) {
         let _ = self.reason.set(reason);
-        self.token.cancel();
+        self.notify.notify_waiters();
     }
 
     /// Whether a reason was given already.
     pub fn is_kicked(&self) -> bool {
-        self.token.is_cancelled()
+        self.reason.get().is_some()
     }
 
     /// Resolves once kicked; cancel-safe.
     pub async fn kicked(&self) -> ByeReason {
-        self.token.cancelled().await;
-        self.reason.get().copied().unwrap_or(ByeReason::Kicked)
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so a kick between the check and the wait wakes it.
+            notified.as_mut().enable();
+            if let Some(reason) = self.reason.get() {
+                return *reason;
+            }
+            notified.await;
+        }
     }
 }
 
@@ -343,7 +353,7 @@ impl Fanout for Hub {
                 Err(flume::TrySendError::Full(_)) => {
                     // A full waiter is a long poll whose device has not polled again; its
                     // next poll reads the store instead. Only connections are slow consumers.
-                    if c.exclusive && !c.kick.token.is_cancelled() {
+                    if c.exclusive && !c.kick.is_kicked() {
                         self.stats.slow_consumers.fetch_add(1, Ordering::Relaxed);
                     }
                     c.kick.kick(ByeReason::SlowConsumer);
@@ -409,7 +419,7 @@ mod tests {
         let old = Arc::new(Kick::default());
         let r1 = hub.register("bob", "phone", old.clone(), 8, 16);
         let _r2 = hub.register("bob", "phone", Arc::new(Kick::default()), 8, 16);
-        assert!(old.token.is_cancelled());
+        assert!(old.is_kicked());
         assert_eq!(old.reason.get(), Some(&ByeReason::Replaced));
         assert_eq!(hub.connections_of("bob"), 1);
         drop(r1); // the replaced registration leaves the new one alone
@@ -423,7 +433,7 @@ mod tests {
         let _a = hub.register("bob", "a", first.clone(), 8, 2);
         let _b = hub.register("bob", "b", Arc::new(Kick::default()), 8, 2);
         let _c = hub.register("bob", "c", Arc::new(Kick::default()), 8, 2);
-        assert!(first.token.is_cancelled());
+        assert!(first.is_kicked());
         assert_eq!(hub.connections_of("bob"), 2);
     }
 
@@ -435,10 +445,7 @@ mod tests {
         let w1 = hub.wait("bob", "web", Arc::new(Kick::default()), 8);
         let w2 = hub.wait("bob", "tab", Arc::new(Kick::default()), 8);
         let _d2 = hub.register("bob", "web", Arc::new(Kick::default()), 8, 2);
-        assert!(
-            !device.token.is_cancelled(),
-            "waiters do not count as devices"
-        );
+        assert!(!device.is_kicked(), "waiters do not count as devices");
         hub.deliver("bob", &mut || Some(msg(1)));
         assert!(w1.rx.try_recv().is_ok());
         assert!(w2.rx.try_recv().is_ok());
@@ -470,10 +477,7 @@ mod tests {
         }
         assert_eq!(hub.stats.room_delivered.load(Ordering::Relaxed), 10 + 6);
         assert_eq!(hub.stats.room_dropped.load(Ordering::Relaxed), 4);
-        assert!(
-            !slow_kick.token.is_cancelled(),
-            "dropping room messages never kicks"
-        );
+        assert!(!slow_kick.is_kicked(), "dropping room messages never kicks");
         // Stored messages still fit in the quarter kept free.
         hub.deliver("carol", &mut || Some(msg(1)));
         let mut kinds = vec![];

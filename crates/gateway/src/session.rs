@@ -99,7 +99,9 @@ impl Outgoing {
 /// What a transport read from its client.
 #[derive(Debug)]
 pub enum Incoming {
-    Frame(ClientFrame),
+    /// Boxed: a decoded frame passes through the live loop's select, whose state every idle
+    /// connection keeps as large as the largest value a branch yields.
+    Frame(Box<ClientFrame>),
     /// A delimited frame that did not decode; answered with `bad_request`.
     Malformed(String),
     /// Traffic that is not a frame (a WebSocket ping); it keeps the connection alive.
@@ -240,13 +242,15 @@ where
                 Ok(Some(Ok(Incoming::Malformed(m)))) => {
                     return Err(refuse(ErrorCode::BadRequest, m))
                 }
-                Ok(Some(Ok(Incoming::Frame(ClientFrame::Login(l))))) => l,
-                Ok(Some(Ok(Incoming::Frame(_)))) => {
-                    return Err(refuse(
-                        ErrorCode::BadRequest,
-                        "the first frame must be login",
-                    ))
-                }
+                Ok(Some(Ok(Incoming::Frame(f)))) => match *f {
+                    ClientFrame::Login(l) => l,
+                    _ => {
+                        return Err(refuse(
+                            ErrorCode::BadRequest,
+                            "the first frame must be login",
+                        ))
+                    }
+                },
             };
             let identity = shared
                 .auth
@@ -339,8 +343,9 @@ struct Live {
     last_activity: Instant,
     limiter: Option<DefaultDirectRateLimiter>,
     /// Sends waiting for the store, answered in order. Made on the first send: an empty
-    /// `FuturesOrdered` already allocates, and most connections are idle.
-    inflight: Option<FuturesOrdered<BoxFuture<'static, ServerFrame>>>,
+    /// `FuturesOrdered` already allocates and takes 64 bytes here, and most connections
+    /// are idle.
+    inflight: Option<Box<FuturesOrdered<BoxFuture<'static, Box<ServerFrame>>>>>,
 }
 
 /// A logged-in connection: its session state and its place in the hub.
@@ -542,7 +547,7 @@ where
             _ = shutdown.cancelled() => Err(End::Bye(ByeReason::Shutdown)),
             Some(Some(frame)) = OptionFuture::from(live.inflight.as_mut().map(|f| f.next())),
                 if inflight > 0 => {
-                Box::pin(io.write(Outgoing::Frame(frame), true)).await
+                Box::pin(io.write(Outgoing::Frame(*frame), true)).await
             }
             out = rx.recv_async() => match out {
                 Ok(first) => Box::pin(deliver_batch(io, live, rx, first)).await,
@@ -559,7 +564,7 @@ where
                         let e = ServerFrame::error(ErrorCode::BadRequest, m);
                         Box::pin(io.write(Outgoing::Frame(e), true)).await
                     }
-                    Some(Ok(Incoming::Frame(f))) => Box::pin(handle(shared, io, live, f)).await,
+                    Some(Ok(Incoming::Frame(f))) => Box::pin(handle(shared, io, live, *f)).await,
                 }
             }
             _ = &mut timer => {
@@ -647,7 +652,7 @@ where
         ClientFrame::Send(send) => match accept_send(shared, live, send) {
             Ok(fut) => {
                 live.inflight
-                    .get_or_insert_with(FuturesOrdered::new)
+                    .get_or_insert_with(Default::default)
                     .push_back(fut);
                 return Ok(());
             }
@@ -715,7 +720,7 @@ fn accept_send(
     shared: &Arc<Shared>,
     live: &Live,
     send: imgate_proto::Send,
-) -> Result<BoxFuture<'static, ServerFrame>, Box<ServerFrame>> {
+) -> Result<BoxFuture<'static, Box<ServerFrame>>, Box<ServerFrame>> {
     let refused = |r: Refused| {
         Box::new(ServerFrame::Error {
             id: r.id,
@@ -733,7 +738,7 @@ fn accept_send(
     }
     let shared = shared.clone();
     Ok(async move {
-        match send::commit(&shared, prepared).await {
+        Box::new(match send::commit(&shared, prepared).await {
             Ok(s) => ServerFrame::Sent {
                 id: s.id,
                 seq: s.seq,
@@ -744,7 +749,7 @@ fn accept_send(
                 code: r.code,
                 message: r.message,
             },
-        }
+        })
     }
     .boxed())
 }

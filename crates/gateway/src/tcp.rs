@@ -67,7 +67,7 @@ async fn connection(sock: TcpStream, shared: Arc<Shared>) {
         sink.with(|o: Outgoing| future::ready(Ok::<_, FrameError>(o.encode(Encoding::Msgpack))));
     let stream = stream.map(|r| match r {
         Ok(bytes) => Ok(match decode::<ClientFrame>(&bytes, Encoding::Msgpack) {
-            Ok(f) => Incoming::Frame(f),
+            Ok(f) => Incoming::Frame(Box::new(f)),
             Err(e) => Incoming::Malformed(e.to_string()),
         }),
         Err(FrameError::TooLarge { .. }) => Err(InError::TooLarge),

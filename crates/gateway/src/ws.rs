@@ -108,7 +108,7 @@ async fn connection(socket: WebSocket, shared: Arc<Shared>, enc: Encoding, start
 
 fn frame(r: Result<ClientFrame, imgate_proto::DecodeError>) -> Incoming {
     match r {
-        Ok(f) => Incoming::Frame(f),
+        Ok(f) => Incoming::Frame(Box::new(f)),
         Err(e) => Incoming::Malformed(e.to_string()),
     }
 }
