@@ -179,8 +179,16 @@ fn refuse(code: ErrorCode, message: impl Into<String>) -> End {
 }
 
 /// Runs one connection to its end.
-pub async fn run<Si, St>(shared: Arc<Shared>, sink: Si, stream: St, start: Start, profile: Profile)
-where
+///
+/// `start` is boxed: a future keeps room for its arguments for its whole life, and a
+/// connection's future is what each idle connection costs.
+pub async fn run<Si, St>(
+    shared: Arc<Shared>,
+    sink: Si,
+    stream: St,
+    start: Box<Start>,
+    profile: Profile,
+) where
     Si: Sink<Outgoing> + Unpin,
     St: Stream<Item = Result<Incoming, InError>> + Unpin,
 {
@@ -405,13 +413,13 @@ where
 async fn begin<Si, St>(
     shared: &Arc<Shared>,
     io: &mut Io<Si, St>,
-    start: Start,
+    start: Box<Start>,
 ) -> Result<Box<Conn>, End>
 where
     Si: Sink<Outgoing> + Unpin,
     St: Stream<Item = Result<Incoming, InError>> + Unpin,
 {
-    let pre = match start {
+    let pre = match *start {
         Start::Verified(p) => p,
         Start::AwaitLogin { device, resume } => {
             let mut p = io.login(shared).await?;

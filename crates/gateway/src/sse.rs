@@ -66,11 +66,11 @@ pub async fn events(
         Err::<Incoming, _>(InError::Closed)
     });
     let sink = PollSender::new(tx);
-    let start = Start::Verified(Preauth {
+    let start = Box::new(Start::Verified(Preauth {
         identity,
         device: q.device,
         resume: last_event_id.or(q.after),
-    });
+    }));
     let session = session::run(
         shared.clone(),
         Box::pin(sink),

@@ -52,14 +52,28 @@ pub async fn serve(
             }
         };
         let shared = shared.clone();
+        // The socket becomes boxed halves before the connection's future is made: a future
+        // keeps room for what it captured for its whole life (what each idle connection costs).
+        let (sink, stream) = halves(sock, &shared);
+        let start = Box::new(Start::AwaitLogin {
+            device: None,
+            resume: None,
+        });
         tracker.spawn(async move {
-            connection(sock, shared).await;
+            session::run(shared, sink, stream, start, Profile::TCP).await;
             drop(permit);
         });
     }
 }
 
-async fn connection(sock: TcpStream, shared: Arc<Shared>) {
+/// The socket's halves, boxed, framing and decoding msgpack.
+fn halves(
+    sock: TcpStream,
+    shared: &Shared,
+) -> (
+    impl futures::Sink<Outgoing> + Unpin + Send,
+    impl futures::Stream<Item = Result<Incoming, InError>> + Unpin + Send,
+) {
     let _ = sock.set_nodelay(true);
     let codec = FrameCodec::new(shared.cfg.max_frame);
     let (sink, stream) = Framed::with_capacity(sock, codec, TCP_BUFFER).split();
@@ -73,16 +87,5 @@ async fn connection(sock: TcpStream, shared: Arc<Shared>) {
         Err(FrameError::TooLarge { .. }) => Err(InError::TooLarge),
         Err(FrameError::Io(_)) => Err(InError::Closed),
     });
-    let start = Start::AwaitLogin {
-        device: None,
-        resume: None,
-    };
-    session::run(
-        shared,
-        Box::pin(sink),
-        Box::pin(stream),
-        start,
-        Profile::TCP,
-    )
-    .await;
+    (Box::pin(sink), Box::pin(stream))
 }

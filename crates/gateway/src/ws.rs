@@ -41,7 +41,7 @@ pub async fn upgrade(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
-    let start = match q.token.or_else(|| bearer(&headers)) {
+    let start = Box::new(match q.token.or_else(|| bearer(&headers)) {
         Some(token) => match shared.auth.verify(&token) {
             Ok(identity) => Start::Verified(Preauth {
                 identity,
@@ -54,7 +54,7 @@ pub async fn upgrade(
             device: q.device,
             resume: q.resume,
         },
-    };
+    });
     let Ok(permit) = shared.permits.clone().try_acquire_owned() else {
         return ApiError::new(ErrorCode::Unavailable, "connection limit reached").into_response();
     };
@@ -75,14 +75,25 @@ pub async fn upgrade(
         .unwrap_or(Encoding::Json);
     let tracker = shared.tracker.clone();
     ws.on_upgrade(move |socket| {
+        // The socket is split into boxed halves before the connection's future is made: a
+        // future keeps room for what it captured for its whole life, and a `WebSocket` is
+        // 368 bytes that would sit there unused beside the halves.
+        let (sink, stream) = halves(socket, enc);
         tracker.track_future(async move {
-            connection(socket, shared, enc, start).await;
+            session::run(shared, sink, stream, start, Profile::WS).await;
             drop(permit);
         })
     })
 }
 
-async fn connection(socket: WebSocket, shared: Arc<Shared>, enc: Encoding, start: Start) {
+/// The socket's halves, boxed, encoding and decoding frames in `enc`.
+fn halves(
+    socket: WebSocket,
+    enc: Encoding,
+) -> (
+    impl futures::Sink<Outgoing> + Unpin + std::marker::Send,
+    impl futures::Stream<Item = Result<Incoming, InError>> + Unpin + std::marker::Send,
+) {
     let (sink, stream) = socket.split();
     let sink = sink.with(move |o: Outgoing| {
         let bytes = o.encode(enc);
@@ -103,7 +114,7 @@ async fn connection(socket: WebSocket, shared: Arc<Shared>, enc: Encoding, start
             Err(_) => Some(Err(InError::Closed)),
         })
     });
-    session::run(shared, Box::pin(sink), Box::pin(stream), start, Profile::WS).await;
+    (Box::pin(sink), Box::pin(stream))
 }
 
 fn frame(r: Result<ClientFrame, imgate_proto::DecodeError>) -> Incoming {
