@@ -553,3 +553,58 @@ async fn presence_is_gathered_from_every_gateway() {
         json!({"online": false, "connections": 0})
     );
 }
+
+/// NATS with a user and password, then with a token: gateways given the credentials serve
+/// across the cluster; one given a wrong password exits at start, naming the refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_credentials_are_used_and_a_refusal_is_named() {
+    let nats = vec![NatsServer::start_with(&["--user", "imgate", "--pass", "s3cret"]).await];
+    let c = Cluster::with_nats(
+        nats,
+        2,
+        &["--nats-user", "imgate", "--nats-password", "s3cret"],
+    )
+    .await;
+    let (alice, _a) = c.client(0, "alice", "laptop", Via::Tcp).await;
+    let (_b, mut bob) = c.client(1, "bob", "phone", Via::WsJson).await;
+    alice
+        .send_to("bob", json!({"text": "over an authenticated bus"}))
+        .await
+        .unwrap();
+    assert_eq!(
+        messages(&mut bob, 1).await[0].body["text"],
+        "over an authenticated bus"
+    );
+
+    let out = within(
+        Duration::from_secs(30),
+        "a gateway with a wrong password to exit",
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_imgate"))
+            .args(["serve", "--http", "127.0.0.1:0", "--tcp", "127.0.0.1:0"])
+            .args(["--nats", &c.nats[0].url(), "--nats-user", "imgate"])
+            .args(["--nats-password", "wrong", "--nats-startup-timeout", "2s"])
+            .env("RUST_LOG", "error")
+            .env("RUST_BACKTRACE", "0")
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(out.stdout.is_empty(), "it never listened");
+    assert!(
+        stderr.contains("Error: NATS at") && stderr.contains("authorization violation"),
+        "{stderr}"
+    );
+
+    let nats = vec![NatsServer::start_with(&["--auth", "t0ken"]).await];
+    let c = Cluster::with_nats(nats, 1, &["--nats-token", "t0ken"]).await;
+    let (alice, _a) = c.client(0, "alice", "laptop", Via::Tcp).await;
+    let (_b, mut bob) = c.client(0, "bob", "phone", Via::Tcp).await;
+    alice
+        .send_to("bob", json!({"text": "with a token"}))
+        .await
+        .unwrap();
+    assert_eq!(messages(&mut bob, 1).await[0].body["text"], "with a token");
+}

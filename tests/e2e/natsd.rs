@@ -54,16 +54,24 @@ pub(crate) struct NatsServer {
     store: tempfile::TempDir,
     /// `(name, cluster port, routes)` for a cluster member.
     cluster: Option<(String, u16, String)>,
+    /// More command-line arguments (for example `--user`/`--pass`).
+    extra: Vec<String>,
 }
 
 impl NatsServer {
     /// One server from `nats/nats.conf`.
     pub(crate) async fn start() -> NatsServer {
+        Self::start_with(&[]).await
+    }
+
+    /// One server from `nats/nats.conf` with `extra` command-line arguments.
+    pub(crate) async fn start_with(extra: &[&str]) -> NatsServer {
         let mut s = NatsServer {
             child: None,
             port: free_port(),
             store: tempfile::tempdir().expect("temp dir"),
             cluster: None,
+            extra: extra.iter().map(|a| a.to_string()).collect(),
         };
         s.run().await;
         s
@@ -84,6 +92,7 @@ impl NatsServer {
                 port: free_port(),
                 store: tempfile::tempdir().expect("temp dir"),
                 cluster: Some((format!("n{}", i + 1), *cport, routes.clone())),
+                extra: Vec::new(),
             });
         }
         for s in &mut servers {
@@ -116,6 +125,7 @@ impl NatsServer {
             }
         }
         cmd.args(["-a", "127.0.0.1", "-p", &port, "-m", "0", "-sd", &store])
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true);

@@ -189,11 +189,28 @@ impl NatsStore {
     /// Connects, then creates or updates the stream and the cursor bucket.
     pub async fn connect(cfg: &Config) -> anyhow::Result<Arc<Self>> {
         let n = &cfg.nats;
+        // The client connects in the background; its last error is what a failed start
+        // reports (an authorization violation would otherwise read as a stream timeout).
+        let last_error = Arc::new(std::sync::Mutex::new(None::<String>));
+        let slot = last_error.clone();
         let mut opts = async_nats::ConnectOptions::new()
             .name("imgate")
             .retry_on_initial_connect()
             .max_reconnects(None)
-            .connection_timeout(n.nats_timeout);
+            .connection_timeout(n.nats_timeout)
+            .event_callback(move |event| {
+                let slot = slot.clone();
+                async move {
+                    let mut last = slot.lock().unwrap_or_else(|p| p.into_inner());
+                    match &event {
+                        async_nats::Event::Connected => *last = None,
+                        async_nats::Event::ClientError(e) => *last = Some(e.to_string()),
+                        async_nats::Event::ServerError(e) => *last = Some(e.to_string()),
+                        _ => {}
+                    }
+                    tracing::info!(%event, "nats");
+                }
+            });
         if let (Some(user), Some(pass)) = (&n.nats_user, &n.nats_password) {
             opts = opts.user_and_password(user.clone(), pass.0.clone());
         }
@@ -221,13 +238,26 @@ impl NatsStore {
         // NATS may still be starting (compose, a restart): keep trying for a while.
         let deadline = tokio::time::Instant::now() + n.nats_startup_timeout;
         let (stream, cursors, groups) = loop {
+            let connection = || {
+                let last = last_error.lock().unwrap_or_else(|p| p.into_inner());
+                last.clone()
+            };
             match Self::provision(&js, &names, cfg).await {
                 Ok(v) => break v,
                 Err(e) if tokio::time::Instant::now() < deadline => {
-                    tracing::warn!(error = %e, "NATS not ready yet; retrying");
+                    tracing::warn!(error = %e, connection = ?connection(), "NATS not ready yet; retrying");
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    return Err(match connection() {
+                        Some(c) => e.context(format!(
+                            "NATS at {} refused or dropped the connection: {c} \
+                             (check --nats-user/--nats-password, --nats-token, --nats-creds, --nats-ca)",
+                            n.nats.join(",")
+                        )),
+                        None => e,
+                    })
+                }
             }
         };
         Ok(Arc::new(NatsStore {
