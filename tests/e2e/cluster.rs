@@ -411,6 +411,20 @@ async fn consecutive_long_polls_are_served_from_the_parked_waiter() {
         alice.send_to("bob", json!({"text": i})).await.unwrap();
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = c.metric(0, "imgate_long_polls_resumed_total").await;
+    let (bodies, next) = within(WAIT, "a page from the store", long_poll(gw, cursor)).await;
+    assert_eq!(
+        bodies,
+        vec![20, 21, 22, 23, 24],
+        "the first page, at the limit"
+    );
+    assert_eq!(
+        c.metric(0, "imgate_long_polls_resumed_total").await,
+        before,
+        "the overflowed waiter was not taken over"
+    );
+    got.extend(bodies);
+    cursor = next;
     within(
         WAIT,
         "12 messages from the store",
