@@ -186,39 +186,7 @@ impl Hub {
         capacity: usize,
         max_devices: usize,
     ) -> Registration {
-        let (tx, rx) = flume::bounded(capacity);
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
-        let mut conns = self.users.entry(uid.to_owned()).or_default();
-        conns.retain(|c| {
-            let same = c.exclusive && &*c.device == device;
-            if same {
-                c.kick.kick(ByeReason::Replaced);
-            }
-            !same
-        });
-        while conns.iter().filter(|c| c.exclusive).count() >= max_devices {
-            let oldest = conns
-                .iter()
-                .position(|c| c.exclusive)
-                .expect("counted above");
-            conns.remove(oldest).kick.kick(ByeReason::Replaced);
-        }
-        // Most users hold one connection: grow by one, not to Vec's default of four slots.
-        conns.reserve_exact(1);
-        conns.push(Conn {
-            id,
-            exclusive: true,
-            device: device.into(),
-            tx,
-            kick,
-        });
-        drop(conns);
-        Registration {
-            hub: self.clone(),
-            uid: uid.to_owned(),
-            id,
-            rx,
-        }
+        self.attach(uid, device, kick, capacity, Some(max_devices))
     }
 
     /// Registers a waiter (a long poll): it gets `uid`'s messages like a connection but
@@ -230,13 +198,43 @@ impl Hub {
         kick: Arc<Kick>,
         capacity: usize,
     ) -> Registration {
+        self.attach(uid, device, kick, capacity, None)
+    }
+
+    /// Adds a connection; `exclusive` (with the uid's `max_devices`) makes it a device's
+    /// connection, which replaces an older one of the same device.
+    fn attach(
+        self: &Arc<Self>,
+        uid: &str,
+        device: &str,
+        kick: Arc<Kick>,
+        capacity: usize,
+        exclusive: Option<usize>,
+    ) -> Registration {
         let (tx, rx) = flume::bounded(capacity);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let mut conns = self.users.entry(uid.to_owned()).or_default();
+        if let Some(max_devices) = exclusive {
+            conns.retain(|c| {
+                let same = c.exclusive && &*c.device == device;
+                if same {
+                    c.kick.kick(ByeReason::Replaced);
+                }
+                !same
+            });
+            while conns.iter().filter(|c| c.exclusive).count() >= max_devices {
+                let oldest = conns
+                    .iter()
+                    .position(|c| c.exclusive)
+                    .expect("counted above");
+                conns.remove(oldest).kick.kick(ByeReason::Replaced);
+            }
+        }
+        // Most users hold one connection: grow by one, not to Vec's default of four slots.
         conns.reserve_exact(1);
         conns.push(Conn {
             id,
-            exclusive: false,
+            exclusive: exclusive.is_some(),
             device: device.into(),
             tx,
             kick,

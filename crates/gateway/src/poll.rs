@@ -143,15 +143,10 @@ pub async fn poll(
     // The device's previous long poll on this gateway left its waiter registered: if this
     // poll continues from that answer, everything after it is in the waiter already.
     if let (false, Some(after)) = (wait.is_zero(), q.after) {
-        if let Some(parked) = shared.polls.take(&uid, &device, after).await {
-            parked.cursor.ack(after);
+        if let Some(w) = shared.polls.take(&uid, &device, after).await {
+            w.cursor.ack(after);
             shared.metrics.acks.increment(1);
             shared.metrics.long_polls_resumed.increment(1);
-            let w = Waiter {
-                reg: parked.reg,
-                kick: parked.kick,
-                cursor: parked.cursor,
-            };
             return Ok(wait_for_messages(&shared, uid, device, w, after, limit, wait).await);
         }
     }
@@ -301,23 +296,26 @@ pub struct ParkedPolls {
 }
 
 struct Parked {
-    reg: Registration,
-    kick: Arc<Kick>,
-    cursor: CursorHandle,
+    waiter: Waiter,
     /// The cursor of the answer given.
     given: u64,
     until: Instant,
 }
 
+impl Parked {
+    /// Past its time, or overflowed (so it no longer holds every delivery since `given`).
+    fn stale(&self, now: Instant) -> bool {
+        self.until <= now || self.waiter.kick.is_kicked()
+    }
+}
+
 impl ParkedPolls {
-    fn park(&self, uid: String, device: String, w: Waiter, given: u64) {
-        if w.kick.is_kicked() {
+    fn park(&self, uid: String, device: String, waiter: Waiter, given: u64) {
+        if waiter.kick.is_kicked() {
             return;
         }
         let parked = Parked {
-            reg: w.reg,
-            kick: w.kick,
-            cursor: w.cursor,
+            waiter,
             given,
             until: Instant::now() + PARK_FOR,
         };
@@ -327,16 +325,16 @@ impl ParkedPolls {
 
     /// The parked waiter of `(uid, device)` if it can answer a poll after `after`; any
     /// other one parked for the device is released.
-    async fn take(&self, uid: &str, device: &str, after: u64) -> Option<Parked> {
+    async fn take(&self, uid: &str, device: &str, after: u64) -> Option<Waiter> {
         let (_, p) = self.parked.remove(&(uid.to_owned(), device.to_owned()))?;
-        if p.given == after && !p.kick.is_kicked() && p.until > Instant::now() {
-            return Some(p);
+        if p.given == after && !p.stale(Instant::now()) {
+            return Some(p.waiter);
         }
-        p.cursor.close().await;
+        p.waiter.cursor.close().await;
         None
     }
 
-    /// Releases expired waiters every `PARK_FOR / 2` until `stop`.
+    /// Releases stale waiters every `PARK_FOR / 2` until `stop`.
     pub async fn run_sweeper(&self, stop: CancellationToken) {
         let mut tick = tokio::time::interval(PARK_FOR / 2);
         loop {
@@ -345,18 +343,15 @@ impl ParkedPolls {
                 _ = stop.cancelled() => return,
             }
             let now = Instant::now();
-            let expired: Vec<(String, String)> = self
+            let stale: Vec<(String, String)> = self
                 .parked
                 .iter()
-                .filter(|p| p.until <= now || p.kick.is_kicked())
+                .filter(|p| p.stale(now))
                 .map(|p| p.key().clone())
                 .collect();
-            for key in expired {
-                let removed = self
-                    .parked
-                    .remove_if(&key, |_, p| p.until <= now || p.kick.is_kicked());
-                if let Some((_, p)) = removed {
-                    p.cursor.close().await;
+            for key in stale {
+                if let Some((_, p)) = self.parked.remove_if(&key, |_, p| p.stale(now)) {
+                    p.waiter.cursor.close().await;
                 }
             }
         }
