@@ -47,20 +47,7 @@ fn http_transports_smoke_deliver_everything_once() {
 
 #[test]
 fn w2_smoke_holds_every_connection_from_child_processes() {
-    let bench = PathBuf::from(env!("CARGO_BIN_EXE_imgate-bench"));
-    let out = Command::new(&bench)
-        .args(["w2", "--connections", "301", "--gateways", "2", "--json"])
-        .arg("--imgate")
-        .arg(bench.with_file_name("imgate"))
-        .output()
-        .expect("running imgate-bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON report");
+    let r = run_bench(&["w2", "--connections", "301", "--gateways", "2"]);
     assert_eq!(r["connections"], 301, "{r}");
     assert_eq!(
         r["holding_process_peak_rss_kib"].as_array().map(Vec::len),
@@ -74,8 +61,20 @@ fn w2_smoke_holds_every_connection_from_child_processes() {
 /// Runs `imgate-bench w1` with 100 users at 200 msg/s plus `extra`, checks that nothing was
 /// lost or duplicated, and returns the report.
 fn run_w1(extra: &[&str]) -> serde_json::Value {
+    let mut args = vec!["w1", "--users", "100", "--rate", "200", "--warmup", "1s"];
+    args.extend_from_slice(extra);
+    let r = run_bench(&args);
+    assert_eq!(r["send_errors"], 0, "{r}");
+    assert_eq!(r["lost"], 0, "{r}");
+    assert_eq!(r["duplicates"], 0, "{r}");
+    assert_eq!(r["delivered"], r["accepted"], "{r}");
+    r
+}
+
+/// Runs `imgate-bench <args> --json` against the gateway binary built by the same `cargo
+/// test` run, checks that it succeeded, and returns its one JSON report.
+fn run_bench(args: &[&str]) -> serde_json::Value {
     let bench = PathBuf::from(env!("CARGO_BIN_EXE_imgate-bench"));
-    // The gateway binary built by the same `cargo test` run, beside this one.
     let imgate = bench.with_file_name("imgate");
     assert!(
         imgate.exists(),
@@ -83,10 +82,8 @@ fn run_w1(extra: &[&str]) -> serde_json::Value {
         imgate.display()
     );
     let out = Command::new(&bench)
-        .args([
-            "w1", "--users", "100", "--rate", "200", "--warmup", "1s", "--json",
-        ])
-        .args(extra)
+        .args(args)
+        .arg("--json")
         .arg("--imgate")
         .arg(&imgate)
         .output()
@@ -97,10 +94,5 @@ fn run_w1(extra: &[&str]) -> serde_json::Value {
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let r: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON report");
-    assert_eq!(r["send_errors"], 0, "{r}");
-    assert_eq!(r["lost"], 0, "{r}");
-    assert_eq!(r["duplicates"], 0, "{r}");
-    assert_eq!(r["delivered"], r["accepted"], "{r}");
-    r
+    serde_json::from_str(stdout.trim()).expect("one JSON report")
 }

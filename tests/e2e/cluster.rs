@@ -51,6 +51,14 @@ impl Cluster {
         within(WAIT, "cluster client", b.connect()).await.unwrap()
     }
 
+    /// alice on gateway `from` sends `text` to bob on gateway `to`, who receives it.
+    async fn delivers(&self, from: usize, to: usize, text: &str) {
+        let (alice, _a) = self.client(from, "alice", "laptop", Via::Tcp).await;
+        let (_b, mut bob) = self.client(to, "bob", "phone", Via::WsJson).await;
+        alice.send_to("bob", json!({ "text": text })).await.unwrap();
+        assert_eq!(messages(&mut bob, 1).await[0].body["text"], text);
+    }
+
     async fn metric(&self, i: usize, name: &str) -> u64 {
         let m = curl(&[&format!("http://{}/metrics", self.gws[i].http)])
             .await
@@ -579,16 +587,7 @@ async fn nats_credentials_are_used_and_a_refusal_is_named() {
         &["--nats-user", "imgate", "--nats-password", "s3cret"],
     )
     .await;
-    let (alice, _a) = c.client(0, "alice", "laptop", Via::Tcp).await;
-    let (_b, mut bob) = c.client(1, "bob", "phone", Via::WsJson).await;
-    alice
-        .send_to("bob", json!({"text": "over an authenticated bus"}))
-        .await
-        .unwrap();
-    assert_eq!(
-        messages(&mut bob, 1).await[0].body["text"],
-        "over an authenticated bus"
-    );
+    c.delivers(0, 1, "over an authenticated bus").await;
 
     let out = within(
         Duration::from_secs(30),
@@ -614,11 +613,5 @@ async fn nats_credentials_are_used_and_a_refusal_is_named() {
 
     let nats = vec![NatsServer::start_with(&["--auth", "t0ken"]).await];
     let c = Cluster::with_nats(nats, 1, &["--nats-token", "t0ken"]).await;
-    let (alice, _a) = c.client(0, "alice", "laptop", Via::Tcp).await;
-    let (_b, mut bob) = c.client(0, "bob", "phone", Via::Tcp).await;
-    alice
-        .send_to("bob", json!({"text": "with a token"}))
-        .await
-        .unwrap();
-    assert_eq!(messages(&mut bob, 1).await[0].body["text"], "with a token");
+    c.delivers(0, 0, "with a token").await;
 }
