@@ -14,3 +14,4 @@ mod http;
 mod lifecycle;
 mod python;
 mod resume;
+mod store;

@@ -15,7 +15,7 @@ use std::time::Duration;
 use dashmap::DashMap;
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{Store, StoreError};
+use crate::store::{CursorWrite, Store, StoreError};
 
 /// How often changed cursors are written.
 pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
@@ -28,6 +28,9 @@ type Key = (String, String);
 struct Slot {
     acked: AtomicU64,
     persisted: AtomicU64,
+    /// The store's version of the cursor as last written from here (0: not known), so the
+    /// next write need not read it first.
+    version: AtomicU64,
     /// Connections holding this slot.
     holders: AtomicUsize,
 }
@@ -70,7 +73,7 @@ impl Cursors {
             slot.acked.fetch_max(seq, Ordering::Relaxed);
         }
         self.store
-            .save_cursors(&[(uid.to_owned(), device.to_owned(), seq)])
+            .save_cursors(&mut [CursorWrite::new(uid, device, seq)])
             .await
     }
 
@@ -91,6 +94,7 @@ impl Cursors {
                 Arc::new(Slot {
                     acked: AtomicU64::new(acked),
                     persisted: AtomicU64::new(persisted),
+                    version: AtomicU64::new(0),
                     holders: AtomicUsize::new(0),
                 })
             })
@@ -156,13 +160,20 @@ async fn write(store: &dyn Store, slots: &[(Key, Arc<Slot>)]) -> Result<(), Stor
     if slots.is_empty() {
         return Ok(());
     }
-    let batch: Vec<(String, String, u64)> = slots
+    let mut batch: Vec<CursorWrite> = slots
         .iter()
-        .map(|((uid, device), s)| (uid.clone(), device.clone(), s.acked.load(Ordering::Relaxed)))
+        .map(|((uid, device), s)| CursorWrite {
+            uid: uid.clone(),
+            device: device.clone(),
+            seq: s.acked.load(Ordering::Relaxed),
+            version: s.version.load(Ordering::Relaxed),
+        })
         .collect();
-    store.save_cursors(&batch).await?;
-    for ((_, slot), (_, _, seq)) in slots.iter().zip(&batch) {
-        slot.persisted.fetch_max(*seq, Ordering::Relaxed);
+    store.save_cursors(&mut batch).await?;
+    for ((_, slot), w) in slots.iter().zip(&batch) {
+        slot.persisted.fetch_max(w.seq, Ordering::Relaxed);
+        // Revisions only grow, so the larger one is the newer write's.
+        slot.version.fetch_max(w.version, Ordering::Relaxed);
     }
     Ok(())
 }

@@ -40,7 +40,7 @@ use crate::hub::{Delivered, Hub, Kick, Outbound, Registration};
 use crate::metrics::{Metrics, Transport};
 use crate::send::{self, Refused};
 use crate::store::nats::NatsStore;
-use crate::store::{Store, StoreError};
+use crate::store::{CursorWrite, Store, StoreError};
 
 /// Messages read from the store per backlog page.
 const REPLAY_PAGE: usize = 256;
@@ -475,7 +475,7 @@ pub(crate) async fn resume_point(
     if stored.is_none() {
         shared
             .store
-            .save_cursors(&[(uid.to_owned(), device.to_owned(), resume)])
+            .save_cursors(&mut [CursorWrite::new(uid, device, resume)])
             .await?;
     }
     Ok((resume, stored))

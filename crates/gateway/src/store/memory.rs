@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use imgate_proto::Message;
 
-use super::{Appended, ChangeError, Draft, Fanout, Group, GroupChange, Page, Store, StoreError};
+use super::{
+    Appended, ChangeError, CursorWrite, Draft, Fanout, Group, GroupChange, Page, Store, StoreError,
+};
 
 /// How long a `(from, id)` pair is remembered for idempotent sends.
 pub const DEDUPE_WINDOW: Duration = Duration::from_secs(120);
@@ -151,14 +153,14 @@ impl Store for MemoryStore {
             .copied())
     }
 
-    async fn save_cursors(&self, cursors: &[(String, String, u64)]) -> Result<(), StoreError> {
+    async fn save_cursors(&self, cursors: &mut [CursorWrite]) -> Result<(), StoreError> {
         let mut inner = self.lock();
-        for (uid, device, seq) in cursors {
+        for w in cursors {
             let slot = inner
                 .cursors
-                .entry((uid.clone(), device.clone()))
+                .entry((w.uid.clone(), w.device.clone()))
                 .or_insert(0);
-            *slot = (*slot).max(*seq);
+            *slot = (*slot).max(w.seq);
         }
         Ok(())
     }
@@ -326,10 +328,10 @@ mod tests {
     async fn cursors_never_move_back() {
         let (s, _) = store(3);
         assert_eq!(s.cursor("bob", "phone").await.unwrap(), None);
-        s.save_cursors(&[("bob".into(), "phone".into(), 7)])
+        s.save_cursors(&mut [CursorWrite::new("bob", "phone", 7)])
             .await
             .unwrap();
-        s.save_cursors(&[("bob".into(), "phone".into(), 5)])
+        s.save_cursors(&mut [CursorWrite::new("bob", "phone", 5)])
             .await
             .unwrap();
         assert_eq!(s.cursor("bob", "phone").await.unwrap(), Some(7));

@@ -97,6 +97,30 @@ pub enum ChangeError {
 pub type GroupChange<'a> =
     dyn Fn(&Group) -> Result<Group, crate::groups::Refusal> + Send + Sync + 'a;
 
+/// One device's cursor to store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CursorWrite {
+    pub uid: String,
+    pub device: String,
+    pub seq: u64,
+    /// The store's version of this cursor as this gateway last wrote it (0: not known). A
+    /// store with versions writes against it without reading the cursor first; if someone
+    /// else wrote meanwhile, it reads and compares as usual.
+    pub version: u64,
+}
+
+impl CursorWrite {
+    /// A write whose stored version is not known.
+    pub fn new(uid: &str, device: &str, seq: u64) -> Self {
+        CursorWrite {
+            uid: uid.to_owned(),
+            device: device.to_owned(),
+            seq,
+            version: 0,
+        }
+    }
+}
+
 /// Receives stored inbox copies for delivery. Implemented by the registry.
 pub trait Fanout: Send + Sync + 'static {
     /// One stored copy for inbox `uid`. `build` makes the message; call it only when a local
@@ -121,8 +145,9 @@ pub trait Store: Send + Sync + 'static {
     /// The stored cursor (last acked seq) of `(uid, device)`.
     async fn cursor(&self, uid: &str, device: &str) -> Result<Option<u64>, StoreError>;
 
-    /// Stores cursors; a cursor never moves backwards.
-    async fn save_cursors(&self, cursors: &[(String, String, u64)]) -> Result<(), StoreError>;
+    /// Stores cursors; a cursor never moves backwards. Each write's `version` is updated to
+    /// the version the store now holds (a store without versions leaves it).
+    async fn save_cursors(&self, cursors: &mut [CursorWrite]) -> Result<(), StoreError>;
 
     /// Whether the store can take writes now (for `/readyz`).
     async fn ready(&self) -> bool;

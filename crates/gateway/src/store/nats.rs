@@ -29,7 +29,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use super::{Appended, ChangeError, Draft, Fanout, Group, GroupChange, Page, Store, StoreError};
+use super::{
+    Appended, ChangeError, CursorWrite, Draft, Fanout, Group, GroupChange, Page, Store, StoreError,
+};
 use crate::config::Config;
 
 /// The JetStream duplicate window: a re-sent id within it stores nothing new.
@@ -630,13 +632,12 @@ impl Store for NatsStore {
         Ok(v.and_then(|b| std::str::from_utf8(&b).ok()?.parse().ok()))
     }
 
-    async fn save_cursors(&self, cursors: &[(String, String, u64)]) -> Result<(), StoreError> {
+    async fn save_cursors(&self, cursors: &mut [CursorWrite]) -> Result<(), StoreError> {
         self.connected()?;
-        try_join_all(
-            cursors
-                .iter()
-                .map(|(uid, device, seq)| self.raise_cursor(format!("{uid}.{device}"), *seq)),
-        )
+        try_join_all(cursors.iter_mut().map(|w| {
+            let key = format!("{}.{}", w.uid, w.device);
+            self.raise_cursor(key, w.seq, &mut w.version)
+        }))
         .await?;
         Ok(())
     }
@@ -703,10 +704,25 @@ impl Store for NatsStore {
 
 impl NatsStore {
     /// Sets a cursor key to `seq` unless it already holds more (compare-and-set, retried).
-    async fn raise_cursor(&self, key: String, seq: u64) -> Result<(), StoreError> {
+    /// `version` is the key's revision as this gateway last wrote it (0: not known): the
+    /// write goes against it without a read, the common case of one gateway acking for a
+    /// device, and reads first only when it fails (another writer, or no version). It is
+    /// set to the revision written or read.
+    async fn raise_cursor(
+        &self,
+        key: String,
+        seq: u64,
+        version: &mut u64,
+    ) -> Result<(), StoreError> {
+        let value = Bytes::from(seq.to_string());
+        if *version != 0 {
+            if let Ok(rev) = self.cursors.update(&key, value.clone(), *version).await {
+                *version = rev;
+                return Ok(());
+            }
+        }
         for _ in 0..5 {
             let entry = self.cursors.entry(key.clone()).await.map_err(unavailable)?;
-            let value = Bytes::from(seq.to_string());
             let r = match entry {
                 Some(e) if e.operation == kv::Operation::Put => {
                     let current: u64 = std::str::from_utf8(&e.value)
@@ -714,22 +730,22 @@ impl NatsStore {
                         .and_then(|s| s.parse().ok())
                         .unwrap_or(0);
                     if current >= seq {
+                        *version = e.revision;
                         return Ok(());
                     }
                     self.cursors
-                        .update(&key, value, e.revision)
+                        .update(&key, value.clone(), e.revision)
                         .await
-                        .map(|_| ())
                         .map_err(|e| e.to_string())
                 }
                 _ => self
                     .cursors
-                    .create(&key, value)
+                    .create(&key, value.clone())
                     .await
-                    .map(|_| ())
                     .map_err(|e| e.to_string()),
             };
-            if r.is_ok() {
+            if let Ok(rev) = r {
+                *version = rev;
                 return Ok(());
             }
         }

@@ -1,0 +1,80 @@
+//! The cluster store used as a library against a real nats-server: what the gateway relies on
+//! from it that no client can see directly.
+
+use clap::Parser;
+use imgate_gateway::config::Config;
+use imgate_gateway::store::nats::NatsStore;
+use imgate_gateway::store::{CursorWrite, Store};
+
+use crate::natsd::NatsServer;
+use crate::support::{within, WAIT};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    cfg: Config,
+}
+
+/// Cursor writes go against the revision their writer last wrote, without reading first; a
+/// stale revision (another gateway wrote meanwhile) falls back to read-and-compare, so the
+/// cursor still never moves back.
+#[tokio::test]
+async fn cursor_writes_use_their_last_revision_and_never_move_back() {
+    let nats = NatsServer::start().await;
+    let url = nats.url();
+    let cfg = Cli::parse_from(["imgate", "--nats", url.as_str()]).cfg;
+    let store = within(WAIT, "the store to connect", NatsStore::connect(&cfg))
+        .await
+        .expect("store connects");
+    let kv = async_nats::jetstream::new(async_nats::connect(&url).await.unwrap())
+        .get_key_value("imgate_cursors")
+        .await
+        .unwrap();
+    let revision = || async { kv.entry("bob.phone").await.unwrap().unwrap().revision };
+
+    // Gateway A writes 5: no version known yet, so it reads, creates, and learns the revision.
+    let mut a = CursorWrite::new("bob", "phone", 5);
+    store
+        .save_cursors(std::slice::from_mut(&mut a))
+        .await
+        .unwrap();
+    assert_eq!(a.version, revision().await);
+    let a_first = a.version;
+
+    // A writes 6 against that revision.
+    a.seq = 6;
+    store
+        .save_cursors(std::slice::from_mut(&mut a))
+        .await
+        .unwrap();
+    assert!(a.version > a_first);
+    assert_eq!(a.version, revision().await);
+    assert_eq!(store.cursor("bob", "phone").await.unwrap(), Some(6));
+
+    // Gateway B (no version) raises it to 9.
+    let mut b = CursorWrite::new("bob", "phone", 9);
+    store
+        .save_cursors(std::slice::from_mut(&mut b))
+        .await
+        .unwrap();
+    assert_eq!(store.cursor("bob", "phone").await.unwrap(), Some(9));
+
+    // A, with its now stale revision, writes 7: refused by the revision check, then read and
+    // compared; 9 stays, and A learns B's revision.
+    a.seq = 7;
+    store
+        .save_cursors(std::slice::from_mut(&mut a))
+        .await
+        .unwrap();
+    assert_eq!(store.cursor("bob", "phone").await.unwrap(), Some(9));
+    assert_eq!(a.version, b.version);
+
+    // A's next write goes against B's revision.
+    a.seq = 12;
+    store
+        .save_cursors(std::slice::from_mut(&mut a))
+        .await
+        .unwrap();
+    assert_eq!(store.cursor("bob", "phone").await.unwrap(), Some(12));
+    assert_eq!(a.version, revision().await);
+}
