@@ -8,11 +8,13 @@
 //! once per wire format however many connections take it ([`Delivered`]).
 //! This module never touches sockets or the store.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use dashmap::DashMap;
+use futures::FutureExt;
 use imgate_proto::{encode, ByeReason, Encoding, Message, ServerFrame};
 use tokio::sync::Notify;
 
@@ -93,7 +95,9 @@ impl Kick {
     /// The first reason given wins.
     pub fn kick(&self, reason: ByeReason) {
         let _ = self.reason.set(reason);
-        self.notify.notify_waiters();
+        // One task waits on a kick at a time (its connection or poll), so `notify_one`,
+        // which keeps the wake-up for a waiter that comes later, reaches it.
+        self.notify.notify_one();
     }
 
     /// Whether a reason was given already.
@@ -101,18 +105,16 @@ impl Kick {
         self.reason.get().is_some()
     }
 
-    /// Resolves once kicked; cancel-safe.
-    pub async fn kicked(&self) -> ByeReason {
-        loop {
-            let notified = self.notify.notified();
-            tokio::pin!(notified);
-            // Registered before the check, so a kick between the check and the wait wakes it.
-            notified.as_mut().enable();
-            if let Some(reason) = self.reason.get() {
-                return *reason;
-            }
-            notified.await;
-        }
+    /// Resolves once kicked; cancel-safe (a wake-up given to a dropped wait passes to the
+    /// next one). A plain `Notified` and a reference: every idle connection holds this
+    /// future, so it is kept small.
+    pub fn kicked(&self) -> impl Future<Output = ByeReason> + '_ {
+        self.notify.notified().map(|()| {
+            *self
+                .reason
+                .get()
+                .expect("the reason is set before the wake-up")
+        })
     }
 }
 
@@ -245,6 +247,15 @@ impl Hub {
             uid: uid.to_owned(),
             id,
             rx,
+        }
+    }
+
+    /// Kicks every connection and waiter here with `reason` (shutdown).
+    pub fn kick_all(&self, reason: ByeReason) {
+        for conns in self.users.iter() {
+            for c in conns.iter() {
+                c.kick.kick(reason);
+            }
         }
     }
 

@@ -9,6 +9,7 @@ use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use imgate_proto::ByeReason;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -167,6 +168,7 @@ impl Gateway {
         shutdown.await;
         tracing::info!("shutting down: saying bye to every connection");
         stop.cancel();
+        shared.hub.kick_all(ByeReason::Shutdown);
         tracker.close();
         if tokio::time::timeout(drain_timeout, tracker.wait())
             .await

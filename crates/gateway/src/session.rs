@@ -1,12 +1,13 @@
 //! One session loop for every long-lived transport (TCP, WebSocket).
 //!
-//! A session is generic over a sink of [`Outgoing`] frames and a stream of [`Incoming`]
-//! ones, so the transport only encodes and decodes. States:
+//! A session is generic over [`Frames`]: one object that is a sink of [`Outgoing`]
+//! frames and a stream of [`Incoming`] ones, so the transport only encodes and decodes.
+//! States:
 //!
 //! ```text
 //! login ──▶ register in hub ──▶ welcome + backlog replay ──▶ live ──▶ bye / close
-//!  │ (token checked,           (outbox drained and dropped    (select: kick, shutdown,
-//!  │  device chosen)            before each page read; the     outbox, finished sends,
+//!  │ (token checked,           (outbox drained and dropped    (select: kick (shutdown
+//!  │  device chosen)            before each page read; the     too), outbox, finished sends,
 //!  └─ refused: error, close     read covers what it dropped)   client frames, timers)
 //! ```
 //!
@@ -117,6 +118,13 @@ pub enum InError {
     Closed,
 }
 
+/// A connection's frames both ways, as one object. Not split into halves: the session
+/// never reads and writes at once (a `select!` drops its other branches before a handler
+/// writes), and split halves cost a shared lock and two more allocations per connection.
+pub trait Frames: Sink<Outgoing> + Stream<Item = Result<Incoming, InError>> + Unpin {}
+
+impl<T> Frames for T where T: Sink<Outgoing> + Stream<Item = Result<Incoming, InError>> + Unpin {}
+
 /// A login already checked by the transport (WebSocket with the token in URL or header).
 #[derive(Debug, Clone)]
 pub struct Preauth {
@@ -182,19 +190,12 @@ fn refuse(code: ErrorCode, message: impl Into<String>) -> End {
 ///
 /// `start` is boxed: a future keeps room for its arguments for its whole life, and a
 /// connection's future is what each idle connection costs.
-pub async fn run<Si, St>(
-    shared: Arc<Shared>,
-    sink: Si,
-    stream: St,
-    start: Box<Start>,
-    profile: Profile,
-) where
-    Si: Sink<Outgoing> + Unpin,
-    St: Stream<Item = Result<Incoming, InError>> + Unpin,
+pub async fn run<T>(shared: Arc<Shared>, frames: T, start: Box<Start>, profile: Profile)
+where
+    T: Frames,
 {
     let mut io = Io {
-        sink,
-        stream,
+        frames,
         kick: Arc::new(Kick::default()),
         shutdown: shared.shutdown.clone(),
         write_stall: shared.cfg.ack_timeout,
@@ -216,10 +217,9 @@ pub async fn run<Si, St>(
     Box::pin(io.farewell(end)).await;
 }
 
-/// The transport halves plus what every write races against.
-struct Io<Si, St> {
-    sink: Si,
-    stream: St,
+/// The transport plus what every write races against.
+struct Io<T> {
+    frames: T,
     kick: Arc<Kick>,
     shutdown: CancellationToken,
     /// A single write blocked this long means the client stopped reading.
@@ -229,17 +229,16 @@ struct Io<Si, St> {
     profile: Profile,
 }
 
-impl<Si, St> Io<Si, St>
+impl<T> Io<T>
 where
-    Si: Sink<Outgoing> + Unpin,
-    St: Stream<Item = Result<Incoming, InError>> + Unpin,
+    T: Frames,
 {
     /// Waits for the `login` frame and checks it.
     async fn login(&mut self, shared: &Shared) -> Result<Preauth, End> {
         let deadline = Instant::now() + shared.cfg.login_timeout;
         loop {
             let next = tokio::select! {
-                r = tokio::time::timeout_at(deadline, self.stream.next()) => r,
+                r = tokio::time::timeout_at(deadline, self.frames.next()) => r,
                 _ = self.shutdown.cancelled() => return Err(End::Bye(ByeReason::Shutdown)),
             };
             let login = match next {
@@ -277,12 +276,12 @@ where
     async fn write(&mut self, item: Outgoing, flush: bool) -> Result<(), End> {
         self.count(&item);
         let stall = self.write_stall;
-        let sink = &mut self.sink;
+        let frames = &mut self.frames;
         let write = async move {
             if flush {
-                sink.send(item).await
+                frames.send(item).await
             } else {
-                sink.feed(item).await
+                frames.feed(item).await
             }
         };
         tokio::select! {
@@ -298,7 +297,7 @@ where
         let stall = self.write_stall;
         tokio::select! {
             biased;
-            r = self.sink.flush() => r.map_err(|_| End::Gone),
+            r = self.frames.flush() => r.map_err(|_| End::Gone),
             reason = self.kick.kicked() => Err(End::Bye(reason)),
             _ = self.shutdown.cancelled() => Err(End::Bye(ByeReason::Shutdown)),
             _ = tokio::time::sleep(stall) => Err(End::Bye(ByeReason::SlowConsumer)),
@@ -325,9 +324,9 @@ where
             if let Some(frame) = last {
                 let item = Outgoing::Frame(frame);
                 self.count(&item);
-                let _ = self.sink.send(item).await;
+                let _ = self.frames.send(item).await;
             }
-            let _ = self.sink.close().await;
+            let _ = self.frames.close().await;
         })
         .await;
     }
@@ -363,10 +362,9 @@ struct Conn {
 }
 
 /// Registers a logged-in connection, then sends `welcome` and its backlog.
-async fn open<Si, St>(shared: &Arc<Shared>, io: &mut Io<Si, St>, pre: Preauth) -> Result<Conn, End>
+async fn open<T>(shared: &Arc<Shared>, io: &mut Io<T>, pre: Preauth) -> Result<Conn, End>
 where
-    Si: Sink<Outgoing> + Unpin,
-    St: Stream<Item = Result<Incoming, InError>> + Unpin,
+    T: Frames,
 {
     let device = pre.device.unwrap_or_else(|| DEFAULT_DEVICE.to_owned());
     if !is_valid_id(&device) {
@@ -410,14 +408,9 @@ where
 
 /// Logs in (unless the transport did) and opens the session; a session that opens counts
 /// in the connection gauge until [`close`].
-async fn begin<Si, St>(
-    shared: &Arc<Shared>,
-    io: &mut Io<Si, St>,
-    start: Box<Start>,
-) -> Result<Box<Conn>, End>
+async fn begin<T>(shared: &Arc<Shared>, io: &mut Io<T>, start: Box<Start>) -> Result<Box<Conn>, End>
 where
-    Si: Sink<Outgoing> + Unpin,
-    St: Stream<Item = Result<Incoming, InError>> + Unpin,
+    T: Frames,
 {
     let pre = match *start {
         Start::Verified(p) => p,
@@ -482,17 +475,16 @@ pub(crate) async fn resume_point(
 }
 
 /// Sends `welcome` and the backlog after `resume`, page by page.
-async fn replay<Si, St>(
+async fn replay<T>(
     shared: &Shared,
-    io: &mut Io<Si, St>,
+    io: &mut Io<T>,
     live: &mut Live,
     rx: &mut flume::Receiver<Outbound>,
     device: &str,
     resume: u64,
 ) -> Result<(), End>
 where
-    Si: Sink<Outgoing> + Unpin,
-    St: Stream<Item = Result<Incoming, InError>> + Unpin,
+    T: Frames,
 {
     let mut welcomed = false;
     loop {
@@ -528,31 +520,34 @@ where
     }
 }
 
-async fn live_loop<Si, St>(
+async fn live_loop<T>(
     shared: &Arc<Shared>,
-    io: &mut Io<Si, St>,
+    io: &mut Io<T>,
     live: &mut Live,
     rx: &mut flume::Receiver<Outbound>,
 ) -> End
 where
-    Si: Sink<Outgoing> + Unpin,
-    St: Stream<Item = Result<Incoming, InError>> + Unpin,
+    T: Frames,
 {
     let cfg = &shared.cfg;
+    // Shutdown reaches a live connection as a kick (`Hub::kick_all`), one branch fewer in
+    // the select every idle connection is parked in. A connection registered after that
+    // sweep sees the flag here.
+    if shared.shutdown.is_cancelled() {
+        return End::Bye(ByeReason::Shutdown);
+    }
     let kick = io.kick.clone();
-    let shutdown = io.shutdown.clone();
     let mut timer = pin!(tokio::time::sleep_until(live.deadline(cfg)));
     // Connections spend their life parked in this select; the work each branch starts is
     // boxed so the parked state stays small (idle connections are most of them).
     loop {
         let inflight = live.inflight.as_ref().map_or(0, |f| f.len());
         let reading = inflight < MAX_INFLIGHT_SENDS;
-        // Every branch is cancel-safe: kicked/cancelled/sleep are plain waits, `recv` and
+        // Every branch is cancel-safe: kicked and sleep are plain waits, `recv` and
         // `next` on a channel receiver or a framed stream lose nothing when dropped.
         let step: Result<(), End> = tokio::select! {
             biased;
             reason = kick.kicked() => Err(End::Bye(reason)),
-            _ = shutdown.cancelled() => Err(End::Bye(ByeReason::Shutdown)),
             Some(Some(frame)) = OptionFuture::from(live.inflight.as_mut().map(|f| f.next())),
                 if inflight > 0 => {
                 Box::pin(io.write(Outgoing::Frame(*frame), true)).await
@@ -562,7 +557,7 @@ where
                 // The hub dropped us: a newer connection replaced this one.
                 Err(flume::RecvError::Disconnected) => Err(End::Bye(ByeReason::Replaced)),
             },
-            inbound = io.stream.next(), if reading => {
+            inbound = io.frames.next(), if reading => {
                 live.last_activity = Instant::now();
                 match inbound {
                     None | Some(Err(InError::Closed)) => Err(End::Gone),
@@ -599,15 +594,14 @@ where
     }
 }
 
-async fn deliver_batch<Si, St>(
-    io: &mut Io<Si, St>,
+async fn deliver_batch<T>(
+    io: &mut Io<T>,
     live: &mut Live,
     rx: &mut flume::Receiver<Outbound>,
     first: Outbound,
 ) -> Result<(), End>
 where
-    Si: Sink<Outgoing> + Unpin,
-    St: Stream<Item = Result<Incoming, InError>> + Unpin,
+    T: Frames,
 {
     let now = Instant::now();
     let mut next = Some(first);
@@ -633,15 +627,14 @@ where
     io.flush().await
 }
 
-async fn handle<Si, St>(
+async fn handle<T>(
     shared: &Arc<Shared>,
-    io: &mut Io<Si, St>,
+    io: &mut Io<T>,
     live: &mut Live,
     f: ClientFrame,
 ) -> Result<(), End>
 where
-    Si: Sink<Outgoing> + Unpin,
-    St: Stream<Item = Result<Incoming, InError>> + Unpin,
+    T: Frames,
 {
     let answer = match f {
         ClientFrame::Ping => ServerFrame::Pong,

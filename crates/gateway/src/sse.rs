@@ -8,13 +8,15 @@
 //! an idle stream.
 
 use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use futures::StreamExt;
+use futures::{Sink, SinkExt, Stream, StreamExt};
 use imgate_proto::{Encoding, ErrorCode, ServerFrame};
 use serde::Deserialize;
 use tokio::sync::mpsc;
@@ -71,13 +73,11 @@ pub async fn events(
         device: q.device,
         resume: last_event_id.or(q.after),
     }));
-    let session = session::run(
-        shared.clone(),
-        Box::pin(sink),
-        Box::pin(client_gone),
-        start,
-        Profile::SSE,
-    );
+    let frames = Joined {
+        sink: Box::pin(sink),
+        gone: Box::pin(client_gone),
+    };
+    let session = session::run(shared.clone(), frames, start, Profile::SSE);
     shared.tracker.spawn(async move {
         session.await;
         drop(permit);
@@ -86,6 +86,41 @@ pub async fn events(
     Ok(Sse::new(body)
         .keep_alive(KeepAlive::new().interval(shared.cfg.sse_keepalive))
         .into_response())
+}
+
+/// The session's transport over SSE: frames go out through `sink` (into the response
+/// body); `gone` yields `Closed` once the client went away, and nothing else.
+struct Joined<Si, St> {
+    sink: Si,
+    gone: St,
+}
+
+impl<Si: Sink<Outgoing> + Unpin, St: Unpin> Sink<Outgoing> for Joined<Si, St> {
+    type Error = Si::Error;
+
+    fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Si::Error>> {
+        self.get_mut().sink.poll_ready_unpin(cx)
+    }
+
+    fn start_send(self: Pin<&mut Self>, item: Outgoing) -> Result<(), Si::Error> {
+        self.get_mut().sink.start_send_unpin(item)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Si::Error>> {
+        self.get_mut().sink.poll_flush_unpin(cx)
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Si::Error>> {
+        self.get_mut().sink.poll_close_unpin(cx)
+    }
+}
+
+impl<Si: Unpin, St: Stream + Unpin> Stream for Joined<Si, St> {
+    type Item = St::Item;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<St::Item>> {
+        self.get_mut().gone.poll_next_unpin(cx)
+    }
 }
 
 fn to_event(o: Outgoing) -> Event {

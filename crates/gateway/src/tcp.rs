@@ -1,7 +1,7 @@
 //! The TCP transport: length-prefixed msgpack frames on a plain socket (DESIGN section 4).
 //!
 //! It accepts (a connection permit first, backing off on accept errors), frames with
-//! [`imgate_proto::FrameCodec`], decodes and encodes msgpack, and hands the halves to
+//! [`imgate_proto::FrameCodec`], decodes and encodes msgpack, and hands the framed socket to
 //! [`crate::session::run`]. It holds no session state of its own.
 
 use std::sync::Arc;
@@ -14,7 +14,7 @@ use tokio::sync::Semaphore;
 use tokio_util::codec::Framed;
 use tokio_util::task::TaskTracker;
 
-use crate::session::{self, InError, Incoming, Outgoing, Profile, Shared, Start};
+use crate::session::{self, Frames, InError, Incoming, Outgoing, Profile, Shared, Start};
 
 /// Initial read and write buffer of a TCP connection. Small, because most connections are
 /// idle most of the time; buffers grow when a frame needs it.
@@ -52,40 +52,33 @@ pub async fn serve(
             }
         };
         let shared = shared.clone();
-        // The socket becomes boxed halves before the connection's future is made: a future
+        // The socket is framed and boxed before the connection's future is made: a future
         // keeps room for what it captured for its whole life (what each idle connection costs).
-        let (sink, stream) = halves(sock, &shared);
+        let frames = transport(sock, &shared);
         let start = Box::new(Start::AwaitLogin {
             device: None,
             resume: None,
         });
         tracker.spawn(async move {
-            session::run(shared, sink, stream, start, Profile::TCP).await;
+            session::run(shared, frames, start, Profile::TCP).await;
             drop(permit);
         });
     }
 }
 
-/// The socket's halves, boxed, framing and decoding msgpack.
-fn halves(
-    sock: TcpStream,
-    shared: &Shared,
-) -> (
-    impl futures::Sink<Outgoing> + Unpin + Send,
-    impl futures::Stream<Item = Result<Incoming, InError>> + Unpin + Send,
-) {
+/// The socket, boxed, framing and decoding msgpack.
+fn transport(sock: TcpStream, shared: &Shared) -> impl Frames + Send {
     let _ = sock.set_nodelay(true);
     let codec = FrameCodec::new(shared.cfg.max_frame);
-    let (sink, stream) = Framed::with_capacity(sock, codec, TCP_BUFFER).split();
-    let sink =
-        sink.with(|o: Outgoing| future::ready(Ok::<_, FrameError>(o.encode(Encoding::Msgpack))));
-    let stream = stream.map(|r| match r {
-        Ok(bytes) => Ok(match decode::<ClientFrame>(&bytes, Encoding::Msgpack) {
-            Ok(f) => Incoming::Frame(Box::new(f)),
-            Err(e) => Incoming::Malformed(e.to_string()),
-        }),
-        Err(FrameError::TooLarge { .. }) => Err(InError::TooLarge),
-        Err(FrameError::Io(_)) => Err(InError::Closed),
-    });
-    (Box::pin(sink), Box::pin(stream))
+    let framed = Framed::with_capacity(sock, codec, TCP_BUFFER)
+        .with(|o: Outgoing| future::ready(Ok::<_, FrameError>(o.encode(Encoding::Msgpack))))
+        .map(|r| match r {
+            Ok(bytes) => Ok(match decode::<ClientFrame>(&bytes, Encoding::Msgpack) {
+                Ok(f) => Incoming::Frame(Box::new(f)),
+                Err(e) => Incoming::Malformed(e.to_string()),
+            }),
+            Err(FrameError::TooLarge { .. }) => Err(InError::TooLarge),
+            Err(FrameError::Io(_)) => Err(InError::Closed),
+        });
+    Box::pin(framed)
 }

@@ -17,7 +17,7 @@ use imgate_proto::{decode, ClientFrame, Encoding, ErrorCode};
 use serde::Deserialize;
 
 use crate::http::{bearer, ApiError};
-use crate::session::{self, InError, Incoming, Outgoing, Preauth, Profile, Shared, Start};
+use crate::session::{self, Frames, InError, Incoming, Outgoing, Preauth, Profile, Shared, Start};
 
 /// tungstenite's initial read buffer (its default is 128 KiB per connection, allocated up
 /// front). It grows to hold a larger frame; small, because most connections are idle, and
@@ -75,27 +75,23 @@ pub async fn upgrade(
         .unwrap_or(Encoding::Json);
     let tracker = shared.tracker.clone();
     ws.on_upgrade(move |socket| {
-        // The socket is split into boxed halves before the connection's future is made: a
-        // future keeps room for what it captured for its whole life, and a `WebSocket` is
-        // 368 bytes that would sit there unused beside the halves.
-        let (sink, stream) = halves(socket, enc);
-        tracker.track_future(async move {
-            session::run(shared, sink, stream, start, Profile::WS).await;
+        // The socket is wrapped and boxed before the connection's future is made: a future
+        // keeps room for what it captured for its whole life.
+        let frames = transport(socket, enc);
+        // The session is its own task, not the future axum's upgrade task awaits: that task
+        // keeps the upgrade's config, protocol and callback (160 bytes) beside it for the
+        // connection's life, which took its task cell to the next 128-byte size.
+        tracker.spawn(async move {
+            session::run(shared, frames, start, Profile::WS).await;
             drop(permit);
-        })
+        });
+        future::ready(())
     })
 }
 
-/// The socket's halves, boxed, encoding and decoding frames in `enc`.
-fn halves(
-    socket: WebSocket,
-    enc: Encoding,
-) -> (
-    impl futures::Sink<Outgoing> + Unpin + std::marker::Send,
-    impl futures::Stream<Item = Result<Incoming, InError>> + Unpin + std::marker::Send,
-) {
-    let (sink, stream) = socket.split();
-    let sink = sink.with(move |o: Outgoing| {
+/// The socket, boxed, encoding and decoding frames in `enc`.
+fn transport(socket: WebSocket, enc: Encoding) -> impl Frames + std::marker::Send {
+    let frames = socket.with(move |o: Outgoing| {
         let bytes = o.encode(enc);
         future::ready(Ok::<_, axum::Error>(match enc {
             Encoding::Json => {
@@ -104,17 +100,15 @@ fn halves(
             Encoding::Msgpack => Message::Binary(bytes),
         }))
     });
-    let stream = stream.filter_map(|r| {
-        future::ready(match r {
-            Ok(Message::Text(t)) => Some(Ok(frame(decode(t.as_bytes(), Encoding::Json)))),
-            Ok(Message::Binary(b)) => Some(Ok(frame(decode(&b, Encoding::Msgpack)))),
-            Ok(Message::Ping(_) | Message::Pong(_)) => Some(Ok(Incoming::Activity)),
-            Ok(Message::Close(_)) => Some(Err(InError::Closed)),
-            Err(e) if is_capacity(&e) => Some(Err(InError::TooLarge)),
-            Err(_) => Some(Err(InError::Closed)),
-        })
+    let frames = frames.map(|r| match r {
+        Ok(Message::Text(t)) => Ok(frame(decode(t.as_bytes(), Encoding::Json))),
+        Ok(Message::Binary(b)) => Ok(frame(decode(&b, Encoding::Msgpack))),
+        Ok(Message::Ping(_) | Message::Pong(_)) => Ok(Incoming::Activity),
+        Ok(Message::Close(_)) => Err(InError::Closed),
+        Err(e) if is_capacity(&e) => Err(InError::TooLarge),
+        Err(_) => Err(InError::Closed),
     });
-    (Box::pin(sink), Box::pin(stream))
+    Box::pin(frames)
 }
 
 fn frame(r: Result<ClientFrame, imgate_proto::DecodeError>) -> Incoming {
