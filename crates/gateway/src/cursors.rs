@@ -179,6 +179,14 @@ async fn write(store: &dyn Store, slots: &[(Key, Arc<Slot>)]) -> Result<(), Stor
 }
 
 impl CursorHandle {
+    pub fn uid(&self) -> &str {
+        &self.key.0
+    }
+
+    pub fn device(&self) -> &str {
+        &self.key.1
+    }
+
     /// Records a cumulative ack; never moves back.
     pub fn ack(&self, seq: u64) {
         self.slot.acked.fetch_max(seq, Ordering::Relaxed);

@@ -18,8 +18,9 @@
 
 use std::collections::VecDeque;
 use std::num::NonZeroU32;
-use std::pin::pin;
+use std::pin::{pin, Pin};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -124,6 +125,57 @@ pub enum InError {
 pub trait Frames: Sink<Outgoing> + Stream<Item = Result<Incoming, InError>> + Unpin {}
 
 impl<T> Frames for T where T: Sink<Outgoing> + Stream<Item = Result<Incoming, InError>> + Unpin {}
+
+/// A socket of `S` items as [`Frames`]: `encode` makes the item for each outgoing frame
+/// and `decode` the incoming frame from each item read. Unlike `SinkExt::with` it keeps no
+/// slot for an item in flight, room every idle connection would carry.
+pub struct Coded<S, E, D> {
+    pub socket: S,
+    pub encode: E,
+    pub decode: D,
+}
+
+impl<S, E, D, I> Sink<Outgoing> for Coded<S, E, D>
+where
+    S: Sink<I> + Unpin,
+    E: Fn(Outgoing) -> I + Unpin,
+    D: Unpin,
+{
+    type Error = S::Error;
+
+    fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.get_mut().socket.poll_ready_unpin(cx)
+    }
+
+    fn start_send(self: Pin<&mut Self>, item: Outgoing) -> Result<(), S::Error> {
+        let this = self.get_mut();
+        this.socket.start_send_unpin((this.encode)(item))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.get_mut().socket.poll_flush_unpin(cx)
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.get_mut().socket.poll_close_unpin(cx)
+    }
+}
+
+impl<S, E, D> Stream for Coded<S, E, D>
+where
+    S: Stream + Unpin,
+    E: Unpin,
+    D: FnMut(S::Item) -> Result<Incoming, InError> + Unpin,
+{
+    type Item = Result<Incoming, InError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        this.socket
+            .poll_next_unpin(cx)
+            .map(|item| item.map(&mut this.decode))
+    }
+}
 
 /// A login already checked by the transport (WebSocket with the token in URL or header).
 #[derive(Debug, Clone)]
@@ -333,9 +385,9 @@ where
 }
 
 /// The state of a logged-in session.
+/// Every idle connection keeps one, so it is kept small: uid and device are read from the
+/// cursor handle, and the send limiter is made on the first send.
 struct Live {
-    uid: String,
-    device: String,
     /// This connection's id in the hub: it holds the room memberships it joined.
     conn_id: u64,
     /// Rooms this connection joined.
@@ -348,11 +400,32 @@ struct Live {
     /// `(highest seq, first send time)` per bucket of unacked messages, oldest first.
     unacked: VecDeque<(u64, Instant)>,
     last_activity: Instant,
-    limiter: Option<DefaultDirectRateLimiter>,
+    limiter: Option<Box<DefaultDirectRateLimiter>>,
     /// Sends waiting for the store, answered in order. Made on the first send: an empty
     /// `FuturesOrdered` already allocates and takes 64 bytes here, and most connections
     /// are idle.
     inflight: Option<Box<FuturesOrdered<BoxFuture<'static, Box<ServerFrame>>>>>,
+}
+
+impl Live {
+    fn uid(&self) -> &str {
+        self.cursor.uid()
+    }
+
+    fn device(&self) -> &str {
+        self.cursor.device()
+    }
+
+    /// Whether a send or publish now is over this connection's quota (`--send-rate`).
+    fn over_quota(&mut self, cfg: &Config) -> bool {
+        let Some(quota) = send_quota(cfg) else {
+            return false;
+        };
+        self.limiter
+            .get_or_insert_with(|| Box::new(RateLimiter::direct(quota)))
+            .check()
+            .is_err()
+    }
 }
 
 /// A logged-in connection: its session state and its place in the hub.
@@ -384,18 +457,15 @@ where
         Err(e) => return Err(refuse(e.code(), e.to_string())),
     };
     let start = stored.unwrap_or(resume);
-    let limiter = send_quota(cfg).map(RateLimiter::direct);
     let mut live = Live {
-        device: device.clone(),
         conn_id: reg.id,
         rooms: Vec::new(),
         client_acks: io.profile.client_acks,
         cursor: shared.cursors.open(&uid, &device, start, start),
-        uid,
         last_sent: resume,
         unacked: VecDeque::new(),
         last_activity: Instant::now(),
-        limiter,
+        limiter: None,
         inflight: None,
     };
 
@@ -436,7 +506,7 @@ async fn close(shared: &Shared, conn: Box<Conn>) {
     for room in &live.rooms {
         shared
             .hub
-            .leave_room(room, &live.uid, &live.device, live.conn_id);
+            .leave_room(room, live.uid(), live.device(), live.conn_id);
     }
     drop(reg);
     live.cursor.close().await;
@@ -492,12 +562,12 @@ where
         while rx.try_recv().is_ok() {}
         let page = shared
             .store
-            .read(&live.uid, live.last_sent, REPLAY_PAGE)
+            .read(live.uid(), live.last_sent, REPLAY_PAGE)
             .await
             .map_err(|e| refuse(e.code(), e.to_string()))?;
         if !welcomed {
             let welcome = ServerFrame::Welcome {
-                uid: live.uid.clone(),
+                uid: live.uid().to_owned(),
                 device: device.to_owned(),
                 resume,
                 gap: page.gap,
@@ -679,7 +749,7 @@ where
             } else {
                 shared
                     .hub
-                    .join_room(&room, &live.uid, &live.device, live.conn_id, None);
+                    .join_room(&room, live.uid(), live.device(), live.conn_id, None);
                 live.rooms.push(room);
                 return Ok(());
             }
@@ -689,7 +759,7 @@ where
                 live.rooms.swap_remove(i);
                 shared
                     .hub
-                    .leave_room(&room, &live.uid, &live.device, live.conn_id);
+                    .leave_room(&room, live.uid(), live.device(), live.conn_id);
             }
             return Ok(());
         }
@@ -700,13 +770,11 @@ where
                     ErrorCode::NotMember,
                     format!("join {room:?} before publishing to it"),
                 ),
-                Ok(()) if live.limiter.as_ref().is_some_and(|l| l.check().is_err()) => {
-                    ServerFrame::error(
-                        ErrorCode::RateLimited,
-                        "send rate limit exceeded; retry later",
-                    )
-                }
-                Ok(()) => match crate::rooms::publish(shared, &room, &live.uid, body).await {
+                Ok(()) if live.over_quota(&shared.cfg) => ServerFrame::error(
+                    ErrorCode::RateLimited,
+                    "send rate limit exceeded; retry later",
+                ),
+                Ok(()) => match crate::rooms::publish(shared, &room, live.uid(), body).await {
                     Ok(()) => return Ok(()),
                     Err(e) => ServerFrame::error(e.code(), e.to_string()),
                 },
@@ -719,7 +787,7 @@ where
 /// Checks a `send` and returns the future that stores it and yields the answer frame.
 fn accept_send(
     shared: &Arc<Shared>,
-    live: &Live,
+    live: &mut Live,
     send: imgate_proto::Send,
 ) -> Result<BoxFuture<'static, Box<ServerFrame>>, Box<ServerFrame>> {
     let refused = |r: Refused| {
@@ -729,8 +797,8 @@ fn accept_send(
             message: r.message,
         })
     };
-    let prepared = send::prepare(&shared.cfg, &live.uid, send).map_err(refused)?;
-    if live.limiter.as_ref().is_some_and(|l| l.check().is_err()) {
+    let prepared = send::prepare(&shared.cfg, live.uid(), send).map_err(refused)?;
+    if live.over_quota(&shared.cfg) {
         return Err(refused(Refused {
             id: Some(prepared.draft.id),
             code: ErrorCode::RateLimited,

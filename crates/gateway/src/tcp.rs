@@ -7,14 +7,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{future, SinkExt, StreamExt};
+use bytes::BytesMut;
 use imgate_proto::{decode, ClientFrame, Encoding, FrameCodec, FrameError};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::codec::Framed;
 use tokio_util::task::TaskTracker;
 
-use crate::session::{self, Frames, InError, Incoming, Outgoing, Profile, Shared, Start};
+use crate::session::{self, Coded, Frames, InError, Incoming, Outgoing, Profile, Shared, Start};
 
 /// Initial read and write buffer of a TCP connection. Small, because most connections are
 /// idle most of the time; buffers grow when a frame needs it.
@@ -70,15 +70,16 @@ pub async fn serve(
 fn transport(sock: TcpStream, shared: &Shared) -> impl Frames + Send {
     let _ = sock.set_nodelay(true);
     let codec = FrameCodec::new(shared.cfg.max_frame);
-    let framed = Framed::with_capacity(sock, codec, TCP_BUFFER)
-        .with(|o: Outgoing| future::ready(Ok::<_, FrameError>(o.encode(Encoding::Msgpack))))
-        .map(|r| match r {
+    Box::pin(Coded {
+        socket: Framed::with_capacity(sock, codec, TCP_BUFFER),
+        encode: |o: Outgoing| o.encode(Encoding::Msgpack),
+        decode: |r: Result<BytesMut, FrameError>| match r {
             Ok(bytes) => Ok(match decode::<ClientFrame>(&bytes, Encoding::Msgpack) {
                 Ok(f) => Incoming::Frame(Box::new(f)),
                 Err(e) => Incoming::Malformed(e.to_string()),
             }),
             Err(FrameError::TooLarge { .. }) => Err(InError::TooLarge),
             Err(FrameError::Io(_)) => Err(InError::Closed),
-        });
-    Box::pin(framed)
+        },
+    })
 }

@@ -12,12 +12,14 @@ use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use futures::{future, SinkExt, StreamExt};
+use futures::future;
 use imgate_proto::{decode, ClientFrame, Encoding, ErrorCode};
 use serde::Deserialize;
 
 use crate::http::{bearer, ApiError};
-use crate::session::{self, Frames, InError, Incoming, Outgoing, Preauth, Profile, Shared, Start};
+use crate::session::{
+    self, Coded, Frames, InError, Incoming, Outgoing, Preauth, Profile, Shared, Start,
+};
 
 /// tungstenite's initial read buffer (its default is 128 KiB per connection, allocated up
 /// front). It grows to hold a larger frame; small, because most connections are idle, and
@@ -91,24 +93,26 @@ pub async fn upgrade(
 
 /// The socket, boxed, encoding and decoding frames in `enc`.
 fn transport(socket: WebSocket, enc: Encoding) -> impl Frames + std::marker::Send {
-    let frames = socket.with(move |o: Outgoing| {
-        let bytes = o.encode(enc);
-        future::ready(Ok::<_, axum::Error>(match enc {
-            Encoding::Json => {
-                Message::Text(bytes.try_into().expect("serde_json always produces UTF-8"))
+    Box::pin(Coded {
+        socket,
+        encode: move |o: Outgoing| {
+            let bytes = o.encode(enc);
+            match enc {
+                Encoding::Json => {
+                    Message::Text(bytes.try_into().expect("serde_json always produces UTF-8"))
+                }
+                Encoding::Msgpack => Message::Binary(bytes),
             }
-            Encoding::Msgpack => Message::Binary(bytes),
-        }))
-    });
-    let frames = frames.map(|r| match r {
-        Ok(Message::Text(t)) => Ok(frame(decode(t.as_bytes(), Encoding::Json))),
-        Ok(Message::Binary(b)) => Ok(frame(decode(&b, Encoding::Msgpack))),
-        Ok(Message::Ping(_) | Message::Pong(_)) => Ok(Incoming::Activity),
-        Ok(Message::Close(_)) => Err(InError::Closed),
-        Err(e) if is_capacity(&e) => Err(InError::TooLarge),
-        Err(_) => Err(InError::Closed),
-    });
-    Box::pin(frames)
+        },
+        decode: |r: Result<Message, axum::Error>| match r {
+            Ok(Message::Text(t)) => Ok(frame(decode(t.as_bytes(), Encoding::Json))),
+            Ok(Message::Binary(b)) => Ok(frame(decode(&b, Encoding::Msgpack))),
+            Ok(Message::Ping(_) | Message::Pong(_)) => Ok(Incoming::Activity),
+            Ok(Message::Close(_)) => Err(InError::Closed),
+            Err(e) if is_capacity(&e) => Err(InError::TooLarge),
+            Err(_) => Err(InError::Closed),
+        },
+    })
 }
 
 fn frame(r: Result<ClientFrame, imgate_proto::DecodeError>) -> Incoming {
