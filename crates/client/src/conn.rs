@@ -14,6 +14,9 @@ use tokio_util::codec::Framed;
 
 use crate::{ClientBuilder, Error, ErrorKind};
 
+/// Bytes a WebSocket read asks the socket for at most (tungstenite's `read_buffer_size`).
+const WS_READ_BUFFER: usize = 8 * 1024;
+
 type FrameSink = Pin<Box<dyn Sink<ClientFrame, Error = Error> + Send>>;
 type FrameStream = Pin<Box<dyn Stream<Item = Result<ServerFrame, Error>> + Send>>;
 
@@ -96,6 +99,10 @@ impl Conn {
                     })?,
                 );
                 let mut cfg = WebSocketConfig::default();
+                // tungstenite zero-fills its read buffer up to this size before every read;
+                // at its default (128 KiB) that memset was most of a busy client's CPU. A
+                // larger frame still grows the buffer as it needs.
+                cfg.read_buffer_size = WS_READ_BUFFER;
                 cfg.max_message_size = Some(b.max_frame);
                 cfg.max_frame_size = Some(b.max_frame);
                 let connected = match b.local_addr {
