@@ -9,6 +9,7 @@ use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use axum::serve::ListenerExt;
 use imgate_proto::ByeReason;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -160,7 +161,7 @@ impl Gateway {
             // A make-service that clones the router (an Arc) per connection; serving the
             // Router itself rebuilds its route table for every connection (`with_state`),
             // which heaptrack showed as the largest per-connection allocation.
-            axum::serve(listeners.http, app.into_make_service())
+            axum::serve(http_listener(listeners.http), app.into_make_service())
                 .with_graceful_shutdown(stop.clone().cancelled_owned())
                 .into_future(),
         );
@@ -184,5 +185,36 @@ impl Gateway {
         self.tail_stop.cancel();
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// The HTTP listener with TCP_NODELAY on every accepted socket, as on the TCP listener:
+/// with Nagle's algorithm a frame written while an earlier one is unacknowledged waits for
+/// the peer's delayed ACK (up to 40 ms on Linux), which W1 over WebSocket showed as a 40 ms
+/// p99 (bench/README.md).
+fn http_listener(
+    listener: TcpListener,
+) -> impl axum::serve::Listener<Io = tokio::net::TcpStream, Addr = SocketAddr> {
+    listener.tap_io(|sock| {
+        if let Err(e) = sock.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::serve::Listener;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn http_connections_are_accepted_without_nagle() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut listener = http_listener(listener);
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (sock, _) = listener.accept().await;
+        assert!(sock.nodelay().unwrap());
     }
 }
