@@ -570,3 +570,27 @@ async fn presence_counts_connections(env) {
     assert_eq!(curl(&[&url(&gw, "/v1/presence?uid=bob")]).await.status, 401);
 }
 }
+
+both_modes! {
+async fn sigterm_ends_an_sse_stream_with_bye_shutdown(env) {
+    let mut gw = env.gateway(&["--drain-timeout", "3s"]).await;
+    let u = url(&gw, "/v1/events?device=sse");
+    let h = auth("bob");
+    let started = std::time::Instant::now();
+    let stream =
+        tokio::spawn(async move { curl(&["-N", "--max-time", "20", "-H", &h, &u]).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    gw.signal("TERM");
+    let out = stream.await.unwrap();
+    let events = sse_events(&out.body);
+    assert_eq!(events.first().map(|e| e.0.as_str()), Some("welcome"), "{}", out.body);
+    let last = events.last().expect("events");
+    assert_eq!(last.0, "bye", "{}", out.body);
+    assert_eq!(last.2["reason"], "shutdown");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "the stream ended at shutdown, not at curl's --max-time"
+    );
+    assert!(gw.wait(Duration::from_secs(5)).await.success());
+}
+}
