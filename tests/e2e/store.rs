@@ -15,6 +15,11 @@ struct Cli {
     cfg: Config,
 }
 
+/// One cursor write, as the gateway's flusher makes it; `w.version` is updated in place.
+async fn save(store: &NatsStore, w: &mut CursorWrite) {
+    store.save_cursors(std::slice::from_mut(w)).await.unwrap();
+}
+
 /// Cursor writes go against the revision their writer last wrote, without reading first; a
 /// stale revision (another gateway wrote meanwhile) falls back to read-and-compare, so the
 /// cursor still never moves back.
@@ -34,47 +39,32 @@ async fn cursor_writes_use_their_last_revision_and_never_move_back() {
 
     // Gateway A writes 5: no version known yet, so it reads, creates, and learns the revision.
     let mut a = CursorWrite::new("bob", "phone", 5);
-    store
-        .save_cursors(std::slice::from_mut(&mut a))
-        .await
-        .unwrap();
+    save(&store, &mut a).await;
     assert_eq!(a.version, revision().await);
     let a_first = a.version;
 
     // A writes 6 against that revision.
     a.seq = 6;
-    store
-        .save_cursors(std::slice::from_mut(&mut a))
-        .await
-        .unwrap();
+    save(&store, &mut a).await;
     assert!(a.version > a_first);
     assert_eq!(a.version, revision().await);
     assert_eq!(store.cursor("bob", "phone").await.unwrap(), Some(6));
 
     // Gateway B (no version) raises it to 9.
     let mut b = CursorWrite::new("bob", "phone", 9);
-    store
-        .save_cursors(std::slice::from_mut(&mut b))
-        .await
-        .unwrap();
+    save(&store, &mut b).await;
     assert_eq!(store.cursor("bob", "phone").await.unwrap(), Some(9));
 
     // A, with its now stale revision, writes 7: refused by the revision check, then read and
     // compared; 9 stays, and A learns B's revision.
     a.seq = 7;
-    store
-        .save_cursors(std::slice::from_mut(&mut a))
-        .await
-        .unwrap();
+    save(&store, &mut a).await;
     assert_eq!(store.cursor("bob", "phone").await.unwrap(), Some(9));
     assert_eq!(a.version, b.version);
 
     // A's next write goes against B's revision.
     a.seq = 12;
-    store
-        .save_cursors(std::slice::from_mut(&mut a))
-        .await
-        .unwrap();
+    save(&store, &mut a).await;
     assert_eq!(store.cursor("bob", "phone").await.unwrap(), Some(12));
     assert_eq!(a.version, revision().await);
 }

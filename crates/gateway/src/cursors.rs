@@ -5,8 +5,8 @@
 //! one background task writes every changed cursor to the store about once a second, spread
 //! over that second in small batches. A session flushes the slot when it ends, and shutdown
 //! flushes them all. Loading a cursor looks at the live slot before the store, so a device
-//! that reconnects at once is not sent what it acked a moment ago. Cursors are at-least-once hints: a lost write only
-//! means a device is sent some messages again.
+//! that reconnects at once is not sent what it acked a moment ago. Cursors are at-least-once
+//! hints: a lost write only means a device is sent some messages again.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -124,8 +124,8 @@ impl Cursors {
 
     /// Every second, writes the cursors that moved, spread over the second in
     /// [`FLUSH_SLICES`] batches, until `stop`; then writes what is left at once. Written in
-    /// one burst, a busy gateway's cursors (one per active device, a read and a write each)
-    /// queued the messages behind them on the bus: spreading them took W1's p99 from 29 to
+    /// one burst, a busy gateway's cursors (one per active device, then a read and a write
+    /// each) queued the messages behind them on the bus: spreading them took W1's p99 from 29 to
     /// 11 ms (bench/README.md).
     pub async fn run_flusher(self: Arc<Self>, stop: CancellationToken) {
         let mut tick = tokio::time::interval(FLUSH_INTERVAL);
