@@ -4,6 +4,8 @@
 //! Seqs come from one counter for the whole store, like JetStream's stream sequence, so they
 //! increase within each inbox without being contiguous. Copies are handed to the [`Fanout`]
 //! under the same lock that stores them, which keeps delivery in seq order per inbox.
+//! Every inbox copy of one message shares that message's one [`Draft`]: an inbox keeps only
+//! `(seq, Arc<Draft>)`, and a [`Message`](imgate_proto::Message) is built when a copy is read or delivered.
 //! Nothing here survives a restart of the process.
 
 use std::collections::{HashMap, VecDeque};
@@ -11,7 +13,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use imgate_proto::Message;
 
 use super::{
     Appended, ChangeError, CursorWrite, Draft, Fanout, Group, GroupChange, Page, Store, StoreError,
@@ -48,7 +49,8 @@ struct Inner {
 
 #[derive(Default)]
 struct Inbox {
-    msgs: VecDeque<Arc<Message>>,
+    /// Each copy's seq and the message it is a copy of, in seq order.
+    msgs: VecDeque<(u64, Arc<Draft>)>,
     /// Highest seq retention has removed; a reader starting below it has a gap.
     dropped_upto: u64,
 }
@@ -56,9 +58,9 @@ struct Inbox {
 impl Inbox {
     fn expire(&mut self, limits: Limits, now_ms: u64) {
         let horizon = now_ms.saturating_sub(limits.retention.as_millis() as u64);
-        while let Some(front) = self.msgs.front() {
-            if self.msgs.len() > limits.max_inbox || front.ts < horizon {
-                self.dropped_upto = front.seq;
+        while let Some((seq, draft)) = self.msgs.front() {
+            if self.msgs.len() > limits.max_inbox || draft.ts < horizon {
+                self.dropped_upto = *seq;
                 self.msgs.pop_front();
             } else {
                 break;
@@ -67,7 +69,7 @@ impl Inbox {
     }
 
     fn last_seq(&self) -> u64 {
-        self.msgs.back().map_or(self.dropped_upto, |m| m.seq)
+        self.msgs.back().map_or(self.dropped_upto, |(seq, _)| *seq)
     }
 }
 
@@ -111,18 +113,20 @@ impl Store for MemoryStore {
             return Ok(original.clone());
         }
         let now_ms = now_ms();
+        let ts = draft.ts;
+        let draft = Arc::new(draft);
         let mut seqs = Vec::with_capacity(inboxes.len());
         for uid in inboxes {
             inner.last_seq += 1;
             let seq = inner.last_seq;
-            let msg = Arc::new(draft.to_message(seq));
             let inbox = inner.inboxes.entry(uid.clone()).or_default();
-            inbox.msgs.push_back(msg.clone());
+            inbox.msgs.push_back((seq, draft.clone()));
             inbox.expire(self.limits, now_ms);
             seqs.push(seq);
-            self.fanout.deliver(uid, &mut || Some(Message::clone(&msg)));
+            self.fanout
+                .deliver(uid, &mut || Some(draft.to_message(seq)));
         }
-        let appended = Appended { seqs, ts: draft.ts };
+        let appended = Appended { seqs, ts };
         inner.dedupe.insert(key.clone(), appended.clone());
         inner.dedupe_order.push_back((now, key));
         Ok(appended)
@@ -134,9 +138,14 @@ impl Store for MemoryStore {
             return Ok(Page::default());
         };
         inbox.expire(self.limits, now_ms());
-        let start = inbox.msgs.partition_point(|m| m.seq <= after);
+        let start = inbox.msgs.partition_point(|(seq, _)| *seq <= after);
         Ok(Page {
-            messages: inbox.msgs.range(start..).take(limit).cloned().collect(),
+            messages: inbox
+                .msgs
+                .range(start..)
+                .take(limit)
+                .map(|(seq, draft)| Arc::new(draft.to_message(*seq)))
+                .collect(),
             gap: inbox.dropped_upto > after,
         })
     }
@@ -194,6 +203,7 @@ impl Store for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use imgate_proto::Message;
     use serde_json::json;
 
     #[derive(Default)]
@@ -258,6 +268,24 @@ mod tests {
                 ("alice".into(), 4)
             ]
         );
+    }
+
+    #[tokio::test]
+    async fn a_messages_inbox_copies_share_one_stored_draft() {
+        let (s, _) = store(100);
+        let inboxes = ["bob".to_owned(), "alice".to_owned()];
+        s.append(draft("1", "alice", "bob"), &inboxes)
+            .await
+            .unwrap();
+        {
+            let inner = s.lock();
+            let (bob_seq, bob) = &inner.inboxes["bob"].msgs[0];
+            let (alice_seq, alice) = &inner.inboxes["alice"].msgs[0];
+            assert!(Arc::ptr_eq(bob, alice));
+            assert_eq!((*bob_seq, *alice_seq), (1, 2));
+        }
+        // Each read copy still carries its own inbox's seq.
+        assert_eq!(s.read("alice", 0, 10).await.unwrap().messages[0].seq, 2);
     }
 
     #[tokio::test]
