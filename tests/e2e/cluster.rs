@@ -615,3 +615,60 @@ async fn nats_credentials_are_used_and_a_refusal_is_named() {
     let c = Cluster::with_nats(nats, 1, &["--nats-token", "t0ken"]).await;
     c.delivers(0, 0, "with a token").await;
 }
+
+/// A test CA and a certificate it signed for 127.0.0.1, written under `dir`; returns the
+/// paths of the CA certificate, the server certificate and the server key.
+fn tls_files(dir: &std::path::Path, name: &str) -> (String, String, String) {
+    let mut ca_params = rcgen::CertificateParams::new(Vec::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, format!("imgate test CA {name}"));
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap())
+        .unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    let path = |f: &str| dir.join(format!("{name}-{f}")).display().to_string();
+    let (ca_pem, cert_pem, key_pem) = (path("ca.pem"), path("cert.pem"), path("key.pem"));
+    std::fs::write(&ca_pem, ca.pem()).unwrap();
+    std::fs::write(&cert_pem, cert.pem()).unwrap();
+    std::fs::write(&key_pem, key.serialize_pem()).unwrap();
+    (ca_pem, cert_pem, key_pem)
+}
+
+/// NATS that requires TLS: gateways given the CA that signed its certificate (`--nats-ca`)
+/// serve across the cluster; one given another CA exits at start, naming the refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_over_tls_is_used_and_an_unknown_certificate_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = tls_files(dir.path(), "server");
+    let (other_ca, _, _) = tls_files(dir.path(), "other");
+    let nats = vec![NatsServer::start_with(&["--tls", "--tlscert", &cert, "--tlskey", &key]).await];
+    let c = Cluster::with_nats(nats, 2, &["--nats-ca", &ca]).await;
+    c.delivers(0, 1, "over TLS").await;
+
+    let out = within(
+        Duration::from_secs(30),
+        "a gateway that does not trust the server's certificate to exit",
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_imgate"))
+            .args(["serve", "--http", "127.0.0.1:0", "--tcp", "127.0.0.1:0"])
+            .args(["--nats", &c.nats[0].url(), "--nats-ca", &other_ca])
+            .args(["--nats-startup-timeout", "2s"])
+            .env("RUST_LOG", "error")
+            .env("RUST_BACKTRACE", "0")
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(out.stdout.is_empty(), "it never listened");
+    assert!(
+        stderr.contains("Error: NATS at") && stderr.contains("invalid peer certificate"),
+        "{stderr}"
+    );
+}

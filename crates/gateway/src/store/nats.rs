@@ -188,6 +188,27 @@ fn unix_ms(t: time::OffsetDateTime) -> u64 {
 }
 
 impl NatsStore {
+    /// The connection options every connection of this gateway shares: name, timeout,
+    /// credentials and TLS.
+    async fn options(n: &crate::config::NatsArgs) -> anyhow::Result<async_nats::ConnectOptions> {
+        let mut opts = async_nats::ConnectOptions::new()
+            .name("imgate")
+            .connection_timeout(n.nats_timeout);
+        if let (Some(user), Some(pass)) = (&n.nats_user, &n.nats_password) {
+            opts = opts.user_and_password(user.clone(), pass.0.clone());
+        }
+        if let Some(token) = &n.nats_token {
+            opts = opts.token(token.0.clone());
+        }
+        if let Some(creds) = &n.nats_creds {
+            opts = opts.credentials_file(creds).await?;
+        }
+        if let Some(ca) = &n.nats_ca {
+            opts = opts.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        Ok(opts)
+    }
+
     /// Connects, then creates or updates the stream and the cursor bucket.
     pub async fn connect(cfg: &Config) -> anyhow::Result<Arc<Self>> {
         let n = &cfg.nats;
@@ -195,11 +216,10 @@ impl NatsStore {
         // reports (an authorization violation would otherwise read as a stream timeout).
         let last_error = Arc::new(std::sync::Mutex::new(None::<String>));
         let slot = last_error.clone();
-        let mut opts = async_nats::ConnectOptions::new()
-            .name("imgate")
+        let opts = Self::options(n)
+            .await?
             .retry_on_initial_connect()
             .max_reconnects(None)
-            .connection_timeout(n.nats_timeout)
             .event_callback(move |event| {
                 let slot = slot.clone();
                 async move {
@@ -213,25 +233,13 @@ impl NatsStore {
                     tracing::info!(%event, "nats");
                 }
             });
-        if let (Some(user), Some(pass)) = (&n.nats_user, &n.nats_password) {
-            opts = opts.user_and_password(user.clone(), pass.0.clone());
-        }
-        if let Some(token) = &n.nats_token {
-            opts = opts.token(token.0.clone());
-        }
-        if let Some(creds) = &n.nats_creds {
-            opts = opts.credentials_file(creds).await?;
-        }
-        if let Some(ca) = &n.nats_ca {
-            opts = opts.add_root_certificates(ca.clone()).require_tls(true);
-        }
         let servers = n
             .nats
             .iter()
             .map(|u| u.parse::<async_nats::ServerAddr>())
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| anyhow::anyhow!("--nats: {e}"))?;
-        let client = opts.connect(servers).await?;
+        let client = opts.connect(servers.clone()).await?;
         let js = jetstream::ContextBuilder::new()
             .timeout(n.nats_timeout)
             .build(client.clone());
@@ -251,14 +259,20 @@ impl NatsStore {
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
                 Err(e) => {
-                    return Err(match connection() {
-                        Some(c) => e.context(format!(
-                            "NATS at {} refused or dropped the connection: {c} \
-                             (check --nats-user/--nats-password, --nats-token, --nats-creds, --nats-ca)",
-                            n.nats.join(",")
-                        )),
-                        None => e,
-                    })
+                    let Some(c) = connection() else {
+                        return Err(e);
+                    };
+                    // The background client's events name only the kind of failure ("IO
+                    // error"); one direct attempt returns the cause (a TLS refusal, say).
+                    let cause = match Self::options(n).await?.connect(servers.clone()).await {
+                        Err(direct) => direct.to_string(),
+                        Ok(_) => c,
+                    };
+                    return Err(e.context(format!(
+                        "NATS at {} refused or dropped the connection: {cause} \
+                         (check --nats-user/--nats-password, --nats-token, --nats-creds, --nats-ca)",
+                        n.nats.join(",")
+                    )));
                 }
             }
         };
