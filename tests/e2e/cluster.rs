@@ -576,6 +576,32 @@ async fn presence_is_gathered_from_every_gateway() {
     );
 }
 
+/// Starts a gateway on `nats` with `args`, which NATS refuses: it must exit without ever
+/// listening, and its error must name the NATS address and contain `cause`.
+async fn refused_at_start(nats: &NatsServer, args: &[&str], cause: &str) {
+    let out = within(
+        Duration::from_secs(30),
+        "a gateway that NATS refuses to exit",
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_imgate"))
+            .args(["serve", "--http", "127.0.0.1:0", "--tcp", "127.0.0.1:0"])
+            .args(["--nats", &nats.url(), "--nats-startup-timeout", "2s"])
+            .args(args)
+            .env("RUST_LOG", "error")
+            .env("RUST_BACKTRACE", "0")
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(out.stdout.is_empty(), "it never listened");
+    assert!(
+        stderr.contains(&format!("Error: NATS at {}", nats.url())) && stderr.contains(cause),
+        "{stderr}"
+    );
+}
+
 /// NATS with a user and password, then with a token: gateways given the credentials serve
 /// across the cluster; one given a wrong password exits at start, naming the refusal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -589,27 +615,12 @@ async fn nats_credentials_are_used_and_a_refusal_is_named() {
     .await;
     c.delivers(0, 1, "over an authenticated bus").await;
 
-    let out = within(
-        Duration::from_secs(30),
-        "a gateway with a wrong password to exit",
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_imgate"))
-            .args(["serve", "--http", "127.0.0.1:0", "--tcp", "127.0.0.1:0"])
-            .args(["--nats", &c.nats[0].url(), "--nats-user", "imgate"])
-            .args(["--nats-password", "wrong", "--nats-startup-timeout", "2s"])
-            .env("RUST_LOG", "error")
-            .env("RUST_BACKTRACE", "0")
-            .kill_on_drop(true)
-            .output(),
+    refused_at_start(
+        &c.nats[0],
+        &["--nats-user", "imgate", "--nats-password", "wrong"],
+        "authorization violation",
     )
-    .await
-    .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
-    assert!(out.stdout.is_empty(), "it never listened");
-    assert!(
-        stderr.contains("Error: NATS at") && stderr.contains("authorization violation"),
-        "{stderr}"
-    );
+    .await;
 
     let nats = vec![NatsServer::start_with(&["--auth", "t0ken"]).await];
     let c = Cluster::with_nats(nats, 1, &["--nats-token", "t0ken"]).await;
@@ -650,25 +661,10 @@ async fn nats_over_tls_is_used_and_an_unknown_certificate_is_refused() {
     let c = Cluster::with_nats(nats, 2, &["--nats-ca", &ca]).await;
     c.delivers(0, 1, "over TLS").await;
 
-    let out = within(
-        Duration::from_secs(30),
-        "a gateway that does not trust the server's certificate to exit",
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_imgate"))
-            .args(["serve", "--http", "127.0.0.1:0", "--tcp", "127.0.0.1:0"])
-            .args(["--nats", &c.nats[0].url(), "--nats-ca", &other_ca])
-            .args(["--nats-startup-timeout", "2s"])
-            .env("RUST_LOG", "error")
-            .env("RUST_BACKTRACE", "0")
-            .kill_on_drop(true)
-            .output(),
+    refused_at_start(
+        &c.nats[0],
+        &["--nats-ca", &other_ca],
+        "invalid peer certificate",
     )
-    .await
-    .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
-    assert!(out.stdout.is_empty(), "it never listened");
-    assert!(
-        stderr.contains("Error: NATS at") && stderr.contains("invalid peer certificate"),
-        "{stderr}"
-    );
+    .await;
 }
