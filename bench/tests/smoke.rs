@@ -2,7 +2,8 @@
 //! nats-server, 100 users, 200 msg/s, TCP), a 5-second standalone W1 over WebSocket msgpack
 //! on a one-thread gateway, and 3-second standalone runs whose users send with POST and
 //! receive over SSE or long polls. Each must deliver everything once. And a W2 run whose
-//! 301 connections are held by two child processes, one per gateway.
+//! 301 connections are held by two child processes, one per gateway, and a small run of
+//! `bench/store_memory.py` (standard-library Python).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -56,6 +57,32 @@ fn w2_smoke_holds_every_connection_from_child_processes() {
     );
     let grew = |k: usize| r["rss_after_kib"][k].as_u64() > r["rss_before_kib"][k].as_u64();
     assert!(grew(0) && grew(1), "both gateways hold connections: {r}");
+}
+
+#[test]
+fn store_memory_smoke_stores_every_group_message() {
+    let imgate = PathBuf::from(env!("CARGO_BIN_EXE_imgate-bench")).with_file_name("imgate");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/store_memory.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .args(["--members", "20", "--messages", "30", "--binary"])
+        .arg(&imgate)
+        .output()
+        .expect("running python3 bench/store_memory.py");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = stdout.lines().last().expect("a JSON line");
+    let r: serde_json::Value = serde_json::from_str(last).expect("one JSON report");
+    assert_eq!(
+        (r["members"].as_u64(), r["messages"].as_u64()),
+        (Some(20), Some(30)),
+        "{r}"
+    );
+    assert!(r["rss_after_kib"].as_u64() > Some(0), "{r}");
 }
 
 /// Runs `imgate-bench w1` with 100 users at 200 msg/s plus `extra`, checks that nothing was
