@@ -5,7 +5,8 @@
 //! increase within each inbox without being contiguous. Copies are handed to the [`Fanout`]
 //! under the same lock that stores them, which keeps delivery in seq order per inbox.
 //! Every inbox copy of one message shares that message's one [`Draft`]: an inbox keeps only
-//! `(seq, Arc<Draft>)`, and a [`Message`](imgate_proto::Message) is built when a copy is read or delivered.
+//! `(seq, Arc<Draft>)`, and a [`Message`](imgate_proto::Message) is built when a copy is
+//! read or delivered.
 //! Nothing here survives a restart of the process.
 
 use std::collections::{HashMap, VecDeque};
