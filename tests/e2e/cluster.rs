@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use futures::stream::{FuturesUnordered, StreamExt};
 use imgate_client::{Client, ErrorKind, Event, Events};
 use imgate_proto::{ErrorCode, Send};
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::natsd::NatsServer;
 use crate::support::*;
@@ -665,6 +665,109 @@ async fn nats_over_tls_is_used_and_an_unknown_certificate_is_refused() {
         &c.nats[0],
         &["--nats-ca", &other_ca],
         "invalid peer certificate",
+    )
+    .await;
+}
+
+/// A NATS JWT: `claims` (with `jti`, `iat`, `iss` and `sub` added) signed by `issuer`.
+fn nats_jwt(issuer: &nkeys::KeyPair, subject: &str, name: &str, nats: Value) -> String {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+    use base64::Engine;
+    let header = B64.encode(r#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+    let claims = json!({
+        "jti": format!("{name}-{subject}"),
+        "iat": std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs(),
+        "iss": issuer.public_key(),
+        "name": name,
+        "sub": subject,
+        "nats": nats,
+    });
+    let body = format!("{header}.{}", B64.encode(claims.to_string()));
+    let sig = B64.encode(issuer.sign(body.as_bytes()).unwrap());
+    format!("{body}.{sig}")
+}
+
+/// NATS in operator mode (decentralized JWT auth, the way `nsc` sets it up): a gateway given
+/// a user's creds file (`--nats-creds`) serves across the cluster; one given the creds of a
+/// user its account never signed exits at start, naming the refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_creds_files_are_used_and_an_unknown_user_is_refused() {
+    let operator = nkeys::KeyPair::new_operator();
+    let account = nkeys::KeyPair::new_account();
+    let op_jwt = nats_jwt(
+        &operator,
+        &operator.public_key(),
+        "op",
+        json!({"type": "operator", "version": 2}),
+    );
+    let unlimited = json!({
+        "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+        "wildcards": true, "conn": -1, "leaf": -1,
+        "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1,
+    });
+    let acc_jwt = nats_jwt(
+        &operator,
+        &account.public_key(),
+        "imgate",
+        json!({"type": "account", "version": 2, "limits": unlimited}),
+    );
+    // JetStream needs a system account in operator mode.
+    let system = nkeys::KeyPair::new_account();
+    let sys_jwt = nats_jwt(
+        &operator,
+        &system.public_key(),
+        "SYS",
+        json!({"type": "account", "version": 2}),
+    );
+    let creds = |signer: &nkeys::KeyPair, file: &std::path::Path| {
+        let user = nkeys::KeyPair::new_user();
+        let jwt = nats_jwt(
+            signer,
+            &user.public_key(),
+            "gateway",
+            json!({"type": "user", "version": 2, "subs": -1, "data": -1, "payload": -1}),
+        );
+        let seed = user.seed().unwrap();
+        std::fs::write(
+            file,
+            format!(
+                "-----BEGIN NATS USER JWT-----\n{jwt}\n------END NATS USER JWT------\n\n\
+                 -----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n"
+            ),
+        )
+        .unwrap();
+        file.display().to_string()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("operator.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "operator: {op_jwt}\nsystem_account: {sys}\nresolver: MEMORY\n\
+             resolver_preload: {{ {sys}: {sys_jwt}, {acc}: {acc_jwt} }}\n\
+             jetstream {{ max_file_store: 1GB, max_memory_store: 256MB }}\n",
+            sys = system.public_key(),
+            acc = account.public_key(),
+        ),
+    )
+    .unwrap();
+    let good = creds(&account, &dir.path().join("gateway.creds"));
+    let stranger = creds(
+        &nkeys::KeyPair::new_account(),
+        &dir.path().join("stranger.creds"),
+    );
+
+    let nats = vec![NatsServer::start_from(Some(&conf.display().to_string()), &[]).await];
+    let c = Cluster::with_nats(nats, 2, &["--nats-creds", &good]).await;
+    c.delivers(0, 1, "with a creds file").await;
+
+    refused_at_start(
+        &c.nats[0],
+        &["--nats-creds", &stranger],
+        "authorization violation",
     )
     .await;
 }

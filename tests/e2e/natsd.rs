@@ -56,6 +56,8 @@ pub(crate) struct NatsServer {
     cluster: Option<(String, u16, String)>,
     /// More command-line arguments (for example `--user`/`--pass`).
     extra: Vec<String>,
+    /// A config file to start from instead of `nats/nats.conf`.
+    config: Option<String>,
 }
 
 impl NatsServer {
@@ -66,12 +68,19 @@ impl NatsServer {
 
     /// One server from `nats/nats.conf` with `extra` command-line arguments.
     pub(crate) async fn start_with(extra: &[&str]) -> NatsServer {
+        Self::start_from(None, extra).await
+    }
+
+    /// One server from the config file `config` (or `nats/nats.conf`), with `extra`
+    /// command-line arguments.
+    pub(crate) async fn start_from(config: Option<&str>, extra: &[&str]) -> NatsServer {
         let mut s = NatsServer {
             child: None,
             port: free_port(),
             store: tempfile::tempdir().expect("temp dir"),
             cluster: None,
             extra: extra.iter().map(|a| a.to_string()).collect(),
+            config: config.map(str::to_owned),
         };
         s.run().await;
         s
@@ -93,6 +102,7 @@ impl NatsServer {
                 store: tempfile::tempdir().expect("temp dir"),
                 cluster: Some((format!("n{}", i + 1), *cport, routes.clone())),
                 extra: Vec::new(),
+                config: None,
             });
         }
         for s in &mut servers {
@@ -114,7 +124,8 @@ impl NatsServer {
         let store = self.store.path().display().to_string();
         match &self.cluster {
             None => {
-                cmd.args(["-c", &config("nats.conf")]);
+                let file = self.config.clone().unwrap_or_else(|| config("nats.conf"));
+                cmd.args(["-c", &file]);
             }
             Some((name, cport, routes)) => {
                 cmd.args(["-c", &config("cluster.conf"), "-n", name])
