@@ -61,22 +61,11 @@ fn w2_smoke_holds_every_connection_from_child_processes() {
 
 #[test]
 fn store_memory_smoke_stores_every_group_message() {
-    let imgate = PathBuf::from(env!("CARGO_BIN_EXE_imgate-bench")).with_file_name("imgate");
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/store_memory.py");
-    let out = Command::new("python3")
-        .arg(script)
+    let mut cmd = Command::new("python3");
+    cmd.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/store_memory.py"))
         .args(["--members", "20", "--messages", "30", "--binary"])
-        .arg(&imgate)
-        .output()
-        .expect("running python3 bench/store_memory.py");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let last = stdout.lines().last().expect("a JSON line");
-    let r: serde_json::Value = serde_json::from_str(last).expect("one JSON report");
+        .arg(imgate());
+    let r = report(cmd);
     assert_eq!(
         (r["members"].as_u64(), r["messages"].as_u64()),
         (Some(20), Some(30)),
@@ -101,25 +90,31 @@ fn run_w1(extra: &[&str]) -> serde_json::Value {
 /// Runs `imgate-bench <args> --json` against the gateway binary built by the same `cargo
 /// test` run, checks that it succeeded, and returns its one JSON report.
 fn run_bench(args: &[&str]) -> serde_json::Value {
-    let bench = PathBuf::from(env!("CARGO_BIN_EXE_imgate-bench"));
-    let imgate = bench.with_file_name("imgate");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_imgate-bench"));
+    cmd.args(args).arg("--json").arg("--imgate").arg(imgate());
+    report(cmd)
+}
+
+/// The gateway binary built by the same `cargo test` run.
+fn imgate() -> PathBuf {
+    let imgate = PathBuf::from(env!("CARGO_BIN_EXE_imgate-bench")).with_file_name("imgate");
     assert!(
         imgate.exists(),
         "{} is missing: run the whole workspace's tests",
         imgate.display()
     );
-    let out = Command::new(&bench)
-        .args(args)
-        .arg("--json")
-        .arg("--imgate")
-        .arg(&imgate)
-        .output()
-        .expect("running imgate-bench");
+    imgate
+}
+
+/// Runs `cmd`, checks that it succeeded, and returns the JSON report on its last line.
+fn report(mut cmd: Command) -> serde_json::Value {
+    let out = cmd.output().expect("running the measurement");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_str(stdout.trim()).expect("one JSON report")
+    let last = stdout.lines().last().expect("a JSON report");
+    serde_json::from_str(last).expect("one JSON report")
 }
