@@ -12,6 +12,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
+use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
 use dashmap::DashMap;
 use futures::FutureExt;
@@ -25,7 +26,9 @@ use crate::store::Fanout;
 #[derive(Debug)]
 pub struct Delivered {
     frame: ServerFrame,
-    json: OnceLock<Bytes>,
+    /// JSON is kept as text known to be UTF-8, so a WebSocket text frame can share it
+    /// without checking it again for each connection.
+    json: OnceLock<Utf8Bytes>,
     msgpack: OnceLock<Bytes>,
 }
 
@@ -53,13 +56,26 @@ impl Delivered {
 
     /// The `msg` frame in `enc`, encoded once and shared by every connection.
     pub fn encoded(&self, enc: Encoding) -> Bytes {
-        let cell = match enc {
-            Encoding::Json => &self.json,
-            Encoding::Msgpack => &self.msgpack,
-        };
-        cell.get_or_init(|| encode(&self.frame, enc).expect("a stored message always encodes"))
-            .clone()
+        match enc {
+            Encoding::Json => self.text().into(),
+            Encoding::Msgpack => self
+                .msgpack
+                .get_or_init(|| encode(&self.frame, enc).expect("a stored message always encodes"))
+                .clone(),
+        }
     }
+
+    /// The JSON encoding as text, encoded once and shared by every connection.
+    pub fn text(&self) -> Utf8Bytes {
+        self.json.get_or_init(|| json_text(&self.frame)).clone()
+    }
+}
+
+/// A server frame as JSON text: `serde_json` writes UTF-8, so nothing is checked again.
+pub fn json_text(frame: &ServerFrame) -> Utf8Bytes {
+    serde_json::to_string(frame)
+        .expect("server frames always encode")
+        .into()
 }
 
 /// What the fanout puts in a connection's outbox.
@@ -419,6 +435,17 @@ mod tests {
             a.encoded(Encoding::Json).as_ptr(),
             b.encoded(Encoding::Json).as_ptr(),
             "encoded once, the same bytes for every connection"
+        );
+        assert_eq!(
+            a.text().as_ptr(),
+            b.encoded(Encoding::Json).as_ptr(),
+            "the WebSocket text shares those bytes too"
+        );
+        let frame = ServerFrame::Msg(msg(1));
+        assert_eq!(
+            a.text().as_bytes(),
+            &encode(&frame, Encoding::Json).unwrap()[..],
+            "and they are the frame's JSON encoding"
         );
     }
 

@@ -23,6 +23,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
 use futures::future::{BoxFuture, OptionFuture};
 use futures::stream::FuturesOrdered;
@@ -94,6 +95,14 @@ impl Outgoing {
         match self {
             Outgoing::Frame(f) => encode(f, enc).expect("server frames always encode"),
             Outgoing::Msg(d) | Outgoing::Room(d) => d.encoded(enc),
+        }
+    }
+
+    /// The JSON encoding as text (a WebSocket text frame), shared like [`Self::encode`].
+    pub fn text(&self) -> Utf8Bytes {
+        match self {
+            Outgoing::Frame(f) => crate::hub::json_text(f),
+            Outgoing::Msg(d) | Outgoing::Room(d) => d.text(),
         }
     }
 }

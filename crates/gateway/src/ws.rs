@@ -95,14 +95,9 @@ pub async fn upgrade(
 fn transport(socket: WebSocket, enc: Encoding) -> impl Frames + std::marker::Send {
     Box::pin(Coded {
         socket,
-        encode: move |o: Outgoing| {
-            let bytes = o.encode(enc);
-            match enc {
-                Encoding::Json => {
-                    Message::Text(bytes.try_into().expect("serde_json always produces UTF-8"))
-                }
-                Encoding::Msgpack => Message::Binary(bytes),
-            }
+        encode: move |o: Outgoing| match enc {
+            Encoding::Json => Message::Text(o.text()),
+            Encoding::Msgpack => Message::Binary(o.encode(enc)),
         },
         decode: |r: Result<Message, axum::Error>| match r {
             Ok(Message::Text(t)) => Ok(frame(decode(t.as_bytes(), Encoding::Json))),
