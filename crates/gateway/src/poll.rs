@@ -187,27 +187,30 @@ pub async fn poll(
         .await
         .map_err(store_err)?;
     let Some(waiter) = waiter else {
-        return Ok(answer_page(&shared, Transport::ShortPoll, &page, after));
+        return Ok(answer_page(&shared, Transport::ShortPoll, page, after));
     };
     if page.messages.is_empty() {
         return Ok(wait_for_messages(&shared, uid, device, waiter, after, limit, wait).await);
     }
-    let response = answer_page(&shared, Transport::LongPoll, &page, after);
+    let (returned, given) = (
+        page.messages.len(),
+        page.messages.last().map_or(after, |m| m.seq),
+    );
+    let response = answer_page(&shared, Transport::LongPoll, page, after);
     // A full page may have left messages stored before the waiter registered unread: the
     // next poll must read the store. Otherwise the waiter holds everything after the page.
-    if page.messages.len() < limit {
-        let given = page.messages.last().map_or(after, |m| m.seq);
+    if returned < limit {
         shared.polls.park(uid, device, waiter, given);
     }
     Ok(response)
 }
 
 /// A poll answer straight from a store page.
-fn answer_page(shared: &Shared, transport: Transport, page: &Page, after: u64) -> Response {
+fn answer_page(shared: &Shared, transport: Transport, page: Page, after: u64) -> Response {
     let delivered: Vec<Delivered> = page
         .messages
-        .iter()
-        .map(|m| Delivered::new((**m).clone()))
+        .into_iter()
+        .map(|m| Delivered::new(Arc::unwrap_or_clone(m)))
         .collect();
     let encoded: Vec<(u64, Bytes)> = delivered
         .iter()

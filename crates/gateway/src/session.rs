@@ -588,8 +588,8 @@ where
         let now = Instant::now();
         for m in page.messages {
             let seq = m.seq;
-            io.write(Outgoing::Msg(Arc::new(Delivered::new((*m).clone()))), false)
-                .await?;
+            let d = Delivered::new(Arc::unwrap_or_clone(m));
+            io.write(Outgoing::Msg(Arc::new(d)), false).await?;
             live.sent(seq, now);
         }
         io.flush().await?;
