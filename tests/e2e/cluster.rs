@@ -576,6 +576,19 @@ async fn presence_is_gathered_from_every_gateway() {
     );
 }
 
+/// Two gateways started on `nats` with `accepted` deliver across it; then a gateway started
+/// with `refused` must exit at start with `cause` (see [`refused_at_start`]).
+async fn serves_with_and_refuses(
+    nats: NatsServer,
+    accepted: &[&str],
+    refused: &[&str],
+    cause: &str,
+) {
+    let c = Cluster::with_nats(vec![nats], 2, accepted).await;
+    c.delivers(0, 1, &format!("with {accepted:?}")).await;
+    refused_at_start(&c.nats[0], refused, cause).await;
+}
+
 /// Starts a gateway on `nats` with `args`, which NATS refuses: it must exit without ever
 /// listening, and its error must name the NATS address and contain `cause`.
 async fn refused_at_start(nats: &NatsServer, args: &[&str], cause: &str) {
@@ -606,17 +619,10 @@ async fn refused_at_start(nats: &NatsServer, args: &[&str], cause: &str) {
 /// across the cluster; one given a wrong password exits at start, naming the refusal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_credentials_are_used_and_a_refusal_is_named() {
-    let nats = vec![NatsServer::start_with(&["--user", "imgate", "--pass", "s3cret"]).await];
-    let c = Cluster::with_nats(
+    let nats = NatsServer::start_with(&["--user", "imgate", "--pass", "s3cret"]).await;
+    serves_with_and_refuses(
         nats,
-        2,
         &["--nats-user", "imgate", "--nats-password", "s3cret"],
-    )
-    .await;
-    c.delivers(0, 1, "over an authenticated bus").await;
-
-    refused_at_start(
-        &c.nats[0],
         &["--nats-user", "imgate", "--nats-password", "wrong"],
         "authorization violation",
     )
@@ -657,19 +663,18 @@ async fn nats_over_tls_is_used_and_an_unknown_certificate_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (ca, cert, key) = tls_files(dir.path(), "server");
     let (other_ca, _, _) = tls_files(dir.path(), "other");
-    let nats = vec![NatsServer::start_with(&["--tls", "--tlscert", &cert, "--tlskey", &key]).await];
-    let c = Cluster::with_nats(nats, 2, &["--nats-ca", &ca]).await;
-    c.delivers(0, 1, "over TLS").await;
-
-    refused_at_start(
-        &c.nats[0],
+    let nats = NatsServer::start_with(&["--tls", "--tlscert", &cert, "--tlskey", &key]).await;
+    serves_with_and_refuses(
+        nats,
+        &["--nats-ca", &ca],
         &["--nats-ca", &other_ca],
         "invalid peer certificate",
     )
     .await;
 }
 
-/// A NATS JWT: `claims` (with `jti`, `iat`, `iss` and `sub` added) signed by `issuer`.
+/// A NATS JWT for `subject` whose `nats` claim is `nats` (with `jti`, `iat`, `iss`, `name`
+/// and `sub` beside it), signed by `issuer`.
 fn nats_jwt(issuer: &nkeys::KeyPair, subject: &str, name: &str, nats: Value) -> String {
     use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
     use base64::Engine;
@@ -760,12 +765,10 @@ async fn nats_creds_files_are_used_and_an_unknown_user_is_refused() {
         &dir.path().join("stranger.creds"),
     );
 
-    let nats = vec![NatsServer::start_from(Some(&conf.display().to_string()), &[]).await];
-    let c = Cluster::with_nats(nats, 2, &["--nats-creds", &good]).await;
-    c.delivers(0, 1, "with a creds file").await;
-
-    refused_at_start(
-        &c.nats[0],
+    let nats = NatsServer::start_from(Some(&conf.display().to_string()), &[]).await;
+    serves_with_and_refuses(
+        nats,
+        &["--nats-creds", &good],
         &["--nats-creds", &stranger],
         "authorization violation",
     )
