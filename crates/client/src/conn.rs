@@ -1,6 +1,6 @@
 //! One physical connection: TCP with length-prefixed msgpack, or WebSocket with the token in
-//! the `Authorization` header. Both are a sink of client frames and a stream of server
-//! frames; nothing here knows about acks or reconnects.
+//! the `Authorization` header. Both are one object that is a sink of client frames and a
+//! stream of server frames; nothing here knows about acks or reconnects.
 
 use std::pin::Pin;
 
@@ -17,12 +17,21 @@ use crate::{ClientBuilder, Error, ErrorKind};
 /// Bytes a WebSocket read asks the socket for at most (tungstenite's `read_buffer_size`).
 const WS_READ_BUFFER: usize = 8 * 1024;
 
-type FrameSink = Pin<Box<dyn Sink<ClientFrame, Error = Error> + Send>>;
-type FrameStream = Pin<Box<dyn Stream<Item = Result<ServerFrame, Error>> + Send>>;
+/// A connection's frames both ways, as one object. Not split into halves: the actor never
+/// reads and writes at once (its `select!` drops the read before a handler writes), and
+/// split halves cost a shared lock on every read and write.
+pub(crate) trait Frames:
+    Sink<ClientFrame, Error = Error> + Stream<Item = Result<ServerFrame, Error>> + Send
+{
+}
+
+impl<T> Frames for T where
+    T: Sink<ClientFrame, Error = Error> + Stream<Item = Result<ServerFrame, Error>> + Send
+{
+}
 
 pub(crate) struct Conn {
-    pub(crate) sink: FrameSink,
-    pub(crate) stream: FrameStream,
+    pub(crate) frames: Pin<Box<dyn Frames>>,
     login_frame: bool,
 }
 
@@ -54,18 +63,18 @@ impl Conn {
                     .await
                     .map_err(|e| Error::new(ErrorKind::Connect, e.to_string()))?;
                 let _ = sock.set_nodelay(true);
-                let (sink, stream) = Framed::new(sock, FrameCodec::new(b.max_frame)).split();
-                let sink = sink.sink_map_err(io_err).with(|f: ClientFrame| {
-                    future::ready(encode(&f, Encoding::Msgpack).map_err(proto_err))
-                });
-                let stream = stream.map(|r| {
-                    r.map_err(io_err).and_then(|b| {
-                        decode::<ServerFrame>(&b, Encoding::Msgpack).map_err(proto_err)
+                let frames = Framed::new(sock, FrameCodec::new(b.max_frame))
+                    .sink_map_err(io_err)
+                    .with(|f: ClientFrame| {
+                        future::ready(encode(&f, Encoding::Msgpack).map_err(proto_err))
                     })
-                });
+                    .map(|r| {
+                        r.map_err(io_err).and_then(|b| {
+                            decode::<ServerFrame>(&b, Encoding::Msgpack).map_err(proto_err)
+                        })
+                    });
                 Ok(Conn {
-                    sink: Box::pin(sink),
-                    stream: Box::pin(stream),
+                    frames: Box::pin(frames),
                     login_frame: true,
                 })
             }
@@ -129,33 +138,34 @@ impl Conn {
                     e => Error::new(ErrorKind::Connect, e.to_string()),
                 })?;
                 let enc = b.encoding;
-                let (sink, stream) = ws.split();
-                let sink = sink.sink_map_err(io_err).with(move |f: ClientFrame| {
-                    future::ready(encode(&f, enc).map_err(proto_err).map(|bytes| match enc {
-                        Encoding::Json => WsMessage::Text(
-                            bytes.try_into().expect("serde_json always produces UTF-8"),
-                        ),
-                        Encoding::Msgpack => WsMessage::Binary(bytes),
-                    }))
-                });
-                let stream = stream.filter_map(|r| {
-                    future::ready(match r {
-                        Ok(WsMessage::Text(t)) => Some(
-                            decode::<ServerFrame>(t.as_bytes(), Encoding::Json).map_err(proto_err),
-                        ),
-                        Ok(WsMessage::Binary(b)) => {
-                            Some(decode::<ServerFrame>(&b, Encoding::Msgpack).map_err(proto_err))
-                        }
-                        Ok(WsMessage::Close(_)) => {
-                            Some(Err(Error::new(ErrorKind::Closed, "closed")))
-                        }
-                        Ok(_) => None,
-                        Err(e) => Some(Err(io_err(e))),
+                let frames = ws
+                    .sink_map_err(io_err)
+                    .with(move |f: ClientFrame| {
+                        future::ready(encode(&f, enc).map_err(proto_err).map(|bytes| match enc {
+                            Encoding::Json => WsMessage::Text(
+                                bytes.try_into().expect("serde_json always produces UTF-8"),
+                            ),
+                            Encoding::Msgpack => WsMessage::Binary(bytes),
+                        }))
                     })
-                });
+                    .filter_map(|r| {
+                        future::ready(match r {
+                            Ok(WsMessage::Text(t)) => Some(
+                                decode::<ServerFrame>(t.as_bytes(), Encoding::Json)
+                                    .map_err(proto_err),
+                            ),
+                            Ok(WsMessage::Binary(b)) => Some(
+                                decode::<ServerFrame>(&b, Encoding::Msgpack).map_err(proto_err),
+                            ),
+                            Ok(WsMessage::Close(_)) => {
+                                Some(Err(Error::new(ErrorKind::Closed, "closed")))
+                            }
+                            Ok(_) => None,
+                            Err(e) => Some(Err(io_err(e))),
+                        })
+                    });
                 Ok(Conn {
-                    sink: Box::pin(sink),
-                    stream: Box::pin(stream),
+                    frames: Box::pin(frames),
                     login_frame: false,
                 })
             }

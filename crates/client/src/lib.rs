@@ -179,9 +179,9 @@ impl ClientBuilder {
                     device: self.device.clone(),
                     resume,
                 });
-                conn.sink.send(login).await?;
+                conn.frames.send(login).await?;
             }
-            match conn.stream.next().await {
+            match conn.frames.next().await {
                 Some(Ok(ServerFrame::Welcome { resume, gap, .. })) => {
                     Ok((conn, Event::Welcome { resume, gap }))
                 }
@@ -295,7 +295,7 @@ impl Actor {
         loop {
             match self.connected(&mut conn).await {
                 Exit::Close => {
-                    let _ = conn.sink.close().await;
+                    let _ = conn.frames.close().await;
                     return;
                 }
                 Exit::Reconnect(reason) => {
@@ -315,8 +315,22 @@ impl Actor {
 
     /// Serves one connection until it ends.
     async fn connected(&mut self, conn: &mut Conn) -> Exit {
-        let mut ack_tick = tokio::time::interval(ACK_INTERVAL);
+        // Armed only while something received is unacked, so an idle client (or one that
+        // only sees room messages) never wakes for it.
+        let ack_due = tokio::time::sleep(ACK_INTERVAL);
+        tokio::pin!(ack_due);
+        let mut armed = false;
         loop {
+            match (self.unacked(), armed) {
+                (true, false) => {
+                    ack_due
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + ACK_INTERVAL);
+                    armed = true;
+                }
+                (false, true) => armed = false,
+                _ => {}
+            }
             tokio::select! {
                 cmd = self.commands.recv() => match cmd {
                     None => return Exit::Close,
@@ -327,7 +341,7 @@ impl Actor {
                     }
                     Some(Command::Reconnect) => return Exit::Reconnect(None),
                     Some(Command::Frame(f)) => {
-                        if conn.sink.send(f).await.is_err() {
+                        if conn.frames.send(f).await.is_err() {
                             return Exit::Reconnect(None);
                         }
                     }
@@ -336,12 +350,12 @@ impl Actor {
                         self.order += 1;
                         let frame = ClientFrame::Send(send.clone());
                         self.pending.insert(id, (self.order, send, reply));
-                        if conn.sink.send(frame).await.is_err() {
+                        if conn.frames.send(frame).await.is_err() {
                             return Exit::Reconnect(None);
                         }
                     }
                 },
-                frame = conn.stream.next() => match frame {
+                frame = conn.frames.next() => match frame {
                     Some(Ok(f)) => {
                         if let Some(exit) = self.on_frame(conn, f).await {
                             return exit;
@@ -349,7 +363,7 @@ impl Actor {
                     }
                     Some(Err(_)) | None => return Exit::Reconnect(None),
                 },
-                _ = ack_tick.tick() => {
+                () = &mut ack_due, if armed => {
                     if self.ack(conn).await.is_err() {
                         return Exit::Reconnect(None);
                     }
@@ -407,8 +421,8 @@ impl Actor {
     async fn close_gracefully(&mut self, conn: &mut Conn) {
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
             self.ack(conn).await?;
-            conn.sink.send(ClientFrame::Ping).await?;
-            while let Some(f) = conn.stream.next().await {
+            conn.frames.send(ClientFrame::Ping).await?;
+            while let Some(f) = conn.frames.next().await {
                 if matches!(f?, ServerFrame::Pong) {
                     break;
                 }
@@ -418,11 +432,15 @@ impl Actor {
         .await;
     }
 
+    fn unacked(&self) -> bool {
+        self.last_seq.is_some_and(|seq| seq > self.acked)
+    }
+
     /// Acks everything received, if anything is new.
     async fn ack(&mut self, conn: &mut Conn) -> Result<(), Error> {
         match self.last_seq {
             Some(seq) if seq > self.acked => {
-                conn.sink.send(ClientFrame::Ack { seq }).await?;
+                conn.frames.send(ClientFrame::Ack { seq }).await?;
                 self.acked = seq;
                 Ok(())
             }
@@ -452,7 +470,7 @@ impl Actor {
                         .collect();
                     unanswered.sort_by_key(|(o, _)| *o);
                     for (_, s) in unanswered {
-                        if conn.sink.send(ClientFrame::Send(s)).await.is_err() {
+                        if conn.frames.send(ClientFrame::Send(s)).await.is_err() {
                             break;
                         }
                     }
@@ -477,5 +495,78 @@ impl Actor {
         for (_, (_, _, reply)) in self.pending.drain() {
             let _ = reply.send(Err(e.clone()));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use imgate_proto::{decode, encode, FrameCodec};
+    use tokio_util::codec::Framed;
+
+    type Server = Framed<tokio::net::TcpStream, FrameCodec>;
+
+    async fn to_client(s: &mut Server, f: ServerFrame) {
+        s.send(encode(&f, Encoding::Msgpack).unwrap())
+            .await
+            .unwrap();
+    }
+
+    /// The next frame from the client, or `None` if none comes within `wait`.
+    async fn from_client(s: &mut Server, wait: Duration) -> Option<ClientFrame> {
+        let read = tokio::time::timeout(wait, s.next()).await.ok()?;
+        Some(decode(&read.expect("open").unwrap(), Encoding::Msgpack).unwrap())
+    }
+
+    fn msg(seq: u64) -> ServerFrame {
+        ServerFrame::Msg(Message {
+            seq,
+            id: format!("m{seq}"),
+            from: "bob".into(),
+            to: Some("alice".into()),
+            group: None,
+            ts: 1,
+            body: serde_json::json!({"n": seq}),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_lone_message_is_acked_after_the_interval_and_an_idle_client_sends_nothing() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("tcp://{}", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move {
+            let (sock, _) = listener.accept().await.unwrap();
+            let mut s = Framed::new(sock, FrameCodec::new(imgate_proto::DEFAULT_MAX_FRAME));
+            let login = from_client(&mut s, Duration::from_secs(5)).await;
+            assert!(matches!(login, Some(ClientFrame::Login(_))), "{login:?}");
+            let welcome = ServerFrame::Welcome {
+                uid: "alice".into(),
+                device: "d".into(),
+                resume: 0,
+                gap: false,
+            };
+            to_client(&mut s, welcome).await;
+            s
+        });
+        let (client, mut events) = ClientBuilder::new(url, "t").connect().await.unwrap();
+        let mut s = server.await.unwrap();
+        assert!(matches!(events.recv().await, Some(Event::Welcome { .. })));
+
+        // Nothing received: nothing to ack, so nothing is sent.
+        assert_eq!(from_client(&mut s, ACK_INTERVAL * 3).await, None);
+        for seq in [7, 8] {
+            let sent_at = tokio::time::Instant::now();
+            to_client(&mut s, msg(seq)).await;
+            let ack = from_client(&mut s, ACK_INTERVAL * 5).await;
+            assert_eq!(ack, Some(ClientFrame::Ack { seq }));
+            assert!(
+                sent_at.elapsed() >= ACK_INTERVAL,
+                "acked before the interval"
+            );
+            assert!(matches!(events.recv().await, Some(Event::Msg(m)) if m.seq == seq));
+            // Acked once, not again while nothing new arrives.
+            assert_eq!(from_client(&mut s, ACK_INTERVAL * 3).await, None);
+        }
+        drop(client);
     }
 }
