@@ -63,6 +63,11 @@ pub async fn run(
 }
 
 impl Gateway {
+    #[cfg(test)]
+    pub(crate) fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
     /// Checks the configuration, opens the store (connecting to NATS and starting the tail
     /// in cluster mode). Nothing is listening yet.
     pub async fn new(cfg: Config) -> anyhow::Result<Gateway> {

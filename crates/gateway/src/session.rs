@@ -629,7 +629,7 @@ where
             reason = kick.kicked() => Err(End::Bye(reason)),
             Some(Some(frame)) = OptionFuture::from(live.inflight.as_mut().map(|f| f.next())),
                 if inflight > 0 => {
-                Box::pin(io.write(Outgoing::Frame(*frame), true)).await
+                Box::pin(answer(io, live, rx, *frame)).await
             }
             out = rx.recv_async() => match out {
                 Ok(first) => Box::pin(deliver_batch(io, live, rx, first)).await,
@@ -670,6 +670,26 @@ where
         if next < timer.deadline() {
             timer.as_mut().reset(next);
         }
+    }
+}
+
+/// Writes the answer to a send together with whatever the outbox already holds: a store
+/// fans a message out before it answers, so the sender's own copy is usually queued by now
+/// and both leave in one write.
+async fn answer<T>(
+    io: &mut Io<T>,
+    live: &mut Live,
+    rx: &mut flume::Receiver<Outbound>,
+    frame: ServerFrame,
+) -> Result<(), End>
+where
+    T: Frames,
+{
+    io.write(Outgoing::Frame(frame), false).await?;
+    match rx.try_recv() {
+        Ok(first) => deliver_batch(io, live, rx, first).await,
+        // Empty, or the hub dropped us: the live loop's next `recv` sees which.
+        Err(_) => io.flush().await,
     }
 }
 
@@ -868,5 +888,116 @@ impl Live {
     fn deadline(&self, cfg: &Config) -> Instant {
         let idle = self.idle_deadline(cfg);
         self.ack_deadline(cfg).map_or(idle, |a| a.min(idle))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use imgate_proto::{Message, Send};
+    use serde_json::json;
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::auth::Identity;
+
+    /// A transport that hands the session frames from a channel and records each flushed
+    /// batch of what the session wrote.
+    struct Recorder {
+        incoming: mpsc::UnboundedReceiver<ClientFrame>,
+        batch: Vec<ServerFrame>,
+        flushed: Arc<Mutex<Vec<Vec<ServerFrame>>>>,
+    }
+
+    impl Sink<Outgoing> for Recorder {
+        type Error = std::io::Error;
+
+        fn poll_ready(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn start_send(self: Pin<&mut Self>, item: Outgoing) -> std::io::Result<()> {
+            let bytes = item.encode(Encoding::Msgpack);
+            let frame = imgate_proto::decode(&bytes, Encoding::Msgpack).unwrap();
+            self.get_mut().batch.push(frame);
+            Ok(())
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            let this = self.get_mut();
+            if !this.batch.is_empty() {
+                let batch = std::mem::take(&mut this.batch);
+                this.flushed.lock().unwrap().push(batch);
+            }
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            self.poll_flush(cx)
+        }
+    }
+
+    impl Stream for Recorder {
+        type Item = Result<Incoming, InError>;
+
+        fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+            self.get_mut()
+                .incoming
+                .poll_recv(cx)
+                .map(|f| f.map(|f| Ok(Incoming::Frame(Box::new(f)))))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_sends_answer_and_the_senders_own_copy_leave_in_one_write() {
+        let cfg = crate::config::parse_for_test(&[]);
+        let shared = crate::server::Gateway::new(cfg).await.unwrap().shared();
+        let (to_session, incoming) = mpsc::unbounded_channel();
+        let flushed = Arc::new(Mutex::new(Vec::new()));
+        let recorder = Recorder {
+            incoming,
+            batch: Vec::new(),
+            flushed: flushed.clone(),
+        };
+        let start = Box::new(Start::Verified(Preauth {
+            identity: Identity {
+                uid: "alice".into(),
+                admin: false,
+            },
+            device: None,
+            resume: None,
+        }));
+        let session = tokio::spawn(run(shared, recorder, start, Profile::TCP));
+        to_session
+            .send(ClientFrame::Send(Send {
+                id: Some("m1".into()),
+                to: Some("bob".into()),
+                group: None,
+                body: json!({"text": "hi"}),
+            }))
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let answered = loop {
+            let batches = flushed.lock().unwrap().clone();
+            if let Some(b) = batches
+                .into_iter()
+                .find(|b| b.iter().any(|f| matches!(f, ServerFrame::Sent { .. })))
+            {
+                break b;
+            }
+            assert!(Instant::now() < deadline, "no answer to the send");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert!(
+            matches!(
+                answered.as_slice(),
+                [ServerFrame::Sent { id, .. }, ServerFrame::Msg(Message { from, .. })]
+                    if id == "m1" && from == "alice"
+            ),
+            "{answered:?}"
+        );
+        drop(to_session);
+        session.await.unwrap();
     }
 }
