@@ -10,10 +10,12 @@
 //! Nothing here survives a restart of the process.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use hashbrown::HashTable;
 
 use super::{
     Appended, ChangeError, CursorWrite, Draft, Fanout, Group, GroupChange, Page, Store, StoreError,
@@ -34,18 +36,34 @@ pub struct MemoryStore {
     inner: Mutex<Inner>,
     limits: Limits,
     fanout: Arc<dyn Fanout>,
+    /// [`DEDUPE_WINDOW`]; shorter in tests.
+    dedupe_window: Duration,
 }
 
 #[derive(Default)]
 struct Inner {
     last_seq: u64,
     inboxes: HashMap<String, Inbox>,
-    /// `(from, id)` → the original outcome, for the dedupe window.
-    dedupe: HashMap<(String, String), Appended>,
+    /// Messages stored within the dedupe window, found by their `(from, id)`, which their
+    /// draft already holds: no key of its own per message.
+    dedupe: HashTable<Recent>,
     /// Insertion order of `dedupe`, to expire it.
-    dedupe_order: VecDeque<(Instant, (String, String))>,
+    dedupe_order: VecDeque<(Instant, Arc<Draft>)>,
+    dedupe_hasher: RandomState,
     cursors: HashMap<(String, String), u64>,
     groups: HashMap<String, Group>,
+}
+
+/// A message within the dedupe window and what its first send returned.
+struct Recent {
+    draft: Arc<Draft>,
+    appended: Appended,
+}
+
+impl Inner {
+    fn dedupe_hash(&self, from: &str, id: &str) -> u64 {
+        self.dedupe_hasher.hash_one((from, id))
+    }
 }
 
 #[derive(Default)]
@@ -80,6 +98,7 @@ impl MemoryStore {
             inner: Mutex::new(Inner::default()),
             limits,
             fanout,
+            dedupe_window: DEDUPE_WINDOW,
         }
     }
 
@@ -103,15 +122,22 @@ impl Store for MemoryStore {
         let mut inner = self.lock();
         let now = Instant::now();
         while let Some((at, _)) = inner.dedupe_order.front() {
-            if now.duration_since(*at) < DEDUPE_WINDOW {
+            if now.duration_since(*at) < self.dedupe_window {
                 break;
             }
-            let (_, key) = inner.dedupe_order.pop_front().expect("front exists");
-            inner.dedupe.remove(&key);
+            let (_, old) = inner.dedupe_order.pop_front().expect("front exists");
+            let hash = inner.dedupe_hash(&old.from, &old.id);
+            if let Ok(entry) = inner
+                .dedupe
+                .find_entry(hash, |r| Arc::ptr_eq(&r.draft, &old))
+            {
+                entry.remove();
+            }
         }
-        let key = (draft.from.clone(), draft.id.clone());
-        if let Some(original) = inner.dedupe.get(&key) {
-            return Ok(original.clone());
+        let hash = inner.dedupe_hash(&draft.from, &draft.id);
+        let same = |r: &Recent| r.draft.from == draft.from && r.draft.id == draft.id;
+        if let Some(original) = inner.dedupe.find(hash, same) {
+            return Ok(original.appended.clone());
         }
         let now_ms = now_ms();
         let ts = draft.ts;
@@ -128,8 +154,19 @@ impl Store for MemoryStore {
                 .deliver(uid, &mut || Some(draft.to_message(seq)));
         }
         let appended = Appended { seqs, ts };
-        inner.dedupe.insert(key.clone(), appended.clone());
-        inner.dedupe_order.push_back((now, key));
+        let recent = Recent {
+            draft: draft.clone(),
+            appended: appended.clone(),
+        };
+        let Inner {
+            dedupe,
+            dedupe_hasher,
+            ..
+        } = &mut *inner;
+        dedupe.insert_unique(hash, recent, |r| {
+            dedupe_hasher.hash_one((r.draft.from.as_str(), r.draft.id.as_str()))
+        });
+        inner.dedupe_order.push_back((now, draft));
         Ok(appended)
     }
 
@@ -310,6 +347,33 @@ mod tests {
             .await
             .unwrap();
         assert_ne!(other.seqs, a.seqs[..1]);
+    }
+
+    #[tokio::test]
+    async fn a_send_repeated_after_the_dedupe_window_is_a_new_message() {
+        let (mut s, _) = store(100);
+        s.dedupe_window = Duration::from_millis(50);
+        let inboxes = ["bob".to_owned(), "alice".to_owned()];
+        let first = s.append(draft("x", "alice", "bob"), &inboxes).await;
+        let other = s.append(draft("y", "alice", "bob"), &inboxes).await;
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        // Both expire on the next append; "y" is then stored again, not answered from memory.
+        let again = s.append(draft("y", "alice", "bob"), &inboxes).await;
+        assert_ne!(again.unwrap().seqs, other.unwrap().seqs);
+        assert_eq!(s.lock().dedupe.len(), 1, "expired entries are gone");
+        assert_eq!(s.lock().dedupe_order.len(), 1);
+        // Within the window the repeat is still the original.
+        let x = s
+            .append(draft("x", "alice", "bob"), &inboxes)
+            .await
+            .unwrap();
+        assert_ne!(x.seqs, first.unwrap().seqs);
+        let x_again = s
+            .append(draft("x", "alice", "bob"), &inboxes)
+            .await
+            .unwrap();
+        assert_eq!(x_again, x);
+        assert_eq!(s.read("bob", 0, 10).await.unwrap().messages.len(), 4);
     }
 
     #[tokio::test]
