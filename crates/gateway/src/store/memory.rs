@@ -44,20 +44,45 @@ pub struct MemoryStore {
 struct Inner {
     last_seq: u64,
     inboxes: HashMap<String, Inbox>,
-    /// Messages stored within the dedupe window, found by their `(from, id)`, which their
-    /// draft already holds: no key of its own per message.
+    /// Sends within the dedupe window, found by their `(from, id)`.
     dedupe: HashTable<Recent>,
-    /// Insertion order of `dedupe`, to expire it.
-    dedupe_order: VecDeque<(Instant, Arc<Draft>)>,
+    /// Insertion order of `dedupe`, to expire it; the same keys, shared.
+    dedupe_order: VecDeque<(Instant, SendKey)>,
     dedupe_hasher: RandomState,
     cursors: HashMap<(String, String), u64>,
     groups: HashMap<String, Group>,
 }
 
-/// A message within the dedupe window and what its first send returned.
+/// A send within the dedupe window and what it returned.
 struct Recent {
-    draft: Arc<Draft>,
+    key: SendKey,
     appended: Appended,
+}
+
+/// `from` and `id` of a send in one allocation, shared by the dedupe table and its expiry
+/// queue. Not the stored draft: a draft retention has dropped from every inbox must not stay
+/// in memory, body and all, for the rest of the window.
+#[derive(Clone)]
+struct SendKey {
+    from_then_id: Arc<str>,
+    from_len: usize,
+}
+
+impl SendKey {
+    fn new(from: &str, id: &str) -> Self {
+        SendKey {
+            from_then_id: [from, id].concat().into(),
+            from_len: from.len(),
+        }
+    }
+
+    fn is(&self, from: &str, id: &str) -> bool {
+        self.from_then_id.split_at(self.from_len) == (from, id)
+    }
+
+    fn hash(&self, hasher: &RandomState) -> u64 {
+        hasher.hash_one(self.from_then_id.split_at(self.from_len))
+    }
 }
 
 impl Inner {
@@ -126,16 +151,14 @@ impl Store for MemoryStore {
                 break;
             }
             let (_, old) = inner.dedupe_order.pop_front().expect("front exists");
-            let hash = inner.dedupe_hash(&old.from, &old.id);
-            if let Ok(entry) = inner
-                .dedupe
-                .find_entry(hash, |r| Arc::ptr_eq(&r.draft, &old))
-            {
+            let hash = old.hash(&inner.dedupe_hasher);
+            let same = |r: &Recent| Arc::ptr_eq(&r.key.from_then_id, &old.from_then_id);
+            if let Ok(entry) = inner.dedupe.find_entry(hash, same) {
                 entry.remove();
             }
         }
         let hash = inner.dedupe_hash(&draft.from, &draft.id);
-        let same = |r: &Recent| r.draft.from == draft.from && r.draft.id == draft.id;
+        let same = |r: &Recent| r.key.is(&draft.from, &draft.id);
         if let Some(original) = inner.dedupe.find(hash, same) {
             return Ok(original.appended.clone());
         }
@@ -154,8 +177,9 @@ impl Store for MemoryStore {
                 .deliver(uid, &mut || Some(draft.to_message(seq)));
         }
         let appended = Appended { seqs, ts };
+        let key = SendKey::new(&draft.from, &draft.id);
         let recent = Recent {
-            draft: draft.clone(),
+            key: key.clone(),
             appended: appended.clone(),
         };
         let Inner {
@@ -163,10 +187,8 @@ impl Store for MemoryStore {
             dedupe_hasher,
             ..
         } = &mut *inner;
-        dedupe.insert_unique(hash, recent, |r| {
-            dedupe_hasher.hash_one((r.draft.from.as_str(), r.draft.id.as_str()))
-        });
-        inner.dedupe_order.push_back((now, draft));
+        dedupe.insert_unique(hash, recent, |r| r.key.hash(dedupe_hasher));
+        inner.dedupe_order.push_back((now, key));
         Ok(appended)
     }
 
@@ -374,6 +396,19 @@ mod tests {
             .unwrap();
         assert_eq!(x_again, x);
         assert_eq!(s.read("bob", 0, 10).await.unwrap().messages.len(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_message_dropped_from_every_inbox_is_not_kept_by_the_dedupe_window() {
+        let (s, _) = store(1);
+        let bob = ["bob".to_owned()];
+        let first = s.append(draft("x", "alice", "bob"), &bob).await.unwrap();
+        let kept = Arc::downgrade(&s.lock().inboxes["bob"].msgs[0].1);
+        s.append(draft("y", "alice", "bob"), &bob).await.unwrap();
+        assert!(kept.upgrade().is_none(), "the dropped draft is freed");
+        // Its send is still remembered within the window.
+        let again = s.append(draft("x", "alice", "bob"), &bob).await.unwrap();
+        assert_eq!(again, first);
     }
 
     #[tokio::test]
