@@ -4,15 +4,19 @@
 //! - `deliver_to_k`: decode a stored payload once, encode it once per wire format, and hand
 //!   it to k local connections' outboxes.
 //!
-//! Both on 32 B, 1 KiB and 8 KiB bodies: `cargo bench -p imgate-gateway --bench hot_path`.
+//! - `standalone_send`: the in-memory store keeping a 1:1 message (recipient's and sender's
+//!   copy) and handing both copies, encoded, to each side's one connection.
+//!
+//! All on 32 B, 1 KiB and 8 KiB bodies: `cargo bench -p imgate-gateway --bench hot_path`.
 
 use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use imgate_gateway::hub::{Hub, Kick, Outbound};
+use imgate_gateway::store::memory::{Limits, MemoryStore};
 use imgate_gateway::store::nats::decode_payload;
-use imgate_gateway::store::Fanout;
+use imgate_gateway::store::{Draft, Fanout, Store};
 use imgate_proto::Encoding;
 use serde_json::json;
 
@@ -88,5 +92,50 @@ fn deliver_to_k(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, drop_non_local, deliver_to_k);
+fn standalone_send(c: &mut Criterion) {
+    let mut g = c.benchmark_group("standalone_send");
+    g.throughput(Throughput::Elements(1));
+    for (name, size) in SIZES {
+        let body = json!({"text": "x".repeat(size.saturating_sub(11))});
+        g.bench_function(BenchmarkId::from_parameter(name), |b| {
+            // A fresh store for each sample, so that no sample pays for the growth of the
+            // whole run (millions of messages in one inbox pair).
+            b.iter_custom(|iters| {
+                let hub = Hub::new();
+                let limits = Limits {
+                    retention: std::time::Duration::from_secs(3600),
+                    max_inbox: 10_000,
+                };
+                let store = MemoryStore::new(limits, hub.clone());
+                let mut conns: Vec<_> = ["bob", "alice"]
+                    .iter()
+                    .map(|uid| hub.register(uid, "d", Arc::new(Kick::default()), 1024, 1000))
+                    .collect();
+                let inboxes = ["bob".to_owned(), "alice".to_owned()];
+                let started = std::time::Instant::now();
+                for n in 0..iters {
+                    let draft = Draft {
+                        id: format!("c-{n}"),
+                        from: "alice".into(),
+                        to: Some("bob".into()),
+                        group: None,
+                        ts: 1_764_190_000_123,
+                        body: body.clone(),
+                    };
+                    let appended = futures::executor::block_on(store.append(draft, &inboxes));
+                    black_box(appended.unwrap());
+                    for r in &mut conns {
+                        if let Ok(Outbound::Msg(d)) = r.rx.try_recv() {
+                            black_box(d.encoded(Encoding::Msgpack));
+                        }
+                    }
+                }
+                started.elapsed()
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, drop_non_local, deliver_to_k, standalone_send);
 criterion_main!(benches);
