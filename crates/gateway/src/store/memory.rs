@@ -76,19 +76,23 @@ impl SendKey {
         }
     }
 
+    fn parts(&self) -> (&str, &str) {
+        self.from_then_id.split_at(self.from_len)
+    }
+
     fn is(&self, from: &str, id: &str) -> bool {
-        self.from_then_id.split_at(self.from_len) == (from, id)
+        self.parts() == (from, id)
     }
 
     fn hash(&self, hasher: &RandomState) -> u64 {
-        hasher.hash_one(self.from_then_id.split_at(self.from_len))
+        let (from, id) = self.parts();
+        send_hash(hasher, from, id)
     }
 }
 
-impl Inner {
-    fn dedupe_hash(&self, from: &str, id: &str) -> u64 {
-        self.dedupe_hasher.hash_one((from, id))
-    }
+/// The dedupe table's hash of a send: the same for a stored key and for a draft's fields.
+fn send_hash(hasher: &RandomState, from: &str, id: &str) -> u64 {
+    hasher.hash_one((from, id))
 }
 
 #[derive(Default)]
@@ -157,7 +161,7 @@ impl Store for MemoryStore {
                 entry.remove();
             }
         }
-        let hash = inner.dedupe_hash(&draft.from, &draft.id);
+        let hash = send_hash(&inner.dedupe_hasher, &draft.from, &draft.id);
         let same = |r: &Recent| r.key.is(&draft.from, &draft.id);
         if let Some(original) = inner.dedupe.find(hash, same) {
             return Ok(original.appended.clone());
