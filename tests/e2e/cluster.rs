@@ -586,18 +586,18 @@ async fn serves_with_and_refuses(
 ) {
     let c = Cluster::with_nats(vec![nats], 2, accepted).await;
     c.delivers(0, 1, &format!("with {accepted:?}")).await;
-    refused_at_start(&c.nats[0], refused, cause).await;
+    refused_at_start(&c.nats[0].url(), refused, cause).await;
 }
 
 /// Starts a gateway on `nats` with `args`, which NATS refuses: it must exit without ever
 /// listening, and its error must name the NATS address and contain `cause`.
-async fn refused_at_start(nats: &NatsServer, args: &[&str], cause: &str) {
+async fn refused_at_start(nats: &str, args: &[&str], cause: &str) {
     let out = within(
         Duration::from_secs(30),
         "a gateway that NATS refuses to exit",
         tokio::process::Command::new(env!("CARGO_BIN_EXE_imgate"))
             .args(["serve", "--http", "127.0.0.1:0", "--tcp", "127.0.0.1:0"])
-            .args(["--nats", &nats.url(), "--nats-startup-timeout", "2s"])
+            .args(["--nats", nats, "--nats-startup-timeout", "2s"])
             .args(args)
             .env("RUST_LOG", "error")
             .env("RUST_BACKTRACE", "0")
@@ -610,9 +610,36 @@ async fn refused_at_start(nats: &NatsServer, args: &[&str], cause: &str) {
     assert!(!out.status.success(), "{stderr}");
     assert!(out.stdout.is_empty(), "it never listened");
     assert!(
-        stderr.contains(&format!("Error: NATS at {}", nats.url())) && stderr.contains(cause),
+        stderr.contains(&format!("Error: NATS at {nats}")) && stderr.contains(cause),
         "{stderr}"
     );
+}
+
+/// A server that introduces itself as nats-server 2.9.10 (a few lines of NATS protocol: INFO,
+/// then PONG to every PING) is refused at start, and the error names both versions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_server_older_than_the_minimum_is_refused_naming_both_versions() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("nats://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (r, mut w) = sock.into_split();
+                let info = r#"INFO {"server_id":"OLD","version":"2.9.10","proto":1,"headers":true,"max_payload":1048576,"jetstream":true}"#;
+                w.write_all(format!("{info}\r\n").as_bytes()).await.ok()?;
+                let mut lines = BufReader::new(r).lines();
+                while let Some(line) = lines.next_line().await.ok()? {
+                    if line.starts_with("PING") {
+                        w.write_all(b"PONG\r\n").await.ok()?;
+                    }
+                }
+                Some(())
+            });
+        }
+    });
+    refused_at_start(&url, &[], "nats-server 2.9.10 is too old").await;
+    refused_at_start(&url, &[], "nats-server 2.12.0 or newer").await;
 }
 
 /// NATS with a user and password, then with a token: gateways given the credentials serve

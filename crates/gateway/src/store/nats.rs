@@ -151,36 +151,47 @@ pub fn decode_payload(payload: &[u8], seq: u64, published_ms: u64) -> Option<Mes
     })
 }
 
-/// Creates (or updates) a KV bucket and opens it.
-///
-/// The bucket's stream is written here with the KV conventions (`KV_<bucket>` on
-/// `$KV.<bucket>.>`, one value per key, rollups allowed, deletes denied, direct gets) rather
-/// than through async-nats's `create_key_value`, which first reads account info in a shape
-/// NATS 2.9 (Debian's nats-server) does not send.
-pub async fn kv_bucket(
+/// The oldest nats-server this store works with: batch direct gets (2.11) read backlogs
+/// without a consumer, and atomic batches (2.12) store a group message's copies all or
+/// nothing.
+pub const MIN_SERVER_VERSION: (u64, u64, u64) = (2, 12, 0);
+
+/// `"2.15.1"` (or `"2.12.0-beta.3"`) as numbers; `None` if it does not start like a version.
+fn parse_version(v: &str) -> Option<(u64, u64, u64)> {
+    let mut parts = v.split(|c: char| !c.is_ascii_digit());
+    let mut next = || parts.next()?.parse().ok();
+    Some((next()?, next()?, next()?))
+}
+
+/// Refuses a server older than [`MIN_SERVER_VERSION`], naming both versions.
+pub fn check_server_version(version: &str) -> anyhow::Result<()> {
+    let (a, b, c) = MIN_SERVER_VERSION;
+    match parse_version(version) {
+        Some(v) if v >= MIN_SERVER_VERSION => Ok(()),
+        _ => anyhow::bail!(
+            "nats-server {version} is too old: imgate needs nats-server {a}.{b}.{c} or newer \
+             (batch direct gets, atomic batch publishes); upgrade the NATS servers"
+        ),
+    }
+}
+
+/// Creates (or updates) a KV bucket with one value per key, and opens it.
+async fn kv_bucket(
     js: &jetstream::Context,
     bucket: &str,
     description: &str,
     replicas: usize,
 ) -> anyhow::Result<kv::Store> {
-    js.create_or_update_stream(stream::Config {
-        name: format!("KV_{bucket}"),
-        description: Some(description.to_owned()),
-        subjects: vec![format!("$KV.{bucket}.>")],
-        max_messages_per_subject: 1,
+    js.create_or_update_key_value(kv::Config {
+        bucket: bucket.to_owned(),
+        description: description.to_owned(),
+        history: 1,
         storage: stream::StorageType::File,
-        allow_rollup: true,
-        deny_delete: true,
-        allow_direct: true,
         num_replicas: replicas,
-        discard: stream::DiscardPolicy::New,
         ..Default::default()
     })
     .await
-    .map_err(|e| anyhow::anyhow!("creating KV bucket {bucket}: {e}"))?;
-    js.get_key_value(bucket)
-        .await
-        .map_err(|e| anyhow::anyhow!("opening KV bucket {bucket}: {e}"))
+    .map_err(|e| anyhow::anyhow!("creating KV bucket {bucket}: {e}"))
 }
 
 fn unix_ms(t: time::OffsetDateTime) -> u64 {
@@ -252,6 +263,19 @@ impl NatsStore {
                 let last = last_error.lock().unwrap_or_else(|p| p.into_inner());
                 last.clone()
             };
+            // The server's version is known once connected; too old a server is final.
+            let at = || format!("NATS at {}", n.nats.join(","));
+            // Give the background connect a moment, so the version is checked before any
+            // JetStream request (an old server would only time them out).
+            let wait = (tokio::time::Instant::now() + Duration::from_secs(1)).min(deadline);
+            while client.connection_state() != State::Connected
+                && tokio::time::Instant::now() < wait
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if client.connection_state() == State::Connected {
+                check_server_version(&client.server_info().version).map_err(|e| e.context(at()))?;
+            }
             match Self::provision(&js, &names, cfg).await {
                 Ok(v) => break v,
                 Err(e) if tokio::time::Instant::now() < deadline => {
@@ -276,6 +300,9 @@ impl NatsStore {
                 }
             }
         };
+        check_server_version(&client.server_info().version)
+            .map_err(|e| e.context(format!("NATS at {}", n.nats.join(","))))?;
+        tracing::info!(version = %client.server_info().version, "nats-server version");
         Ok(Arc::new(NatsStore {
             client,
             js,
@@ -797,5 +824,22 @@ impl NatsStore {
             count += n;
         }
         Ok(count >= self.max_inbox)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn servers_older_than_the_minimum_are_refused_naming_both_versions() {
+        assert!(check_server_version("2.15.1").is_ok());
+        assert!(check_server_version("2.12.0").is_ok());
+        assert!(check_server_version("3.0.0-beta.1").is_ok());
+        let e = check_server_version("2.11.9").unwrap_err().to_string();
+        assert!(e.contains("2.11.9") && e.contains("2.12.0"), "{e}");
+        assert!(check_server_version("2.9.10").is_err());
+        assert!(check_server_version("").is_err());
+        assert!(check_server_version("garbage").is_err());
     }
 }
