@@ -113,6 +113,14 @@ impl Cluster {
     pub(crate) fn nats_usage(&self) -> anyhow::Result<Usage> {
         self.nats.as_ref().map_or(Ok(Usage::default()), Nats::usage)
     }
+
+    /// The NATS server's message and API counters (zero when standalone).
+    pub(crate) async fn nats_counts(&self) -> anyhow::Result<crate::procs::NatsCounts> {
+        match &self.nats {
+            Some(n) => n.counts().await,
+            None => Ok(Default::default()),
+        }
+    }
 }
 
 /// A NATS server and `n` gateways in cluster mode on it.

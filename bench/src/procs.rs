@@ -86,18 +86,47 @@ pub(crate) fn nats_binary() -> String {
 pub(crate) struct Nats {
     child: Child,
     pub(crate) port: u16,
+    /// The monitoring port (`/varz`, `/jsz`).
+    monitor: u16,
     _store: tempfile::TempDir,
+}
+
+/// What a nats-server has counted since it started.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct NatsCounts {
+    /// Messages received from clients and sent to them (`/varz` in_msgs, out_msgs).
+    pub(crate) in_msgs: u64,
+    pub(crate) out_msgs: u64,
+    /// JetStream API requests (`/jsz` api.total); direct gets are not among them.
+    pub(crate) api_requests: u64,
+}
+
+impl NatsCounts {
+    /// `self - before`, per `per` (delivered messages, logins), as JSON.
+    pub(crate) fn per(&self, before: &NatsCounts, per: u64) -> serde_json::Value {
+        let per = per.max(1) as f64;
+        let f = |a: u64, b: u64| ((a - b) as f64 / per * 1000.0).round() / 1000.0;
+        serde_json::json!({
+            "in_msgs": self.in_msgs - before.in_msgs,
+            "out_msgs": self.out_msgs - before.out_msgs,
+            "api_requests": self.api_requests - before.api_requests,
+            "in_per": f(self.in_msgs, before.in_msgs),
+            "out_per": f(self.out_msgs, before.out_msgs),
+            "api_requests_per": f(self.api_requests, before.api_requests),
+        })
+    }
 }
 
 impl Nats {
     pub(crate) async fn start(config: &PathBuf) -> anyhow::Result<Nats> {
-        let port = free_port()?;
+        let (port, monitor) = (free_port()?, free_port()?);
         let store = tempfile::tempdir()?;
         let bin = nats_binary();
         let mut child = Command::new(&bin)
             .arg("-c")
             .arg(config)
-            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-m", "0", "-sd"])
+            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .args(["-m", &monitor.to_string(), "-sd"])
             .arg(store.path())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -121,7 +150,24 @@ impl Nats {
         Ok(Nats {
             child,
             port,
+            monitor,
             _store: store,
+        })
+    }
+
+    /// Messages in and out and JetStream API requests, from the monitoring endpoints.
+    pub(crate) async fn counts(&self) -> anyhow::Result<NatsCounts> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.monitor));
+        let json = |text: String| -> anyhow::Result<serde_json::Value> {
+            let body = text.split_once("\r\n\r\n").context("an HTTP answer")?.1;
+            Ok(serde_json::from_str(body)?)
+        };
+        let varz = json(get(addr, "/varz").await?)?;
+        let jsz = json(get(addr, "/jsz").await?)?;
+        Ok(NatsCounts {
+            in_msgs: varz["in_msgs"].as_u64().unwrap_or(0),
+            out_msgs: varz["out_msgs"].as_u64().unwrap_or(0),
+            api_requests: jsz["api"]["total"].as_u64().unwrap_or(0),
         })
     }
 
@@ -198,9 +244,14 @@ impl Gateway {
 
 /// `GET /metrics` over a plain socket.
 async fn metrics(addr: SocketAddr) -> anyhow::Result<String> {
+    get(addr, "/metrics").await
+}
+
+/// The whole HTTP/1.0 answer to `GET path` (headers included).
+async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n")
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: bench\r\n\r\n").as_bytes())
         .await?;
     let mut body = String::new();
     s.read_to_string(&mut body).await?;

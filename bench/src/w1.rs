@@ -181,6 +181,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
 
     let before: Vec<Usage> = gws.iter().map(|g| g.usage()).collect::<Result<_, _>>()?;
     let nats_before = nats.nats_usage()?;
+    let counts_before = nats.nats_counts().await?;
     let me_before = crate::procs::usage(std::process::id())?;
     let accepted = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
@@ -246,6 +247,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     let elapsed = started.elapsed();
     let after: Vec<Usage> = gws.iter().map(|g| g.usage()).collect::<Result<_, _>>()?;
     let nats_after = nats.nats_usage()?;
+    let counts_after = nats.nats_counts().await?;
     let me_after = crate::procs::usage(std::process::id())?;
 
     let accepted = accepted.load(Ordering::Relaxed);
@@ -283,6 +285,8 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         "nats_server": {
             "cpu_seconds": round(nats_after.cpu_seconds - nats_before.cpu_seconds),
             "peak_rss_kib": nats_after.peak_rss_kib,
+            // Per delivered message.
+            "counts": counts_after.per(&counts_before, received),
         },
         "load_generator_cpu_seconds": round(me_after.cpu_seconds - me_before.cpu_seconds),
         "wall_seconds": round(elapsed.as_secs_f64()),
@@ -333,6 +337,11 @@ fn print_table(r: &serde_json::Value) {
         "nats-server cpu s / peak RSS",
         r["nats_server"]["cpu_seconds"],
         r["nats_server"]["peak_rss_kib"]
+    );
+    let c = &r["nats_server"]["counts"];
+    println!(
+        "{:<34} {} / {} / {}",
+        "nats msgs in / out / API, per msg", c["in_per"], c["out_per"], c["api_requests_per"]
     );
     println!(
         "{:<34} {} (same 2-core machine)",

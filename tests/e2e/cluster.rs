@@ -507,9 +507,10 @@ async fn the_tail_decodes_only_for_local_users() {
         alice.send_to("bob", json!({"text": i})).await.unwrap();
     }
     messages(&mut bob, 50).await;
-    // Gateway 0 holds no connection: it receives every copy and decodes none.
-    within(WAIT, "gateway 0 to see all 100 copies", async {
-        while c.metric(0, "imgate_tail_received_total").await < 100 {
+    // Each direct message is stored once, for both inboxes. Gateway 0 holds no connection:
+    // it receives every copy, drops it for both inboxes, and decodes none.
+    within(WAIT, "gateway 0 to see all 50 copies", async {
+        while c.metric(0, "imgate_tail_received_total").await < 50 {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     })
@@ -519,9 +520,76 @@ async fn the_tail_decodes_only_for_local_users() {
         c.metric(0, "imgate_fanout_dropped_not_local_total").await,
         100
     );
-    // Gateway 1 holds both users: it decodes each copy once.
-    assert_eq!(c.metric(1, "imgate_tail_received_total").await, 100);
-    assert_eq!(c.metric(1, "imgate_tail_decoded_total").await, 100);
+    // Gateway 1 holds both users: it decodes each copy once, for both of them.
+    assert_eq!(c.metric(1, "imgate_tail_received_total").await, 50);
+    assert_eq!(c.metric(1, "imgate_tail_decoded_total").await, 50);
+}
+
+/// A login reads its backlog with batch direct gets: no consumer is made, and nats-server
+/// counts no JetStream API request for it (`/jsz`). The backlog is whole and in order, for
+/// both sides of the conversation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_with_a_backlog_costs_no_jetstream_api_request() {
+    let monitor = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let nats = vec![NatsServer::start_with(&["-m", &monitor]).await];
+    let c = Cluster::with_nats(nats, 2, &[]).await;
+    let api = || async {
+        curl(&[&format!("http://127.0.0.1:{monitor}/jsz")])
+            .await
+            .json()["api"]["total"]
+            .as_u64()
+            .unwrap()
+    };
+    // bob's phone is seen once, so it has a cursor; then 30 messages wait for it.
+    drop(c.client(1, "bob", "phone", Via::Tcp).await);
+    let (alice, _a) = c.client(0, "alice", "laptop", Via::Tcp).await;
+    let mut sent = Vec::new();
+    for i in 0..30 {
+        sent.push(
+            alice
+                .send_to("bob", json!({ "text": i }))
+                .await
+                .unwrap()
+                .seq,
+        );
+    }
+    let before = api().await;
+    for round in 0..5 {
+        // The first login resumes from the stored cursor, the others from the start.
+        let (bob, mut events) = if round == 0 {
+            c.client(0, "bob", "phone", Via::Tcp).await
+        } else {
+            builder(&c.gws[round % 2], "bob", "phone", Via::Tcp)
+                .resume(Some(0))
+                .connect()
+                .await
+                .unwrap()
+        };
+        let got = messages(&mut events, 30).await;
+        assert_eq!(got.iter().map(|m| m.seq).collect::<Vec<_>>(), sent);
+        // alice's own devices see the same copies.
+        assert!(got
+            .iter()
+            .all(|m| m.from == "alice" && m.to.as_deref() == Some("bob")));
+        drop(bob);
+    }
+    let (_l, mut laptop2) = builder(&c.gws[1], "alice", "tablet", Via::WsJson)
+        .resume(Some(0))
+        .connect()
+        .await
+        .unwrap();
+    let mine = messages(&mut laptop2, 30).await;
+    assert_eq!(mine.iter().map(|m| m.seq).collect::<Vec<_>>(), sent);
+    assert_eq!(
+        api().await - before,
+        0,
+        "JetStream API requests for 6 logins"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -116,6 +116,13 @@ pub struct Config {
     #[arg(long, env = "IMGATE_MAX_INBOX", default_value_t = 10_000)]
     pub max_inbox: usize,
 
+    /// How often a connected device's acked position is written to the store; it is also
+    /// written when the device disconnects and at shutdown. Longer means fewer store writes
+    /// (in cluster mode, fewer KV writes per delivered message) and, after a gateway crash,
+    /// at most this much more sent again to devices that resume from their cursor.
+    #[arg(long, env = "IMGATE_CURSOR_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub cursor_interval: Duration,
+
     /// A connection holding messages unacknowledged for longer is closed (bye ack_timeout).
     #[arg(long, env = "IMGATE_ACK_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub ack_timeout: Duration,
@@ -295,6 +302,7 @@ mod tests {
         assert_eq!(cfg.retention, Duration::from_secs(7 * 24 * 3600));
         assert_eq!(cfg.max_inbox, 10_000);
         assert_eq!(cfg.ack_timeout, Duration::from_secs(30));
+        assert_eq!(cfg.cursor_interval, Duration::from_secs(5));
         assert_eq!(cfg.idle_timeout, Duration::from_secs(90));
         assert_eq!(cfg.max_devices, 16);
         assert_eq!(cfg.drain_timeout, Duration::from_secs(10));

@@ -2,8 +2,8 @@
 //!
 //! Each `(uid, device)` with a live connection here has one slot, shared by its connections
 //! (an old one being replaced and the new one). A session acks by raising the slot's atomic;
-//! one background task writes every changed cursor to the store about once a second, spread
-//! over that second in small batches. A session flushes the slot when it ends, and shutdown
+//! one background task writes every changed cursor to the store once per `--cursor-interval`,
+//! spread over that interval in small batches. A session flushes the slot when it ends, and shutdown
 //! flushes them all. Loading a cursor looks at the live slot before the store, so a device
 //! that reconnects at once is not sent what it acked a moment ago. Cursors are at-least-once
 //! hints: a lost write only means a device is sent some messages again.
@@ -17,9 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::store::{CursorWrite, Store, StoreError};
 
-/// How often changed cursors are written.
-pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
-/// Batches each second's writes are spread over.
+/// Batches each interval's writes are spread over.
 const FLUSH_SLICES: usize = 10;
 
 type Key = (String, String);
@@ -38,6 +36,8 @@ struct Slot {
 /// The cursors of this gateway's live devices.
 pub struct Cursors {
     store: Arc<dyn Store>,
+    /// How often changed cursors are written (`--cursor-interval`).
+    interval: Duration,
     slots: DashMap<Key, Arc<Slot>>,
 }
 
@@ -49,9 +49,10 @@ pub struct CursorHandle {
 }
 
 impl Cursors {
-    pub fn new(store: Arc<dyn Store>) -> Arc<Self> {
+    pub fn new(store: Arc<dyn Store>, interval: Duration) -> Arc<Self> {
         Arc::new(Cursors {
             store,
+            interval,
             slots: DashMap::new(),
         })
     }
@@ -122,15 +123,15 @@ impl Cursors {
         write(&*self.store, &self.dirty()).await
     }
 
-    /// Every second, writes the cursors that moved, spread over the second in
+    /// Every interval, writes the cursors that moved, spread over the interval in
     /// [`FLUSH_SLICES`] batches, until `stop`; then writes what is left at once. Written in
     /// one burst, a busy gateway's cursors (one per active device, then a read and a write
     /// each) queued the messages behind them on the bus: spreading them took W1's p99 from 29 to
     /// 11 ms (bench/README.md).
     pub async fn run_flusher(self: Arc<Self>, stop: CancellationToken) {
-        let mut tick = tokio::time::interval(FLUSH_INTERVAL);
+        let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let slice = FLUSH_INTERVAL / FLUSH_SLICES as u32;
+        let slice = self.interval / FLUSH_SLICES as u32;
         'run: loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -232,7 +233,7 @@ mod tests {
             max_inbox: 10,
         };
         let store = Arc::new(MemoryStore::new(limits, Arc::new(Nobody)));
-        (Cursors::new(store.clone()), store)
+        (Cursors::new(store.clone(), Duration::from_secs(1)), store)
     }
 
     #[tokio::test]

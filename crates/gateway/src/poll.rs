@@ -192,14 +192,11 @@ pub async fn poll(
     if page.messages.is_empty() {
         return Ok(wait_for_messages(&shared, uid, device, waiter, after, limit, wait).await);
     }
-    let (returned, given) = (
-        page.messages.len(),
-        page.messages.last().map_or(after, |m| m.seq),
-    );
+    let (more, given) = (page.more, page.messages.last().map_or(after, |m| m.seq));
     let response = answer_page(&shared, Transport::LongPoll, page, after);
-    // A full page may have left messages stored before the waiter registered unread: the
-    // next poll must read the store. Otherwise the waiter holds everything after the page.
-    if returned < limit {
+    // A page with more behind it left messages stored before the waiter registered unread:
+    // the next poll must read the store. Otherwise the waiter holds everything after it.
+    if !more {
         shared.polls.park(uid, device, waiter, given);
     }
     Ok(response)

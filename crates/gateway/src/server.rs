@@ -123,7 +123,7 @@ impl Gateway {
         let http_limiter = send_quota(&cfg).map(RateLimiter::keyed);
         let shared = Arc::new(Shared {
             permits: Arc::new(Semaphore::new(cfg.max_connections)),
-            cursors: Cursors::new(store.clone()),
+            cursors: Cursors::new(store.clone(), cfg.cursor_interval),
             polls: Default::default(),
             cfg,
             auth,

@@ -584,7 +584,7 @@ where
             io.write(Outgoing::Frame(welcome), false).await?;
             welcomed = true;
         }
-        let full = page.messages.len() == REPLAY_PAGE;
+        let more = page.more;
         let now = Instant::now();
         for m in page.messages {
             let seq = m.seq;
@@ -593,7 +593,7 @@ where
             live.sent(seq, now);
         }
         io.flush().await?;
-        if !full {
+        if !more {
             return Ok(());
         }
     }

@@ -211,6 +211,7 @@ impl Store for MemoryStore {
                 .map(|(seq, draft)| Arc::new(draft.to_message(*seq)))
                 .collect(),
             gap: inbox.dropped_upto > after,
+            more: inbox.msgs.len() - start > limit,
         })
     }
 

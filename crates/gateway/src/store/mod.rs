@@ -58,6 +58,9 @@ pub struct Page {
     pub messages: Vec<Arc<Message>>,
     /// Retention dropped messages between the asked seq and the first one returned.
     pub gap: bool,
+    /// More messages follow the last one returned: read again after it. A page can hold
+    /// fewer than the limit and still have more behind it.
+    pub more: bool,
 }
 
 /// A store failure. `Unavailable` promises nothing was stored.

@@ -44,6 +44,8 @@ const TAIL_HEARTBEAT: Duration = Duration::from_secs(2);
 const CONSUMER_INACTIVE: Duration = Duration::from_secs(30);
 /// Longest pause between attempts to recreate the tail.
 const TAIL_MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// The most messages one batch direct get returns (the server's limit).
+const MAX_DIRECT_BATCH: usize = 1000;
 
 /// Names derived from `--stream-prefix` (default `imgate`).
 #[derive(Debug, Clone)]
@@ -76,6 +78,40 @@ impl Names {
     pub fn all_users(&self) -> String {
         format!("{}.u.*", self.prefix)
     }
+
+    /// `imgate.d.<to>.<from>`: a direct message between two users, stored once for both.
+    pub fn direct_subject(&self, to: &str, from: &str) -> String {
+        format!("{}.d.{to}.{from}", self.prefix)
+    }
+
+    /// `imgate.d.*.*`
+    pub fn all_direct(&self) -> String {
+        format!("{}.d.*.*", self.prefix)
+    }
+
+    /// The subjects that make up `uid`'s inbox: its own copies, and the direct messages
+    /// sent to it and by it.
+    fn inbox(&self, uid: &str) -> [String; 3] {
+        let p = &self.prefix;
+        [
+            self.user_subject(uid),
+            format!("{p}.d.{uid}.*"),
+            format!("{p}.d.*.{uid}"),
+        ]
+    }
+
+    /// The inboxes a stored subject belongs to: one for `u.<uid>`, two for `d.<to>.<from>`.
+    pub fn owners<'s>(&self, subject: &'s str) -> Option<(&'s str, Option<&'s str>)> {
+        let rest = subject
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix('.')?;
+        let mut tokens = rest.split('.');
+        match (tokens.next()?, tokens.next()?, tokens.next(), tokens.next()) {
+            ("u", uid, None, None) => Some((uid, None)),
+            ("d", to, Some(from), None) => Some((to, Some(from))),
+            _ => None,
+        }
+    }
 }
 
 /// Counters of the tail, read by `/metrics`.
@@ -104,6 +140,8 @@ pub struct NatsStore {
     group_cache: dashmap::DashMap<String, Group>,
     names: Names,
     max_inbox: usize,
+    /// The last stream seq the tail handed to the fanout: the live tail for a new device.
+    tail_last: AtomicU64,
     pub tail_stats: TailStats,
 }
 
@@ -312,6 +350,7 @@ impl NatsStore {
             group_cache: dashmap::DashMap::new(),
             names,
             max_inbox: cfg.max_inbox,
+            tail_last: AtomicU64::new(0),
             tail_stats: TailStats::default(),
         }))
     }
@@ -324,7 +363,7 @@ impl NatsStore {
         let replicas = cfg.nats.replicas;
         js.create_or_update_stream(stream::Config {
             name: names.stream.clone(),
-            subjects: vec![names.all_users()],
+            subjects: vec![names.all_users(), names.all_direct()],
             storage: stream::StorageType::File,
             max_age: cfg.retention,
             max_messages_per_subject: cfg.max_inbox as i64,
@@ -477,6 +516,7 @@ impl NatsStore {
     }
 
     async fn tail_once(&self, fanout: &dyn Fanout, last: &mut u64) -> anyhow::Result<()> {
+        self.tail_last.fetch_max(*last, Ordering::Relaxed);
         self.connected()?;
         let consumer = self
             .stream
@@ -485,7 +525,6 @@ impl NatsStore {
                     start_sequence: *last + 1,
                 },
                 ack_policy: consumer::AckPolicy::None,
-                filter_subject: self.names.all_users(),
                 inactive_threshold: CONSUMER_INACTIVE,
                 memory_storage: true,
                 ..Default::default()
@@ -519,26 +558,39 @@ impl NatsStore {
                 (m.subject.len() + m.payload.len()) as u64,
                 Ordering::Relaxed,
             );
-            let Some(uid) = m.subject.rsplit('.').next() else {
-                continue;
-            };
-            let published = unix_ms(info.published);
-            let stats = &self.tail_stats;
-            fanout.deliver(uid, &mut || {
-                stats.decoded.fetch_add(1, Ordering::Relaxed);
-                let msg = decode_payload(&m.payload, seq, published);
-                if msg.is_none() {
-                    stats.undecodable.fetch_add(1, Ordering::Relaxed);
+            if let Some((uid, other)) = self.names.owners(&m.subject) {
+                let published = unix_ms(info.published);
+                let stats = &self.tail_stats;
+                // A direct message belongs to two inboxes: decoded once if both want it.
+                let mut decoded: Option<Option<Message>> = None;
+                let mut build = || {
+                    decoded
+                        .get_or_insert_with(|| {
+                            stats.decoded.fetch_add(1, Ordering::Relaxed);
+                            let msg = decode_payload(&m.payload, seq, published);
+                            if msg.is_none() {
+                                stats.undecodable.fetch_add(1, Ordering::Relaxed);
+                            }
+                            msg
+                        })
+                        .clone()
+                };
+                fanout.deliver(uid, &mut build);
+                if let Some(other) = other {
+                    fanout.deliver(other, &mut build);
                 }
-                msg
-            });
+            }
+            self.tail_last.store(seq, Ordering::Relaxed);
         }
         anyhow::bail!("tail stream ended")
     }
 
+    /// Publishes `draft` on `subject` as inbox `uid`'s copy (the recipient's, for a direct
+    /// message stored once).
     async fn publish(
         &self,
         draft: &Draft,
+        subject: String,
         uid: &str,
     ) -> Result<jetstream::context::PublishAckFuture, StoreError> {
         let payload = rmp_serde::to_vec_named(&PayloadOut {
@@ -556,7 +608,7 @@ impl NatsStore {
             format!("{}:{}:{uid}", draft.from, draft.id).as_str(),
         );
         self.js
-            .publish_with_headers(self.names.user_subject(uid), headers, Bytes::from(payload))
+            .publish_with_headers(subject, headers, Bytes::from(payload))
             .await
             .map_err(unavailable)
     }
@@ -578,10 +630,32 @@ impl NatsStore {
 impl Store for NatsStore {
     async fn append(&self, draft: Draft, inboxes: &[String]) -> Result<Appended, StoreError> {
         self.connected()?;
+        // A direct message's two inboxes (recipient, then sender) share one stored copy.
+        if let (Some(to), [first, from]) = (&draft.to, inboxes) {
+            if first == to && *from == draft.from && to != from {
+                let ack = self
+                    .publish(&draft, self.names.direct_subject(to, from), to)
+                    .await?
+                    .await
+                    .map_err(unavailable)?;
+                let ts = if ack.duplicate {
+                    self.stored_ts(ack.sequence).await?
+                } else {
+                    draft.ts
+                };
+                return Ok(Appended {
+                    seqs: vec![ack.sequence; 2],
+                    ts,
+                });
+            }
+        }
         // Send every copy, then wait for every ack: one round trip, not one per inbox.
         let mut acks = Vec::with_capacity(inboxes.len());
         for uid in inboxes {
-            acks.push(self.publish(&draft, uid).await?);
+            acks.push(
+                self.publish(&draft, self.names.user_subject(uid), uid)
+                    .await?,
+            );
         }
         let acks = try_join_all(acks.into_iter().map(std::future::IntoFuture::into_future))
             .await
@@ -596,71 +670,36 @@ impl Store for NatsStore {
 
     async fn read(&self, uid: &str, after: u64, limit: usize) -> Result<Page, StoreError> {
         self.connected()?;
-        let subject = self.names.user_subject(uid);
-        let consumer = self
-            .stream
-            .create_consumer(consumer::pull::Config {
-                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
-                    start_sequence: after + 1,
-                },
-                ack_policy: consumer::AckPolicy::None,
-                filter_subject: subject.clone(),
-                inactive_threshold: CONSUMER_INACTIVE,
-                memory_storage: true,
-                ..Default::default()
-            })
-            .await
-            .map_err(unavailable)?;
-        let pending = consumer.cached_info().num_pending as usize;
-        let want = pending.min(limit);
-        let mut messages = Vec::with_capacity(want);
-        if want > 0 {
-            let mut batch = consumer
-                .batch()
-                .max_messages(want)
-                .messages()
-                .await
-                .map_err(unavailable)?;
-            while let Some(m) = batch.next().await {
-                let m = m.map_err(unavailable)?;
-                let info = m.info().map_err(unavailable)?;
-                let seq = info.stream_sequence;
-                match decode_payload(&m.payload, seq, unix_ms(info.published)) {
-                    Some(msg) => messages.push(Arc::new(msg)),
-                    None => tracing::warn!(seq, "skipping a stored payload that does not decode"),
-                }
-                if messages.len() >= want {
-                    break;
-                }
-            }
-        }
-        let name = consumer.cached_info().name.clone();
-        let stream = self.stream.clone();
-        tokio::spawn(async move {
-            let _ = stream.delete_consumer(&name).await;
-        });
-        let first = messages.first().map(|m| m.seq);
-        let gap = if first.is_some_and(|f| f == after + 1) {
-            false
-        } else {
-            self.gap_after(&subject, after, first).await?
-        };
-        Ok(Page { messages, gap })
+        // One batch direct get per subject of the inbox, and one for the stream's first
+        // message (retention), all at once; direct gets create no consumer and cost no
+        // JetStream API request.
+        let [own, to, by] = self.names.inbox(uid);
+        let all = format!("{}.>", self.names.prefix);
+        let limit = limit.clamp(1, MAX_DIRECT_BATCH);
+        let (own, to, by, first) = futures::try_join!(
+            self.direct_batch(own, after, limit),
+            self.direct_batch(to, after, limit),
+            self.direct_batch(by, after, limit),
+            self.direct_batch(all, 0, 1),
+        )?;
+        // An empty stream kept nothing up to where the tail is.
+        let stream_first = first
+            .messages
+            .first()
+            .map_or_else(|| self.tail_last.load(Ordering::Relaxed) + 1, |m| m.seq);
+        Ok(merge_pages(
+            [own, to, by],
+            after,
+            limit,
+            stream_first,
+            self.max_inbox,
+        ))
     }
 
-    async fn last_seq(&self, uid: &str) -> Result<u64, StoreError> {
-        self.connected()?;
-        match self
-            .stream
-            .get_last_raw_message_by_subject(&self.names.user_subject(uid))
-            .await
-        {
-            Ok(m) => Ok(m.sequence),
-            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
-                self.stream_last_seq().await
-            }
-            Err(e) => Err(unavailable(e)),
-        }
+    async fn last_seq(&self, _uid: &str) -> Result<u64, StoreError> {
+        // Everything after the tail's position reaches this gateway's connections through
+        // the tail, so it is a live tail for every inbox at once, with no request.
+        Ok(self.tail_last.load(Ordering::Relaxed))
     }
 
     async fn cursor(&self, uid: &str, device: &str) -> Result<Option<u64>, StoreError> {
@@ -743,7 +782,99 @@ impl Store for NatsStore {
     }
 }
 
+/// What one batch direct get returned for one subject filter.
+#[derive(Debug, Default)]
+struct Batch {
+    /// In seq order.
+    messages: Vec<Arc<Message>>,
+    /// Messages of the filter after the asked seq, this batch's included (0 if none).
+    total: u64,
+    /// The filter has messages after the last one returned.
+    more: bool,
+}
+
+/// One inbox page from the batches of its subjects, each read after `after`.
+///
+/// A batch with more behind it says nothing of its next messages, so the page stops at the
+/// lowest last seq among such batches; nothing is skipped, and the next read continues
+/// from there. The gap rule is conservative, as DESIGN asks: the stream dropped
+/// messages above `after` by age (its first seq is past `after + 1`), or some subject may
+/// be at `--max-inbox` above `after` (a subject that dropped messages above `after` keeps
+/// exactly `--max-inbox`, all of them above `after`).
+fn merge_pages(
+    batches: [Batch; 3],
+    after: u64,
+    limit: usize,
+    stream_first: u64,
+    max_inbox: usize,
+) -> Page {
+    let cut = batches
+        .iter()
+        .filter(|b| b.more)
+        .filter_map(|b| b.messages.last().map(|m| m.seq))
+        .min();
+    let gap = stream_first > after + 1 || batches.iter().any(|b| b.total >= max_inbox as u64);
+    let mut messages: Vec<Arc<Message>> = batches
+        .into_iter()
+        .flat_map(|b| b.messages)
+        .filter(|m| cut.is_none_or(|c| m.seq <= c))
+        .collect();
+    messages.sort_unstable_by_key(|m| m.seq);
+    // `d.<uid>.*` and `d.*.<uid>` overlap on `d.<uid>.<uid>`, which only a backend makes.
+    messages.dedup_by_key(|m| m.seq);
+    let more = cut.is_some() || messages.len() > limit;
+    messages.truncate(limit);
+    Page {
+        messages,
+        gap,
+        more,
+    }
+}
+
 impl NatsStore {
+    /// Up to `limit` messages on `filter` after `after`, with one batch direct get.
+    async fn direct_batch(
+        &self,
+        filter: String,
+        after: u64,
+        limit: usize,
+    ) -> Result<Batch, StoreError> {
+        use jetstream_extra::batch_fetch::{BatchFetchErrorKind, BatchFetchExt};
+        let mut replies = self
+            .js
+            .get_batch(&self.names.stream, limit)
+            .sequence(after + 1)
+            .subject(filter)
+            .send()
+            .await
+            .map_err(unavailable)?;
+        let mut batch = Batch::default();
+        while let Some(m) = replies.next().await {
+            let m = match m {
+                Ok(m) => m,
+                Err(e) if e.kind() == BatchFetchErrorKind::NoMessages => break,
+                Err(e) => return Err(unavailable(e)),
+            };
+            let pending: u64 = m
+                .headers
+                .get("Nats-Num-Pending")
+                .and_then(|v| v.as_str().parse().ok())
+                .unwrap_or(0);
+            if batch.total == 0 {
+                batch.total = pending + 1;
+            }
+            batch.more = pending > 0;
+            match decode_payload(&m.payload, m.sequence, unix_ms(m.time)) {
+                Some(msg) => batch.messages.push(Arc::new(msg)),
+                None => tracing::warn!(
+                    seq = m.sequence,
+                    "skipping a stored payload that does not decode"
+                ),
+            }
+        }
+        Ok(batch)
+    }
+
     /// Sets a cursor key to `seq` unless it already holds more (compare-and-set, retried).
     /// `version` is the key's revision as this gateway last wrote it (0: not known): the
     /// write goes against it without a read, the common case of one gateway acking for a
@@ -794,42 +925,135 @@ impl NatsStore {
             "cursor {key} kept changing under us"
         )))
     }
-
-    /// Whether retention may have dropped messages of `subject` after `after`: the stream
-    /// dropped anything above `after` (age), or the inbox is at `--max-inbox` and its first
-    /// kept message is past `after + 1`. Conservative: it may say yes when nothing of this
-    /// user was dropped, never no when something was.
-    async fn gap_after(
-        &self,
-        subject: &str,
-        after: u64,
-        first: Option<u64>,
-    ) -> Result<bool, StoreError> {
-        let mut s = self.stream.clone();
-        let first_seq = s.info().await.map_err(unavailable)?.state.first_sequence;
-        if first_seq > after + 1 {
-            return Ok(true);
-        }
-        if first.is_none() {
-            return Ok(false);
-        }
-        let mut subjects = self
-            .stream
-            .info_with_subjects(subject)
-            .await
-            .map_err(unavailable)?;
-        let mut count = 0;
-        while let Some(entry) = subjects.next().await {
-            let (_, n) = entry.map_err(unavailable)?;
-            count += n;
-        }
-        Ok(count >= self.max_inbox)
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn msg(seq: u64) -> Arc<Message> {
+        Arc::new(Message {
+            seq,
+            id: format!("m{seq}"),
+            from: "a".into(),
+            to: Some("b".into()),
+            group: None,
+            ts: 0,
+            body: Value::Null,
+        })
+    }
+
+    fn batch(seqs: &[u64], total: u64, more: bool) -> Batch {
+        Batch {
+            messages: seqs.iter().copied().map(msg).collect(),
+            total,
+            more,
+        }
+    }
+
+    fn seqs(p: &Page) -> Vec<u64> {
+        p.messages.iter().map(|m| m.seq).collect()
+    }
+
+    #[test]
+    fn an_inbox_page_merges_its_subjects_in_seq_order_and_stops_where_a_batch_has_more() {
+        // Everything returned, nothing more: all of it, in order.
+        let p = merge_pages(
+            [
+                batch(&[5, 9], 2, false),
+                batch(&[3], 1, false),
+                batch(&[], 0, false),
+            ],
+            2,
+            10,
+            1,
+            100,
+        );
+        assert_eq!(seqs(&p), [3, 5, 9]);
+        assert!(!p.more && !p.gap);
+        // The second subject has more after 4: its next message may be below 9, so the page
+        // stops at 4 and says more.
+        let p = merge_pages(
+            [
+                batch(&[5, 9], 2, false),
+                batch(&[1, 4], 7, true),
+                batch(&[2], 1, false),
+            ],
+            0,
+            10,
+            1,
+            100,
+        );
+        assert_eq!(seqs(&p), [1, 2, 4]);
+        assert!(p.more);
+        // Over the limit: cut to the limit, more.
+        let p = merge_pages(
+            [
+                batch(&[1, 2, 3], 3, false),
+                batch(&[4, 5], 2, false),
+                batch(&[], 0, false),
+            ],
+            0,
+            4,
+            1,
+            100,
+        );
+        assert_eq!(seqs(&p), [1, 2, 3, 4]);
+        assert!(p.more);
+        // `d.x.x` is in two of the filters: once on the page.
+        let p = merge_pages(
+            [
+                batch(&[], 0, false),
+                batch(&[7], 1, false),
+                batch(&[7], 1, false),
+            ],
+            0,
+            4,
+            1,
+            100,
+        );
+        assert_eq!(seqs(&p), [7]);
+    }
+
+    #[test]
+    fn an_inbox_page_says_gap_when_retention_may_have_dropped_something_after_the_resume_point() {
+        let page = |after, stream_first, total| {
+            merge_pages(
+                [
+                    batch(&[20], total, false),
+                    batch(&[], 0, false),
+                    batch(&[], 0, false),
+                ],
+                after,
+                10,
+                stream_first,
+                5,
+            )
+        };
+        // The stream dropped seqs up to 9 by age: a device after 3 missed something.
+        assert!(page(3, 10, 1).gap);
+        assert!(!page(9, 10, 1).gap);
+        // A subject with --max-inbox (5) messages after the resume point may have dropped
+        // older ones after it.
+        assert!(page(9, 1, 5).gap);
+        assert!(!page(9, 1, 4).gap);
+    }
+
+    #[test]
+    fn stored_subjects_name_their_inboxes() {
+        let n = Names::new("imgate");
+        assert_eq!(n.owners("imgate.u.bob"), Some(("bob", None)));
+        assert_eq!(n.owners("imgate.d.bob.alice"), Some(("bob", Some("alice"))));
+        // A recipient named `u` is still a direct message.
+        assert_eq!(n.owners("imgate.d.u.alice"), Some(("u", Some("alice"))));
+        assert_eq!(
+            n.owners(&n.direct_subject("bob", "alice")),
+            Some(("bob", Some("alice")))
+        );
+        assert_eq!(n.owners("imgate.x.bob"), None);
+        assert_eq!(n.owners("other.u.bob"), None);
+        assert_eq!(n.owners("imgate.u.bob.extra"), None);
+    }
 
     #[test]
     fn servers_older_than_the_minimum_are_refused_naming_both_versions() {
