@@ -18,6 +18,7 @@ mod w1;
 mod w2;
 mod w3;
 mod w4;
+mod w7;
 
 use std::path::PathBuf;
 
@@ -50,6 +51,8 @@ enum Scenario {
     W3(w3::Args),
     /// W4, a live room: thousands of connections over two gateways in one room.
     W4(w4::Args),
+    /// W7, a reconnect storm: devices with messages waiting all reconnect at once.
+    W7(w7::Args),
     /// A message to a large group: time to `sent` and to the last member.
     Group(group::Args),
 }
@@ -92,6 +95,7 @@ fn main() -> anyhow::Result<()> {
         Scenario::Hold(a) => rt.block_on(w2::hold(a)),
         Scenario::W3(a) => rt.block_on(w3::run(a)),
         Scenario::W4(a) => rt.block_on(w4::run(a)),
+        Scenario::W7(a) => rt.block_on(w7::run(a)),
         Scenario::Group(a) => rt.block_on(group::run(a)),
     }
 }
