@@ -47,6 +47,15 @@ fn http_transports_smoke_deliver_everything_once() {
 }
 
 #[test]
+fn w7_smoke_drains_every_device_with_no_jetstream_api_request_per_login() {
+    let r = run_bench(&["w7", "--devices", "200", "--waiting", "5"]);
+    assert_eq!(r["drained"], 200, "{r}");
+    assert_eq!(r["not_drained"], 0, "{r}");
+    assert_eq!(r["duplicates"], 0, "{r}");
+    assert_eq!(r["per_login"]["api_requests"], 0, "{r}");
+}
+
+#[test]
 fn w2_smoke_holds_every_connection_from_child_processes() {
     let r = run_bench(&["w2", "--connections", "301", "--gateways", "2"]);
     assert_eq!(r["connections"], 301, "{r}");

@@ -1,19 +1,22 @@
 #!/usr/bin/env python3
-"""The Socket.IO peer: a redis-server on a free port and Socket.IO servers with the Redis
-adapter (server.mjs) on free ports, driven by the Node load generators here (w1.mjs, w4.mjs)
+"""The Socket.IO peer: a redis-server on a free port and Socket.IO servers with a Redis
+adapter (server.mjs; --adapter pubsub, the default, or streams, the Redis Streams adapter
+with connection state recovery, Redis keeping an AOF fsynced every second) on free ports, driven by the Node load generators here (w1.mjs, w4.mjs)
 or held idle by bench/idle.py (W2). Prints one JSON line: the load generator's report plus
 the CPU seconds (over the load phase) and peak RSS of every process it started.
 
-Usage: peer.py w1 [--users 2000] [--rate 5000] [--duration 20] [--body 200] [--warmup 3]
+Usage: peer.py w1 [--adapter pubsub|streams] [--users 2000] [--rate 5000] [--duration 20] [--body 200] [--warmup 3]
        peer.py w4 [--connections 5000] [--rate 10] [--duration 20]
 Needs node, the npm packages here (npm ci), and Debian's redis-server.
 """
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -43,16 +46,18 @@ def wait_port(port, deadline=20):
 class Peer:
     """redis-server and `servers` Socket.IO servers; a context manager."""
 
-    def __init__(self, servers=2):
+    def __init__(self, servers=2, adapter="pubsub"):
         self.procs = []
         rport = free_port()
+        self.dir = tempfile.mkdtemp(prefix="imgate-peer-redis-")
+        aof = ["--appendonly", "yes", "--appendfsync", "everysec"] if adapter == "streams" else ["--appendonly", "no"]
         redis = subprocess.Popen(["redis-server", "--port", str(rport), "--bind", "127.0.0.1", "--save", "",
-                                  "--appendonly", "no", "--daemonize", "no"], stdout=subprocess.DEVNULL)
+                                  "--dir", self.dir, *aof, "--daemonize", "no"], stdout=subprocess.DEVNULL)
         self.procs.append(("redis-server", redis))
         wait_port(rport)
         self.ports = [free_port() for _ in range(servers)]
         for i, p in enumerate(self.ports):
-            env = dict(os.environ, PORT=str(p), REDIS_URL=f"redis://127.0.0.1:{rport}")
+            env = dict(os.environ, PORT=str(p), REDIS_URL=f"redis://127.0.0.1:{rport}", ADAPTER=adapter)
             srv = subprocess.Popen(["node", os.path.join(HERE, "server.mjs")], env=env, stdout=subprocess.DEVNULL)
             self.procs.append((f"socketio-server-{i}", srv))
         for p in self.ports:
@@ -70,6 +75,7 @@ class Peer:
                 p.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 p.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
     def cpu(self):
         return {name: cpu_seconds(p.pid) for name, p in self.procs}
@@ -99,17 +105,19 @@ class Peer:
 
 
 def main(a):
-    with Peer(servers=2) as peer:
+    with Peer(servers=2, adapter=a.adapter) as peer:
         if a.scenario == "w1":
             report = peer.drive("w1.mjs", [a.users, a.rate, a.duration, a.body, a.warmup], a.duration + 120)
         else:
             report = peer.drive("w4.mjs", [a.connections, a.rate, a.duration], a.duration + 120)
+    report["adapter"] = a.adapter
     print(json.dumps(report))
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("scenario", choices=["w1", "w4"])
+    ap.add_argument("--adapter", choices=["pubsub", "streams"], default="pubsub")
     ap.add_argument("--users", type=int, default=2000)
     ap.add_argument("--connections", type=int, default=5000)
     ap.add_argument("--rate", type=int, default=None)
