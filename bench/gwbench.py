@@ -38,6 +38,10 @@ class Gateway:
     """`imgate serve` on free loopback ports; use as a context manager."""
 
     def __init__(self, binary, *args):
+        # Standalone gateways here keep their store in memory unless told otherwise: what
+        # these scripts measure is the gateway, not the disk.
+        if "--store" not in args and "--nats" not in args:
+            args = ("--store", "memory", *args)
         # The gateway's log goes to a file, so an exit can be explained afterwards.
         self.log = tempfile.NamedTemporaryFile(prefix="imgate-gw-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(

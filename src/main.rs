@@ -274,7 +274,7 @@ async fn listen(a: ListenArgs) -> anyhow::Result<()> {
                     break;
                 }
             }
-            Event::Welcome { resume, gap } => {
+            Event::Welcome { resume, gap, .. } => {
                 eprintln!(
                     "imgate: logged in, resuming after {resume}{}",
                     if gap {

@@ -145,7 +145,18 @@ fn gateway_args(setup: &Setup) -> Vec<String> {
 pub(crate) async fn start(setup: &Setup, n: usize, standalone: bool) -> anyhow::Result<Cluster> {
     if standalone {
         anyhow::ensure!(n == 1, "a standalone run has exactly one gateway");
-        let gw = Gateway::start(&setup.imgate, &gateway_args(setup)).await?;
+        let mut args = gateway_args(setup);
+        args.extend(["--store".into(), setup.store.clone()]);
+        let data = if setup.store == "disk" {
+            let d = tempfile::tempdir()?;
+            args.extend(["--fsync".into(), setup.fsync.clone()]);
+            args.extend(["--data-dir".into(), d.path().display().to_string()]);
+            Some(d)
+        } else {
+            None
+        };
+        let mut gw = Gateway::start(&setup.imgate, &args).await?;
+        gw.data = data;
         return Ok(Cluster {
             nats: None,
             gateways: vec![gw],

@@ -73,6 +73,12 @@ pub(crate) struct Setup {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub(crate) json: bool,
+    /// A standalone gateway's store: `memory`, or `disk` in a fresh temporary directory.
+    #[arg(long, default_value = "memory")]
+    pub(crate) store: String,
+    /// With `--store disk`: `imgate serve --fsync`.
+    #[arg(long, default_value = "batch")]
+    pub(crate) fsync: String,
 }
 
 fn workspace() -> PathBuf {

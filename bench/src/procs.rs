@@ -182,6 +182,8 @@ impl Nats {
 
 /// An `imgate serve` process.
 pub(crate) struct Gateway {
+    /// The disk store's temporary directory, removed with the gateway.
+    pub(crate) data: Option<tempfile::TempDir>,
     child: Child,
     pub(crate) http: SocketAddr,
     pub(crate) tcp: SocketAddr,
@@ -189,9 +191,18 @@ pub(crate) struct Gateway {
 
 impl Gateway {
     pub(crate) async fn start(binary: &PathBuf, args: &[String]) -> anyhow::Result<Gateway> {
+        // A standalone gateway measured without a named store keeps it in memory, as every
+        // figure before the disk store did; `--store disk` runs name their directory.
+        let has = |flag: &str| args.iter().any(|a| a == flag);
+        let memory: &[&str] = if has("--nats") || has("--store") {
+            &[]
+        } else {
+            &["--store", "memory"]
+        };
         let mut child = Command::new(binary)
             .args(["serve", "--http", "127.0.0.1:0", "--tcp", "127.0.0.1:0"])
             .args(["--send-rate", "0", "--max-connections", "200000"])
+            .args(memory)
             .args(args)
             .env("RUST_LOG", "error")
             .stdout(Stdio::piped())
@@ -218,7 +229,12 @@ impl Gateway {
         };
         let (http, tcp) = (field("http=")?, field("tcp=")?);
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Ok(Gateway { child, http, tcp })
+        Ok(Gateway {
+            data: None,
+            child,
+            http,
+            tcp,
+        })
     }
 
     pub(crate) fn usage(&self) -> anyhow::Result<Usage> {

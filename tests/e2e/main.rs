@@ -9,6 +9,7 @@ mod bad_input;
 mod cluster;
 mod delivery;
 mod deploy;
+mod durable;
 mod groups;
 mod http;
 mod lifecycle;

@@ -32,6 +32,8 @@ pub(crate) async fn within<T>(
 
 /// A running gateway process.
 pub(crate) struct Gateway {
+    /// Its own data directory when the test named none, removed with the gateway.
+    _data: Option<tempfile::TempDir>,
     child: Child,
     pub(crate) http: SocketAddr,
     pub(crate) tcp: SocketAddr,
@@ -42,11 +44,26 @@ impl Gateway {
     /// rate limit unless they pass their own).
     pub(crate) async fn start(args: &[&str]) -> Gateway {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_imgate"));
-        cmd.args(["serve", "--http", "127.0.0.1:0", "--tcp", "127.0.0.1:0"]);
+        cmd.arg("serve");
+        // Free ports unless the test names its own (to restart on the same ones).
+        if !args.contains(&"--http") {
+            cmd.args(["--http", "127.0.0.1:0", "--tcp", "127.0.0.1:0"]);
+        }
         if !args.contains(&"--send-rate") {
             cmd.args(["--send-rate", "0"]);
         }
+        // A standalone gateway's disk store lives in a directory of its own unless the
+        // test names one (to restart on it) or asks for the memory store.
+        let data = (!args
+            .iter()
+            .any(|a| *a == "--data-dir" || *a == "--store" || *a == "--nats"))
+        .then(|| tempfile::tempdir().expect("a temporary data directory"));
+        if let Some(d) = &data {
+            cmd.arg("--data-dir").arg(d.path());
+        }
         cmd.args(args)
+            .env_remove("IMGATE_DATA_DIR")
+            .env_remove("IMGATE_STORE")
             .env_remove("IMGATE_JWT_SECRET")
             .env_remove("IMGATE_JWT_SECRET_FILE")
             .env(
@@ -76,7 +93,12 @@ impl Gateway {
         let (http, tcp) = (field("http="), field("tcp="));
         // Keep draining stdout so the child never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Gateway { child, http, tcp }
+        Gateway {
+            _data: data,
+            child,
+            http,
+            tcp,
+        }
     }
 
     pub(crate) fn tcp_url(&self) -> String {
@@ -179,7 +201,7 @@ pub(crate) async fn welcome(events: &mut Events) -> (u64, bool) {
     within(WAIT, "welcome", async {
         loop {
             match events.recv().await {
-                Some(Event::Welcome { resume, gap }) => return (resume, gap),
+                Some(Event::Welcome { resume, gap, .. }) => return (resume, gap),
                 Some(_) => {}
                 None => panic!("client ended before welcome"),
             }
@@ -401,4 +423,14 @@ macro_rules! both_modes {
             }
         }
     )* };
+}
+
+/// Two loopback addresses free now (for a gateway restarted on the same ports):
+/// `["--http", a, "--tcp", b]`.
+pub(crate) fn fixed_ports() -> [String; 4] {
+    let free = || {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+        l.local_addr().expect("its address").to_string()
+    };
+    ["--http".into(), free(), "--tcp".into(), free()]
 }

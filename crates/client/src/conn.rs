@@ -52,6 +52,7 @@ impl Conn {
         b: &ClientBuilder,
         url: &str,
         resume: Option<u64>,
+        epoch: Option<&str>,
     ) -> Result<Conn, Error> {
         let url = url::Url::parse(url)
             .map_err(|e| Error::new(ErrorKind::Config, format!("bad url {url}: {e}")))?;
@@ -90,6 +91,9 @@ impl Conn {
                     }
                     if let Some(r) = resume {
                         q.append_pair("resume", &r.to_string());
+                        if let Some(e) = epoch {
+                            q.append_pair("epoch", e);
+                        }
                     }
                 }
                 let mut req = url.as_str().into_client_request().map_err(proto_err)?;
@@ -209,7 +213,8 @@ mod tests {
             format!("ws://127.0.0.1:{port}"),
         ] {
             let b = ClientBuilder::new(url.clone(), "t").local_addr(from);
-            let opening = tokio::spawn(async move { Conn::open(&b, &url, None).await.is_ok() });
+            let opening =
+                tokio::spawn(async move { Conn::open(&b, &url, None, None).await.is_ok() });
             let (sock, peer) = listener.accept().await.unwrap();
             assert_eq!(peer.ip(), from);
             drop(sock);

@@ -47,8 +47,13 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// What the client reports to its owner.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    /// Logged in (again); `gap` means retention dropped messages after the resume point.
-    Welcome { resume: u64, gap: bool },
+    /// Logged in (again); `gap` means messages after the resume point are gone (retention),
+    /// or the store was reset (a new `epoch`): the inbox starts over from what it retains.
+    Welcome {
+        resume: u64,
+        gap: bool,
+        epoch: String,
+    },
     /// A stored message, in seq order, never twice.
     Msg(Message),
     /// A room message.
@@ -83,6 +88,7 @@ pub struct ClientBuilder {
     token: String,
     device: Option<String>,
     resume: Option<u64>,
+    epoch: Option<String>,
     encoding: Encoding,
     reconnect: bool,
     max_frame: usize,
@@ -98,6 +104,7 @@ impl ClientBuilder {
             token: token.into(),
             device: None,
             resume: None,
+            epoch: None,
             encoding: Encoding::Json,
             reconnect: true,
             max_frame: imgate_proto::DEFAULT_MAX_FRAME,
@@ -121,6 +128,13 @@ impl ClientBuilder {
     /// Resume after this seq on the first login (`Some(0)`: the whole retained inbox).
     pub fn resume(mut self, seq: Option<u64>) -> Self {
         self.resume = seq;
+        self
+    }
+
+    /// The store epoch the `resume` seq belongs to (from an earlier [`Event::Welcome`]): a
+    /// store reset since then is then told by the welcome's gap, never missed.
+    pub fn epoch(mut self, epoch: Option<String>) -> Self {
+        self.epoch = epoch;
         self
     }
 
@@ -152,7 +166,13 @@ impl ClientBuilder {
 
     /// Connects and logs in; fails if the first login fails.
     pub async fn connect(self) -> Result<(Client, Events), Error> {
-        let (conn, welcome) = self.login(&self.urls[0], self.resume).await?;
+        let (conn, welcome) = self
+            .login(&self.urls[0], self.resume, self.epoch.as_deref())
+            .await?;
+        let epoch = match &welcome {
+            Event::Welcome { epoch, .. } => Some(epoch.clone()),
+            _ => None,
+        };
         let (cmd_tx, cmd_rx) = mpsc::channel(256);
         let (ev_tx, ev_rx) = mpsc::unbounded_channel();
         let _ = ev_tx.send(welcome);
@@ -161,6 +181,7 @@ impl ClientBuilder {
             events: ev_tx,
             commands: cmd_rx,
             last_seq: None,
+            epoch,
             acked: 0,
             pending: HashMap::new(),
             order: 0,
@@ -170,21 +191,27 @@ impl ClientBuilder {
         Ok((Client { tx: cmd_tx }, ev_rx))
     }
 
-    async fn login(&self, url: &str, resume: Option<u64>) -> Result<(Conn, Event), Error> {
+    async fn login(
+        &self,
+        url: &str,
+        resume: Option<u64>,
+        epoch: Option<&str>,
+    ) -> Result<(Conn, Event), Error> {
         tokio::time::timeout(self.timeout, async {
-            let mut conn = Conn::open(self, url, resume).await?;
+            let mut conn = Conn::open(self, url, resume, epoch).await?;
             if conn.needs_login_frame() {
                 let login = ClientFrame::Login(Login {
                     token: self.token.clone(),
                     device: self.device.clone(),
                     resume,
+                    epoch: resume.and(epoch).map(str::to_owned),
                 });
                 conn.frames.send(login).await?;
             }
             match conn.frames.next().await {
-                Some(Ok(ServerFrame::Welcome { resume, gap, .. })) => {
-                    Ok((conn, Event::Welcome { resume, gap }))
-                }
+                Some(Ok(ServerFrame::Welcome {
+                    resume, gap, epoch, ..
+                })) => Ok((conn, Event::Welcome { resume, gap, epoch })),
                 Some(Ok(ServerFrame::Error { code, message, .. })) => {
                     Err(Error::new(ErrorKind::Server(code), message))
                 }
@@ -273,6 +300,8 @@ struct Actor {
     commands: mpsc::Receiver<Command>,
     /// Highest seq handed to the owner; anything at or below it is a duplicate.
     last_seq: Option<u64>,
+    /// The store epoch `last_seq` belongs to.
+    epoch: Option<String>,
     acked: u64,
     /// Sends waiting for `sent`, by id.
     pending: HashMap<String, Pending>,
@@ -402,8 +431,10 @@ impl Actor {
             ServerFrame::Error { code, message, .. } => {
                 let _ = self.events.send(Event::Error { code, message });
             }
-            ServerFrame::Welcome { resume, gap, .. } => {
-                let _ = self.events.send(Event::Welcome { resume, gap });
+            ServerFrame::Welcome {
+                resume, gap, epoch, ..
+            } => {
+                let _ = self.events.send(Event::Welcome { resume, gap, epoch });
             }
             ServerFrame::Room {
                 room, from, body, ..
@@ -456,10 +487,20 @@ impl Actor {
             if self.events.is_closed() && self.commands.is_closed() {
                 return None;
             }
-            let resume = self.last_seq.or(self.builder.resume);
+            let (resume, epoch) = match self.last_seq {
+                Some(seq) => (Some(seq), self.epoch.clone()),
+                None => (self.builder.resume, self.builder.epoch.clone()),
+            };
             let url = &self.builder.urls[self.url];
-            match self.builder.login(url, resume).await {
+            match self.builder.login(url, resume, epoch.as_deref()).await {
                 Ok((mut conn, welcome)) => {
+                    if let Event::Welcome { epoch, resume, .. } = &welcome {
+                        // Another store: its seqs start over, so the dedupe by seq does too.
+                        if self.epoch.as_ref() != Some(epoch) {
+                            self.last_seq = (*resume > 0).then_some(*resume);
+                            self.epoch = Some(epoch.clone());
+                        }
+                    }
                     let _ = self.events.send(welcome);
                     // Acks sent on the old connection may have been lost: ack again.
                     self.acked = 0;
@@ -544,6 +585,7 @@ mod tests {
                 device: "d".into(),
                 resume: 0,
                 gap: false,
+                epoch: "e1".into(),
             };
             to_client(&mut s, welcome).await;
             s

@@ -77,11 +77,46 @@ pub struct NatsArgs {
     pub nats_startup_timeout: Duration,
 }
 
+/// Which store standalone mode keeps its state in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StoreKind {
+    /// On disk in `--data-dir`: survives restarts and SIGKILL.
+    Disk,
+    /// In process memory: everything is gone when the process ends.
+    Memory,
+}
+
+/// When the disk store forces its writes to the device (every write reaches the operating
+/// system before `sent` in every mode, so a SIGKILL of the gateway loses nothing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Fsync {
+    /// Before every `sent`: one fsync per group commit. Survives power loss.
+    Always,
+    /// In the background, at most 200 ms after the write: a power loss can lose the last
+    /// 200 ms of acknowledged sends.
+    Batch,
+    /// Never by the gateway; the operating system writes back on its own schedule.
+    Never,
+}
+
 /// `imgate serve` flags. Each one is also an `IMGATE_*` environment variable.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Config {
     #[command(flatten)]
     pub nats: NatsArgs,
+
+    /// Standalone mode's store: `disk` (in --data-dir) or `memory` (lost at exit).
+    #[arg(long, env = "IMGATE_STORE", value_enum, default_value_t = StoreKind::Disk)]
+    pub store: StoreKind,
+
+    /// Directory of the disk store (default: $XDG_DATA_HOME/imgate, else
+    /// ~/.local/share/imgate). One gateway at a time may open it.
+    #[arg(long, env = "IMGATE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// When the disk store forces writes to the device.
+    #[arg(long, env = "IMGATE_FSYNC", value_enum, default_value_t = Fsync::Batch)]
+    pub fsync: Fsync,
 
     /// HTTP listener: WebSocket (/v1/ws), HTTP API, health and metrics.
     #[arg(long, env = "IMGATE_HTTP", default_value = "127.0.0.1:8080")]
@@ -184,6 +219,21 @@ pub struct Config {
     /// Log format: text for people, json for machines. Filter with RUST_LOG.
     #[arg(long, env = "IMGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+}
+
+impl Config {
+    /// `--data-dir`, or the default under the XDG data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        if let Some(d) = &self.data_dir {
+            return d.clone();
+        }
+        let base = std::env::var_os("XDG_DATA_HOME")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+            .unwrap_or_else(|| PathBuf::from("."));
+        base.join("imgate")
+    }
 }
 
 /// A configuration that cannot be served.

@@ -32,12 +32,15 @@ use crate::http::{authenticate, ApiError};
 use crate::hub::{Delivered, Kick, Outbound, Registration};
 use crate::metrics::Transport;
 use crate::send;
-use crate::session::{resume_point, Shared, DEFAULT_DEVICE};
+use crate::session::{self, resume_point, Shared, DEFAULT_DEVICE};
 use crate::store::Page;
 
 /// Messages per poll answer when `limit` is not given, and the most a poll may ask for.
 const DEFAULT_LIMIT: usize = 100;
 const MAX_LIMIT: usize = 1_000;
+/// Messages per history page when `limit` is not given, and the most a page may ask for.
+const DEFAULT_HISTORY_LIMIT: usize = 50;
+const MAX_HISTORY_LIMIT: usize = 500;
 /// Longest `wait` of a long poll, in seconds.
 pub const MAX_WAIT_SECS: u64 = 60;
 /// How long an answered long poll's waiter stays registered for the device's next poll.
@@ -117,6 +120,10 @@ pub struct TokenQuery {
 pub struct PollQuery {
     token: Option<String>,
     after: Option<u64>,
+    /// The store epoch `after` belongs to.
+    epoch: Option<String>,
+    /// Present: a history read below this seq (empty or 0: from the newest).
+    before: Option<String>,
     limit: Option<usize>,
     device: Option<String>,
     wait: Option<u64>,
@@ -129,6 +136,9 @@ pub async fn poll(
     Query(q): Query<PollQuery>,
 ) -> Result<Response, ApiError> {
     let id = authenticate(&shared, q.token.as_deref(), &headers)?;
+    if let Some(before) = q.before.as_deref() {
+        return history(&shared, &id.uid, before, q.limit).await;
+    }
     let device = q.device.unwrap_or_else(|| DEFAULT_DEVICE.to_owned());
     if !is_valid_id(&device) {
         return Err(ApiError::new(
@@ -139,10 +149,25 @@ pub async fn poll(
     let limit = q.limit.unwrap_or(DEFAULT_LIMIT).clamp(1, MAX_LIMIT);
     let wait = Duration::from_secs(q.wait.unwrap_or(0).min(MAX_WAIT_SECS));
     let uid = id.uid;
+    let store_err = |e: crate::store::StoreError| ApiError::new(e.code(), e.to_string());
+
+    // An `after` from a store that was reset or replaced starts over, with a gap; it acks
+    // nothing (its seq means nothing here).
+    let mut reset = false;
+    let mut asked = q.after;
+    if let Some(after) = q.after {
+        if session::is_reset(&shared, &uid, after, q.epoch.as_deref())
+            .await
+            .map_err(store_err)?
+        {
+            reset = true;
+            asked = None;
+        }
+    }
 
     // The device's previous long poll on this gateway left its waiter registered: if this
     // poll continues from that answer, everything after it is in the waiter already.
-    if let (false, Some(after)) = (wait.is_zero(), q.after) {
+    if let (false, Some(after)) = (wait.is_zero(), asked) {
         if let Some(w) = shared.polls.take(&uid, &device, after).await {
             w.cursor.ack(after);
             shared.metrics.acks.increment(1);
@@ -151,8 +176,8 @@ pub async fn poll(
         }
     }
 
-    let store_err = |e: crate::store::StoreError| ApiError::new(e.code(), e.to_string());
-    let after = match q.after {
+    let after = match asked {
+        None if reset => 0,
         Some(n) => {
             // Asking after N acks everything up to N for this device.
             shared
@@ -164,10 +189,10 @@ pub async fn poll(
             n
         }
         None => {
-            resume_point(&shared, &uid, &device, None)
+            resume_point(&shared, &uid, &device, None, None)
                 .await
                 .map_err(store_err)?
-                .0
+                .resume
         }
     };
 
@@ -181,15 +206,17 @@ pub async fn poll(
             cursor: shared.cursors.open(&uid, &device, after, after),
         }
     });
-    let page = shared
+    let mut page = shared
         .store
         .read(&uid, after, limit)
         .await
         .map_err(store_err)?;
+    page.gap |= reset;
     let Some(waiter) = waiter else {
         return Ok(answer_page(&shared, Transport::ShortPoll, page, after));
     };
-    if page.messages.is_empty() {
+    // A reset is said at once, even with nothing to give.
+    if page.messages.is_empty() && !reset {
         return Ok(wait_for_messages(&shared, uid, device, waiter, after, limit, wait).await);
     }
     let (more, given) = (page.more, page.messages.last().map_or(after, |m| m.seq));
@@ -200,6 +227,46 @@ pub async fn poll(
         shared.polls.park(uid, device, waiter, given);
     }
     Ok(response)
+}
+
+/// `GET /v1/messages?before=N`: newest first, never moving a cursor.
+async fn history(
+    shared: &Shared,
+    uid: &str,
+    before: &str,
+    limit: Option<usize>,
+) -> Result<Response, ApiError> {
+    let before = match before.trim() {
+        "" | "0" => None,
+        b => Some(b.parse::<u64>().map_err(|_| {
+            ApiError::new(
+                ErrorCode::BadRequest,
+                "before must be a seq (or empty: the newest)",
+            )
+        })?),
+    };
+    let limit = limit
+        .unwrap_or(DEFAULT_HISTORY_LIMIT)
+        .clamp(1, MAX_HISTORY_LIMIT);
+    let page = shared
+        .store
+        .history(uid, before, limit)
+        .await
+        .map_err(|e| ApiError::new(e.code(), e.to_string()))?;
+    // The same shape as a poll's messages: the `msg` frame.
+    let messages: Vec<_> = page
+        .messages
+        .into_iter()
+        .map(|m| imgate_proto::ServerFrame::Msg(Arc::unwrap_or_clone(m)))
+        .collect();
+    let mut answer = serde_json::json!({
+        "messages": messages,
+        "epoch": &*shared.store.epoch(),
+    });
+    if let Some(next) = page.next {
+        answer["next"] = next.into();
+    }
+    Ok(Json(answer).into_response())
 }
 
 /// A poll answer straight from a store page.
@@ -217,7 +284,7 @@ fn answer_page(shared: &Shared, transport: Transport, page: Page, after: u64) ->
         .metrics
         .delivered(transport)
         .increment(encoded.len() as u64);
-    answer(&encoded, &[], after, page.gap)
+    answer(&shared.store.epoch(), &encoded, &[], after, page.gap)
 }
 
 /// A long poll's registration in the hub, with the device's cursor slot.
@@ -278,7 +345,7 @@ async fn wait_for_messages(
         .metrics
         .delivered(Transport::LongPoll)
         .increment(encoded.len() as u64);
-    let response = answer(&encoded, &rooms, after, false);
+    let response = answer(&shared.store.epoch(), &encoded, &rooms, after, false);
     let given = encoded.last().map_or(after, |(seq, _)| *seq);
     if !shared.shutdown.is_cancelled() {
         shared.polls.park(uid, device, w, given);
@@ -366,9 +433,15 @@ impl std::fmt::Debug for ParkedPolls {
     }
 }
 
-/// `{"messages":[…],"cursor":M,"gap":…}` built from messages already encoded as JSON, with
-/// `"rooms":[…]` when room messages arrived while the poll waited.
-fn answer(messages: &[(u64, Bytes)], rooms: &[Bytes], after: u64, gap: bool) -> Response {
+/// `{"messages":[…],"cursor":M,"gap":…,"epoch":"…"}` built from messages already encoded as
+/// JSON, with `"rooms":[…]` when room messages arrived while the poll waited.
+fn answer(
+    epoch: &str,
+    messages: &[(u64, Bytes)],
+    rooms: &[Bytes],
+    after: u64,
+    gap: bool,
+) -> Response {
     let cursor = messages.last().map_or(after, |(seq, _)| *seq);
     let size = messages.iter().map(|(_, b)| b.len() + 1).sum::<usize>()
         + rooms.iter().map(|b| b.len() + 1).sum::<usize>();
@@ -387,7 +460,10 @@ fn answer(messages: &[(u64, Bytes)], rooms: &[Bytes], after: u64, gap: bool) -> 
         body.put_slice(b"],\"rooms\":[");
         list(&mut body, &mut rooms.iter());
     }
-    body.put_slice(format!("],\"cursor\":{cursor},\"gap\":{gap}}}").as_bytes());
+    // The epoch is `[A-Za-z0-9_-]`: nothing to escape.
+    body.put_slice(
+        format!("],\"cursor\":{cursor},\"gap\":{gap},\"epoch\":\"{epoch}\"}}").as_bytes(),
+    );
     ([(header::CONTENT_TYPE, "application/json")], body.freeze()).into_response()
 }
 

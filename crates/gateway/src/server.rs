@@ -18,10 +18,12 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::Auth;
 use crate::config::Config;
+use crate::config::StoreKind;
 use crate::cursors::Cursors;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::session::{send_quota, Shared};
+use crate::store::disk::DiskStore;
 use crate::store::memory::{Limits, MemoryStore};
 use crate::store::nats::NatsStore;
 use crate::store::Store;
@@ -51,6 +53,8 @@ impl Listeners {
 pub struct Gateway {
     shared: Arc<Shared>,
     tail_stop: CancellationToken,
+    /// The disk store, closed (queued sends committed, fsynced) after the drain.
+    disk: Option<Arc<DiskStore>>,
 }
 
 /// Builds a gateway from `cfg` and serves `listeners` until `shutdown` resolves.
@@ -82,13 +86,36 @@ impl Gateway {
         }
         let hub = Hub::new();
         let tail_stop = CancellationToken::new();
+        let mut disk = None;
         let (store, cluster): (Arc<dyn Store>, _) = if cfg.nats.nats.is_empty() {
             let limits = Limits {
                 retention: cfg.retention,
                 max_inbox: cfg.max_inbox,
             };
-            tracing::info!("standalone mode: embedded store, in-process bus");
-            (Arc::new(MemoryStore::new(limits, hub.clone())), None)
+            let store: Arc<dyn Store> = match cfg.store {
+                StoreKind::Memory => {
+                    tracing::info!(
+                        "standalone mode: in-memory store (nothing survives a restart), \
+                         in-process bus"
+                    );
+                    Arc::new(MemoryStore::new(limits, hub.clone()))
+                }
+                StoreKind::Disk => {
+                    let dir = cfg.data_dir();
+                    let opened = std::time::Instant::now();
+                    let d = Arc::new(DiskStore::open(&dir, limits, cfg.fsync, hub.clone())?);
+                    tracing::info!(
+                        data_dir = %dir.display(),
+                        fsync = ?cfg.fsync,
+                        epoch = %d.epoch(),
+                        open_ms = opened.elapsed().as_millis() as u64,
+                        "standalone mode: disk store, in-process bus"
+                    );
+                    disk = Some(d.clone());
+                    d
+                }
+            };
+            (store, None)
         } else {
             let nats = NatsStore::connect(&cfg).await?;
             // Deliver-new from an exact seq: everything stored from now on reaches us.
@@ -135,7 +162,11 @@ impl Gateway {
             http_limiter,
             cluster,
         });
-        Ok(Gateway { shared, tail_stop })
+        Ok(Gateway {
+            shared,
+            tail_stop,
+            disk,
+        })
     }
 
     /// Serves until `shutdown` resolves, then drains: `bye shutdown` to every connection,
@@ -188,6 +219,9 @@ impl Gateway {
         let _ = sweeper.await;
         let _ = flusher.await;
         self.tail_stop.cancel();
+        if let Some(d) = self.disk {
+            d.close();
+        }
         tracing::info!("stopped");
         Ok(())
     }

@@ -192,6 +192,8 @@ pub struct Preauth {
     pub identity: Identity,
     pub device: Option<String>,
     pub resume: Option<u64>,
+    /// The store epoch `resume` belongs to, when the client named one.
+    pub epoch: Option<String>,
 }
 
 /// How a session starts.
@@ -203,6 +205,7 @@ pub enum Start {
     AwaitLogin {
         device: Option<String>,
         resume: Option<u64>,
+        epoch: Option<String>,
     },
 }
 
@@ -328,6 +331,7 @@ where
                 identity,
                 device: login.device,
                 resume: login.resume,
+                epoch: login.epoch,
             });
         }
     }
@@ -461,11 +465,22 @@ where
         .hub
         .register(&uid, &device, io.kick.clone(), cfg.outbox, cfg.max_devices);
 
-    let (resume, stored) = match Box::pin(resume_point(shared, &uid, &device, pre.resume)).await {
+    let point = Box::pin(resume_point(
+        shared,
+        &uid,
+        &device,
+        pre.resume,
+        pre.epoch.as_deref(),
+    ));
+    let ResumePoint {
+        resume,
+        stored,
+        reset,
+    } = match point.await {
         Ok(r) => r,
         Err(e) => return Err(refuse(e.code(), e.to_string())),
     };
-    let start = stored.unwrap_or(resume);
+    let start = if reset { 0 } else { stored.unwrap_or(resume) };
     let mut live = Live {
         conn_id: reg.id,
         rooms: Vec::new(),
@@ -478,7 +493,7 @@ where
         inflight: None,
     };
 
-    if let Err(end) = replay(shared, io, &mut live, &mut reg.rx, &device, resume).await {
+    if let Err(end) = replay(shared, io, &mut live, &mut reg.rx, &device, resume, reset).await {
         close(shared, Box::new(Conn { live, reg })).await;
         return Err(end);
     }
@@ -493,10 +508,17 @@ where
 {
     let pre = match *start {
         Start::Verified(p) => p,
-        Start::AwaitLogin { device, resume } => {
+        Start::AwaitLogin {
+            device,
+            resume,
+            epoch,
+        } => {
             let mut p = io.login(shared).await?;
             p.device = p.device.or(device);
-            p.resume = p.resume.or(resume);
+            if p.resume.is_none() {
+                p.resume = resume;
+                p.epoch = p.epoch.or(epoch);
+            }
             p
         }
     };
@@ -529,28 +551,63 @@ pub fn send_quota(cfg: &Config) -> Option<Quota> {
     })
 }
 
+/// Where a login resumes.
+pub(crate) struct ResumePoint {
+    /// The seq the backlog starts after (0 after a reset).
+    pub resume: u64,
+    /// The device's stored cursor, if it has one.
+    pub stored: Option<u64>,
+    /// The resume point belongs to another store (another epoch, or a seq above anything
+    /// this store assigned): the device starts over from the retained inbox, told by a gap.
+    pub reset: bool,
+}
+
 /// Where a login resumes: the explicit seq, else the device's cursor, else the live tail
 /// (stored as the cursor at once, so a device seen once resumes from here even if it never
-/// acks). Returns `(resume, stored cursor)`.
+/// acks). A resume from another epoch, or above every seq the store ever assigned, is a
+/// reset: it starts from the beginning of the retained inbox.
 pub(crate) async fn resume_point(
     shared: &Shared,
     uid: &str,
     device: &str,
     asked: Option<u64>,
-) -> Result<(u64, Option<u64>), StoreError> {
+    epoch: Option<&str>,
+) -> Result<ResumePoint, StoreError> {
     let stored = shared.cursors.load(uid, device).await?;
     let resume = match (asked, stored) {
         (Some(r), _) => r,
         (None, Some(c)) => c,
         (None, None) => shared.store.last_seq(uid).await?,
     };
+    let reset = is_reset(shared, uid, resume, asked.and(epoch)).await?;
+    let resume = if reset { 0 } else { resume };
     if stored.is_none() {
         shared
             .store
             .save_cursors(&mut [CursorWrite::new(uid, device, resume)])
             .await?;
     }
-    Ok((resume, stored))
+    Ok(ResumePoint {
+        resume,
+        stored,
+        reset,
+    })
+}
+
+/// Whether resuming `uid` after `seq` (of `epoch`, when named) means the store was reset
+/// or replaced since the client saw that seq.
+pub(crate) async fn is_reset(
+    shared: &Shared,
+    uid: &str,
+    seq: u64,
+    epoch: Option<&str>,
+) -> Result<bool, StoreError> {
+    if epoch.is_some_and(|e| *e != *shared.store.epoch()) {
+        return Ok(true);
+    }
+    // The inbox's last seq is the cheap answer; only a resume above it asks the store's
+    // highest seq (in cluster mode, a request to the stream).
+    Ok(seq > shared.store.last_seq(uid).await? && seq > shared.store.high_seq().await?)
 }
 
 /// Sends `welcome` and the backlog after `resume`, page by page.
@@ -561,6 +618,7 @@ async fn replay<T>(
     rx: &mut flume::Receiver<Outbound>,
     device: &str,
     resume: u64,
+    reset: bool,
 ) -> Result<(), End>
 where
     T: Frames,
@@ -579,7 +637,8 @@ where
                 uid: live.uid().to_owned(),
                 device: device.to_owned(),
                 resume,
-                gap: page.gap,
+                gap: page.gap || reset,
+                epoch: shared.store.epoch().to_string(),
             };
             io.write(Outgoing::Frame(welcome), false).await?;
             welcomed = true;
@@ -967,6 +1026,7 @@ mod tests {
             },
             device: None,
             resume: None,
+            epoch: None,
         }));
         let session = tokio::spawn(run(shared, recorder, start, Profile::TCP));
         to_session

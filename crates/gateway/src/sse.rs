@@ -2,8 +2,9 @@
 //!
 //! An SSE stream is a session like TCP and WebSocket ones, run by the same loop with the
 //! server-push profile: the session writes into a channel that feeds the response body,
-//! `event: msg` / `id: <seq>` / `data: <msg JSON>`. It resumes after `Last-Event-ID` (what a
-//! browser's EventSource sends when it reconnects) or `?after=`; without either, from the
+//! `event: msg` / `id: <epoch>:<seq>` / `data: <msg JSON>`. It resumes after `Last-Event-ID`
+//! (what a browser's EventSource sends when it reconnects, epoch included) or `?after=`,
+//! either `<epoch>:<seq>` or a bare seq of the current epoch; without either, from the
 //! device's cursor. A comment line every `--sse-keepalive` (15 s) keeps proxies from closing
 //! an idle stream.
 
@@ -32,8 +33,20 @@ const BUFFER: usize = 64;
 #[derive(Debug, Deserialize)]
 pub struct EventsQuery {
     token: Option<String>,
-    after: Option<u64>,
+    after: Option<String>,
     device: Option<String>,
+}
+
+/// `<epoch>:<seq>` or a bare `<seq>`.
+fn event_id(s: &str) -> Option<(Option<String>, u64)> {
+    let s = s.trim();
+    match s.rsplit_once(':') {
+        Some((epoch, seq)) if imgate_proto::ids::is_valid_id(epoch) => {
+            Some((Some(epoch.to_owned()), seq.parse().ok()?))
+        }
+        Some(_) => None,
+        None => Some((None, s.parse().ok()?)),
+    }
 }
 
 /// `GET /v1/events`.
@@ -44,15 +57,26 @@ pub async fn events(
 ) -> Result<Response, ApiError> {
     let identity = authenticate(&shared, q.token.as_deref(), &headers)?;
     let last_event_id = match headers.get("last-event-id") {
-        Some(v) => Some(
-            v.to_str()
-                .ok()
-                .and_then(|s| s.trim().parse::<u64>().ok())
-                .ok_or_else(|| {
-                    ApiError::new(ErrorCode::BadRequest, "Last-Event-ID must be a seq")
-                })?,
-        ),
+        Some(v) => Some(v.to_str().ok().and_then(event_id).ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::BadRequest,
+                "Last-Event-ID must be <epoch>:<seq> or a seq",
+            )
+        })?),
         None => None,
+    };
+    let after = match q.after.as_deref() {
+        Some(a) => Some(event_id(a).ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::BadRequest,
+                "after must be <epoch>:<seq> or a seq",
+            )
+        })?),
+        None => None,
+    };
+    let (epoch, resume) = match last_event_id.or(after) {
+        Some((epoch, seq)) => (epoch, Some(seq)),
+        None => (None, None),
     };
     let Ok(permit) = shared.permits.clone().try_acquire_owned() else {
         return Err(ApiError::new(
@@ -71,7 +95,8 @@ pub async fn events(
     let start = Box::new(Start::Verified(Preauth {
         identity,
         device: q.device,
-        resume: last_event_id.or(q.after),
+        resume,
+        epoch,
     }));
     let frames = Joined {
         sink: Box::pin(sink),
@@ -82,7 +107,8 @@ pub async fn events(
         session.await;
         drop(permit);
     });
-    let body = ReceiverStream::new(rx).map(|o| Ok::<_, Infallible>(to_event(o)));
+    let epoch = shared.store.epoch();
+    let body = ReceiverStream::new(rx).map(move |o| Ok::<_, Infallible>(to_event(&epoch, o)));
     Ok(Sse::new(body)
         .keep_alive(KeepAlive::new().interval(shared.cfg.sse_keepalive))
         .into_response())
@@ -123,13 +149,13 @@ impl<Si: Unpin, St: Stream + Unpin> Stream for Joined<Si, St> {
     }
 }
 
-fn to_event(o: Outgoing) -> Event {
+fn to_event(epoch: &str, o: Outgoing) -> Event {
     let json = o.encode(Encoding::Json);
     let data = std::str::from_utf8(&json).expect("serde_json always produces UTF-8");
     match &o {
         Outgoing::Msg(d) => Event::default()
             .event("msg")
-            .id(d.seq().to_string())
+            .id(format!("{epoch}:{}", d.seq()))
             .data(data),
         Outgoing::Frame(f) => Event::default().event(frame_type(f)).data(data),
         Outgoing::Room(_) => Event::default().event("room").data(data),

@@ -58,6 +58,7 @@ pub async fn serve(
         let start = Box::new(Start::AwaitLogin {
             device: None,
             resume: None,
+            epoch: None,
         });
         tracker.spawn(async move {
             session::run(shared, frames, start, Profile::TCP).await;

@@ -34,6 +34,7 @@ pub struct WsQuery {
     token: Option<String>,
     device: Option<String>,
     resume: Option<u64>,
+    epoch: Option<String>,
 }
 
 /// The upgrade handler.
@@ -49,12 +50,14 @@ pub async fn upgrade(
                 identity,
                 device: q.device,
                 resume: q.resume,
+                epoch: q.epoch,
             }),
             Err(e) => return ApiError::new(ErrorCode::Unauthorized, e.to_string()).into_response(),
         },
         None => Start::AwaitLogin {
             device: q.device,
             resume: q.resume,
+            epoch: q.epoch,
         },
     });
     let Ok(permit) = shared.permits.clone().try_acquire_owned() else {

@@ -1,6 +1,9 @@
 // imgate chat page: log in, chat, and switch transport (WebSocket, SSE, long poll, short
 // poll) to see each at work. Every transport resumes after the last seq this page has shown,
-// so switching loses nothing; messages are deduplicated by seq.
+// so switching loses nothing; messages are deduplicated by seq. The page keeps the store's
+// epoch beside that seq: after a store reset the gateway answers with a new epoch and a gap,
+// and the page starts over from what the store retains. Scrolling to the top of the
+// conversation loads older messages from the history endpoint.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -9,6 +12,9 @@ const stats = Object.fromEntries(Object.keys(MODES).map((m) => [m, { requests: 0
 
 let token = null, uid = null, device = null;
 let lastSeq = null;        // highest seq shown; transports resume after it
+let epoch = null;          // the store epoch lastSeq belongs to
+let oldestSeq = null;      // lowest seq shown; history loads below it
+let historyDone = false;   // the oldest retained message is shown
 let mode = "ws";
 let stop = () => {};       // closes the current transport
 let wsConn = null;         // the open WebSocket, used for sending in ws mode
@@ -26,11 +32,19 @@ function renderStats() {
   ).join("");
 }
 
-function show(msg, via) {
-  if (lastSeq !== null && msg.seq <= lastSeq) return; // already shown
-  lastSeq = msg.seq;
-  if (msg.group) addGroup(msg.group);
-  stats[via].messages++;
+// The epoch of a welcome or poll answer: another one means the store was reset, so seqs
+// start over (the gateway resumed this page from the start of the retained inbox).
+function sawEpoch(e) {
+  if (!e || e === epoch) return;
+  if (epoch !== null) {
+    lastSeq = null; oldestSeq = null; historyDone = false;
+    $("messages").replaceChildren();
+    setStatus("the store was reset: showing what it retains");
+  }
+  epoch = e;
+}
+
+function messageItem(msg, via) {
   const li = document.createElement("li");
   li.className = msg.from === uid ? "mine" : "";
   li.dataset.seq = msg.seq;
@@ -39,15 +53,52 @@ function show(msg, via) {
   li.innerHTML = `<span class="text"></span><span class="meta"></span>`;
   li.querySelector(".text").textContent = text;
   const target = msg.group ? `#${msg.group}` : msg.to;
-  li.querySelector(".meta").textContent = `${msg.from} → ${target} · seq ${msg.seq} · ${latency} ms via ${MODES[via]}`;
+  li.querySelector(".meta").textContent = via
+    ? `${msg.from} → ${target} · seq ${msg.seq} · ${latency} ms via ${MODES[via]}`
+    : `${msg.from} → ${target} · seq ${msg.seq} · history`;
+  return li;
+}
+
+function show(msg, via) {
+  if (lastSeq !== null && msg.seq <= lastSeq) return; // already shown
+  lastSeq = msg.seq;
+  if (oldestSeq === null) oldestSeq = msg.seq;
+  if (msg.group) addGroup(msg.group);
+  stats[via].messages++;
+  const li = messageItem(msg, via);
   $("messages").append(li);
   li.scrollIntoView({ block: "end" });
   renderStats();
 }
 
+// Older messages, newest first from the history endpoint, go above the oldest shown.
+let loadingHistory = false;
+async function loadOlder() {
+  if (loadingHistory || historyDone || !token) return;
+  loadingHistory = true;
+  try {
+    const before = oldestSeq === null ? (lastSeq === null ? "" : lastSeq + 1) : oldestSeq;
+    const r = await fetch(api(`/v1/messages?before=${before}&limit=50`), authed());
+    if (!r.ok) return;
+    const page = await r.json();
+    if (page.epoch !== epoch && epoch !== null) return; // a reset came in between
+    const list = $("messages");
+    const height = list.scrollHeight;
+    for (const m of page.messages) {
+      if (oldestSeq !== null && m.seq >= oldestSeq) continue;
+      list.prepend(messageItem(m, null));
+      oldestSeq = m.seq;
+      if (lastSeq === null) lastSeq = m.seq;
+    }
+    if (page.next === undefined) historyDone = true;
+    list.scrollTop += list.scrollHeight - height; // keep the view where it was
+  } finally { loadingHistory = false; }
+}
+
 const api = (path) => `${location.origin}${path}`;
 const authed = (extra = {}) => ({ ...extra, headers: { ...(extra.headers || {}), Authorization: `Bearer ${token}` } });
-const afterParam = () => (lastSeq === null ? "" : `&after=${lastSeq}`);
+const epochParam = () => (epoch === null ? "" : `&epoch=${encodeURIComponent(epoch)}`);
+const afterParam = () => (lastSeq === null ? "" : `&after=${lastSeq}${epochParam()}`);
 
 // --- transports -----------------------------------------------------------------------
 
@@ -55,7 +106,7 @@ function startWs() {
   let closed = false, ws;
   const open = () => {
     const url = `${location.origin.replace(/^http/, "ws")}/v1/ws?token=${encodeURIComponent(token)}&device=${device}` +
-      (lastSeq === null ? "" : `&resume=${lastSeq}`);
+      (lastSeq === null ? "" : `&resume=${lastSeq}${epochParam()}`);
     ws = new WebSocket(url, "imgate.json");
     stats.ws.requests++; renderStats();
     ws.onmessage = (e) => {
@@ -63,6 +114,7 @@ function startWs() {
       const f = JSON.parse(e.data);
       if (f.type === "welcome") {
         wsConn = ws;
+        sawEpoch(f.epoch);
         setStatus(`connected via WebSocket, resumed after ${f.resume}`, true);
         if (room) ws.send(JSON.stringify({ type: "join", room }));
       }
@@ -78,12 +130,19 @@ function startWs() {
 }
 
 function startSse() {
-  const es = new EventSource(api(`/v1/events?token=${encodeURIComponent(token)}&device=${device}${afterParam()}`));
+  const after = lastSeq === null ? "" : `&after=${encodeURIComponent(`${epoch}:${lastSeq}`)}`;
+  const es = new EventSource(api(`/v1/events?token=${encodeURIComponent(token)}&device=${device}${after}`));
   stats.sse.requests++; renderStats();
-  es.addEventListener("welcome", (e) => { stats.sse.bytes += e.data.length; setStatus(`connected via SSE, resumed after ${JSON.parse(e.data).resume}`, true); });
+  es.addEventListener("welcome", (e) => {
+    stats.sse.bytes += e.data.length;
+    const w = JSON.parse(e.data);
+    sawEpoch(w.epoch);
+    setStatus(`connected via SSE, resumed after ${w.resume}`, true);
+  });
   es.addEventListener("msg", (e) => { stats.sse.bytes += e.data.length; show(JSON.parse(e.data), "sse"); });
   es.addEventListener("room", (e) => { stats.sse.bytes += e.data.length; showRoom(JSON.parse(e.data)); });
-  // EventSource reconnects by itself and sends Last-Event-ID: the stream resumes with no gap.
+  // EventSource reconnects by itself and sends Last-Event-ID (`<epoch>:<seq>`): the stream
+  // resumes with no gap, and a reset store is told by the welcome.
   es.onerror = () => { setStatus("SSE reconnecting…"); stats.sse.requests++; renderStats(); };
   return () => es.close();
 }
@@ -96,6 +155,7 @@ async function poll(kind, ctl) {
   stats[kind].bytes += body.length;
   if (!r.ok) throw new Error(body);
   const page = JSON.parse(body);
+  sawEpoch(page.epoch);
   page.messages.forEach((m) => show(m, kind));
   (page.rooms || []).forEach(showRoom);
   if (lastSeq === null) lastSeq = page.cursor;
@@ -252,3 +312,5 @@ $("composer").onsubmit = async (e) => {
   catch (err) { setStatus(`not sent: ${err.message}`); }
 };
 renderStats();
+
+$("messages").addEventListener("scroll", () => { if ($("messages").scrollTop === 0) loadOlder(); });

@@ -100,12 +100,14 @@ mod tests {
             (
                 "[ -~]{1,200}",
                 proptest::option::of(arb_id()),
-                proptest::option::of(any::<u64>())
+                proptest::option::of(any::<u64>()),
+                proptest::option::of(arb_id()),
             )
-                .prop_map(|(token, device, resume)| ClientFrame::Login(Login {
+                .prop_map(|(token, device, resume, epoch)| ClientFrame::Login(Login {
                     token,
                     device,
-                    resume
+                    resume,
+                    epoch,
                 })),
             (
                 proptest::option::of(arb_id()),
@@ -153,12 +155,13 @@ mod tests {
                 })
             });
         prop_oneof![
-            (arb_id(), arb_id(), any::<u64>(), any::<bool>()).prop_map(
-                |(uid, device, resume, gap)| ServerFrame::Welcome {
+            (arb_id(), arb_id(), any::<u64>(), any::<bool>(), arb_id()).prop_map(
+                |(uid, device, resume, gap, epoch)| ServerFrame::Welcome {
                     uid,
                     device,
                     resume,
-                    gap
+                    gap,
+                    epoch,
                 }
             ),
             msg,
@@ -230,7 +233,8 @@ mod tests {
             ClientFrame::Login(Login {
                 token: "t".into(),
                 device: Some("phone".into()),
-                resume: Some(1042)
+                resume: Some(1042),
+                epoch: None,
             })
         );
         let msg = ServerFrame::Msg(Message {

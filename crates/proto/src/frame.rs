@@ -20,7 +20,7 @@ pub enum ClientFrame {
     Ping,
 }
 
-/// `{"type":"login","token":"…","device":"phone","resume":1042}`
+/// `{"type":"login","token":"…","device":"phone","resume":1042,"epoch":"…"}`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Login {
     pub token: String,
@@ -28,6 +28,9 @@ pub struct Login {
     pub device: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resume: Option<u64>,
+    /// The store epoch `resume` belongs to (from an earlier `welcome`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<String>,
 }
 
 /// `{"type":"send","id":"c-17","to":"bob","body":…}`; `group` instead of `to` for a group.
@@ -67,6 +70,9 @@ pub enum ServerFrame {
         device: String,
         resume: u64,
         gap: bool,
+        /// The store's epoch: pass it back with `resume` on the next login.
+        #[serde(default)]
+        epoch: String,
     },
     Msg(Message),
     Sent {

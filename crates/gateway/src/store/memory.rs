@@ -7,7 +7,7 @@
 //! Every inbox copy of one message shares that message's one [`Draft`]: an inbox keeps only
 //! `(seq, Arc<Draft>)`, and a [`Message`](imgate_proto::Message) is built when a copy is
 //! read or delivered.
-//! Nothing here survives a restart of the process.
+//! Nothing here survives a restart of the process: each start is a new epoch.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
@@ -18,7 +18,8 @@ use async_trait::async_trait;
 use hashbrown::HashTable;
 
 use super::{
-    Appended, ChangeError, CursorWrite, Draft, Fanout, Group, GroupChange, Page, Store, StoreError,
+    Appended, ChangeError, CursorWrite, Draft, Fanout, Group, GroupChange, History, Page, Store,
+    StoreError,
 };
 
 /// How long a `(from, id)` pair is remembered for idempotent sends.
@@ -38,6 +39,7 @@ pub struct MemoryStore {
     fanout: Arc<dyn Fanout>,
     /// [`DEDUPE_WINDOW`]; shorter in tests.
     dedupe_window: Duration,
+    epoch: Arc<str>,
 }
 
 #[derive(Default)]
@@ -128,6 +130,7 @@ impl MemoryStore {
             limits,
             fanout,
             dedupe_window: DEDUPE_WINDOW,
+            epoch: super::new_epoch().into(),
         }
     }
 
@@ -217,6 +220,41 @@ impl Store for MemoryStore {
 
     async fn last_seq(&self, uid: &str) -> Result<u64, StoreError> {
         Ok(self.lock().inboxes.get(uid).map_or(0, Inbox::last_seq))
+    }
+
+    fn epoch(&self) -> Arc<str> {
+        self.epoch.clone()
+    }
+
+    async fn high_seq(&self) -> Result<u64, StoreError> {
+        Ok(self.lock().last_seq)
+    }
+
+    async fn history(
+        &self,
+        uid: &str,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<History, StoreError> {
+        let mut inner = self.lock();
+        let Some(inbox) = inner.inboxes.get_mut(uid) else {
+            return Ok(History::default());
+        };
+        inbox.expire(self.limits, now_ms());
+        let end = inbox
+            .msgs
+            .partition_point(|(seq, _)| before.is_none_or(|b| *seq < b));
+        let start = end.saturating_sub(limit);
+        let messages: Vec<_> = inbox
+            .msgs
+            .range(start..end)
+            .rev()
+            .map(|(seq, draft)| Arc::new(draft.to_message(*seq)))
+            .collect();
+        let next = (start > 0)
+            .then(|| messages.last().map(|m| m.seq))
+            .flatten();
+        Ok(History { messages, next })
     }
 
     async fn cursor(&self, uid: &str, device: &str) -> Result<Option<u64>, StoreError> {

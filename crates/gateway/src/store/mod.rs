@@ -6,6 +6,7 @@
 //! inbox copy, in seq order per inbox, after the copy is readable; it knows nothing about
 //! connections or transports.
 
+pub mod disk;
 pub mod memory;
 pub mod nats;
 
@@ -61,6 +62,20 @@ pub struct Page {
     /// More messages follow the last one returned: read again after it. A page can hold
     /// fewer than the limit and still have more behind it.
     pub more: bool,
+}
+
+/// One page of history: messages below a seq, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct History {
+    pub messages: Vec<Arc<Message>>,
+    /// The lowest seq returned, when older retained messages follow: the next `before`.
+    pub next: Option<u64>,
+}
+
+/// A new random epoch (section 3 of the design): 16 characters of `[A-Za-z0-9]`.
+pub fn new_epoch() -> String {
+    use rand::distr::{Alphanumeric, SampleString};
+    Alphanumeric.sample_string(&mut rand::rng(), 16)
 }
 
 /// A store failure. `Unavailable` promises nothing was stored.
@@ -144,6 +159,22 @@ pub trait Store: Send + Sync + 'static {
 
     /// The seq of the newest message of `uid`'s inbox ever stored (0 if none): the live tail.
     async fn last_seq(&self, uid: &str) -> Result<u64, StoreError>;
+
+    /// The store's epoch: fixed when the store was created, new when it is reset.
+    fn epoch(&self) -> Arc<str>;
+
+    /// The highest seq the store has ever assigned (0 if none). A resume above it belongs
+    /// to a store that was reset or replaced.
+    async fn high_seq(&self) -> Result<u64, StoreError>;
+
+    /// Up to `limit` messages of `uid`'s inbox with seq below `before` (all, without it),
+    /// newest first. Reads only: no cursor moves.
+    async fn history(
+        &self,
+        uid: &str,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<History, StoreError>;
 
     /// The stored cursor (last acked seq) of `(uid, device)`.
     async fn cursor(&self, uid: &str, device: &str) -> Result<Option<u64>, StoreError>;

@@ -30,7 +30,8 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Appended, ChangeError, CursorWrite, Draft, Fanout, Group, GroupChange, Page, Store, StoreError,
+    Appended, ChangeError, CursorWrite, Draft, Fanout, Group, GroupChange, History, Page, Store,
+    StoreError,
 };
 use crate::config::Config;
 
@@ -116,7 +117,14 @@ pub struct NatsStore {
     max_inbox: usize,
     /// The last stream seq the tail handed to the fanout: the live tail for a new device.
     tail_last: AtomicU64,
+    /// The stream's creation time: a recreated stream is a new epoch.
+    epoch: std::sync::RwLock<Arc<str>>,
     pub tail_stats: TailStats,
+}
+
+/// The epoch of a stream: its creation time, the same on every gateway.
+fn epoch_of(info: &stream::Info) -> Arc<str> {
+    format!("js{}", info.created.unix_timestamp_nanos()).into()
 }
 
 /// The payload of a stored message: the message without its seq (the stream assigns it).
@@ -315,7 +323,9 @@ impl NatsStore {
         check_server_version(&client.server_info().version)
             .map_err(|e| e.context(format!("NATS at {}", n.nats.join(","))))?;
         tracing::info!(version = %client.server_info().version, "nats-server version");
+        let epoch = epoch_of(stream.cached_info());
         Ok(Arc::new(NatsStore {
+            epoch: std::sync::RwLock::new(epoch),
             client,
             js,
             stream,
@@ -490,8 +500,29 @@ impl NatsStore {
     }
 
     async fn tail_once(&self, fanout: &dyn Fanout, last: &mut u64) -> anyhow::Result<()> {
-        self.tail_last.fetch_max(*last, Ordering::Relaxed);
         self.connected()?;
+        // A stream deleted and created again starts its seqs over: follow it from its start,
+        // and resumes from the old one become resets (a new epoch).
+        let mut stream = self.stream.clone();
+        let epoch = epoch_of(stream.info().await?);
+        if epoch != self.epoch() {
+            tracing::warn!(old = %self.epoch(), new = %epoch, "the stream was recreated: new epoch, following it from its start");
+            *self.epoch.write().unwrap_or_else(|p| p.into_inner()) = epoch;
+            // Cursors are seqs of the old stream: a cursor above the new stream's seqs would
+            // never move (cursors only rise). Every gateway that sees the change purges;
+            // purging twice is harmless.
+            let kv = format!("KV_{}", self.names.cursors);
+            let purged = async {
+                let s = self.js.get_stream(&kv).await.map_err(|e| e.to_string())?;
+                s.purge().await.map_err(|e| e.to_string())
+            };
+            if let Err(e) = purged.await {
+                tracing::warn!(error = %e, "purging the old epoch's cursors failed");
+            }
+            *last = 0;
+            self.tail_last.store(0, Ordering::Relaxed);
+        }
+        self.tail_last.fetch_max(*last, Ordering::Relaxed);
         let consumer = self
             .stream
             .create_consumer(consumer::pull::Config {
@@ -640,6 +671,57 @@ impl Store for NatsStore {
         // Everything after the tail's position reaches this gateway's connections through
         // the tail, so it is a live tail for every inbox at once, with no request.
         Ok(self.tail_last.load(Ordering::Relaxed))
+    }
+
+    fn epoch(&self) -> Arc<str> {
+        self.epoch.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    async fn high_seq(&self) -> Result<u64, StoreError> {
+        // The tail may lag the stream by a moment: ask the stream itself (one API request,
+        // only for a resume above what the tail has seen).
+        self.stream_last_seq().await
+    }
+
+    async fn history(
+        &self,
+        uid: &str,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<History, StoreError> {
+        use jetstream_extra::batch_fetch::{BatchFetchErrorKind, BatchFetchExt};
+        self.connected()?;
+        // One multi-last direct get per message, each for the newest copy below the last:
+        // JetStream reads a subject forwards only, and a page is at most 500.
+        let subject = self.names.user_subject(uid);
+        let mut below = before;
+        let mut messages: Vec<Arc<Message>> = Vec::with_capacity(limit.min(256));
+        let mut next = None;
+        while below != Some(1) {
+            let last = self.js.get_last_messages_for(&self.names.stream);
+            let last = last.subjects(vec![subject.clone()]);
+            // A bound past the stream's end finds nothing: without one, the newest.
+            let sent = match below {
+                Some(b) => last.up_to_seq(b - 1).send().await,
+                None => last.send().await,
+            };
+            let mut replies = sent.map_err(unavailable)?;
+            let m = match replies.next().await {
+                Some(Ok(m)) => m,
+                Some(Err(e)) if e.kind() == BatchFetchErrorKind::NoMessages => break,
+                Some(Err(e)) => return Err(unavailable(e)),
+                None => break,
+            };
+            below = Some(m.sequence);
+            if messages.len() == limit {
+                next = messages.last().map(|m| m.seq);
+                break;
+            }
+            if let Some(msg) = decode_payload(&m.payload, m.sequence, unix_ms(m.time)) {
+                messages.push(Arc::new(msg));
+            }
+        }
+        Ok(History { messages, next })
     }
 
     async fn cursor(&self, uid: &str, device: &str) -> Result<Option<u64>, StoreError> {
