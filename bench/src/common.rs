@@ -148,10 +148,18 @@ pub(crate) async fn start(setup: &Setup, n: usize, standalone: bool) -> anyhow::
         let mut args = gateway_args(setup);
         args.extend(["--store".into(), setup.store.clone()]);
         let data = if setup.store == "disk" {
-            let d = tempfile::tempdir()?;
             args.extend(["--fsync".into(), setup.fsync.clone()]);
-            args.extend(["--data-dir".into(), d.path().display().to_string()]);
-            Some(d)
+            match &setup.data_dir {
+                Some(d) => {
+                    args.extend(["--data-dir".into(), d.display().to_string()]);
+                    None
+                }
+                None => {
+                    let d = tempfile::tempdir()?;
+                    args.extend(["--data-dir".into(), d.path().display().to_string()]);
+                    Some(d)
+                }
+            }
         } else {
             None
         };

@@ -76,6 +76,10 @@ pub(crate) struct Setup {
     /// A standalone gateway's store: `memory`, or `disk` in a fresh temporary directory.
     #[arg(long, default_value = "memory")]
     pub(crate) store: String,
+    /// With `--store disk`: this directory instead of a temporary one, kept afterwards (to
+    /// fill a store for `bench/store_open.py`).
+    #[arg(long)]
+    pub(crate) data_dir: Option<PathBuf>,
     /// With `--store disk`: `imgate serve --fsync`.
     #[arg(long, default_value = "batch")]
     pub(crate) fsync: String,

@@ -100,8 +100,31 @@ try {
   await bob.locator("#room-messages li", { hasText: "live from the lobby" }).waitFor();
   console.log("ok: room");
 
+  // History: 60 more messages, then a new page of bob's (a new device, which starts at the
+  // live tail) shows the newest 50 from history and, scrolled to the top, the older ones.
+  await alice.evaluate(async () => {
+    const r = await fetch("/v1/dev/token", { method: "POST", headers: { "content-type": "application/json" },
+      body: JSON.stringify({ uid: "alice" }) });
+    const t = (await r.json()).token;
+    for (let i = 0; i < 60; i++) {
+      await fetch("/v1/messages", { method: "POST", headers: { "content-type": "application/json", Authorization: `Bearer ${t}` },
+        body: JSON.stringify({ to: "bob", body: { text: `backlog ${i}` } }) });
+    }
+  });
+  const bob2 = await open("bob", "alice", { width: 390, height: 844 });
+  pages.bob2 = bob2;
+  await sees(bob2, "backlog 59");
+  await bob2.locator("#messages li .meta", { hasText: "history" }).first().waitFor();
+  if (await bob2.locator("#messages li .text", { hasText: "hi bob, over WebSocket" }).count() !== 0) {
+    throw new Error("the first history page holds only the newest 50");
+  }
+  await bob2.evaluate(() => { const m = document.getElementById("messages"); m.scrollTop = 1; m.scrollTop = 0; });
+  await sees(bob2, "hi bob, over WebSocket");
+  await seqsAreUnique(bob2);
+  console.log("ok: history");
+
   await bob.screenshot({ path: screenshot, fullPage: true });
-  console.log(`browser test passed: 4 transports, 8 messages on each page, a group, a room, screenshot ${screenshot}`);
+  console.log(`browser test passed: 4 transports, 8 messages on each page, a group, a room, history, screenshot ${screenshot}`);
 } catch (e) {
   console.error(`browser test failed: ${e.stack || e}`);
   for (const [who, p] of Object.entries(pages)) {

@@ -35,6 +35,9 @@ function renderStats() {
 // The epoch of a welcome or poll answer: another one means the store was reset, so seqs
 // start over (the gateway resumed this page from the start of the retained inbox).
 function sawEpoch(e) {
+  // A page that shows nothing yet (a new device starts at the live tail) fills its view
+  // with the newest history.
+  if (!$("messages").children.length) setTimeout(loadOlder, 0);
   if (!e || e === epoch) return;
   if (epoch !== null) {
     lastSeq = null; oldestSeq = null; historyDone = false;

@@ -10,9 +10,10 @@
 //!
 //! Keys (`uid` and ids match `[A-Za-z0-9_-]`, so the `0` byte separates fields):
 //! - `inbox`: `uid 0 seq` → the message (msgpack, without its seq),
-//! - `by_seq`: `seq` → `ts uid`, the order in which time-based retention drops copies,
+//! - `sends`: the first seq of a send → the send: `from`, `id`, when it was stored, and
+//!   each inbox with its copy's seq. Time-based retention drops sends in this order, and
+//!   the dedupe window is read back from its newest end at open,
 //! - `inbox_meta`: `uid` → the highest seq retention dropped (a reader below it has a gap),
-//! - `dedupe`: `from 0 id` → when, and what the send returned,
 //! - `cursors`: `uid 0 device` → seq, `groups`: `id` → the group (JSON),
 //! - `meta`: `epoch`, and `last_seq`, the highest seq ever assigned.
 //!
@@ -36,6 +37,8 @@ use super::{
 };
 use crate::config::Fsync;
 
+/// Journal kept before memtables are flushed.
+const MAX_JOURNAL: u64 = 64 * 1024 * 1024;
 /// Most sends one group commit takes.
 const MAX_BATCH: usize = 1024;
 /// How often the writer drops messages older than `--retention`.
@@ -78,9 +81,8 @@ pub struct DiskStore {
 #[derive(Clone)]
 struct Keyspaces {
     inbox: Keyspace,
-    by_seq: Keyspace,
+    sends: Keyspace,
     inbox_meta: Keyspace,
-    dedupe: Keyspace,
     cursors: Keyspace,
     groups: Keyspace,
     meta: Keyspace,
@@ -122,11 +124,24 @@ struct Stored {
 }
 
 /// What a remembered send returned, and when (wall clock, ms) it was first stored.
-#[derive(Serialize, Deserialize, Clone)]
+#[derive(Clone)]
 struct Remembered {
     at: u64,
     ts: u64,
     seqs: Vec<u64>,
+}
+
+/// A stored send, in `sends`.
+#[derive(Serialize, Deserialize)]
+struct SendRecord {
+    /// Wall clock (ms) when it was stored: the dedupe window counts from here.
+    at: u64,
+    /// Acceptance time: retention counts from here.
+    ts: u64,
+    from: String,
+    id: String,
+    /// Each inbox and its copy's seq.
+    copies: Vec<(String, u64)>,
 }
 
 fn inbox_key(uid: &str, seq: u64) -> Vec<u8> {
@@ -195,14 +210,19 @@ impl DiskStore {
         let probe = path.join(".imgate-write-check");
         std::fs::write(&probe, b"").map_err(|e| open_err(e.into()))?;
         let _ = std::fs::remove_file(&probe);
-        let db = Database::builder(path).open().map_err(|e| match e {
-            fjall::Error::Locked => OpenError::Locked(path.to_owned()),
-            fjall::Error::Io(io) => open_err(io.into()),
-            other => OpenError::Corrupt {
-                path: path.to_owned(),
-                what: other.to_string(),
-            },
-        })?;
+        // A smaller journal than fjall's default (512 MiB) flushes memtables sooner, which
+        // bounds what an open after a crash replays (bench/README.md: store open).
+        let db = Database::builder(path)
+            .max_journaling_size(MAX_JOURNAL)
+            .open()
+            .map_err(|e| match e {
+                fjall::Error::Locked => OpenError::Locked(path.to_owned()),
+                fjall::Error::Io(io) => open_err(io.into()),
+                other => OpenError::Corrupt {
+                    path: path.to_owned(),
+                    what: other.to_string(),
+                },
+            })?;
         let corrupt = |e: fjall::Error| OpenError::Corrupt {
             path: path.to_owned(),
             what: e.to_string(),
@@ -210,9 +230,8 @@ impl DiskStore {
         let space = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default);
         let ks = Keyspaces {
             inbox: space("inbox").map_err(corrupt)?,
-            by_seq: space("by_seq").map_err(corrupt)?,
+            sends: space("sends").map_err(corrupt)?,
             inbox_meta: space("inbox_meta").map_err(corrupt)?,
-            dedupe: space("dedupe").map_err(corrupt)?,
             cursors: space("cursors").map_err(corrupt)?,
             groups: space("groups").map_err(corrupt)?,
             meta: space("meta").map_err(corrupt)?,
@@ -346,23 +365,24 @@ impl Writer {
     ) -> Result<Writer, fjall::Error> {
         let window = DEDUPE_WINDOW.as_millis() as u64;
         let now = now_ms();
+        // Sends are in seq order, which is storing order: the window is at the newest end.
         let mut remembered = Vec::new();
-        let mut expired = db.batch();
-        for item in ks.dedupe.iter() {
-            let (k, v) = item.into_inner()?;
-            let r: Option<Remembered> = rmp_serde::from_slice(&v).ok();
-            match r {
-                Some(r) if now.saturating_sub(r.at) < window => {
-                    let key = String::from_utf8_lossy(&k).into_owned();
-                    if let Some((from, id)) = key.split_once('\0') {
-                        remembered.push((from.to_owned(), id.to_owned(), r));
-                    }
-                }
-                _ => expired.remove(&ks.dedupe, k),
+        for item in ks.sends.iter().rev() {
+            let v = item.value()?;
+            let Ok(rec) = rmp_serde::from_slice::<SendRecord>(&v) else {
+                continue;
+            };
+            if now.saturating_sub(rec.at) >= window {
+                break;
             }
+            let r = Remembered {
+                at: rec.at,
+                ts: rec.ts,
+                seqs: rec.copies.iter().map(|(_, seq)| *seq).collect(),
+            };
+            remembered.push((rec.from, rec.id, r));
         }
-        expired.commit()?;
-        remembered.sort_by_key(|(_, _, r)| r.at);
+        remembered.reverse();
         let mut w = Writer {
             db,
             ks,
@@ -385,6 +405,10 @@ impl Writer {
     }
 
     fn run(mut self, rx: flume::Receiver<Op>, background_fsync: bool) {
+        // A store opened after a long stop drops what expired meanwhile before anything else.
+        if let Err(e) = self.sweep_by_time() {
+            tracing::warn!(error = %e, "disk store: retention sweep failed");
+        }
         let mut unsynced_since: Option<Instant> = None;
         let mut closed = None;
         while closed.is_none() {
@@ -447,7 +471,6 @@ impl Writer {
                 break;
             }
             let (_, from, id) = self.dedupe_order.pop_front().expect("front exists");
-            batch.remove(&self.ks.dedupe, pair_key(&from, &id));
             self.dedupe.remove(&(from, id));
         }
         let mut seq = self.last_seq;
@@ -488,21 +511,24 @@ impl Writer {
             for uid in &s.inboxes {
                 seq += 1;
                 batch.insert(&self.ks.inbox, inbox_key(uid, seq), value.clone());
-                let mut at = Vec::with_capacity(8 + uid.len());
-                at.extend_from_slice(&d.ts.to_be_bytes());
-                at.extend_from_slice(uid.as_bytes());
-                batch.insert(&self.ks.by_seq, seq.to_be_bytes(), at);
                 seqs.push(seq);
             }
-            let appended = Appended { seqs, ts: d.ts };
-            let remembered = Remembered {
+            let record = SendRecord {
                 at: now,
                 ts: d.ts,
-                seqs: appended.seqs.clone(),
+                from: d.from.clone(),
+                id: d.id.clone(),
+                copies: s
+                    .inboxes
+                    .iter()
+                    .cloned()
+                    .zip(seqs.iter().copied())
+                    .collect(),
             };
-            if let Ok(v) = rmp_serde::to_vec(&remembered) {
-                batch.insert(&self.ks.dedupe, pair_key(&d.from, &d.id), v);
+            if let (Ok(v), Some(first)) = (rmp_serde::to_vec(&record), seqs.first()) {
+                batch.insert(&self.ks.sends, first.to_be_bytes(), v);
             }
+            let appended = Appended { seqs, ts: d.ts };
             fresh.insert(key, appended.clone());
             outcomes.push(Ok(appended));
         }
@@ -576,10 +602,11 @@ impl Writer {
             let mut prefix = uid.as_bytes().to_vec();
             prefix.push(0);
             let mut dropped = 0;
+            // The sends these copies belong to stay in `sends` until time retention drops
+            // them (their other copies may live on).
             for item in self.ks.inbox.prefix(&prefix).take(excess) {
                 let k = item.key()?;
                 dropped = seq_of_inbox_key(&k);
-                batch.remove(&self.ks.by_seq, dropped.to_be_bytes());
                 batch.remove(&self.ks.inbox, k);
             }
             batch.insert(&self.ks.inbox_meta, uid.as_bytes(), dropped.to_be_bytes());
@@ -591,28 +618,41 @@ impl Writer {
         Ok(())
     }
 
-    /// Drops copies older than `--retention`, oldest seq first.
+    /// Drops sends older than `--retention`, with every copy, oldest first.
     fn sweep_by_time(&mut self) -> Result<(), fjall::Error> {
         let horizon = now_ms().saturating_sub(self.limits.retention.as_millis() as u64);
         loop {
             let mut batch = self.db.batch().durability(Some(self.durability));
             let mut dropped: HashMap<String, u64> = HashMap::new();
-            for item in self.ks.by_seq.iter().take(4096) {
+            for item in self.ks.sends.iter().take(1024) {
                 let (k, v) = item.into_inner()?;
-                if be_u64(&v) >= horizon {
-                    break;
+                let rec: Option<SendRecord> = rmp_serde::from_slice(&v).ok();
+                if let Some(rec) = rec {
+                    if rec.ts >= horizon {
+                        break;
+                    }
+                    for (uid, seq) in rec.copies {
+                        batch.remove(&self.ks.inbox, inbox_key(&uid, seq));
+                        let d = dropped.entry(uid).or_default();
+                        *d = (*d).max(seq);
+                    }
                 }
-                let seq = be_u64(&k);
-                let uid = String::from_utf8_lossy(&v[8.min(v.len())..]).into_owned();
-                batch.remove(&self.ks.inbox, inbox_key(&uid, seq));
-                batch.remove(&self.ks.by_seq, k);
-                dropped.insert(uid, seq);
+                batch.remove(&self.ks.sends, k);
             }
             if batch.is_empty() {
                 return Ok(());
             }
             for (uid, seq) in &dropped {
-                batch.insert(&self.ks.inbox_meta, uid.as_bytes(), seq.to_be_bytes());
+                let kept = self
+                    .ks
+                    .inbox_meta
+                    .get(uid.as_bytes())?
+                    .map_or(0, |v| be_u64(&v));
+                batch.insert(
+                    &self.ks.inbox_meta,
+                    uid.as_bytes(),
+                    kept.max(*seq).to_be_bytes(),
+                );
                 // Recounted when next written.
                 self.counts.remove(uid);
             }
@@ -767,8 +807,12 @@ mod tests {
     }
 
     fn open(dir: &Path, max_inbox: usize) -> DiskStore {
+        open_for(dir, max_inbox, Duration::from_secs(3600))
+    }
+
+    fn open_for(dir: &Path, max_inbox: usize, retention: Duration) -> DiskStore {
         let limits = Limits {
-            retention: Duration::from_secs(3600),
+            retention,
             max_inbox,
         };
         DiskStore::open(dir, limits, Fsync::Never, Arc::new(Nobody)).unwrap()
@@ -840,5 +884,26 @@ mod tests {
         assert_eq!((seqs(&h.messages), h.next), (vec![5, 4], Some(4)));
         let h = s.history("bob", Some(4), 2).await.unwrap();
         assert_eq!((seqs(&h.messages), h.next), (vec![3], None));
+    }
+
+    #[tokio::test]
+    async fn retention_drops_every_copy_of_an_expired_send_and_says_gap() {
+        let dir = tempfile::tempdir().unwrap();
+        let inboxes = ["bob".to_owned(), "alice".to_owned()];
+        {
+            let s = open_for(dir.path(), 100, Duration::from_millis(50));
+            s.append(draft("old"), &inboxes).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        // Opening sweeps first.
+        let s = open_for(dir.path(), 100, Duration::from_millis(50));
+        s.append(draft("new"), &inboxes).await.unwrap();
+        for uid in ["bob", "alice"] {
+            let page = s.read(uid, 0, 10).await.unwrap();
+            assert_eq!(page.messages.len(), 1, "{uid}");
+            assert_eq!(page.messages[0].id, "new");
+            assert!(page.gap, "{uid}");
+        }
+        assert_eq!(s.high_seq().await.unwrap(), 4);
     }
 }
