@@ -67,7 +67,6 @@ pub enum OpenError {
 pub struct DiskStore {
     db: Database,
     ks: Keyspaces,
-    path: PathBuf,
     epoch: Arc<str>,
     /// The highest seq assigned, as the writer last committed it.
     high: Arc<std::sync::atomic::AtomicU64>,
@@ -280,7 +279,6 @@ impl DiskStore {
         Ok(DiskStore {
             db,
             ks,
-            path: path.to_owned(),
             epoch,
             high,
             writes: tx,
@@ -288,15 +286,6 @@ impl DiskStore {
             durability,
             writer: Mutex::new(Some(handle)),
         })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Bytes the store takes on disk.
-    pub fn disk_space(&self) -> u64 {
-        self.db.disk_space().unwrap_or(0)
     }
 
     fn small(&self) -> MutexGuard<'_, HashMap<String, Group>> {
