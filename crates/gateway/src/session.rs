@@ -1010,7 +1010,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_sends_answer_and_the_senders_own_copy_leave_in_one_write() {
-        let cfg = crate::config::parse_for_test(&[]);
+        // The memory store: the default on-disk store would open the user's data directory,
+        // and a replay of what earlier runs left there races the live copy.
+        let cfg = crate::config::parse_for_test(&["--store", "memory"]);
         let shared = crate::server::Gateway::new(cfg).await.unwrap().shared();
         let (to_session, incoming) = mpsc::unbounded_channel();
         let flushed = Arc::new(Mutex::new(Vec::new()));
