@@ -13,7 +13,8 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use imgate_gateway::hub::{Hub, Kick, Outbound};
+use imgate_gateway::delivery::hub::{Hub, Kick};
+use imgate_gateway::delivery::outbox::OutboxItem;
 use imgate_gateway::store::memory::{Limits, MemoryStore};
 use imgate_gateway::store::nats::decode_payload;
 use imgate_gateway::store::{Draft, Fanout, Store};
@@ -77,7 +78,7 @@ fn deliver_to_k(c: &mut Criterion) {
                     // What each connection's writer does: take the shared encoding, as a
                     // WebSocket binary frame (msgpack) or text frame (JSON).
                     for (i, r) in regs.iter_mut().enumerate() {
-                        if let Ok(Outbound::Msg(d)) = r.rx.try_recv() {
+                        if let Ok(OutboxItem::Msg(d)) = r.rx.try_recv() {
                             if i % 2 == 0 {
                                 black_box(d.encoded(Encoding::Msgpack));
                             } else {
@@ -125,7 +126,7 @@ fn standalone_send(c: &mut Criterion) {
                     let appended = futures::executor::block_on(store.append(draft, &inboxes));
                     black_box(appended.unwrap());
                     for r in &mut conns {
-                        if let Ok(Outbound::Msg(d)) = r.rx.try_recv() {
+                        if let Ok(OutboxItem::Msg(d)) = r.rx.try_recv() {
                             black_box(d.encoded(Encoding::Msgpack));
                         }
                     }

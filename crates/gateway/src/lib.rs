@@ -1,37 +1,37 @@
 //! The imgate gateway as a library; the `imgate` binary is a thin CLI over it.
 //!
-//! Layout, from the wire inwards:
-//! - [`tcp`], [`ws`], [`sse`], [`poll`], [`http`]: transports. They authenticate, encode
-//!   and decode, and hand each connection to a session (polls use the store and the hub's
-//!   waiters directly). They never decide delivery order themselves.
-//! - [`send`]: checks and stores a client's send, the same way for every transport.
-//! - [`metrics`]: Prometheus handles, registered once.
-//! - [`session`]: one loop for every long-lived connection: login, resume and backlog,
-//!   live delivery, acks, sends, timeouts, `bye`.
-//! - [`hub`]: the local registry (uid → this gateway's connections) and the fanout that
-//!   `try_send`s each stored message into connection outboxes.
-//! - [`cursors`]: batched persistence of device cursors from acks.
-//! - [`store`]: the [`store::Store`] seam and the embedded standalone store.
-//! - [`auth`], [`config`]: tokens and the configuration tree.
-//! - [`server`]: wires it together; `run(listeners, config, shutdown)`.
+//! Layers, from the wire inwards; each imports only the layers below it:
+//!
+//! ```text
+//! transport  tcp, ws, sse, http/{messages, groups, rooms, presence}
+//!     │      authenticate, encode and decode; hand each connection to a session
+//!     ▼
+//! session    one loop per long-lived connection: login, resume and backlog, live
+//!     │      delivery, acks, sends, timeouts, bye
+//!     ▼
+//! delivery   hub (registry and fanout), outbox (what leaves, encoded once), send,
+//!     │      cursors, resume, groups, rooms, polls
+//!     ▼
+//! store, bus inboxes, cursors and groups (disk, memory, NATS JetStream); rooms and
+//!            presence between gateways (in-process or core NATS)
+//! ```
+//!
+//! Beside them: [`state`] gathers what sessions and transports share; [`server`] builds it
+//! and runs the listeners; [`config`], [`auth`], [`metrics`], [`refusal`] (the one shape of
+//! an error answer) and [`subjects`] (every NATS name) are leaves any layer may use.
 
 pub mod auth;
+pub mod bus;
 pub mod config;
-pub mod cursors;
-pub mod groups;
-pub mod http;
-pub mod hub;
+pub mod delivery;
 pub mod metrics;
-pub mod poll;
-pub mod presence;
-pub mod rooms;
-pub mod send;
+pub mod refusal;
 pub mod server;
 pub mod session;
-pub mod sse;
+pub mod state;
 pub mod store;
-pub mod tcp;
-pub mod ws;
+pub mod subjects;
+pub mod transport;
 
 pub use config::Config;
 pub use server::{run, Gateway, Listeners};

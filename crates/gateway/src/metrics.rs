@@ -2,17 +2,44 @@
 //!
 //! A Prometheus recorder is built for this gateway and its handles are registered once at
 //! start, so counting on the hot path is one atomic add and no global recorder is involved.
-//! Counters the hub keeps itself (dropped by the local filter, slow consumers) are copied in
-//! when `/metrics` is rendered. Nothing here decides anything.
+//! Counters the registry and the cluster tail keep themselves ([`HubStats`], [`TailStats`]:
+//! plain atomics, defined here) are copied in when `/metrics` is rendered. Nothing here decides anything.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use imgate_proto::ErrorCode;
 use metrics::{Counter, Gauge, Key, Label, Metadata, Recorder, Unit};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
-use crate::hub::HubStats;
-use crate::store::nats::TailStats;
+/// Counters of the fanout, read by `/metrics`.
+#[derive(Debug, Default)]
+pub struct HubStats {
+    /// Copies handed to at least one local connection.
+    pub dispatched: AtomicU64,
+    /// Copies for users with no local connection, dropped without decoding.
+    pub dropped_not_local: AtomicU64,
+    /// Connections closed because their outbox was full.
+    pub slow_consumers: AtomicU64,
+    /// Room messages put in an outbox.
+    pub room_delivered: AtomicU64,
+    /// Room messages dropped for connections too slow to take them.
+    pub room_dropped: AtomicU64,
+}
+
+/// Counters of the tail, read by `/metrics`.
+#[derive(Debug, Default)]
+pub struct TailStats {
+    /// Inbox copies the tail received from the stream.
+    pub received: AtomicU64,
+    /// Their subject and payload bytes: what the broadcast costs this gateway on the bus.
+    pub received_bytes: AtomicU64,
+    /// Copies it decoded (only ever for users with a local connection).
+    pub decoded: AtomicU64,
+    /// Payloads that did not decode as a message (published by something else).
+    pub undecodable: AtomicU64,
+    /// Times the tail consumer was recreated after a failure.
+    pub restarts: AtomicU64,
+}
 
 /// How a client is connected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

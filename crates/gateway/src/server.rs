@@ -17,12 +17,16 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Auth;
+use crate::bus::local::LocalBus;
+use crate::bus::nats::NatsBus;
+use crate::bus::Bus;
 use crate::config::Config;
 use crate::config::StoreKind;
-use crate::cursors::Cursors;
-use crate::hub::Hub;
+use crate::delivery::cursors::Cursors;
+use crate::delivery::hub::Hub;
+use crate::delivery::send::send_quota;
 use crate::metrics::Metrics;
-use crate::session::{send_quota, Shared};
+use crate::state::Shared;
 use crate::store::disk::DiskStore;
 use crate::store::memory::{Limits, MemoryStore};
 use crate::store::nats::NatsStore;
@@ -87,7 +91,7 @@ impl Gateway {
         let hub = Hub::new();
         let tail_stop = CancellationToken::new();
         let mut disk = None;
-        let (store, cluster): (Arc<dyn Store>, _) = if cfg.nats.nats.is_empty() {
+        let (store, bus): (Arc<dyn Store>, Arc<dyn Bus>) = if cfg.nats.nats.is_empty() {
             let limits = Limits {
                 retention: cfg.retention,
                 max_inbox: cfg.max_inbox,
@@ -115,7 +119,7 @@ impl Gateway {
                     d
                 }
             };
-            (store, None)
+            (store, Arc::new(LocalBus::new(hub.clone())))
         } else {
             let nats = NatsStore::connect(&cfg).await?;
             // Deliver-new from an exact seq: everything stored from now on reaches us.
@@ -129,23 +133,22 @@ impl Gateway {
             tokio::time::timeout(cfg.nats.nats_startup_timeout, loaded)
                 .await
                 .map_err(|_| anyhow::anyhow!("loading groups from NATS timed out"))??;
-            tokio::spawn(crate::rooms::run_room_tail(
-                nats.clone(),
+            let bus = Arc::new(NatsBus::new(
+                nats.client().clone(),
+                nats.names().clone(),
                 hub.clone(),
-                tail_stop.clone(),
             ));
-            tokio::spawn(crate::presence::answer_queries(
-                nats.clone(),
-                hub.clone(),
-                tail_stop.clone(),
-            ));
+            tokio::spawn({
+                let (bus, stop) = (bus.clone(), tail_stop.clone());
+                async move { bus.serve(stop).await }
+            });
             tracing::info!(
                 servers = ?cfg.nats.nats,
                 stream = %nats.names().stream,
                 after,
                 "cluster mode: following the stream"
             );
-            (nats.clone() as Arc<dyn Store>, Some(nats))
+            (nats as Arc<dyn Store>, bus as Arc<dyn Bus>)
         };
         let http_limiter = send_quota(&cfg).map(RateLimiter::keyed);
         let shared = Arc::new(Shared {
@@ -155,12 +158,12 @@ impl Gateway {
             cfg,
             auth,
             store,
+            bus,
             hub,
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
             metrics: Metrics::new(),
             http_limiter,
-            cluster,
         });
         Ok(Gateway {
             shared,
@@ -186,13 +189,13 @@ impl Gateway {
             let (shared, stop) = (shared.clone(), flusher_stop.clone());
             tokio::spawn(async move { shared.polls.run_sweeper(stop).await })
         };
-        let tcp = tokio::spawn(crate::tcp::serve(
+        let tcp = tokio::spawn(crate::transport::tcp::serve(
             listeners.tcp,
             shared.clone(),
             shared.permits.clone(),
             tracker.clone(),
         ));
-        let app = crate::http::router(shared.clone());
+        let app = crate::transport::http::router(shared.clone());
         let http = tokio::spawn(
             // A make-service that clones the router (an Arc) per connection; serving the
             // Router itself rebuilds its route table for every connection (`with_state`),

@@ -4,6 +4,9 @@
 /// Longest id, in bytes.
 pub const MAX_ID_LEN: usize = 64;
 
+/// The rule [`is_valid_id`] checks, as refusals quote it.
+pub const ID_PATTERN: &str = "^[A-Za-z0-9_-]{1,64}$";
+
 /// `^[A-Za-z0-9_-]{1,64}$`: uid, device, group and room ids.
 pub fn is_valid_id(s: &str) -> bool {
     !s.is_empty()

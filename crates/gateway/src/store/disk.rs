@@ -30,10 +30,10 @@ use imgate_proto::Message;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::memory::{now_ms, Limits, DEDUPE_WINDOW};
+use super::memory::Limits;
 use super::{
-    Appended, ChangeError, CursorWrite, Draft, Fanout, Group, GroupChange, History, Page, Store,
-    StoreError,
+    now_ms, Appended, ChangeError, CursorWrite, Draft, Fanout, Group, GroupChange, History, Page,
+    Store, StoreError, DEDUPE_WINDOW,
 };
 use crate::config::Fsync;
 

@@ -18,12 +18,9 @@ use async_trait::async_trait;
 use hashbrown::HashTable;
 
 use super::{
-    Appended, ChangeError, CursorWrite, Draft, Fanout, Group, GroupChange, History, Page, Store,
-    StoreError,
+    now_ms, Appended, ChangeError, CursorWrite, Draft, Fanout, Group, GroupChange, History, Page,
+    Store, StoreError, DEDUPE_WINDOW,
 };
-
-/// How long a `(from, id)` pair is remembered for idempotent sends.
-pub const DEDUPE_WINDOW: Duration = Duration::from_secs(120);
 
 /// Retention limits of an inbox.
 #[derive(Debug, Clone, Copy)]
@@ -139,13 +136,6 @@ impl MemoryStore {
         // to serve: every mutation below completes before any call that could panic.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
-}
-
-pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis() as u64
 }
 
 #[async_trait]

@@ -1,20 +1,38 @@
-//! The store seam: where inboxes, cursors and (later) groups live, and how stored messages
-//! reach the delivery registry.
+//! The store seam: where inboxes, cursors and groups live, and how stored messages reach
+//! the delivery registry.
 //!
-//! [`Store`] is implemented by the embedded [`memory::MemoryStore`] (standalone mode) and by
-//! the NATS JetStream store (cluster mode). A store calls its [`Fanout`] once per stored
-//! inbox copy, in seq order per inbox, after the copy is readable; it knows nothing about
-//! connections or transports.
+//! [`Store`] is implemented by [`disk::DiskStore`] (standalone mode, the default),
+//! [`memory::MemoryStore`] (standalone with `--store memory`, and tests) and
+//! [`nats::NatsStore`] (cluster mode, on JetStream). A store calls its [`Fanout`] once per
+//! stored inbox copy, in seq order per inbox, after the copy is readable. The store is the
+//! bottom layer: it imports nothing above it and knows nothing about connections or
+//! transports.
 
 pub mod disk;
 pub mod memory;
 pub mod nats;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use imgate_proto::{ErrorCode, Message};
 use serde_json::Value;
+
+use crate::metrics::TailStats;
+use crate::refusal::Refusal;
+
+/// How long a `(from, id)` pair is remembered, so a send repeated within it stores nothing
+/// new (JetStream's duplicate window in cluster mode).
+pub const DEDUPE_WINDOW: Duration = Duration::from_secs(120);
+
+/// Now, in Unix milliseconds: the clock of acceptance times.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
+}
 
 /// A message accepted from a sender, not yet stored.
 #[derive(Debug, Clone)]
@@ -96,6 +114,12 @@ impl StoreError {
     }
 }
 
+impl From<StoreError> for Refusal {
+    fn from(e: StoreError) -> Self {
+        Refusal::new(e.code(), e.to_string())
+    }
+}
+
 /// A group: its owner and members (the owner is a member).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Group {
@@ -107,13 +131,12 @@ pub struct Group {
 #[derive(Debug, Clone)]
 pub enum ChangeError {
     NotFound,
-    Refused(crate::groups::Refusal),
+    Refused(Refusal),
     Store(StoreError),
 }
 
 /// A membership change, applied to the current group inside the store's compare-and-set.
-pub type GroupChange<'a> =
-    dyn Fn(&Group) -> Result<Group, crate::groups::Refusal> + Send + Sync + 'a;
+pub type GroupChange<'a> = dyn Fn(&Group) -> Result<Group, Refusal> + Send + Sync + 'a;
 
 /// One device's cursor to store.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -185,6 +208,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// Whether the store can take writes now (for `/readyz`).
     async fn ready(&self) -> bool;
+
+    /// The counters of the cluster tail, for `/metrics` (none for a standalone store).
+    fn tail_stats(&self) -> Option<&TailStats> {
+        None
+    }
 
     /// Creates group `id`; `false` if it exists already.
     async fn create_group(&self, id: &str, group: &Group) -> Result<bool, StoreError>;

@@ -1,10 +1,11 @@
 //! The cluster-mode store on NATS: JetStream is both the message store and the broadcast
-//! bus; a KV bucket holds device cursors (DESIGN section 6).
+//! of stored messages; KV buckets hold device cursors and groups (docs/protocol.md has the
+//! layout, [`crate::subjects`] every name).
 //!
 //! - Sends are JetStream publishes to `<prefix>.u.<uid>` with `Nats-Msg-Id =
 //!   <from>:<id>:<uid>`, all copies published at once; `append` returns once every PubAck is
 //!   in. A duplicate PubAck names the original seq.
-//! - Backlog reads use a short-lived pull consumer filtered to one user's subject.
+//! - Backlog reads are batch direct gets on one user's subject: no consumer per login.
 //! - The tail follows the whole stream with one consumer per gateway and hands each copy to
 //!   the [`Fanout`] with the uid read from the subject; the payload is decoded only when the
 //!   fanout asks (a local connection wants it). After any failure the tail is recreated from
@@ -12,6 +13,7 @@
 //! - While NATS is unreachable every operation fails at once with `Unavailable`.
 //!
 //! This module knows nothing about connections; it talks to NATS and to the `Fanout` trait.
+//! Rooms and presence travel on the same connection but belong to [`crate::bus`].
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -31,12 +33,12 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     Appended, ChangeError, CursorWrite, Draft, Fanout, Group, GroupChange, History, Page, Store,
-    StoreError,
+    StoreError, DEDUPE_WINDOW,
 };
 use crate::config::Config;
+use crate::metrics::TailStats;
+use crate::subjects::Names;
 
-/// The JetStream duplicate window: a re-sent id within it stores nothing new.
-pub const DEDUPE_WINDOW: Duration = Duration::from_secs(120);
 /// Messages per pull request of the tail.
 const TAIL_BATCH: usize = 512;
 /// Heartbeat the tail asks of the server; two missed ones recreate the consumer.
@@ -47,62 +49,6 @@ const CONSUMER_INACTIVE: Duration = Duration::from_secs(30);
 const TAIL_MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// The most messages one batch direct get returns (the server's limit).
 const MAX_DIRECT_BATCH: usize = 1000;
-
-/// Names derived from `--stream-prefix` (default `imgate`).
-#[derive(Debug, Clone)]
-pub struct Names {
-    pub prefix: String,
-    /// `IMGATE`
-    pub stream: String,
-    /// `imgate_cursors`
-    pub cursors: String,
-    /// `imgate_groups`
-    pub groups: String,
-}
-
-impl Names {
-    pub fn new(prefix: &str) -> Self {
-        Names {
-            prefix: prefix.to_owned(),
-            stream: prefix.to_uppercase().replace(['.', '-'], "_"),
-            cursors: format!("{prefix}_cursors"),
-            groups: format!("{prefix}_groups"),
-        }
-    }
-
-    /// `imgate.u.<uid>`
-    pub fn user_subject(&self, uid: &str) -> String {
-        format!("{}.u.{uid}", self.prefix)
-    }
-
-    /// `imgate.u.*`
-    pub fn all_users(&self) -> String {
-        format!("{}.u.*", self.prefix)
-    }
-
-    /// The inbox a stored subject `<prefix>.u.<uid>` belongs to.
-    pub fn owner<'s>(&self, subject: &'s str) -> Option<&'s str> {
-        let uid = subject
-            .strip_prefix(self.prefix.as_str())?
-            .strip_prefix(".u.")?;
-        (!uid.contains('.')).then_some(uid)
-    }
-}
-
-/// Counters of the tail, read by `/metrics`.
-#[derive(Debug, Default)]
-pub struct TailStats {
-    /// Inbox copies the tail received from the stream.
-    pub received: AtomicU64,
-    /// Their subject and payload bytes: what the broadcast costs this gateway on the bus.
-    pub received_bytes: AtomicU64,
-    /// Copies it decoded (only ever for users with a local connection).
-    pub decoded: AtomicU64,
-    /// Payloads that did not decode as a message (published by something else).
-    pub undecodable: AtomicU64,
-    /// Times the tail consumer was recreated after a failure.
-    pub restarts: AtomicU64,
-}
 
 /// The JetStream-backed store.
 pub struct NatsStore {
@@ -511,7 +457,7 @@ impl NatsStore {
             // Cursors are seqs of the old stream: a cursor above the new stream's seqs would
             // never move (cursors only rise). Every gateway that sees the change purges;
             // purging twice is harmless.
-            let kv = format!("KV_{}", self.names.cursors);
+            let kv = self.names.cursors_stream();
             let purged = async {
                 let s = self.js.get_stream(&kv).await.map_err(|e| e.to_string())?;
                 s.purge().await.map_err(|e| e.to_string())
@@ -650,7 +596,7 @@ impl Store for NatsStore {
         let first = async {
             match self
                 .stream
-                .direct_get_next_for_subject(format!("{}.>", self.names.prefix), Some(1))
+                .direct_get_next_for_subject(self.names.everything(), Some(1))
                 .await
             {
                 Ok(m) => Ok(Some(m.sequence)),
@@ -746,6 +692,10 @@ impl Store for NatsStore {
 
     async fn ready(&self) -> bool {
         self.connected().is_ok()
+    }
+
+    fn tail_stats(&self) -> Option<&TailStats> {
+        Some(&self.tail_stats)
     }
 
     async fn create_group(&self, id: &str, group: &Group) -> Result<bool, StoreError> {
@@ -961,16 +911,6 @@ mod tests {
         assert!(page(9, 1, 5).gap);
         assert!(!page(9, 1, 4).gap);
         assert!(batch(&[1, 2], 9, true).page(0, 1, 100).more);
-    }
-
-    #[test]
-    fn stored_subjects_name_their_inbox() {
-        let n = Names::new("imgate");
-        assert_eq!(n.owner("imgate.u.bob"), Some("bob"));
-        assert_eq!(n.owner(&n.user_subject("u")), Some("u"));
-        assert_eq!(n.owner("imgate.x.bob"), None);
-        assert_eq!(n.owner("other.u.bob"), None);
-        assert_eq!(n.owner("imgate.u.bob.extra"), None);
     }
 
     #[test]

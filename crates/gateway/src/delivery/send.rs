@@ -6,11 +6,16 @@
 //! module never talks to a socket.
 
 use imgate_proto::ids::{is_valid_id, is_valid_message_id};
+use std::num::NonZeroU32;
+
+use governor::Quota;
 use imgate_proto::{ErrorCode, Send};
+use serde_json::Value;
 
 use crate::config::Config;
-use crate::session::Shared;
-use crate::store::{memory::now_ms, Draft};
+use crate::metrics::Metrics;
+use crate::refusal::Refusal;
+use crate::store::{now_ms, Draft, Store};
 
 /// A send that passed every check that needs no store, ready to resolve and store.
 #[derive(Debug)]
@@ -18,14 +23,6 @@ pub struct Prepared {
     pub draft: Draft,
     /// Whether the sender must be a member of the group (not for system messages).
     pub member_only: bool,
-}
-
-/// A send refused before or while storing; `id` is set once the send's id is known.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Refused {
-    pub id: Option<String>,
-    pub code: ErrorCode,
-    pub message: String,
 }
 
 /// A durable send: the seq of the sender's own copy.
@@ -37,46 +34,32 @@ pub struct Stored {
 }
 
 /// Checks a send from `from` and chooses its inboxes.
-pub fn prepare(cfg: &Config, from: &str, send: Send) -> Result<Prepared, Refused> {
+pub fn prepare(cfg: &Config, from: &str, send: Send) -> Result<Prepared, Refusal> {
     let id = match send.id {
         Some(id) if is_valid_message_id(&id) => id,
         Some(_) => {
-            return Err(Refused {
-                id: None,
-                code: ErrorCode::BadRequest,
-                message: "id must be 1-64 visible ASCII characters".into(),
-            })
+            return Err(Refusal::new(
+                ErrorCode::BadRequest,
+                "id must be 1-64 visible ASCII characters",
+            ))
         }
         None => format!("srv-{:016x}", rand::random::<u64>()),
-    };
-    let fail = |code: ErrorCode, message: String| Refused {
-        id: Some(id.clone()),
-        code,
-        message,
     };
     let (to, group) = match (send.to, send.group) {
         (Some(to), None) if is_valid_id(&to) => (Some(to), None),
         (None, Some(group)) if is_valid_id(&group) => (None, Some(group)),
         (Some(_), None) | (None, Some(_)) => {
-            return Err(fail(
-                ErrorCode::BadRequest,
-                "to and group must match ^[A-Za-z0-9_-]{1,64}$".into(),
-            ))
+            return Err(Refusal::bad_id("to and group").for_send(&id))
         }
         _ => {
-            return Err(fail(
+            return Err(Refusal::new(
                 ErrorCode::BadRequest,
-                "a send names exactly one of to or group".into(),
-            ))
+                "a send names exactly one of to or group",
+            )
+            .for_send(&id))
         }
     };
-    let size = encoded_len(&send.body);
-    if size > cfg.max_body {
-        return Err(fail(
-            ErrorCode::TooLarge,
-            format!("body is {size} bytes, above the limit of {}", cfg.max_body),
-        ));
-    }
+    check_body(cfg.max_body, &send.body).map_err(|r| r.for_send(&id))?;
     Ok(Prepared {
         draft: Draft {
             id,
@@ -90,14 +73,21 @@ pub fn prepare(cfg: &Config, from: &str, send: Send) -> Result<Prepared, Refused
     })
 }
 
+/// Refuses a body whose JSON encoding is above `max_body` bytes.
+pub fn check_body(max_body: usize, body: &Value) -> Result<(), Refusal> {
+    let size = encoded_len(body);
+    if size > max_body {
+        return Err(Refusal::new(
+            ErrorCode::TooLarge,
+            format!("body is {size} bytes, above the limit of {max_body}"),
+        ));
+    }
+    Ok(())
+}
+
 /// The inboxes of a prepared send; the sender's own copy (if it has one) is last.
-async fn inboxes(shared: &Shared, p: &Prepared) -> Result<Vec<String>, Refused> {
+async fn inboxes(store: &dyn Store, p: &Prepared) -> Result<Vec<String>, Refusal> {
     let d = &p.draft;
-    let fail = |code: ErrorCode, message: String| Refused {
-        id: Some(d.id.clone()),
-        code,
-        message,
-    };
     if let Some(to) = &d.to {
         return Ok(if *to == d.from || !p.member_only {
             vec![to.clone()]
@@ -106,18 +96,16 @@ async fn inboxes(shared: &Shared, p: &Prepared) -> Result<Vec<String>, Refused> 
         });
     }
     let gid = d.group.as_deref().expect("prepare sets to or group");
-    let group = shared
-        .store
+    let group = store
         .group(gid)
-        .await
-        .map_err(|e| fail(e.code(), e.to_string()))?
-        .ok_or_else(|| fail(ErrorCode::NotFound, format!("no group {gid:?}")))?;
+        .await?
+        .ok_or_else(|| Refusal::new(ErrorCode::NotFound, format!("no group {gid:?}")))?;
     let mut members = group.members;
     if let Some(i) = members.iter().position(|m| *m == d.from) {
         let me = members.remove(i);
         members.push(me);
     } else if p.member_only {
-        return Err(fail(
+        return Err(Refusal::new(
             ErrorCode::NotMember,
             format!("you are not a member of {gid:?}"),
         ));
@@ -126,24 +114,31 @@ async fn inboxes(shared: &Shared, p: &Prepared) -> Result<Vec<String>, Refused> 
 }
 
 /// Resolves and stores a prepared send; `Ok` once every inbox copy is durable.
-pub async fn commit(shared: &Shared, p: Prepared) -> Result<Stored, Refused> {
+pub async fn commit(store: &dyn Store, metrics: &Metrics, p: Prepared) -> Result<Stored, Refusal> {
     let id = p.draft.id.clone();
-    let inboxes = inboxes(shared, &p).await?;
-    match shared.store.append(p.draft, &inboxes).await {
+    let stored = async {
+        let inboxes = inboxes(store, &p).await?;
+        Ok::<_, Refusal>(store.append(p.draft, &inboxes).await?)
+    };
+    match stored.await {
         Ok(a) => {
-            shared.metrics.stored.increment(1);
+            metrics.stored.increment(1);
             Ok(Stored {
                 id,
                 seq: a.seqs.last().copied().unwrap_or_default(),
                 ts: a.ts,
             })
         }
-        Err(e) => Err(Refused {
-            id: Some(id),
-            code: e.code(),
-            message: e.to_string(),
-        }),
+        Err(r) => Err(r.for_send(&id)),
     }
+}
+
+/// The per-connection (or per-uid, over HTTP) send quota; `None` when unlimited.
+pub fn send_quota(cfg: &Config) -> Option<Quota> {
+    NonZeroU32::new(cfg.send_rate).map(|rate| {
+        let burst = NonZeroU32::new(cfg.send_burst).unwrap_or(rate);
+        Quota::per_second(rate).allow_burst(burst)
+    })
 }
 
 /// JSON-encoded size of a body, without building the encoding.

@@ -1,6 +1,6 @@
-//! One session loop for every long-lived transport (TCP, WebSocket).
+//! One session loop for every long-lived transport (TCP, WebSocket, SSE).
 //!
-//! A session is generic over [`Frames`]: one object that is a sink of [`Outgoing`]
+//! A session is generic over [`Frames`]: one object that is a sink of [`ToClient`]
 //! frames and a stream of [`Incoming`] ones, so the transport only encodes and decodes.
 //! States:
 //!
@@ -17,33 +17,35 @@
 //! sent is skipped. The session never touches sockets or knows which transport it serves.
 
 use std::collections::VecDeque;
-use std::num::NonZeroU32;
-use std::pin::{pin, Pin};
+use std::pin::pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::extract::ws::Utf8Bytes;
-use bytes::Bytes;
 use futures::future::{BoxFuture, OptionFuture};
 use futures::stream::FuturesOrdered;
-use futures::{FutureExt, Sink, SinkExt, Stream, StreamExt};
-use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
+use futures::{FutureExt, SinkExt, StreamExt};
+use governor::{DefaultDirectRateLimiter, RateLimiter};
 use imgate_proto::ids::is_valid_id;
-use imgate_proto::{encode, ByeReason, ClientFrame, Encoding, ErrorCode, ServerFrame};
-use tokio::sync::Semaphore;
+use imgate_proto::{ByeReason, ClientFrame, ErrorCode, ServerFrame};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
-use crate::auth::{Auth, Identity};
+use crate::auth::Identity;
 use crate::config::Config;
-use crate::cursors::{CursorHandle, Cursors};
-use crate::hub::{Delivered, Hub, Kick, Outbound, Registration};
-use crate::metrics::{Metrics, Transport};
-use crate::send::{self, Refused};
-use crate::store::nats::NatsStore;
-use crate::store::{CursorWrite, Store, StoreError};
+use crate::delivery::cursors::CursorHandle;
+use crate::delivery::hub::{Kick, Registration};
+use crate::delivery::outbox::{OutboxItem, SharedFrame, ToClient};
+use crate::delivery::resume::{resume_point, ResumePoint};
+use crate::delivery::send::{self, send_quota};
+use crate::delivery::{rooms, DEFAULT_DEVICE};
+use crate::metrics::Transport;
+use crate::refusal::Refusal;
+use crate::state::Shared;
+
+pub mod frames;
+
+pub use frames::{Coded, Frames, InError, Incoming};
 
 /// Messages read from the store per backlog page.
 const REPLAY_PAGE: usize = 256;
@@ -54,137 +56,8 @@ const MAX_INFLIGHT_SENDS: usize = 64;
 const OUT_BATCH: usize = 64;
 /// Time allowed for the last frame (`bye` or a refusal) before the connection is dropped.
 const FAREWELL_TIMEOUT: Duration = Duration::from_secs(1);
-/// Device id used when a login names none.
-pub const DEFAULT_DEVICE: &str = "default";
 /// Unacked messages sent within this span share one ack-timeout bucket.
 const ACK_BUCKET: Duration = Duration::from_secs(1);
-
-/// Everything sessions share: configuration, auth, store, registry, cursors, shutdown.
-pub struct Shared {
-    pub cfg: Config,
-    pub auth: Auth,
-    pub store: Arc<dyn Store>,
-    pub hub: Arc<Hub>,
-    pub cursors: Arc<Cursors>,
-    /// Long-poll waiters kept between a device's polls.
-    pub polls: crate::poll::ParkedPolls,
-    /// Cancelled when the gateway starts draining.
-    pub shutdown: CancellationToken,
-    /// Every connection task, so shutdown can wait for them.
-    pub tracker: TaskTracker,
-    /// Connection permits (`--max-connections`), taken before a connection is served.
-    pub permits: Arc<Semaphore>,
-    pub metrics: Metrics,
-    /// Sends per second per uid over `POST /v1/messages` (`--send-rate`, `None` = unlimited).
-    pub http_limiter: Option<DefaultKeyedRateLimiter<String>>,
-    /// The NATS store in cluster mode (its client and tail counters).
-    pub cluster: Option<Arc<NatsStore>>,
-}
-
-/// A frame on its way to the client; the transport encodes it.
-#[derive(Debug, Clone)]
-pub enum Outgoing {
-    Frame(ServerFrame),
-    Msg(Arc<Delivered>),
-    Room(Arc<Delivered>),
-}
-
-impl Outgoing {
-    /// Encodes for the wire. A stored message is encoded once per encoding and shared.
-    pub fn encode(&self, enc: Encoding) -> Bytes {
-        match self {
-            Outgoing::Frame(f) => encode(f, enc).expect("server frames always encode"),
-            Outgoing::Msg(d) | Outgoing::Room(d) => d.encoded(enc),
-        }
-    }
-
-    /// The JSON encoding as text (a WebSocket text frame), shared like [`Self::encode`].
-    pub fn text(&self) -> Utf8Bytes {
-        match self {
-            Outgoing::Frame(f) => crate::hub::json_text(f),
-            Outgoing::Msg(d) | Outgoing::Room(d) => d.text(),
-        }
-    }
-}
-
-/// What a transport read from its client.
-#[derive(Debug)]
-pub enum Incoming {
-    /// Boxed: a decoded frame passes through the live loop's select, whose state every idle
-    /// connection keeps as large as the largest value a branch yields.
-    Frame(Box<ClientFrame>),
-    /// A delimited frame that did not decode; answered with `bad_request`.
-    Malformed(String),
-    /// Traffic that is not a frame (a WebSocket ping); it keeps the connection alive.
-    Activity,
-}
-
-/// Why a transport stops reading.
-#[derive(Debug)]
-pub enum InError {
-    /// A frame above `--max-frame`: cannot be delimited, so the connection ends.
-    TooLarge,
-    /// The peer went away or the socket failed.
-    Closed,
-}
-
-/// A connection's frames both ways, as one object. Not split into halves: the session
-/// never reads and writes at once (a `select!` drops its other branches before a handler
-/// writes), and split halves cost a shared lock and two more allocations per connection.
-pub trait Frames: Sink<Outgoing> + Stream<Item = Result<Incoming, InError>> + Unpin {}
-
-impl<T> Frames for T where T: Sink<Outgoing> + Stream<Item = Result<Incoming, InError>> + Unpin {}
-
-/// A socket of `S` items as [`Frames`]: `encode` makes the item for each outgoing frame
-/// and `decode` the incoming frame from each item read. Unlike `SinkExt::with` it keeps no
-/// slot for an item in flight, room every idle connection would carry.
-pub struct Coded<S, E, D> {
-    pub socket: S,
-    pub encode: E,
-    pub decode: D,
-}
-
-impl<S, E, D, I> Sink<Outgoing> for Coded<S, E, D>
-where
-    S: Sink<I> + Unpin,
-    E: Fn(Outgoing) -> I + Unpin,
-    D: Unpin,
-{
-    type Error = S::Error;
-
-    fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.get_mut().socket.poll_ready_unpin(cx)
-    }
-
-    fn start_send(self: Pin<&mut Self>, item: Outgoing) -> Result<(), S::Error> {
-        let this = self.get_mut();
-        this.socket.start_send_unpin((this.encode)(item))
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.get_mut().socket.poll_flush_unpin(cx)
-    }
-
-    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.get_mut().socket.poll_close_unpin(cx)
-    }
-}
-
-impl<S, E, D> Stream for Coded<S, E, D>
-where
-    S: Stream + Unpin,
-    E: Unpin,
-    D: FnMut(S::Item) -> Result<Incoming, InError> + Unpin,
-{
-    type Item = Result<Incoming, InError>;
-
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = self.get_mut();
-        this.socket
-            .poll_next_unpin(cx)
-            .map(|item| item.map(&mut this.decode))
-    }
-}
 
 /// A login already checked by the transport (WebSocket with the token in URL or header).
 #[derive(Debug, Clone)]
@@ -236,6 +109,7 @@ impl Profile {
 }
 
 /// How a session ends.
+#[derive(Debug)]
 enum End {
     /// Say `bye` with this reason, then close.
     Bye(ByeReason),
@@ -246,15 +120,32 @@ enum End {
     Gone,
 }
 
-fn refuse(code: ErrorCode, message: impl Into<String>) -> End {
-    End::Refuse(Box::new(ServerFrame::error(code, message)))
+fn refuse(r: Refusal) -> End {
+    End::Refuse(Box::new(r.into()))
 }
 
 /// Runs one connection to its end.
 ///
 /// `start` is boxed: a future keeps room for its arguments for its whole life, and a
 /// connection's future is what each idle connection costs.
+///
+/// Everything the connection logs carries its span `conn`: the transport from the start,
+/// and the hub's connection id, uid and device once the login succeeds.
 pub async fn run<T>(shared: Arc<Shared>, frames: T, start: Box<Start>, profile: Profile)
+where
+    T: Frames,
+{
+    let span = tracing::info_span!(
+        "conn",
+        transport = profile.transport.as_str(),
+        id = tracing::field::Empty,
+        uid = tracing::field::Empty,
+        device = tracing::field::Empty,
+    );
+    serve(shared, frames, start, profile).instrument(span).await
+}
+
+async fn serve<T>(shared: Arc<Shared>, frames: T, start: Box<Start>, profile: Profile)
 where
     T: Frames,
 {
@@ -278,6 +169,7 @@ where
         }
         Err(end) => end,
     };
+    tracing::debug!(end = ?end, "connection ends");
     Box::pin(io.farewell(end)).await;
 }
 
@@ -311,22 +203,22 @@ where
                 Ok(Some(Err(InError::TooLarge))) => return Err(End::Bye(ByeReason::FrameTooLarge)),
                 Ok(Some(Ok(Incoming::Activity))) => continue,
                 Ok(Some(Ok(Incoming::Malformed(m)))) => {
-                    return Err(refuse(ErrorCode::BadRequest, m))
+                    return Err(refuse(Refusal::new(ErrorCode::BadRequest, m)))
                 }
                 Ok(Some(Ok(Incoming::Frame(f)))) => match *f {
                     ClientFrame::Login(l) => l,
                     _ => {
-                        return Err(refuse(
+                        return Err(refuse(Refusal::new(
                             ErrorCode::BadRequest,
                             "the first frame must be login",
-                        ))
+                        )))
                     }
                 },
             };
             let identity = shared
                 .auth
                 .verify(&login.token)
-                .map_err(|e| refuse(ErrorCode::Unauthorized, e.to_string()))?;
+                .map_err(|e| refuse(Refusal::new(ErrorCode::Unauthorized, e.to_string())))?;
             return Ok(Preauth {
                 identity,
                 device: login.device,
@@ -338,7 +230,7 @@ where
 
     /// Writes one item, racing the write against a kick, shutdown and a stalled reader.
     /// `flush` pushes it (and anything fed before) to the socket.
-    async fn write(&mut self, item: Outgoing, flush: bool) -> Result<(), End> {
+    async fn write(&mut self, item: ToClient, flush: bool) -> Result<(), End> {
         self.count(&item);
         let stall = self.write_stall;
         let frames = &mut self.frames;
@@ -369,12 +261,12 @@ where
         }
     }
 
-    fn count(&self, item: &Outgoing) {
+    fn count(&self, item: &ToClient) {
         let m = &self.shared.metrics;
         match item {
-            Outgoing::Msg(_) => m.delivered(self.profile.transport).increment(1),
-            Outgoing::Frame(ServerFrame::Error { code, .. }) => m.error(*code).increment(1),
-            Outgoing::Frame(_) | Outgoing::Room(_) => {}
+            ToClient::Shared(d) if d.seq() > 0 => m.delivered(self.profile.transport).increment(1),
+            ToClient::Frame(ServerFrame::Error { code, .. }) => m.error(*code).increment(1),
+            ToClient::Frame(_) | ToClient::Shared(_) => {}
         }
     }
 
@@ -387,7 +279,7 @@ where
         };
         let _ = tokio::time::timeout(FAREWELL_TIMEOUT, async {
             if let Some(frame) = last {
-                let item = Outgoing::Frame(frame);
+                let item = ToClient::Frame(frame);
                 self.count(&item);
                 let _ = self.frames.send(item).await;
             }
@@ -454,19 +346,21 @@ where
 {
     let device = pre.device.unwrap_or_else(|| DEFAULT_DEVICE.to_owned());
     if !is_valid_id(&device) {
-        return Err(refuse(
-            ErrorCode::BadRequest,
-            "device must match ^[A-Za-z0-9_-]{1,64}$",
-        ));
+        return Err(refuse(Refusal::bad_id("device")));
     }
     let uid = pre.identity.uid;
     let cfg = &shared.cfg;
     let mut reg = shared
         .hub
         .register(&uid, &device, io.kick.clone(), cfg.outbox, cfg.max_devices);
+    let span = tracing::Span::current();
+    span.record("id", reg.id);
+    span.record("uid", uid.as_str());
+    span.record("device", device.as_str());
 
     let point = Box::pin(resume_point(
-        shared,
+        shared.store.as_ref(),
+        &shared.cursors,
         &uid,
         &device,
         pre.resume,
@@ -478,7 +372,7 @@ where
         reset,
     } = match point.await {
         Ok(r) => r,
-        Err(e) => return Err(refuse(e.code(), e.to_string())),
+        Err(e) => return Err(refuse(e.into())),
     };
     let start = if reset { 0 } else { stored.unwrap_or(resume) };
     let mut live = Live {
@@ -543,79 +437,12 @@ async fn close(shared: &Shared, conn: Box<Conn>) {
     live.cursor.close().await;
 }
 
-/// The per-connection (or per-uid, over HTTP) send quota; `None` when unlimited.
-pub fn send_quota(cfg: &Config) -> Option<Quota> {
-    NonZeroU32::new(cfg.send_rate).map(|rate| {
-        let burst = NonZeroU32::new(cfg.send_burst).unwrap_or(rate);
-        Quota::per_second(rate).allow_burst(burst)
-    })
-}
-
-/// Where a login resumes.
-pub(crate) struct ResumePoint {
-    /// The seq the backlog starts after (0 after a reset).
-    pub resume: u64,
-    /// The device's stored cursor, if it has one.
-    pub stored: Option<u64>,
-    /// The resume point belongs to another store (another epoch, or a seq above anything
-    /// this store assigned): the device starts over from the retained inbox, told by a gap.
-    pub reset: bool,
-}
-
-/// Where a login resumes: the explicit seq, else the device's cursor, else the live tail
-/// (stored as the cursor at once, so a device seen once resumes from here even if it never
-/// acks). A resume from another epoch, or above every seq the store ever assigned, is a
-/// reset: it starts from the beginning of the retained inbox.
-pub(crate) async fn resume_point(
-    shared: &Shared,
-    uid: &str,
-    device: &str,
-    asked: Option<u64>,
-    epoch: Option<&str>,
-) -> Result<ResumePoint, StoreError> {
-    let stored = shared.cursors.load(uid, device).await?;
-    let resume = match (asked, stored) {
-        (Some(r), _) => r,
-        (None, Some(c)) => c,
-        (None, None) => shared.store.last_seq(uid).await?,
-    };
-    let reset = is_reset(shared, uid, resume, asked.and(epoch)).await?;
-    let resume = if reset { 0 } else { resume };
-    if stored.is_none() {
-        shared
-            .store
-            .save_cursors(&mut [CursorWrite::new(uid, device, resume)])
-            .await?;
-    }
-    Ok(ResumePoint {
-        resume,
-        stored,
-        reset,
-    })
-}
-
-/// Whether resuming `uid` after `seq` (of `epoch`, when named) means the store was reset
-/// or replaced since the client saw that seq.
-pub(crate) async fn is_reset(
-    shared: &Shared,
-    uid: &str,
-    seq: u64,
-    epoch: Option<&str>,
-) -> Result<bool, StoreError> {
-    if epoch.is_some_and(|e| *e != *shared.store.epoch()) {
-        return Ok(true);
-    }
-    // The inbox's last seq is the cheap answer; only a resume above it asks the store's
-    // highest seq (in cluster mode, a request to the stream).
-    Ok(seq > shared.store.last_seq(uid).await? && seq > shared.store.high_seq().await?)
-}
-
 /// Sends `welcome` and the backlog after `resume`, page by page.
 async fn replay<T>(
     shared: &Shared,
     io: &mut Io<T>,
     live: &mut Live,
-    rx: &mut flume::Receiver<Outbound>,
+    rx: &mut flume::Receiver<OutboxItem>,
     device: &str,
     resume: u64,
     reset: bool,
@@ -631,7 +458,7 @@ where
             .store
             .read(live.uid(), live.last_sent, REPLAY_PAGE)
             .await
-            .map_err(|e| refuse(e.code(), e.to_string()))?;
+            .map_err(|e| refuse(e.into()))?;
         if !welcomed {
             let welcome = ServerFrame::Welcome {
                 uid: live.uid().to_owned(),
@@ -640,15 +467,15 @@ where
                 gap: page.gap || reset,
                 epoch: shared.store.epoch().to_string(),
             };
-            io.write(Outgoing::Frame(welcome), false).await?;
+            io.write(ToClient::Frame(welcome), false).await?;
             welcomed = true;
         }
         let more = page.more;
         let now = Instant::now();
         for m in page.messages {
             let seq = m.seq;
-            let d = Delivered::new(Arc::unwrap_or_clone(m));
-            io.write(Outgoing::Msg(Arc::new(d)), false).await?;
+            let d = SharedFrame::new(Arc::unwrap_or_clone(m));
+            io.write(ToClient::Shared(Arc::new(d)), false).await?;
             live.sent(seq, now);
         }
         io.flush().await?;
@@ -662,7 +489,7 @@ async fn live_loop<T>(
     shared: &Arc<Shared>,
     io: &mut Io<T>,
     live: &mut Live,
-    rx: &mut flume::Receiver<Outbound>,
+    rx: &mut flume::Receiver<OutboxItem>,
 ) -> End
 where
     T: Frames,
@@ -703,7 +530,7 @@ where
                     Some(Ok(Incoming::Activity)) => Ok(()),
                     Some(Ok(Incoming::Malformed(m))) => {
                         let e = ServerFrame::error(ErrorCode::BadRequest, m);
-                        Box::pin(io.write(Outgoing::Frame(e), true)).await
+                        Box::pin(io.write(ToClient::Frame(e), true)).await
                     }
                     Some(Ok(Incoming::Frame(f))) => Box::pin(handle(shared, io, live, *f)).await,
                 }
@@ -738,13 +565,13 @@ where
 async fn answer<T>(
     io: &mut Io<T>,
     live: &mut Live,
-    rx: &mut flume::Receiver<Outbound>,
+    rx: &mut flume::Receiver<OutboxItem>,
     frame: ServerFrame,
 ) -> Result<(), End>
 where
     T: Frames,
 {
-    io.write(Outgoing::Frame(frame), false).await?;
+    io.write(ToClient::Frame(frame), false).await?;
     match rx.try_recv() {
         Ok(first) => deliver_batch(io, live, rx, first).await,
         // Empty, or the hub dropped us: the live loop's next `recv` sees which.
@@ -755,8 +582,8 @@ where
 async fn deliver_batch<T>(
     io: &mut Io<T>,
     live: &mut Live,
-    rx: &mut flume::Receiver<Outbound>,
-    first: Outbound,
+    rx: &mut flume::Receiver<OutboxItem>,
+    first: OutboxItem,
 ) -> Result<(), End>
 where
     T: Frames,
@@ -766,14 +593,14 @@ where
     let mut n = 0;
     while let Some(out) = next {
         match out {
-            Outbound::Msg(d) => {
+            OutboxItem::Msg(d) => {
                 let seq = d.seq();
                 if seq > live.last_sent {
-                    io.write(Outgoing::Msg(d), false).await?;
+                    io.write(ToClient::Shared(d), false).await?;
                     live.sent(seq, now);
                 }
             }
-            Outbound::Room(d) => io.write(Outgoing::Room(d), false).await?,
+            OutboxItem::Room(d) => io.write(ToClient::Shared(d), false).await?,
         }
         n += 1;
         next = if n < OUT_BATCH {
@@ -820,10 +647,7 @@ where
         ClientFrame::Login(_) => ServerFrame::error(ErrorCode::BadRequest, "already logged in"),
         ClientFrame::Join { room } => {
             if !is_valid_id(&room) {
-                ServerFrame::error(
-                    ErrorCode::BadRequest,
-                    "room must match ^[A-Za-z0-9_-]{1,64}$",
-                )
+                Refusal::bad_id("room").into()
             } else if live.rooms.contains(&room) {
                 return Ok(());
             } else if live.rooms.len() >= shared.cfg.max_rooms_per_connection {
@@ -852,24 +676,23 @@ where
             return Ok(());
         }
         ClientFrame::Publish { room, body } => {
-            match crate::rooms::check_publish(shared, &room, &body) {
-                Err((code, message)) => ServerFrame::error(code, message),
+            match rooms::check_publish(shared.cfg.max_body, &room, &body) {
+                Err(r) => r.into(),
                 Ok(()) if !live.rooms.contains(&room) => ServerFrame::error(
                     ErrorCode::NotMember,
                     format!("join {room:?} before publishing to it"),
                 ),
-                Ok(()) if live.over_quota(&shared.cfg) => ServerFrame::error(
-                    ErrorCode::RateLimited,
-                    "send rate limit exceeded; retry later",
-                ),
-                Ok(()) => match crate::rooms::publish(shared, &room, live.uid(), body).await {
-                    Ok(()) => return Ok(()),
-                    Err(e) => ServerFrame::error(e.code(), e.to_string()),
-                },
+                Ok(()) if live.over_quota(&shared.cfg) => Refusal::rate_limited().into(),
+                Ok(()) => {
+                    match rooms::publish(shared.bus.as_ref(), &room, live.uid(), body).await {
+                        Ok(()) => return Ok(()),
+                        Err(r) => r.into(),
+                    }
+                }
             }
         }
     };
-    io.write(Outgoing::Frame(answer), true).await
+    io.write(ToClient::Frame(answer), true).await
 }
 
 /// Checks a `send` and returns the future that stores it and yields the answer frame.
@@ -878,34 +701,23 @@ fn accept_send(
     live: &mut Live,
     send: imgate_proto::Send,
 ) -> Result<BoxFuture<'static, Box<ServerFrame>>, Box<ServerFrame>> {
-    let refused = |r: Refused| {
-        Box::new(ServerFrame::Error {
-            id: r.id,
-            code: r.code,
-            message: r.message,
-        })
-    };
+    let refused = |r: Refusal| Box::new(ServerFrame::from(r));
     let prepared = send::prepare(&shared.cfg, live.uid(), send).map_err(refused)?;
     if live.over_quota(&shared.cfg) {
-        return Err(refused(Refused {
-            id: Some(prepared.draft.id),
-            code: ErrorCode::RateLimited,
-            message: "send rate limit exceeded; retry later".into(),
-        }));
+        return Err(refused(
+            Refusal::rate_limited().for_send(&prepared.draft.id),
+        ));
     }
     let shared = shared.clone();
     Ok(async move {
-        Box::new(match send::commit(&shared, prepared).await {
+        let stored = send::commit(shared.store.as_ref(), &shared.metrics, prepared).await;
+        Box::new(match stored {
             Ok(s) => ServerFrame::Sent {
                 id: s.id,
                 seq: s.seq,
                 ts: s.ts,
             },
-            Err(r) => ServerFrame::Error {
-                id: r.id,
-                code: r.code,
-                message: r.message,
-            },
+            Err(r) => r.into(),
         })
     }
     .boxed())
@@ -951,115 +763,4 @@ impl Live {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::sync::Mutex;
-
-    use imgate_proto::{Message, Send};
-    use serde_json::json;
-    use tokio::sync::mpsc;
-
-    use super::*;
-    use crate::auth::Identity;
-
-    /// A transport that hands the session frames from a channel and records each flushed
-    /// batch of what the session wrote.
-    struct Recorder {
-        incoming: mpsc::UnboundedReceiver<ClientFrame>,
-        batch: Vec<ServerFrame>,
-        flushed: Arc<Mutex<Vec<Vec<ServerFrame>>>>,
-    }
-
-    impl Sink<Outgoing> for Recorder {
-        type Error = std::io::Error;
-
-        fn poll_ready(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-
-        fn start_send(self: Pin<&mut Self>, item: Outgoing) -> std::io::Result<()> {
-            let bytes = item.encode(Encoding::Msgpack);
-            let frame = imgate_proto::decode(&bytes, Encoding::Msgpack).unwrap();
-            self.get_mut().batch.push(frame);
-            Ok(())
-        }
-
-        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-            let this = self.get_mut();
-            if !this.batch.is_empty() {
-                let batch = std::mem::take(&mut this.batch);
-                this.flushed.lock().unwrap().push(batch);
-            }
-            Poll::Ready(Ok(()))
-        }
-
-        fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-            self.poll_flush(cx)
-        }
-    }
-
-    impl Stream for Recorder {
-        type Item = Result<Incoming, InError>;
-
-        fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-            self.get_mut()
-                .incoming
-                .poll_recv(cx)
-                .map(|f| f.map(|f| Ok(Incoming::Frame(Box::new(f)))))
-        }
-    }
-
-    #[tokio::test]
-    async fn a_sends_answer_and_the_senders_own_copy_leave_in_one_write() {
-        // The memory store: the default on-disk store would open the user's data directory,
-        // and a replay of what earlier runs left there races the live copy.
-        let cfg = crate::config::parse_for_test(&["--store", "memory"]);
-        let shared = crate::server::Gateway::new(cfg).await.unwrap().shared();
-        let (to_session, incoming) = mpsc::unbounded_channel();
-        let flushed = Arc::new(Mutex::new(Vec::new()));
-        let recorder = Recorder {
-            incoming,
-            batch: Vec::new(),
-            flushed: flushed.clone(),
-        };
-        let start = Box::new(Start::Verified(Preauth {
-            identity: Identity {
-                uid: "alice".into(),
-                admin: false,
-            },
-            device: None,
-            resume: None,
-            epoch: None,
-        }));
-        let session = tokio::spawn(run(shared, recorder, start, Profile::TCP));
-        to_session
-            .send(ClientFrame::Send(Send {
-                id: Some("m1".into()),
-                to: Some("bob".into()),
-                group: None,
-                body: json!({"text": "hi"}),
-            }))
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let answered = loop {
-            let batches = flushed.lock().unwrap().clone();
-            if let Some(b) = batches
-                .into_iter()
-                .find(|b| b.iter().any(|f| matches!(f, ServerFrame::Sent { .. })))
-            {
-                break b;
-            }
-            assert!(Instant::now() < deadline, "no answer to the send");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        };
-        assert!(
-            matches!(
-                answered.as_slice(),
-                [ServerFrame::Sent { id, .. }, ServerFrame::Msg(Message { from, .. })]
-                    if id == "m1" && from == "alice"
-            ),
-            "{answered:?}"
-        );
-        drop(to_session);
-        session.await.unwrap();
-    }
-}
+mod tests;

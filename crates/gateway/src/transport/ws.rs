@@ -16,10 +16,11 @@ use futures::future;
 use imgate_proto::{decode, ClientFrame, Encoding, ErrorCode};
 use serde::Deserialize;
 
-use crate::http::{bearer, ApiError};
-use crate::session::{
-    self, Coded, Frames, InError, Incoming, Outgoing, Preauth, Profile, Shared, Start,
-};
+use super::http::bearer;
+use crate::delivery::outbox::ToClient;
+use crate::refusal::Refusal;
+use crate::session::{self, Coded, Frames, InError, Incoming, Preauth, Profile, Start};
+use crate::state::Shared;
 
 /// tungstenite's initial read buffer (its default is 128 KiB per connection, allocated up
 /// front). It grows to hold a larger frame; small, because most connections are idle, and
@@ -52,7 +53,7 @@ pub async fn upgrade(
                 resume: q.resume,
                 epoch: q.epoch,
             }),
-            Err(e) => return ApiError::new(ErrorCode::Unauthorized, e.to_string()).into_response(),
+            Err(e) => return Refusal::new(ErrorCode::Unauthorized, e.to_string()).into_response(),
         },
         None => Start::AwaitLogin {
             device: q.device,
@@ -61,7 +62,7 @@ pub async fn upgrade(
         },
     });
     let Ok(permit) = shared.permits.clone().try_acquire_owned() else {
-        return ApiError::new(ErrorCode::Unavailable, "connection limit reached").into_response();
+        return Refusal::new(ErrorCode::Unavailable, "connection limit reached").into_response();
     };
     let max = shared.cfg.max_frame;
     let ws = ws
@@ -98,7 +99,7 @@ pub async fn upgrade(
 fn transport(socket: WebSocket, enc: Encoding) -> impl Frames + std::marker::Send {
     Box::pin(Coded {
         socket,
-        encode: move |o: Outgoing| match enc {
+        encode: move |o: ToClient| match enc {
             Encoding::Json => Message::Text(o.text()),
             Encoding::Msgpack => Message::Binary(o.encode(enc)),
         },

@@ -14,7 +14,9 @@ use tokio::sync::Semaphore;
 use tokio_util::codec::Framed;
 use tokio_util::task::TaskTracker;
 
-use crate::session::{self, Coded, Frames, InError, Incoming, Outgoing, Profile, Shared, Start};
+use crate::delivery::outbox::ToClient;
+use crate::session::{self, Coded, Frames, InError, Incoming, Profile, Start};
+use crate::state::Shared;
 
 /// Initial read and write buffer of a TCP connection. Small, because most connections are
 /// idle most of the time; buffers grow when a frame needs it.
@@ -73,7 +75,7 @@ fn transport(sock: TcpStream, shared: &Shared) -> impl Frames + Send {
     let codec = FrameCodec::new(shared.cfg.max_frame);
     Box::pin(Coded {
         socket: Framed::with_capacity(sock, codec, TCP_BUFFER),
-        encode: |o: Outgoing| o.encode(Encoding::Msgpack),
+        encode: |o: ToClient| o.encode(Encoding::Msgpack),
         decode: |r: Result<BytesMut, FrameError>| match r {
             Ok(bytes) => Ok(match decode::<ClientFrame>(&bytes, Encoding::Msgpack) {
                 Ok(f) => Incoming::Frame(Box::new(f)),

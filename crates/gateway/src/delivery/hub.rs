@@ -5,87 +5,24 @@
 //! connection's bounded outbox and never waits on a client. A full outbox means the
 //! connection cannot keep up with its stored messages: it is told to close (`bye
 //! slow_consumer`) and will resume losslessly from its cursor. A message is encoded at most
-//! once per wire format however many connections take it ([`Delivered`]).
-//! This module never touches sockets or the store.
+//! once per wire format however many connections take it ([`SharedFrame`]). The hub is
+//! also the bus's view of this gateway ([`Local`]). This module never touches sockets or
+//! the store.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use axum::extract::ws::Utf8Bytes;
-use bytes::Bytes;
 use dashmap::DashMap;
 use futures::FutureExt;
-use imgate_proto::{encode, ByeReason, Encoding, Message, ServerFrame};
+use imgate_proto::{ByeReason, Message};
 use tokio::sync::Notify;
 
+use super::outbox::{OutboxItem, SharedFrame};
+use crate::bus::{Local, RoomMessage};
+
+use crate::metrics::HubStats;
 use crate::store::Fanout;
-
-/// A stored message (or a room message) on its way to connections, with its encodings
-/// made on first use.
-#[derive(Debug)]
-pub struct Delivered {
-    frame: ServerFrame,
-    /// JSON is kept as text known to be UTF-8, so a WebSocket text frame can share it
-    /// without checking it again for each connection.
-    json: OnceLock<Utf8Bytes>,
-    msgpack: OnceLock<Bytes>,
-}
-
-impl Delivered {
-    pub fn new(msg: Message) -> Self {
-        Self::frame(ServerFrame::Msg(msg))
-    }
-
-    /// Any server frame shared by many connections (a `room` frame).
-    pub fn frame(frame: ServerFrame) -> Self {
-        Delivered {
-            frame,
-            json: OnceLock::new(),
-            msgpack: OnceLock::new(),
-        }
-    }
-
-    /// The seq of a stored message; 0 for a room message.
-    pub fn seq(&self) -> u64 {
-        match &self.frame {
-            ServerFrame::Msg(m) => m.seq,
-            _ => 0,
-        }
-    }
-
-    /// The `msg` frame in `enc`, encoded once and shared by every connection.
-    pub fn encoded(&self, enc: Encoding) -> Bytes {
-        match enc {
-            Encoding::Json => self.text().into(),
-            Encoding::Msgpack => self
-                .msgpack
-                .get_or_init(|| encode(&self.frame, enc).expect("a stored message always encodes"))
-                .clone(),
-        }
-    }
-
-    /// The JSON encoding as text, encoded once and shared by every connection.
-    pub fn text(&self) -> Utf8Bytes {
-        self.json.get_or_init(|| json_text(&self.frame)).clone()
-    }
-}
-
-/// A server frame as JSON text: `serde_json` writes UTF-8, so nothing is checked again.
-pub fn json_text(frame: &ServerFrame) -> Utf8Bytes {
-    serde_json::to_string(frame)
-        .expect("server frames always encode")
-        .into()
-}
-
-/// What the fanout puts in a connection's outbox.
-#[derive(Debug, Clone)]
-pub enum Outbound {
-    /// A stored message: never dropped (a full outbox closes the connection instead).
-    Msg(Arc<Delivered>),
-    /// A room message: dropped, and counted, when the outbox is more than three quarters full.
-    Room(Arc<Delivered>),
-}
 
 /// A device in a room.
 #[derive(Debug, Clone)]
@@ -141,23 +78,8 @@ struct Conn {
     /// device and counts towards `--max-devices`. Long polls are not exclusive.
     exclusive: bool,
     device: Arc<str>,
-    tx: flume::Sender<Outbound>,
+    tx: flume::Sender<OutboxItem>,
     kick: Arc<Kick>,
-}
-
-/// Counters of the fanout, read by `/metrics`.
-#[derive(Debug, Default)]
-pub struct HubStats {
-    /// Copies handed to at least one local connection.
-    pub dispatched: AtomicU64,
-    /// Copies for users with no local connection, dropped without decoding.
-    pub dropped_not_local: AtomicU64,
-    /// Connections closed because their outbox was full.
-    pub slow_consumers: AtomicU64,
-    /// Room messages put in an outbox.
-    pub room_delivered: AtomicU64,
-    /// Room messages dropped for connections too slow to take them.
-    pub room_dropped: AtomicU64,
 }
 
 /// The registry of this gateway's connections.
@@ -176,7 +98,7 @@ pub struct Registration {
     uid: String,
     /// This connection's id in the hub (never 0).
     pub id: u64,
-    pub rx: flume::Receiver<Outbound>,
+    pub rx: flume::Receiver<OutboxItem>,
 }
 
 impl Drop for Registration {
@@ -326,7 +248,7 @@ impl Hub {
     }
 
     /// Hands a room message to every connection of every device in `room` here.
-    pub fn deliver_room(&self, room: &str, build: impl FnOnce() -> Arc<Delivered>) {
+    pub fn deliver_room(&self, room: &str, build: impl FnOnce() -> Arc<SharedFrame>) {
         let now = std::time::Instant::now();
         let Some(mut members) = self.rooms.get_mut(room) else {
             return;
@@ -341,7 +263,7 @@ impl Hub {
                 // Keep a quarter of the outbox for stored messages.
                 let max = c.tx.capacity().unwrap_or(usize::MAX);
                 let ok = max.saturating_sub(c.tx.len()).saturating_mul(4) > max
-                    && c.tx.try_send(Outbound::Room(d.clone())).is_ok();
+                    && c.tx.try_send(OutboxItem::Room(d.clone())).is_ok();
                 let counter = if ok {
                     &self.stats.room_delivered
                 } else {
@@ -363,6 +285,21 @@ impl Hub {
     }
 }
 
+impl Local for Hub {
+    fn room_is_local(&self, room: &str) -> bool {
+        Hub::room_is_local(self, room)
+    }
+
+    fn deliver_room(&self, msg: RoomMessage) {
+        let room = msg.room.clone();
+        Hub::deliver_room(self, &room, || Arc::new(SharedFrame::of(msg.into_frame())));
+    }
+
+    fn connections_of(&self, uid: &str) -> usize {
+        Hub::connections_of(self, uid)
+    }
+}
+
 impl Fanout for Hub {
     fn deliver(&self, uid: &str, build: &mut dyn FnMut() -> Option<Message>) {
         let Some(conns) = self.users.get(uid) else {
@@ -370,10 +307,10 @@ impl Fanout for Hub {
             return;
         };
         let Some(msg) = build() else { return };
-        let delivered = Arc::new(Delivered::new(msg));
+        let delivered = Arc::new(SharedFrame::new(msg));
         self.stats.dispatched.fetch_add(1, Ordering::Relaxed);
         for c in conns.iter() {
-            match c.tx.try_send(Outbound::Msg(delivered.clone())) {
+            match c.tx.try_send(OutboxItem::Msg(delivered.clone())) {
                 Ok(()) => {}
                 Err(flume::TrySendError::Full(_)) => {
                     // A full waiter is a long poll whose device has not polled again; its
@@ -392,6 +329,7 @@ impl Fanout for Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use imgate_proto::{encode, Encoding, ServerFrame};
     use serde_json::json;
 
     fn msg(seq: u64) -> Message {
@@ -421,15 +359,15 @@ mod tests {
         });
         assert!(!built, "a message for a user not held here is never built");
         assert_eq!(hub.stats.dropped_not_local.load(Ordering::Relaxed), 1);
-        let Outbound::Msg(a) = phone.rx.try_recv().unwrap() else {
+        let OutboxItem::Msg(a) = phone.rx.try_recv().unwrap() else {
             panic!()
         };
-        let Outbound::Msg(b) = web.rx.try_recv().unwrap() else {
+        let OutboxItem::Msg(b) = web.rx.try_recv().unwrap() else {
             panic!()
         };
         assert!(
             Arc::ptr_eq(&a, &b),
-            "one Delivered shared by all connections"
+            "one SharedFrame shared by all connections"
         );
         assert_eq!(
             a.encoded(Encoding::Json).as_ptr(),
@@ -500,7 +438,7 @@ mod tests {
         hub.join_room("r1", "carol", "web", slow.id, None);
         assert!(hub.room_is_local("r1"));
         let frame = |i: u64| {
-            Arc::new(Delivered::frame(ServerFrame::Room {
+            Arc::new(SharedFrame::of(ServerFrame::Room {
                 room: "r1".into(),
                 from: "bob".into(),
                 ts: i,
@@ -518,7 +456,7 @@ mod tests {
         hub.deliver("carol", &mut || Some(msg(1)));
         let mut kinds = vec![];
         while let Ok(o) = slow.rx.try_recv() {
-            kinds.push(matches!(o, Outbound::Msg(_)));
+            kinds.push(matches!(o, OutboxItem::Msg(_)));
         }
         assert_eq!(kinds.iter().filter(|m| **m).count(), 1);
         // Leaving by another holder does nothing; by the holder, it leaves.

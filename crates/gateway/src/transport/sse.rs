@@ -18,14 +18,17 @@ use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::{Sink, SinkExt, Stream, StreamExt};
-use imgate_proto::{Encoding, ErrorCode, ServerFrame};
+use imgate_proto::{ErrorCode, ServerFrame};
 use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::PollSender;
 
-use crate::http::{authenticate, ApiError};
-use crate::session::{self, InError, Incoming, Outgoing, Preauth, Profile, Shared, Start};
+use super::http::authenticate;
+use crate::delivery::outbox::ToClient;
+use crate::refusal::Refusal;
+use crate::session::{self, InError, Incoming, Preauth, Profile, Start};
+use crate::state::Shared;
 
 /// Events buffered between the session and the HTTP body.
 const BUFFER: usize = 64;
@@ -54,11 +57,11 @@ pub async fn events(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
     Query(q): Query<EventsQuery>,
-) -> Result<Response, ApiError> {
+) -> Result<Response, Refusal> {
     let identity = authenticate(&shared, q.token.as_deref(), &headers)?;
     let last_event_id = match headers.get("last-event-id") {
         Some(v) => Some(v.to_str().ok().and_then(event_id).ok_or_else(|| {
-            ApiError::new(
+            Refusal::new(
                 ErrorCode::BadRequest,
                 "Last-Event-ID must be <epoch>:<seq> or a seq",
             )
@@ -67,7 +70,7 @@ pub async fn events(
     };
     let after = match q.after.as_deref() {
         Some(a) => Some(event_id(a).ok_or_else(|| {
-            ApiError::new(
+            Refusal::new(
                 ErrorCode::BadRequest,
                 "after must be <epoch>:<seq> or a seq",
             )
@@ -79,12 +82,12 @@ pub async fn events(
         None => (None, None),
     };
     let Ok(permit) = shared.permits.clone().try_acquire_owned() else {
-        return Err(ApiError::new(
+        return Err(Refusal::new(
             ErrorCode::Unavailable,
             "connection limit reached",
         ));
     };
-    let (tx, rx) = mpsc::channel::<Outgoing>(BUFFER);
+    let (tx, rx) = mpsc::channel::<ToClient>(BUFFER);
     let gone = tx.clone();
     // The body is dropped when the client goes away; that ends the session.
     let client_gone = futures::stream::once(async move {
@@ -121,14 +124,14 @@ struct Joined<Si, St> {
     gone: St,
 }
 
-impl<Si: Sink<Outgoing> + Unpin, St: Unpin> Sink<Outgoing> for Joined<Si, St> {
+impl<Si: Sink<ToClient> + Unpin, St: Unpin> Sink<ToClient> for Joined<Si, St> {
     type Error = Si::Error;
 
     fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Si::Error>> {
         self.get_mut().sink.poll_ready_unpin(cx)
     }
 
-    fn start_send(self: Pin<&mut Self>, item: Outgoing) -> Result<(), Si::Error> {
+    fn start_send(self: Pin<&mut Self>, item: ToClient) -> Result<(), Si::Error> {
         self.get_mut().sink.start_send_unpin(item)
     }
 
@@ -149,17 +152,13 @@ impl<Si: Unpin, St: Stream + Unpin> Stream for Joined<Si, St> {
     }
 }
 
-fn to_event(epoch: &str, o: Outgoing) -> Event {
-    let json = o.encode(Encoding::Json);
-    let data = std::str::from_utf8(&json).expect("serde_json always produces UTF-8");
-    match &o {
-        Outgoing::Msg(d) => Event::default()
-            .event("msg")
-            .id(format!("{epoch}:{}", d.seq()))
-            .data(data),
-        Outgoing::Frame(f) => Event::default().event(frame_type(f)).data(data),
-        Outgoing::Room(_) => Event::default().event("room").data(data),
-    }
+fn to_event(epoch: &str, o: ToClient) -> Event {
+    let event = Event::default().event(frame_type(o.frame()));
+    let event = match o.frame() {
+        ServerFrame::Msg(m) => event.id(format!("{epoch}:{}", m.seq)),
+        _ => event,
+    };
+    event.data(o.text().as_str())
 }
 
 /// The `type` of a server frame, used as the SSE event name (`welcome`, `bye`, `room`, …).

@@ -1,0 +1,40 @@
+//! The standalone bus: one gateway, so a room message goes straight to the registry and
+//! presence counts this gateway's connections. Nothing leaves the process.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use tokio_util::sync::CancellationToken;
+
+use super::{local_counts, Bus, Local, Presence, RoomMessage};
+use crate::store::StoreError;
+
+/// The bus of a standalone gateway.
+pub struct LocalBus {
+    local: Arc<dyn Local>,
+}
+
+impl LocalBus {
+    pub fn new(local: Arc<dyn Local>) -> Self {
+        LocalBus { local }
+    }
+}
+
+#[async_trait]
+impl Bus for LocalBus {
+    async fn publish_room(&self, msg: RoomMessage) -> Result<(), StoreError> {
+        self.local.deliver_room(msg);
+        Ok(())
+    }
+
+    async fn presence(&self, uids: &[String]) -> Result<Presence, StoreError> {
+        Ok(Presence {
+            counts: local_counts(self.local.as_ref(), uids),
+            gateways: 1,
+        })
+    }
+
+    async fn serve(&self, stop: CancellationToken) {
+        stop.cancelled().await
+    }
+}

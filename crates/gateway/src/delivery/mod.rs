@@ -1,0 +1,27 @@
+//! Delivery: everything between a session and the store that decides who gets what.
+//!
+//! - [`hub`]: the registry of this gateway's connections (uid → connections, rooms) and the
+//!   fanout that hands each stored copy to their outboxes.
+//! - [`outbox`]: what is queued and written for a client, and the one place each wire
+//!   format is encoded.
+//! - [`send`]: checking and storing a client's send, the same for every transport.
+//! - [`cursors`]: device cursors from acks, written to the store in batches.
+//! - [`resume`]: where a login or poll resumes, and when a resume is a reset.
+//! - [`groups`]: the membership rules.
+//! - [`rooms`]: checking and publishing live room messages through the bus.
+//! - [`polls`]: long-poll waiters kept between a device's polls.
+//!
+//! Functions here take the parts they use (`&dyn Store`, `&Hub`, `&dyn Bus`, `&Config`);
+//! nothing imports the session or a transport.
+
+pub mod cursors;
+pub mod groups;
+pub mod hub;
+pub mod outbox;
+pub mod polls;
+pub mod resume;
+pub mod rooms;
+pub mod send;
+
+/// Device id used when a login or request names none.
+pub const DEFAULT_DEVICE: &str = "default";

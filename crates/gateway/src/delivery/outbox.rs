@@ -1,0 +1,121 @@
+//! What leaves for a client, and the one place each wire format is encoded.
+//!
+//! - [`SharedFrame`]: a stored message (or a room message) on its way to many connections,
+//!   encoded at most once per wire format however many connections take it.
+//! - [`OutboxItem`]: what the registry puts in a connection's outbox.
+//! - [`ToClient`]: what a session writes; its transport only picks the encoding
+//!   ([`ToClient::encode`] for bytes, [`ToClient::text`] for WebSocket text and SSE).
+//!
+//! Nothing here touches a socket or decides who gets what.
+
+use std::sync::{Arc, OnceLock};
+
+use axum::extract::ws::Utf8Bytes;
+use bytes::Bytes;
+use imgate_proto::{encode, Encoding, Message, ServerFrame};
+
+/// A stored message (or a room message) on its way to connections, with its encodings
+/// made on first use.
+#[derive(Debug)]
+pub struct SharedFrame {
+    frame: ServerFrame,
+    /// JSON is kept as text known to be UTF-8, so a WebSocket text frame can share it
+    /// without checking it again for each connection.
+    json: OnceLock<Utf8Bytes>,
+    msgpack: OnceLock<Bytes>,
+}
+
+impl SharedFrame {
+    pub fn new(msg: Message) -> Self {
+        Self::of(ServerFrame::Msg(msg))
+    }
+
+    /// Any server frame shared by many connections (a `room` frame).
+    pub fn of(frame: ServerFrame) -> Self {
+        SharedFrame {
+            frame,
+            json: OnceLock::new(),
+            msgpack: OnceLock::new(),
+        }
+    }
+
+    pub fn frame(&self) -> &ServerFrame {
+        &self.frame
+    }
+
+    /// The seq of a stored message; 0 for a room message.
+    pub fn seq(&self) -> u64 {
+        match &self.frame {
+            ServerFrame::Msg(m) => m.seq,
+            _ => 0,
+        }
+    }
+
+    /// The `msg` frame in `enc`, encoded once and shared by every connection.
+    pub fn encoded(&self, enc: Encoding) -> Bytes {
+        match enc {
+            Encoding::Json => self.text().into(),
+            Encoding::Msgpack => self
+                .msgpack
+                .get_or_init(|| encode(&self.frame, enc).expect("a stored message always encodes"))
+                .clone(),
+        }
+    }
+
+    /// The JSON encoding as text, encoded once and shared by every connection.
+    pub fn text(&self) -> Utf8Bytes {
+        self.json.get_or_init(|| json_text(&self.frame)).clone()
+    }
+}
+
+/// A server frame as JSON text: `serde_json` writes UTF-8, so nothing is checked again.
+pub fn json_text(frame: &ServerFrame) -> Utf8Bytes {
+    serde_json::to_string(frame)
+        .expect("server frames always encode")
+        .into()
+}
+
+/// What the fanout puts in a connection's outbox.
+#[derive(Debug, Clone)]
+pub enum OutboxItem {
+    /// A stored message: never dropped (a full outbox closes the connection instead).
+    Msg(Arc<SharedFrame>),
+    /// A room message: dropped, and counted, when the outbox is more than three quarters full.
+    Room(Arc<SharedFrame>),
+}
+
+/// A frame on its way to one client; its transport encodes it.
+#[derive(Debug, Clone)]
+pub enum ToClient {
+    /// A frame for this client alone (`welcome`, `sent`, `error`, `pong`, `bye`).
+    Frame(ServerFrame),
+    /// A stored or room message shared with other connections.
+    Shared(Arc<SharedFrame>),
+}
+
+impl ToClient {
+    /// The frame in `enc`. A shared message is encoded once per encoding.
+    pub fn encode(&self, enc: Encoding) -> Bytes {
+        match self {
+            ToClient::Frame(f) => encode(f, enc).expect("server frames always encode"),
+            ToClient::Shared(d) => d.encoded(enc),
+        }
+    }
+
+    /// The JSON encoding as text (a WebSocket text frame, an SSE event), shared like
+    /// [`Self::encode`].
+    pub fn text(&self) -> Utf8Bytes {
+        match self {
+            ToClient::Frame(f) => json_text(f),
+            ToClient::Shared(d) => d.text(),
+        }
+    }
+
+    /// The frame itself.
+    pub fn frame(&self) -> &ServerFrame {
+        match self {
+            ToClient::Frame(f) => f,
+            ToClient::Shared(d) => d.frame(),
+        }
+    }
+}

@@ -1,0 +1,67 @@
+//! Where a device resumes (DESIGN section 3): an explicit seq, else its stored cursor, else
+//! the live tail; and when a resume point belongs to another store (a reset), so the device
+//! starts over from the retained inbox and is told by a gap.
+//!
+//! Reads the store and the cursors; never writes to a client.
+
+use super::cursors::Cursors;
+use crate::store::{CursorWrite, Store, StoreError};
+
+/// Where a login resumes.
+pub struct ResumePoint {
+    /// The seq the backlog starts after (0 after a reset).
+    pub resume: u64,
+    /// The device's stored cursor, if it has one.
+    pub stored: Option<u64>,
+    /// The resume point belongs to another store (another epoch, or a seq above anything
+    /// this store assigned): the device starts over from the retained inbox, told by a gap.
+    pub reset: bool,
+}
+
+/// Where a login resumes: the explicit seq, else the device's cursor, else the live tail
+/// (stored as the cursor at once, so a device seen once resumes from here even if it never
+/// acks). A resume from another epoch, or above every seq the store ever assigned, is a
+/// reset: it starts from the beginning of the retained inbox.
+pub async fn resume_point(
+    store: &dyn Store,
+    cursors: &Cursors,
+    uid: &str,
+    device: &str,
+    asked: Option<u64>,
+    epoch: Option<&str>,
+) -> Result<ResumePoint, StoreError> {
+    let stored = cursors.load(uid, device).await?;
+    let resume = match (asked, stored) {
+        (Some(r), _) => r,
+        (None, Some(c)) => c,
+        (None, None) => store.last_seq(uid).await?,
+    };
+    let reset = is_reset(store, uid, resume, asked.and(epoch)).await?;
+    let resume = if reset { 0 } else { resume };
+    if stored.is_none() {
+        store
+            .save_cursors(&mut [CursorWrite::new(uid, device, resume)])
+            .await?;
+    }
+    Ok(ResumePoint {
+        resume,
+        stored,
+        reset,
+    })
+}
+
+/// Whether resuming `uid` after `seq` (of `epoch`, when named) means the store was reset
+/// or replaced since the client saw that seq.
+pub async fn is_reset(
+    store: &dyn Store,
+    uid: &str,
+    seq: u64,
+    epoch: Option<&str>,
+) -> Result<bool, StoreError> {
+    if epoch.is_some_and(|e| *e != *store.epoch()) {
+        return Ok(true);
+    }
+    // The inbox's last seq is the cheap answer; only a resume above it asks the store's
+    // highest seq (in cluster mode, a request to the stream).
+    Ok(seq > store.last_seq(uid).await? && seq > store.high_seq().await?)
+}

@@ -1,0 +1,105 @@
+//! Every NATS name imgate uses in cluster mode, made in this one place from `--stream-prefix`
+//! (default `imgate`): the stream and its inbox subjects, the KV buckets, the room subjects
+//! and the control subjects (docs/protocol.md has the layout).
+//!
+//! Pure string work: nothing here talks to NATS.
+
+/// Names derived from `--stream-prefix`.
+#[derive(Debug, Clone)]
+pub struct Names {
+    pub prefix: String,
+    /// `IMGATE`
+    pub stream: String,
+    /// `imgate_cursors`
+    pub cursors: String,
+    /// `imgate_groups`
+    pub groups: String,
+}
+
+impl Names {
+    pub fn new(prefix: &str) -> Self {
+        Names {
+            prefix: prefix.to_owned(),
+            stream: prefix.to_uppercase().replace(['.', '-'], "_"),
+            cursors: format!("{prefix}_cursors"),
+            groups: format!("{prefix}_groups"),
+        }
+    }
+
+    /// `imgate.u.<uid>`: one inbox; the subject a backend publishes to a user on.
+    pub fn user_subject(&self, uid: &str) -> String {
+        format!("{}.u.{uid}", self.prefix)
+    }
+
+    /// `imgate.u.*`: every inbox, the stream's subjects.
+    pub fn all_users(&self) -> String {
+        format!("{}.u.*", self.prefix)
+    }
+
+    /// `imgate.>`: everything under the prefix.
+    pub fn everything(&self) -> String {
+        format!("{}.>", self.prefix)
+    }
+
+    /// The inbox a stored subject `<prefix>.u.<uid>` belongs to.
+    pub fn owner<'s>(&self, subject: &'s str) -> Option<&'s str> {
+        self.last_token(subject, ".u.")
+    }
+
+    /// `imgate.room.<rid>`: a live room's messages (core NATS, not stored).
+    pub fn room(&self, room: &str) -> String {
+        format!("{}.room.{room}", self.prefix)
+    }
+
+    /// `imgate.room.*`: every room, which each gateway follows.
+    pub fn all_rooms(&self) -> String {
+        format!("{}.room.*", self.prefix)
+    }
+
+    /// The room a subject `<prefix>.room.<rid>` carries.
+    pub fn room_of<'s>(&self, subject: &'s str) -> Option<&'s str> {
+        self.last_token(subject, ".room.")
+    }
+
+    /// `imgate.ctl.presence`: presence queries, answered by every gateway.
+    pub fn presence(&self) -> String {
+        format!("{}.ctl.presence", self.prefix)
+    }
+
+    /// `KV_imgate_cursors`: the stream behind the cursor bucket.
+    pub fn cursors_stream(&self) -> String {
+        format!("KV_{}", self.cursors)
+    }
+
+    /// The one token after `<prefix><infix>` in `subject`.
+    fn last_token<'s>(&self, subject: &'s str, infix: &str) -> Option<&'s str> {
+        let token = subject
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix(infix)?;
+        (!token.is_empty() && !token.contains('.')).then_some(token)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_subjects_name_their_inbox() {
+        let n = Names::new("imgate");
+        assert_eq!(n.owner("imgate.u.bob"), Some("bob"));
+        assert_eq!(n.owner(&n.user_subject("u")), Some("u"));
+        assert_eq!(n.owner("imgate.x.bob"), None);
+        assert_eq!(n.owner("other.u.bob"), None);
+        assert_eq!(n.owner("imgate.u.bob.extra"), None);
+    }
+
+    #[test]
+    fn room_subjects_name_their_room() {
+        let n = Names::new("imgate");
+        assert_eq!(n.room_of(&n.room("lobby")), Some("lobby"));
+        assert_eq!(n.room_of("imgate.u.lobby"), None);
+        assert_eq!(n.room_of("imgate.room."), None);
+        assert_eq!(Names::new("a-b.c").stream, "A_B_C");
+    }
+}

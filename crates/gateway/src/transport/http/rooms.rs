@@ -1,0 +1,106 @@
+//! The room endpoints for devices without a duplex connection (SSE, long poll):
+//! `POST /v1/rooms/{id}/join`, `…/leave` and `…/publish` (DESIGN section 5b). A join over
+//! HTTP lasts [`rooms::HTTP_JOIN_TTL`] unless renewed.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use axum::Json;
+use imgate_proto::ids::is_valid_id;
+use imgate_proto::ErrorCode;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::{authenticate, check_http_rate, json_body};
+use crate::delivery::{rooms, DEFAULT_DEVICE};
+use crate::refusal::Refusal;
+use crate::state::Shared;
+
+#[derive(Debug, Deserialize)]
+pub struct RoomQuery {
+    token: Option<String>,
+    device: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct PublishBody {
+    body: Value,
+}
+
+fn who(
+    shared: &Shared,
+    q: &RoomQuery,
+    headers: &HeaderMap,
+    room: &str,
+) -> Result<(String, String), Refusal> {
+    let id = authenticate(shared, q.token.as_deref(), headers)?;
+    let device = q
+        .device
+        .clone()
+        .unwrap_or_else(|| DEFAULT_DEVICE.to_owned());
+    if !is_valid_id(&device) || !is_valid_id(room) {
+        return Err(Refusal::bad_id("room and device"));
+    }
+    Ok((id.uid, device))
+}
+
+/// `POST /v1/rooms/{id}/join?device=`: the device's SSE stream and long polls on this
+/// gateway get the room's messages for the next ten minutes (join again to renew).
+pub async fn join(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Query(q): Query<RoomQuery>,
+    Path(room): Path<String>,
+) -> Result<Json<Value>, Refusal> {
+    let (uid, device) = who(&shared, &q, &headers, &room)?;
+    if shared.hub.http_rooms_of(&uid, &device) >= shared.cfg.max_rooms_per_connection {
+        return Err(Refusal::new(
+            ErrorCode::BadRequest,
+            format!(
+                "a device joins at most {} rooms",
+                shared.cfg.max_rooms_per_connection
+            ),
+        ));
+    }
+    shared.hub.join_room(
+        &room,
+        &uid,
+        &device,
+        0,
+        Some(Instant::now() + rooms::HTTP_JOIN_TTL),
+    );
+    Ok(Json(
+        json!({"room": room, "device": device, "expires_in": rooms::HTTP_JOIN_TTL.as_secs()}),
+    ))
+}
+
+/// `POST /v1/rooms/{id}/leave?device=`
+pub async fn leave(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Query(q): Query<RoomQuery>,
+    Path(room): Path<String>,
+) -> Result<Json<Value>, Refusal> {
+    let (uid, device) = who(&shared, &q, &headers, &room)?;
+    shared.hub.leave_room(&room, &uid, &device, 0);
+    Ok(Json(json!({"room": room, "device": device})))
+}
+
+/// `POST /v1/rooms/{id}/publish?device=` `{"body":…}`
+pub async fn publish(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Query(q): Query<RoomQuery>,
+    Path(room): Path<String>,
+    b: Result<Json<PublishBody>, JsonRejection>,
+) -> Result<Json<Value>, Refusal> {
+    let (uid, _device) = who(&shared, &q, &headers, &room)?;
+    let b = json_body(b)?;
+    rooms::check_publish(shared.cfg.max_body, &room, &b.body)?;
+    check_http_rate(&shared, &uid)?;
+    rooms::publish(shared.bus.as_ref(), &room, &uid, b.body).await?;
+    Ok(Json(json!({"room": room})))
+}

@@ -1,0 +1,13 @@
+//! Transports: how clients reach the gateway. Each authenticates, encodes and decodes for
+//! its wire, and hands every long-lived connection to [`crate::session::run`]; none decides
+//! delivery order or touches the store for itself.
+//!
+//! - [`tcp`]: length-prefixed msgpack frames on a plain socket.
+//! - [`ws`]: WebSocket, JSON text or msgpack binary frames.
+//! - [`sse`]: Server-Sent Events, a push-only session.
+//! - [`http`]: the HTTP router, with sending, polling, history, groups, rooms and presence.
+
+pub mod http;
+pub mod sse;
+pub mod tcp;
+pub mod ws;
