@@ -55,12 +55,18 @@ fn find_binary() -> String {
     );
 }
 
+/// A loopback port free now. Another process (or an outgoing connection of a parallel
+/// test, whose source ports come from the same range) can take it before nats-server binds
+/// it, so the starts below pick new ports and try again when that happens.
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("binding a free port")
         .port()
 }
+
+/// Starts tried before a port taken between choosing and binding it fails the test.
+const PORT_TRIES: usize = 5;
 
 fn config(name: &str) -> String {
     format!("{}/nats/{name}", env!("CARGO_MANIFEST_DIR"))
@@ -94,20 +100,48 @@ impl NatsServer {
     /// One server from the config file `config` (or `nats/nats.conf`), with `extra`
     /// command-line arguments.
     pub(crate) async fn start_from(config: Option<&str>, extra: &[&str]) -> NatsServer {
-        let mut s = NatsServer {
-            child: None,
-            port: free_port(),
-            store: tempfile::tempdir().expect("temp dir"),
-            cluster: None,
-            extra: extra.iter().map(|a| a.to_string()).collect(),
-            config: config.map(str::to_owned),
-        };
-        s.run().await;
-        s
+        for _ in 0..PORT_TRIES {
+            let mut s = NatsServer {
+                child: None,
+                port: free_port(),
+                store: tempfile::tempdir().expect("temp dir"),
+                cluster: None,
+                extra: extra.iter().map(|a| a.to_string()).collect(),
+                config: config.map(str::to_owned),
+            };
+            s.spawn();
+            match s.wait_ready().await {
+                Ok(()) => return s,
+                Err(log) if log.contains("address already in use") => continue,
+                Err(log) => panic!("nats-server exited before it was ready:\n{log}"),
+            }
+        }
+        panic!("no free port for nats-server in {PORT_TRIES} tries");
     }
 
     /// `n` servers clustered from `nats/cluster.conf`.
     pub(crate) async fn cluster(n: usize) -> Vec<NatsServer> {
+        for _ in 0..PORT_TRIES {
+            let mut servers = Self::cluster_members(n);
+            for s in &mut servers {
+                s.spawn();
+            }
+            let mut taken = false;
+            for s in &mut servers {
+                match s.wait_ready().await {
+                    Ok(()) => {}
+                    Err(log) if log.contains("address already in use") => taken = true,
+                    Err(log) => panic!("nats-server exited before it was ready:\n{log}"),
+                }
+            }
+            if !taken {
+                return servers;
+            }
+        }
+        panic!("no free ports for a nats-server cluster in {PORT_TRIES} tries");
+    }
+
+    fn cluster_members(n: usize) -> Vec<NatsServer> {
         let cports: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let routes = cports
             .iter()
@@ -124,12 +158,6 @@ impl NatsServer {
                 extra: Vec::new(),
                 config: None,
             });
-        }
-        for s in &mut servers {
-            s.spawn();
-        }
-        for s in &mut servers {
-            s.wait_ready().await;
         }
         servers
     }
@@ -163,7 +191,8 @@ impl NatsServer {
         self.child = Some(cmd.spawn().expect("spawning nats-server"));
     }
 
-    async fn wait_ready(&mut self) {
+    /// Waits for "Server is ready"; the log so far if the server exits first.
+    async fn wait_ready(&mut self) -> Result<(), String> {
         let child = self.child.as_mut().expect("spawned");
         let stderr = child.stderr.take().expect("piped stderr");
         let mut lines = BufReader::new(stderr).lines();
@@ -176,20 +205,23 @@ impl NatsServer {
                         log.push_str(&l);
                         log.push('\n');
                         if ready {
-                            return;
+                            return Ok(());
                         }
                     }
-                    _ => panic!("nats-server exited before it was ready:\n{log}"),
+                    _ => return Err(std::mem::take(&mut log)),
                 }
             }
         })
-        .await;
+        .await?;
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(())
     }
 
     async fn run(&mut self) {
         self.spawn();
-        self.wait_ready().await;
+        if let Err(log) = self.wait_ready().await {
+            panic!("nats-server exited before it was ready:\n{log}");
+        }
     }
 
     /// Stops the server: SIGTERM (a clean stop), or SIGKILL with `kill`.
