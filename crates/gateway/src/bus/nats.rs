@@ -55,20 +55,31 @@ impl NatsBus {
         }
     }
 
-    /// Hands room messages from NATS to local members until `stop`.
-    async fn follow_rooms(&self, stop: CancellationToken) {
-        let subject = self.names.all_rooms();
-        let mut sub = match self.client.subscribe(subject.clone()).await {
-            Ok(s) => s,
+    /// The messages on `subject` until `stop`; none, logged, if NATS refuses the
+    /// subscription (`what` says what is lost).
+    async fn until_stopped(
+        &self,
+        subject: String,
+        what: &'static str,
+        stop: CancellationToken,
+    ) -> impl futures::Stream<Item = async_nats::Message> {
+        let sub = match self.client.subscribe(subject.clone()).await {
+            Ok(s) => Some(s),
             Err(e) => {
-                tracing::error!(error = %e, subject, "cannot follow rooms");
-                return;
+                tracing::error!(error = %e, subject, "cannot subscribe: no {what}");
+                None
             }
         };
-        while let Some(m) = tokio::select! {
-            m = sub.next() => m,
-            _ = stop.cancelled() => None,
-        } {
+        futures::stream::iter(sub)
+            .flatten()
+            .take_until(stop.cancelled_owned())
+    }
+
+    /// Hands room messages from NATS to local members until `stop`.
+    async fn follow_rooms(&self, stop: CancellationToken) {
+        let rooms = self.until_stopped(self.names.all_rooms(), "room messages", stop);
+        let mut rooms = std::pin::pin!(rooms.await);
+        while let Some(m) = rooms.next().await {
             let Some(room) = self.names.room_of(&m.subject) else {
                 continue;
             };
@@ -86,18 +97,9 @@ impl NatsBus {
 
     /// Answers presence queries from other gateways until `stop`.
     async fn answer_presence(&self, stop: CancellationToken) {
-        let subject = self.names.presence();
-        let mut sub = match self.client.subscribe(subject.clone()).await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, subject, "cannot answer presence queries");
-                return;
-            }
-        };
-        while let Some(msg) = tokio::select! {
-            m = sub.next() => m,
-            _ = stop.cancelled() => None,
-        } {
+        let queries = self.until_stopped(self.names.presence(), "presence answers", stop);
+        let mut queries = std::pin::pin!(queries.await);
+        while let Some(msg) = queries.next().await {
             let (Some(reply), Ok(req)) =
                 (msg.reply, serde_json::from_slice::<Request>(&msg.payload))
             else {

@@ -198,7 +198,7 @@ impl Hub {
     }
 
     /// Puts `(uid, device)` in `room`, held by connection `holder` (0 for HTTP, with an
-    /// expiry). Returns how many rooms that holder is in now.
+    /// expiry), replacing the device's earlier membership of that room.
     pub fn join_room(
         &self,
         room: &str,

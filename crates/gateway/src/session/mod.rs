@@ -14,7 +14,8 @@
 //! Gap-free hand-over: the connection is registered *before* the resume point is read, and
 //! every stored copy reaches the outbox only after it is readable. So each message is either
 //! in a backlog page or in the outbox after the last page; anything at or below the last seq
-//! sent is skipped. The session never touches sockets or knows which transport it serves.
+//! sent is skipped. The session never touches a socket: of its transport it knows only the
+//! [`Profile`] (whether the client acks, and the name metrics count it under).
 
 use std::collections::VecDeque;
 use std::pin::pin;

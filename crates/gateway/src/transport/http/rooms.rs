@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
 use axum::http::HeaderMap;
 use axum::Json;
 use imgate_proto::ids::is_valid_id;
@@ -47,15 +48,36 @@ fn who(
     Ok((id.uid, device))
 }
 
+/// The caller of a room endpoint: authenticated, with the room of the path and the device
+/// of the query (or the default one), both checked.
+pub struct Caller {
+    uid: String,
+    device: String,
+    room: String,
+}
+
+impl FromRequestParts<Arc<Shared>> for Caller {
+    type Rejection = Refusal;
+
+    async fn from_request_parts(parts: &mut Parts, shared: &Arc<Shared>) -> Result<Self, Refusal> {
+        let bad = |text: String| Refusal::new(ErrorCode::BadRequest, text);
+        let Query(q) = Query::<RoomQuery>::from_request_parts(parts, shared)
+            .await
+            .map_err(|e| bad(e.body_text()))?;
+        let Path(room) = Path::<String>::from_request_parts(parts, shared)
+            .await
+            .map_err(|e| bad(e.body_text()))?;
+        let (uid, device) = who(shared, &q, &parts.headers, &room)?;
+        Ok(Caller { uid, device, room })
+    }
+}
+
 /// `POST /v1/rooms/{id}/join?device=`: the device's SSE stream and long polls on this
 /// gateway get the room's messages for the next ten minutes (join again to renew).
 pub async fn join(
     State(shared): State<Arc<Shared>>,
-    headers: HeaderMap,
-    Query(q): Query<RoomQuery>,
-    Path(room): Path<String>,
+    Caller { uid, device, room }: Caller,
 ) -> Result<Json<Value>, Refusal> {
-    let (uid, device) = who(&shared, &q, &headers, &room)?;
     if shared.hub.http_rooms_of(&uid, &device) >= shared.cfg.max_rooms_per_connection {
         return Err(Refusal::new(
             ErrorCode::BadRequest,
@@ -80,11 +102,8 @@ pub async fn join(
 /// `POST /v1/rooms/{id}/leave?device=`
 pub async fn leave(
     State(shared): State<Arc<Shared>>,
-    headers: HeaderMap,
-    Query(q): Query<RoomQuery>,
-    Path(room): Path<String>,
+    Caller { uid, device, room }: Caller,
 ) -> Result<Json<Value>, Refusal> {
-    let (uid, device) = who(&shared, &q, &headers, &room)?;
     shared.hub.leave_room(&room, &uid, &device, 0);
     Ok(Json(json!({"room": room, "device": device})))
 }
@@ -92,12 +111,9 @@ pub async fn leave(
 /// `POST /v1/rooms/{id}/publish?device=` `{"body":…}`
 pub async fn publish(
     State(shared): State<Arc<Shared>>,
-    headers: HeaderMap,
-    Query(q): Query<RoomQuery>,
-    Path(room): Path<String>,
+    Caller { uid, room, .. }: Caller,
     b: Result<Json<PublishBody>, JsonRejection>,
 ) -> Result<Json<Value>, Refusal> {
-    let (uid, _device) = who(&shared, &q, &headers, &room)?;
     let b = json_body(b)?;
     rooms::check_publish(shared.cfg.max_body, &room, &b.body)?;
     check_http_rate(&shared, &uid)?;
