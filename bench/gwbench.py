@@ -16,9 +16,14 @@ DEV_SECRET = b"imgate-development-secret-do-not-use-in-production"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def default_binary():
+def release_dir():
     target = os.environ.get("CARGO_TARGET_DIR", os.path.join(os.path.dirname(__file__), "..", "target"))
-    return os.path.join(target, "release", "imgate")
+    return os.path.join(target, "release")
+
+
+def default_binary():
+    """`IMGATE_BIN`, else the release build: the rule imgate-harness follows for Rust."""
+    return os.environ.get("IMGATE_BIN") or os.path.join(release_dir(), "imgate")
 
 
 def _b64(data):

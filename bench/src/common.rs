@@ -12,8 +12,8 @@ use imgate_gateway::auth::Auth;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 
-use crate::procs::{Gateway, Nats, Usage};
 use crate::Setup;
+use imgate_harness::{Gateway, NatsCounts, NatsServer, Usage};
 
 /// Microseconds since the Unix epoch (the timestamp carried in message bodies).
 pub(crate) fn now_us() -> u64 {
@@ -104,18 +104,20 @@ impl Transport {
 /// The processes a scenario measures: gateways, and the NATS server they share unless the
 /// single gateway is standalone.
 pub(crate) struct Cluster {
-    pub(crate) nats: Option<Nats>,
+    pub(crate) nats: Option<NatsServer>,
     pub(crate) gateways: Vec<Gateway>,
 }
 
 impl Cluster {
     /// CPU and peak RSS of the NATS server (zero when standalone).
     pub(crate) fn nats_usage(&self) -> anyhow::Result<Usage> {
-        self.nats.as_ref().map_or(Ok(Usage::default()), Nats::usage)
+        self.nats
+            .as_ref()
+            .map_or(Ok(Usage::default()), NatsServer::usage)
     }
 
     /// The NATS server's message and API counters (zero when standalone).
-    pub(crate) async fn nats_counts(&self) -> anyhow::Result<crate::procs::NatsCounts> {
+    pub(crate) async fn nats_counts(&self) -> anyhow::Result<NatsCounts> {
         match &self.nats {
             Some(n) => n.counts().await,
             None => Ok(Default::default()),
@@ -124,47 +126,32 @@ impl Cluster {
 }
 
 /// A NATS server and `n` gateways in cluster mode on it.
-pub(crate) async fn cluster(setup: &Setup, n: usize) -> anyhow::Result<(Nats, Vec<Gateway>)> {
-    let nats = Nats::start(&setup.nats_config).await?;
+pub(crate) async fn cluster(setup: &Setup, n: usize) -> anyhow::Result<(NatsServer, Vec<Gateway>)> {
+    let nats = NatsServer::start_from(Some(setup.nats_config.clone()), &[]).await?;
     let mut gws = Vec::new();
     for _ in 0..n {
-        let args = [gateway_args(setup), vec!["--nats".into(), nats.url()]].concat();
-        gws.push(Gateway::start(&setup.imgate, &args).await?);
+        gws.push(setup.gateway(&["--nats".into(), nats.url()]).await?);
     }
     Ok((nats, gws))
-}
-
-fn gateway_args(setup: &Setup) -> Vec<String> {
-    match setup.gateway_threads {
-        0 => vec![],
-        n => vec!["--worker-threads".into(), n.to_string()],
-    }
 }
 
 /// `n` gateways on one NATS server, or with `standalone` one gateway and no NATS.
 pub(crate) async fn start(setup: &Setup, n: usize, standalone: bool) -> anyhow::Result<Cluster> {
     if standalone {
         anyhow::ensure!(n == 1, "a standalone run has exactly one gateway");
-        let mut args = gateway_args(setup);
-        args.extend(["--store".into(), setup.store.clone()]);
-        let data = if setup.store == "disk" {
-            args.extend(["--fsync".into(), setup.fsync.clone()]);
-            match &setup.data_dir {
-                Some(d) => {
-                    args.extend(["--data-dir".into(), d.display().to_string()]);
-                    None
-                }
-                None => {
-                    let d = tempfile::tempdir()?;
-                    args.extend(["--data-dir".into(), d.path().display().to_string()]);
-                    Some(d)
-                }
-            }
-        } else {
-            None
+        // The disk store is the default: without a named directory the harness gives the
+        // gateway a temporary one.
+        let args = match (setup.store.as_str(), &setup.data_dir) {
+            ("disk", None) => vec!["--fsync".into(), setup.fsync.clone()],
+            ("disk", Some(d)) => vec![
+                "--fsync".into(),
+                setup.fsync.clone(),
+                "--data-dir".into(),
+                d.display().to_string(),
+            ],
+            (store, _) => vec!["--store".into(), store.to_owned()],
         };
-        let mut gw = Gateway::start(&setup.imgate, &args).await?;
-        gw.data = data;
+        let gw = setup.gateway(&args).await?;
         return Ok(Cluster {
             nats: None,
             gateways: vec![gw],

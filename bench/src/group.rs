@@ -10,8 +10,8 @@ use imgate_proto::Send;
 use serde_json::json;
 
 use crate::common::{cluster, connect_users, histogram, percentiles_ms, round};
-use crate::procs::Gateway;
 use crate::Setup;
+use imgate_harness::Gateway;
 
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct Args {

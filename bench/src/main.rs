@@ -13,7 +13,6 @@
 mod common;
 mod group;
 mod http_user;
-mod procs;
 mod w1;
 mod w2;
 mod w3;
@@ -23,6 +22,7 @@ mod w7;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+use imgate_harness::Gateway;
 
 /// The gateway's allocator here too: the generator shares the machine's cores with what it
 /// measures, and glibc's malloc was 5.7% of its samples (perf, W1).
@@ -60,11 +60,12 @@ enum Scenario {
 /// Where the binaries and configs are.
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct Setup {
-    /// The imgate binary (release build).
-    #[arg(long, default_value_os_t = default_imgate())]
-    pub(crate) imgate: PathBuf,
+    /// The imgate binary: by default the one cargo built beside this benchmark (a release
+    /// build), or `IMGATE_BIN`.
+    #[arg(long)]
+    pub(crate) imgate: Option<PathBuf>,
     /// NATS configuration to start nats-server with.
-    #[arg(long, default_value_os_t = workspace().join("nats/nats.conf"))]
+    #[arg(long, default_value_os_t = imgate_harness::binaries::nats_config("nats.conf"))]
     pub(crate) nats_config: PathBuf,
     /// Worker threads per gateway (`imgate serve --worker-threads`); 0 keeps the gateway's
     /// default of one per CPU.
@@ -85,15 +86,21 @@ pub(crate) struct Setup {
     pub(crate) fsync: String,
 }
 
-fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn default_imgate() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join("target"));
-    target.join("release/imgate")
+impl Setup {
+    /// Starts a gateway measured by this run, logging only errors: `args` as
+    /// [`Gateway::start`] takes them, after `--worker-threads` when set.
+    pub(crate) async fn gateway(&self, args: &[String]) -> anyhow::Result<Gateway> {
+        let binary = match &self.imgate {
+            Some(b) => b.clone(),
+            None => imgate_harness::binaries::imgate()?,
+        };
+        let mut all = vec!["--max-connections".to_owned(), "200000".to_owned()];
+        if self.gateway_threads > 0 {
+            all.extend(["--worker-threads".into(), self.gateway_threads.to_string()]);
+        }
+        all.extend_from_slice(args);
+        Gateway::start_binary(binary, &all, "error").await
+    }
 }
 
 fn main() -> anyhow::Result<()> {

@@ -19,9 +19,9 @@ use crate::common::{
     Transport,
 };
 use crate::http_user::{receive, HttpSender, Receive};
-use crate::procs::Gateway;
-use crate::procs::Usage;
 use crate::Setup;
+use imgate_harness::usage::usage;
+use imgate_harness::{Gateway, Usage};
 
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct Args {
@@ -182,7 +182,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     let before: Vec<Usage> = gws.iter().map(|g| g.usage()).collect::<Result<_, _>>()?;
     let nats_before = nats.nats_usage()?;
     let counts_before = nats.nats_counts().await?;
-    let me_before = crate::procs::usage(std::process::id())?;
+    let me_before = usage(std::process::id())?;
     let accepted = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
     // Pad the body so it is `a.body` bytes JSON-encoded.
@@ -248,7 +248,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     let after: Vec<Usage> = gws.iter().map(|g| g.usage()).collect::<Result<_, _>>()?;
     let nats_after = nats.nats_usage()?;
     let counts_after = nats.nats_counts().await?;
-    let me_after = crate::procs::usage(std::process::id())?;
+    let me_after = usage(std::process::id())?;
 
     let accepted = accepted.load(Ordering::Relaxed);
     let received = tally.received.load(Ordering::Relaxed);

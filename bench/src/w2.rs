@@ -14,8 +14,9 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::Command;
 
 use crate::common::{connect_each, progress, round, Addrs, Transport};
-use crate::procs::{rss_kib, usage, Gateway};
 use crate::Setup;
+use imgate_harness::usage::{rss_kib, usage};
+use imgate_harness::Gateway;
 
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct Args {
@@ -63,8 +64,8 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         .collect();
     let mut gws = Vec::new();
     for _ in 0..g {
-        let args = ["--idle-timeout".to_string(), "1h".to_string()];
-        gws.push(Gateway::start(&a.setup.imgate, &args).await?);
+        let args = ["--idle-timeout", "1h", "--store", "memory"].map(String::from);
+        gws.push(a.setup.gateway(&args).await?);
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss = |gws: &[Gateway]| -> anyhow::Result<Vec<u64>> {

@@ -101,7 +101,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
 
     let before: Vec<_> = gws.iter().map(|g| g.usage()).collect::<Result<_, _>>()?;
     let nats_before = cluster.nats_usage()?;
-    let me_before = crate::procs::usage(std::process::id())?;
+    let me_before = imgate_harness::usage::usage(std::process::id())?;
     let started = Instant::now();
     let mut published = 0u64;
     let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / a.rate.max(1)));
@@ -122,7 +122,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     let secs = started.elapsed().as_secs_f64();
     let after: Vec<_> = gws.iter().map(|g| g.usage()).collect::<Result<_, _>>()?;
     let nats_after = cluster.nats_usage()?;
-    let me_after = crate::procs::usage(std::process::id())?;
+    let me_after = imgate_harness::usage::usage(std::process::id())?;
     let got = received.load(Ordering::Relaxed);
     let mut dropped = 0;
     for g in gws {

@@ -11,8 +11,8 @@ use imgate_client::{Client, ErrorKind, Event, Events};
 use imgate_proto::{ErrorCode, Send};
 use serde_json::{json, Value};
 
-use crate::natsd::NatsServer;
 use crate::support::*;
+use imgate_harness::NatsServer;
 
 /// Gateways sharing NATS servers.
 struct Cluster {
@@ -23,7 +23,7 @@ struct Cluster {
 impl Cluster {
     /// `gateways` gateways on one NATS server.
     async fn start(gateways: usize, args: &[&str]) -> Cluster {
-        let nats = vec![NatsServer::start().await];
+        let nats = vec![NatsServer::start().await.expect("nats-server starts")];
         Self::with_nats(nats, gateways, args).await
     }
 
@@ -33,7 +33,7 @@ impl Cluster {
         a.extend(["--nats", &urls]);
         let mut gws = Vec::new();
         for _ in 0..gateways {
-            gws.push(Gateway::start(&a).await);
+            gws.push(Gateway::start(&a).await.expect("gateway starts"));
         }
         Cluster { nats, gws }
     }
@@ -202,7 +202,7 @@ async fn sigkill_of_a_gateway_loses_nothing_for_its_users() {
     });
     // Kill the gateway both receivers are on once some messages have flowed.
     let first = messages(&mut bob, 300).await;
-    c.gws[0].signal("KILL");
+    c.gws[0].signal("KILL").unwrap();
     let (rest, welcomes) =
         receive_all(&mut bob, (N / 2) as usize - 300, Duration::from_secs(120)).await;
     assert!(welcomes >= 1, "bob reconnected to another gateway");
@@ -213,7 +213,7 @@ async fn sigkill_of_a_gateway_loses_nothing_for_its_users() {
     let (_, welcomes) = receive_all(&mut carol, (N / 2) as usize, Duration::from_secs(120)).await;
     assert!(welcomes >= 1, "carol reconnected to another gateway");
     sender.await.unwrap();
-    c.gws[0].wait(Duration::from_secs(5)).await;
+    c.gws[0].wait(Duration::from_secs(5)).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -272,7 +272,7 @@ async fn nats_down_for_5s_answers_unavailable_then_delivers_everything_once() {
         "unavailable at once"
     );
     tokio::time::sleep(Duration::from_secs(5).saturating_sub(down_at.elapsed())).await;
-    c.nats[0].restart().await;
+    c.nats[0].restart().await.unwrap();
 
     let unavailable_seen = within(Duration::from_secs(60), "sender", sender)
         .await
@@ -300,7 +300,9 @@ async fn nats_down_for_5s_answers_unavailable_then_delivers_everything_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_one_of_three_nats_nodes_loses_no_accepted_message() {
     const N: u64 = 400;
-    let nats = NatsServer::cluster(3).await;
+    let nats = NatsServer::cluster(3)
+        .await
+        .expect("a nats-server cluster starts");
     let mut c = Cluster::with_nats(nats, 2, &["--replicas", "3", "--nats-timeout", "1s"]).await;
     let (_b, mut bob) = c.client(1, "bob", "phone", Via::Tcp).await;
     let (alice, _a) = c.client(0, "alice", "laptop", Via::Tcp).await;
@@ -529,13 +531,8 @@ async fn the_tail_decodes_only_for_local_users() {
 /// both sides of the conversation (alice's own copies carry the seqs her sends were given).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_login_with_a_backlog_costs_no_jetstream_api_request() {
-    let monitor = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-        .to_string();
-    let nats = vec![NatsServer::start_with(&["-m", &monitor]).await];
+    let nats = vec![NatsServer::start().await.expect("nats-server starts")];
+    let monitor = nats[0].monitor;
     let c = Cluster::with_nats(nats, 2, &[]).await;
     let api = || async {
         curl(&[&format!("http://127.0.0.1:{monitor}/jsz")])
@@ -706,7 +703,9 @@ async fn a_nats_server_older_than_the_minimum_is_refused_naming_both_versions() 
 /// across the cluster; one given a wrong password exits at start, naming the refusal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_credentials_are_used_and_a_refusal_is_named() {
-    let nats = NatsServer::start_with(&["--user", "imgate", "--pass", "s3cret"]).await;
+    let nats = NatsServer::start_with(&["--user", "imgate", "--pass", "s3cret"])
+        .await
+        .expect("nats-server starts");
     serves_with_and_refuses(
         nats,
         &["--nats-user", "imgate", "--nats-password", "s3cret"],
@@ -715,7 +714,9 @@ async fn nats_credentials_are_used_and_a_refusal_is_named() {
     )
     .await;
 
-    let nats = vec![NatsServer::start_with(&["--auth", "t0ken"]).await];
+    let nats = vec![NatsServer::start_with(&["--auth", "t0ken"])
+        .await
+        .expect("nats-server starts")];
     let c = Cluster::with_nats(nats, 1, &["--nats-token", "t0ken"]).await;
     c.delivers(0, 0, "with a token").await;
 }
@@ -750,7 +751,9 @@ async fn nats_over_tls_is_used_and_an_unknown_certificate_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (ca, cert, key) = tls_files(dir.path(), "server");
     let (other_ca, _, _) = tls_files(dir.path(), "other");
-    let nats = NatsServer::start_with(&["--tls", "--tlscert", &cert, "--tlskey", &key]).await;
+    let nats = NatsServer::start_with(&["--tls", "--tlscert", &cert, "--tlskey", &key])
+        .await
+        .expect("nats-server starts");
     serves_with_and_refuses(
         nats,
         &["--nats-ca", &ca],
@@ -852,7 +855,9 @@ async fn nats_creds_files_are_used_and_an_unknown_user_is_refused() {
         &dir.path().join("stranger.creds"),
     );
 
-    let nats = NatsServer::start_from(Some(&conf.display().to_string()), &[]).await;
+    let nats = NatsServer::start_from(Some(conf.clone()), &[])
+        .await
+        .expect("nats-server starts");
     serves_with_and_refuses(
         nats,
         &["--nats-creds", &good],

@@ -24,7 +24,7 @@ async fn on_dir(dir: &std::path::Path, ports: &[String; 4], extra: &[&str]) -> G
     let mut args: Vec<&str> = ports.iter().map(String::as_str).collect();
     args.extend(["--data-dir", dir.to_str().unwrap()]);
     args.extend(extra);
-    Gateway::start(&args).await
+    Gateway::start(&args).await.expect("gateway starts")
 }
 
 /// Every message of `uid`'s inbox, oldest first, read with short polls.
@@ -174,10 +174,10 @@ async fn sigkill_under_load_loses_nothing_answered_with_sent() {
             }
         })
         .await;
-        gw.signal("KILL");
+        gw.signal("KILL").unwrap();
         let at_kill = answered.lock().unwrap().len();
         assert!(at_kill < TOTAL, "killed while sending ({at_kill} answered)");
-        gw.wait(WAIT).await;
+        gw.wait(WAIT).await.unwrap();
         gw = on_dir(dir.path(), &ports, &[]).await;
         // The tablet's cursor came through the kill.
         let w = {
@@ -273,8 +273,8 @@ async fn a_restart_keeps_groups_and_the_dedupe_window() {
         }
     };
     let first = send(&gw).await;
-    gw.signal("TERM");
-    assert!(gw.wait(WAIT).await.success());
+    gw.signal("TERM").unwrap();
+    assert!(gw.wait(WAIT).await.unwrap().success());
     let gw = on_dir(dir.path(), &ports, &[]).await;
     let again = send(&gw).await;
     assert_eq!(again["seq"], first["seq"], "{again} after {first}");
@@ -322,8 +322,8 @@ async fn a_wiped_data_directory_is_a_new_epoch_reported_as_a_gap_on_every_transp
     .json();
     let old_epoch = poll["epoch"].as_str().unwrap().to_owned();
     drop(alice);
-    gw.signal("TERM");
-    gw.wait(WAIT).await;
+    gw.signal("TERM").unwrap();
+    gw.wait(WAIT).await.unwrap();
     std::fs::remove_dir_all(dir.path()).unwrap();
 
     let gw = on_dir(dir.path(), &ports, &[]).await;
@@ -472,8 +472,8 @@ async fn a_data_directory_that_cannot_be_served_stops_the_start_naming_it() {
 
     let damaged = tmp.path().join("damaged");
     let mut gw = on_dir(&damaged, &fixed_ports(), &[]).await;
-    gw.signal("TERM");
-    gw.wait(WAIT).await;
+    gw.signal("TERM").unwrap();
+    gw.wait(WAIT).await.unwrap();
     std::fs::write(damaged.join("version"), b"garbage").unwrap();
     let damaged_s = damaged.display().to_string();
     refused(&run(damaged_s.clone()).await, &damaged_s, "damaged");

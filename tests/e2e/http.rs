@@ -587,7 +587,7 @@ async fn sigterm_ends_an_sse_stream_with_bye_shutdown(env) {
     let stream =
         tokio::spawn(async move { curl(&["-N", "--max-time", "20", "-H", &h, &u]).await });
     tokio::time::sleep(Duration::from_millis(500)).await;
-    gw.signal("TERM");
+    gw.signal("TERM").unwrap();
     let out = stream.await.unwrap();
     let events = sse_events(&out.body);
     assert_eq!(events.first().map(|e| e.0.as_str()), Some("welcome"), "{}", out.body);
@@ -598,6 +598,6 @@ async fn sigterm_ends_an_sse_stream_with_bye_shutdown(env) {
         started.elapsed() < Duration::from_secs(15),
         "the stream ended at shutdown, not at curl's --max-time"
     );
-    assert!(gw.wait(Duration::from_secs(5)).await.success());
+    assert!(gw.wait(Duration::from_secs(5)).await.unwrap().success());
 }
 }

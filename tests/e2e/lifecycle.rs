@@ -14,7 +14,7 @@ async fn sigterm_says_bye_shutdown_and_exits(env) {
     raw.login(&token("bob"), "phone").await;
     let (_alice, mut alice_ev) = connect(&gw, "alice", "web", Via::WsJson).await;
     welcome(&mut alice_ev).await;
-    gw.signal("TERM");
+    gw.signal("TERM").unwrap();
     let bye = raw.recv_type("bye").await;
     assert_eq!(bye["reason"], "shutdown");
     raw.expect_closed().await;
@@ -27,7 +27,7 @@ async fn sigterm_says_bye_shutdown_and_exits(env) {
     })
     .await;
     assert_eq!(reason, Some(imgate_proto::ByeReason::Shutdown));
-    let status = gw.wait(Duration::from_secs(5)).await;
+    let status = gw.wait(Duration::from_secs(5)).await.unwrap();
     assert!(status.success(), "exit status {status:?}");
 }
 }

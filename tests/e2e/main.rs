@@ -3,7 +3,6 @@
 
 #[macro_use]
 mod support;
-mod natsd;
 
 mod bad_input;
 mod cluster;
@@ -15,4 +14,3 @@ mod http;
 mod lifecycle;
 mod python;
 mod resume;
-mod store;

@@ -1,20 +1,22 @@
-//! Test support: run the real `imgate` binary on free ports, mint tokens, connect clients
-//! (our client crate, or a raw TCP socket speaking msgpack frames), collect messages.
+//! Test support: mint tokens, connect clients (our client crate, or a raw TCP socket
+//! speaking msgpack frames), collect messages, and run each test against a standalone
+//! gateway and a cluster. The processes themselves come from `imgate-harness`, shared with
+//! the benchmarks.
 //!
-//! Every process started here is killed when its handle drops; every wait has a deadline.
+//! Every wait here has a deadline.
 
-use std::net::SocketAddr;
-use std::process::Stdio;
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, BytesMut};
 use imgate_client::{Client, ClientBuilder, Encoding, Event, Events};
 use imgate_gateway::auth::Auth;
+pub(crate) use imgate_harness::Gateway;
+use imgate_harness::NatsServer;
 use imgate_proto::Message;
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
 /// Default bound for waiting on one expected thing.
 pub(crate) const WAIT: Duration = Duration::from_secs(15);
@@ -28,104 +30,6 @@ pub(crate) async fn within<T>(
     tokio::time::timeout(d, f)
         .await
         .unwrap_or_else(|_| panic!("timed out after {d:?}: {what}"))
-}
-
-/// A running gateway process.
-pub(crate) struct Gateway {
-    /// Its own data directory when the test named none, removed with the gateway.
-    _data: Option<tempfile::TempDir>,
-    child: Child,
-    pub(crate) http: SocketAddr,
-    pub(crate) tcp: SocketAddr,
-}
-
-impl Gateway {
-    /// Starts `imgate serve` on free loopback ports with `args` added (tests lift the send
-    /// rate limit unless they pass their own).
-    pub(crate) async fn start(args: &[&str]) -> Gateway {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_imgate"));
-        cmd.arg("serve");
-        // Free ports unless the test names its own (to restart on the same ones).
-        if !args.contains(&"--http") {
-            cmd.args(["--http", "127.0.0.1:0", "--tcp", "127.0.0.1:0"]);
-        }
-        if !args.contains(&"--send-rate") {
-            cmd.args(["--send-rate", "0"]);
-        }
-        // A standalone gateway's disk store lives in a directory of its own unless the
-        // test names one (to restart on it) or asks for the memory store.
-        let data = (!args
-            .iter()
-            .any(|a| *a == "--data-dir" || *a == "--store" || *a == "--nats"))
-        .then(|| tempfile::tempdir().expect("a temporary data directory"));
-        if let Some(d) = &data {
-            cmd.arg("--data-dir").arg(d.path());
-        }
-        cmd.args(args)
-            .env_remove("IMGATE_DATA_DIR")
-            .env_remove("IMGATE_STORE")
-            .env_remove("IMGATE_JWT_SECRET")
-            .env_remove("IMGATE_JWT_SECRET_FILE")
-            .env(
-                "RUST_LOG",
-                std::env::var("IMGATE_TEST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true);
-        let mut child = cmd.spawn().expect("spawning the imgate binary");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let mut lines = BufReader::new(stdout).lines();
-        let line = within(
-            WAIT,
-            "gateway to print its listening line",
-            lines.next_line(),
-        )
-        .await
-        .expect("reading gateway stdout")
-        .expect("gateway exited before listening");
-        let field = |name: &str| -> SocketAddr {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(name))
-                .and_then(|v| v.parse().ok())
-                .unwrap_or_else(|| panic!("no {name} in {line:?}"))
-        };
-        let (http, tcp) = (field("http="), field("tcp="));
-        // Keep draining stdout so the child never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Gateway {
-            _data: data,
-            child,
-            http,
-            tcp,
-        }
-    }
-
-    pub(crate) fn tcp_url(&self) -> String {
-        format!("tcp://{}", self.tcp)
-    }
-
-    pub(crate) fn ws_url(&self) -> String {
-        format!("ws://{}/v1/ws", self.http)
-    }
-
-    /// Sends a signal to the gateway process (`"TERM"`, `"KILL"`, …).
-    pub(crate) fn signal(&self, sig: &str) {
-        let pid = self.child.id().expect("gateway still running");
-        let ok = std::process::Command::new("kill")
-            .args([&format!("-{sig}"), &pid.to_string()])
-            .status()
-            .expect("running kill")
-            .success();
-        assert!(ok, "kill -{sig} {pid} failed");
-    }
-
-    /// Waits for the process to exit and returns its status.
-    pub(crate) async fn wait(&mut self, d: Duration) -> std::process::ExitStatus {
-        within(d, "gateway to exit", self.child.wait())
-            .await
-            .expect("waiting for the gateway")
-    }
 }
 
 /// A development-mode token for `uid`.
@@ -364,14 +268,14 @@ pub(crate) enum Mode {
 
 /// A test's world: in cluster mode, its NATS server.
 pub(crate) struct Env {
-    pub(crate) nats: Option<crate::natsd::NatsServer>,
+    pub(crate) nats: Option<NatsServer>,
 }
 
 impl Env {
     pub(crate) async fn new(mode: Mode) -> Env {
         let nats = match mode {
             Mode::Standalone => None,
-            Mode::Cluster => Some(crate::natsd::NatsServer::start().await),
+            Mode::Cluster => Some(NatsServer::start().await.expect("nats-server starts")),
         };
         Env { nats }
     }
@@ -390,12 +294,12 @@ impl Env {
     /// A gateway of this world (in cluster mode, on the world's NATS).
     pub(crate) async fn gateway(&self, args: &[&str]) -> Gateway {
         match &self.nats {
-            None => Gateway::start(args).await,
+            None => Gateway::start(args).await.expect("gateway starts"),
             Some(n) => {
                 let url = n.url();
                 let mut a = args.to_vec();
                 a.extend(["--nats", &url]);
-                Gateway::start(&a).await
+                Gateway::start(&a).await.expect("gateway starts")
             }
         }
     }

@@ -1,13 +1,15 @@
 //! The cluster store used as a library against a real nats-server: what the gateway relies on
-//! from it that no client can see directly.
+//! from it that no client can see directly. It must not reach the store through a gateway
+//! process: the end-to-end tests in the repository's `tests/` do that.
+
+use std::time::Duration;
 
 use clap::Parser;
 use imgate_gateway::config::Config;
 use imgate_gateway::store::nats::NatsStore;
 use imgate_gateway::store::{CursorWrite, Store};
 
-use crate::natsd::NatsServer;
-use crate::support::{within, WAIT};
+use imgate_harness::NatsServer;
 
 #[derive(Parser)]
 struct Cli {
@@ -25,11 +27,12 @@ async fn save(store: &NatsStore, w: &mut CursorWrite) {
 /// cursor still never moves back.
 #[tokio::test]
 async fn cursor_writes_use_their_last_revision_and_never_move_back() {
-    let nats = NatsServer::start().await;
+    let nats = NatsServer::start().await.expect("nats-server starts");
     let url = nats.url();
     let cfg = Cli::parse_from(["imgate", "--nats", url.as_str()]).cfg;
-    let store = within(WAIT, "the store to connect", NatsStore::connect(&cfg))
+    let store = tokio::time::timeout(Duration::from_secs(15), NatsStore::connect(&cfg))
         .await
+        .expect("the store connects within 15 s")
         .expect("store connects");
     let kv = async_nats::jetstream::new(async_nats::connect(&url).await.unwrap())
         .get_key_value("imgate_cursors")
