@@ -16,31 +16,43 @@ fn refuse(code: ErrorCode, message: impl Into<String>) -> Refusal {
 
 /// A new group: the creator is owner and member; ids are checked; at most `max` members.
 pub fn new_group(owner: &str, members: &[String], max: usize) -> Result<Group, Refusal> {
+    check_ids(members)?;
     let mut all = vec![owner.to_owned()];
-    for m in members {
-        if !is_valid_id(m) {
-            return Err(refuse(
-                ErrorCode::BadRequest,
-                format!("member {m:?} is not a valid uid"),
-            ));
-        }
-        if !all.contains(m) {
-            all.push(m.clone());
-        }
-    }
-    if all.len() > max {
-        return Err(refuse(
-            ErrorCode::BadRequest,
-            format!(
-                "a group has at most {max} members (--max-group); this one would have {}",
-                all.len()
-            ),
-        ));
-    }
+    add_new(&mut all, members);
+    at_most(max, all.len(), "this one would have")?;
     Ok(Group {
         owner: owner.to_owned(),
         members: all,
     })
+}
+
+fn check_ids<'a>(ids: impl IntoIterator<Item = &'a String>) -> Result<(), Refusal> {
+    match ids.into_iter().find(|id| !is_valid_id(id)) {
+        Some(id) => Err(refuse(
+            ErrorCode::BadRequest,
+            format!("member {id:?} is not a valid uid"),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Appends each of `ids` that `members` does not hold yet, in order.
+fn add_new(members: &mut Vec<String>, ids: &[String]) {
+    for id in ids {
+        if !members.contains(id) {
+            members.push(id.clone());
+        }
+    }
+}
+
+fn at_most(max: usize, count: usize, would: &str) -> Result<(), Refusal> {
+    if count > max {
+        return Err(refuse(
+            ErrorCode::BadRequest,
+            format!("a group has at most {max} members (--max-group); {would} {count}"),
+        ));
+    }
+    Ok(())
 }
 
 /// Applies `{"add":[…],"remove":[…]}` asked by `by`: the owner adds and removes anyone but
@@ -68,34 +80,15 @@ pub fn change(
     if remove.iter().any(|r| r == &g.owner) {
         return Err(refuse(ErrorCode::BadRequest, "the owner cannot be removed"));
     }
-    for id in add.iter().chain(remove) {
-        if !is_valid_id(id) {
-            return Err(refuse(
-                ErrorCode::BadRequest,
-                format!("{id:?} is not a valid uid"),
-            ));
-        }
-    }
+    check_ids(add.iter().chain(remove))?;
     let mut members: Vec<String> = g
         .members
         .iter()
         .filter(|m| !remove.contains(m))
         .cloned()
         .collect();
-    for a in add {
-        if !members.contains(a) {
-            members.push(a.clone());
-        }
-    }
-    if members.len() > max {
-        return Err(refuse(
-            ErrorCode::BadRequest,
-            format!(
-                "a group has at most {max} members (--max-group); this change would make {}",
-                members.len()
-            ),
-        ));
-    }
+    add_new(&mut members, add);
+    at_most(max, members.len(), "this change would make")?;
     Ok(Group {
         owner: g.owner.clone(),
         members,

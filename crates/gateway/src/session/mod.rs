@@ -30,7 +30,6 @@ use imgate_proto::ids::is_valid_id;
 use imgate_proto::{ByeReason, ClientFrame, ErrorCode, ServerFrame};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 use crate::auth::Identity;
 use crate::config::Config;
@@ -45,8 +44,10 @@ use crate::refusal::Refusal;
 use crate::state::Shared;
 
 pub mod frames;
+mod span;
 
 pub use frames::{Coded, Frames, InError, Incoming};
+use span::{InSpan, Labels};
 
 /// Messages read from the store per backlog page.
 const REPLAY_PAGE: usize = 256;
@@ -130,24 +131,23 @@ fn refuse(r: Refusal) -> End {
 /// `start` is boxed: a future keeps room for its arguments for its whole life, and a
 /// connection's future is what each idle connection costs.
 ///
-/// Everything the connection logs carries its span `conn`: the transport from the start,
-/// and the hub's connection id, uid and device once the login succeeds.
+/// Everything the connection logs carries its span `conn` ([`span`]).
 pub async fn run<T>(shared: Arc<Shared>, frames: T, start: Box<Start>, profile: Profile)
 where
     T: Frames,
 {
-    let span = tracing::info_span!(
-        "conn",
-        transport = profile.transport.as_str(),
-        id = tracing::field::Empty,
-        uid = tracing::field::Empty,
-        device = tracing::field::Empty,
-    );
-    serve(shared, frames, start, profile).instrument(span).await
+    let labels = Labels::default();
+    let conn = serve(shared, frames, start, profile, labels.clone());
+    InSpan::new(conn, profile.transport.as_str(), labels).await
 }
 
-async fn serve<T>(shared: Arc<Shared>, frames: T, start: Box<Start>, profile: Profile)
-where
+async fn serve<T>(
+    shared: Arc<Shared>,
+    frames: T,
+    start: Box<Start>,
+    profile: Profile,
+    labels: Labels,
+) where
     T: Frames,
 {
     let mut io = Io {
@@ -157,6 +157,7 @@ where
         write_stall: shared.cfg.ack_timeout,
         shared: shared.clone(),
         profile,
+        labels,
     };
     // Only the live loop runs inline: a task's future is as large as its largest state for
     // its whole life, and the live state is the one a connection keeps. The phases before and
@@ -184,6 +185,7 @@ struct Io<T> {
     /// For counting what is written.
     shared: Arc<Shared>,
     profile: Profile,
+    labels: Labels,
 }
 
 impl<T> Io<T>
@@ -354,10 +356,7 @@ where
     let mut reg = shared
         .hub
         .register(&uid, &device, io.kick.clone(), cfg.outbox, cfg.max_devices);
-    let span = tracing::Span::current();
-    span.record("id", reg.id);
-    span.record("uid", uid.as_str());
-    span.record("device", device.as_str());
+    io.labels.set(reg.id, &uid, &device);
 
     let point = Box::pin(resume_point(
         shared.store.as_ref(),

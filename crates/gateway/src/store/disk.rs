@@ -267,8 +267,21 @@ impl DiskStore {
             })?;
             groups.insert(String::from_utf8_lossy(&k).into_owned(), g);
         }
-        let writer = Writer::load(db.clone(), ks.clone(), limits, durability, fanout, last_seq)
-            .map_err(corrupt)?;
+        let mut writer = Writer {
+            db: db.clone(),
+            ks: ks.clone(),
+            limits,
+            durability,
+            fanout,
+            last_seq,
+            high: Arc::new(last_seq.into()),
+            counts: HashMap::new(),
+            dedupe: HashMap::new(),
+            dedupe_order: VecDeque::new(),
+            dedupe_window_ms: DEDUPE_WINDOW.as_millis() as u64,
+            last_sweep: Instant::now(),
+        };
+        writer.remember_recent_sends().map_err(corrupt)?;
         let high = writer.high.clone();
         let (tx, rx) = flume::unbounded();
         let background_fsync = fsync == Fsync::Batch;
@@ -344,24 +357,18 @@ struct Writer {
 }
 
 impl Writer {
-    fn load(
-        db: Database,
-        ks: Keyspaces,
-        limits: Limits,
-        durability: PersistMode,
-        fanout: Arc<dyn Fanout>,
-        last_seq: u64,
-    ) -> Result<Writer, fjall::Error> {
-        let window = DEDUPE_WINDOW.as_millis() as u64;
+    /// Loads the sends of the last dedupe window, so a retry after a restart is still
+    /// recognised.
+    fn remember_recent_sends(&mut self) -> Result<(), fjall::Error> {
         let now = now_ms();
         // Sends are in seq order, which is storing order: the window is at the newest end.
         let mut remembered = Vec::new();
-        for item in ks.sends.iter().rev() {
+        for item in self.ks.sends.iter().rev() {
             let v = item.value()?;
             let Ok(rec) = rmp_serde::from_slice::<SendRecord>(&v) else {
                 continue;
             };
-            if now.saturating_sub(rec.at) >= window {
+            if now.saturating_sub(rec.at) >= self.dedupe_window_ms {
                 break;
             }
             let r = Remembered {
@@ -371,26 +378,12 @@ impl Writer {
             };
             remembered.push((rec.from, rec.id, r));
         }
-        remembered.reverse();
-        let mut w = Writer {
-            db,
-            ks,
-            limits,
-            durability,
-            fanout,
-            last_seq,
-            high: Arc::new(last_seq.into()),
-            counts: HashMap::new(),
-            dedupe: HashMap::new(),
-            dedupe_order: VecDeque::new(),
-            dedupe_window_ms: window,
-            last_sweep: Instant::now(),
-        };
-        for (from, id, r) in remembered {
-            w.dedupe_order.push_back((r.at, from.clone(), id.clone()));
-            w.dedupe.insert((from, id), r);
+        for (from, id, r) in remembered.into_iter().rev() {
+            self.dedupe_order
+                .push_back((r.at, from.clone(), id.clone()));
+            self.dedupe.insert((from, id), r);
         }
-        Ok(w)
+        Ok(())
     }
 
     fn run(mut self, rx: flume::Receiver<Op>, background_fsync: bool) {

@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::PollSender;
 
-use super::http::authenticate;
+use super::http::Caller;
 use crate::delivery::outbox::ToClient;
 use crate::refusal::Refusal;
 use crate::session::{self, InError, Incoming, Preauth, Profile, Start};
@@ -35,7 +35,6 @@ const BUFFER: usize = 64;
 
 #[derive(Debug, Deserialize)]
 pub struct EventsQuery {
-    token: Option<String>,
     after: Option<String>,
     device: Option<String>,
 }
@@ -55,10 +54,10 @@ fn event_id(s: &str) -> Option<(Option<String>, u64)> {
 /// `GET /v1/events`.
 pub async fn events(
     State(shared): State<Arc<Shared>>,
+    Caller(identity): Caller,
     headers: HeaderMap,
     Query(q): Query<EventsQuery>,
 ) -> Result<Response, Refusal> {
-    let identity = authenticate(&shared, q.token.as_deref(), &headers)?;
     let last_event_id = match headers.get("last-event-id") {
         Some(v) => Some(v.to_str().ok().and_then(event_id).ok_or_else(|| {
             Refusal::new(

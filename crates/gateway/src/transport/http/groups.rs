@@ -5,8 +5,8 @@
 use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use imgate_proto::ids::is_valid_id;
@@ -14,7 +14,7 @@ use imgate_proto::ErrorCode;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::{authenticate, json_body, with_status, TokenQuery};
+use super::{json_body, with_status, Caller};
 use crate::delivery::groups::{change, new_group};
 use crate::refusal::Refusal;
 use crate::state::Shared;
@@ -61,11 +61,9 @@ fn check_id(id: &str) -> Result<(), Refusal> {
 /// `POST /v1/groups`
 pub async fn create(
     State(shared): State<Arc<Shared>>,
-    headers: HeaderMap,
-    Query(q): Query<TokenQuery>,
+    Caller(who): Caller,
     b: Result<Json<CreateGroup>, JsonRejection>,
 ) -> Result<Response, Refusal> {
-    let who = authenticate(&shared, q.token.as_deref(), &headers)?;
     let req = json_body(b)?;
     check_id(&req.id)?;
     let group = new_group(&who.uid, &req.members, shared.cfg.max_group)?;
@@ -79,11 +77,9 @@ pub async fn create(
 /// `GET /v1/groups/{id}`: members only.
 pub async fn get(
     State(shared): State<Arc<Shared>>,
-    headers: HeaderMap,
-    Query(q): Query<TokenQuery>,
+    Caller(who): Caller,
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>, Refusal> {
-    let who = authenticate(&shared, q.token.as_deref(), &headers)?;
     check_id(&id)?;
     let g = shared
         .store
@@ -102,12 +98,10 @@ pub async fn get(
 /// `POST /v1/groups/{id}/members`
 pub async fn members(
     State(shared): State<Arc<Shared>>,
-    headers: HeaderMap,
-    Query(q): Query<TokenQuery>,
+    Caller(who): Caller,
     Path(id): Path<String>,
     b: Result<Json<ChangeMembers>, JsonRejection>,
 ) -> Result<Json<serde_json::Value>, Refusal> {
-    let who = authenticate(&shared, q.token.as_deref(), &headers)?;
     check_id(&id)?;
     let req = json_body(b)?;
     let max = shared.cfg.max_group;

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::{BufMut, Bytes, BytesMut};
@@ -20,7 +20,7 @@ use imgate_proto::{Encoding, ErrorCode, Send};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{authenticate, check_http_rate, json_body, with_status, TokenQuery};
+use super::{check_http_rate, json_body, with_status, Caller};
 use crate::auth::SYSTEM;
 use crate::delivery::outbox::SharedFrame;
 use crate::delivery::polls::Waiter;
@@ -44,11 +44,9 @@ pub const MAX_WAIT_SECS: u64 = 60;
 /// `POST /v1/messages`: send, answered once durable.
 pub async fn post_message(
     State(shared): State<Arc<Shared>>,
-    headers: HeaderMap,
-    Query(q): Query<TokenQuery>,
+    Caller(id): Caller,
     body: Result<Json<Send>, JsonRejection>,
 ) -> Result<Json<serde_json::Value>, Refusal> {
-    let id = authenticate(&shared, q.token.as_deref(), &headers)?;
     let prepared = send::prepare(&shared.cfg, &id.uid, json_body(body)?)?;
     check_http_rate(&shared, &id.uid)?;
     stored(send::commit(shared.store.as_ref(), &shared.metrics, prepared).await)
@@ -64,11 +62,9 @@ fn stored(r: Result<Stored, Refusal>) -> Result<Json<serde_json::Value>, Refusal
 /// with an admin token. Answers the id, the acceptance time and the seq of the last copy.
 pub async fn admin_message(
     State(shared): State<Arc<Shared>>,
-    headers: HeaderMap,
-    Query(q): Query<TokenQuery>,
+    Caller(id): Caller,
     body: Result<Json<Send>, JsonRejection>,
 ) -> Result<Response, Refusal> {
-    let id = authenticate(&shared, q.token.as_deref(), &headers)?;
     if !id.admin {
         let r = Refusal::new(
             ErrorCode::Unauthorized,
@@ -86,7 +82,6 @@ pub async fn admin_message(
 
 #[derive(Debug, Deserialize)]
 pub struct PollQuery {
-    token: Option<String>,
     after: Option<u64>,
     /// The store epoch `after` belongs to.
     epoch: Option<String>,
@@ -100,10 +95,9 @@ pub struct PollQuery {
 /// `GET /v1/messages`: short poll, or long poll with `wait`.
 pub async fn poll(
     State(shared): State<Arc<Shared>>,
-    headers: HeaderMap,
+    Caller(id): Caller,
     Query(q): Query<PollQuery>,
 ) -> Result<Response, Refusal> {
-    let id = authenticate(&shared, q.token.as_deref(), &headers)?;
     if let Some(before) = q.before.as_deref() {
         return history(&shared, &id.uid, before, q.limit).await;
     }

@@ -12,7 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Query, Request, State};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
@@ -68,10 +69,10 @@ pub fn with_status(status: StatusCode, r: Refusal) -> Response {
     response
 }
 
-/// `?token=` on endpoints that take nothing else in the query.
+/// The `?token=` of any query; the other parameters are the handler's.
 #[derive(Debug, Deserialize)]
-pub struct TokenQuery {
-    pub token: Option<String>,
+struct TokenQuery {
+    token: Option<String>,
 }
 
 /// A JSON request body, or the API error for it (413 when above the body limit).
@@ -112,19 +113,27 @@ pub fn bearer(headers: &HeaderMap) -> Option<String> {
     Some(t.trim().to_owned())
 }
 
-/// Checks the token of a request: `Authorization: Bearer` or `?token=`.
-pub fn authenticate(
-    shared: &Shared,
-    query_token: Option<&str>,
-    headers: &HeaderMap,
-) -> Result<Identity, Refusal> {
-    let token = bearer(headers)
-        .or_else(|| query_token.map(str::to_owned))
-        .ok_or_else(|| Refusal::new(ErrorCode::Unauthorized, AuthError::Missing.to_string()))?;
-    shared
-        .auth
-        .verify(&token)
-        .map_err(|e| Refusal::new(ErrorCode::Unauthorized, e.to_string()))
+/// The verified caller of an HTTP endpoint, from `Authorization: Bearer` or `?token=`
+/// (the header wins). Every authenticated handler takes it, so a token is checked in one
+/// place.
+pub struct Caller(pub Identity);
+
+impl FromRequestParts<Arc<Shared>> for Caller {
+    type Rejection = Refusal;
+
+    async fn from_request_parts(parts: &mut Parts, shared: &Arc<Shared>) -> Result<Self, Refusal> {
+        // A query that does not parse has no token here; the handler's own extractor
+        // answers what is wrong with it.
+        let query_token = || Query::<TokenQuery>::try_from_uri(&parts.uri).ok()?.0.token;
+        let token = bearer(&parts.headers)
+            .or_else(query_token)
+            .ok_or_else(|| Refusal::new(ErrorCode::Unauthorized, AuthError::Missing.to_string()))?;
+        shared
+            .auth
+            .verify(&token)
+            .map(Caller)
+            .map_err(|e| Refusal::new(ErrorCode::Unauthorized, e.to_string()))
+    }
 }
 
 pub fn router(shared: Arc<Shared>) -> Router {

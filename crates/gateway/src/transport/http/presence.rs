@@ -8,14 +8,13 @@
 use std::sync::Arc;
 
 use axum::extract::{Query, State};
-use axum::http::HeaderMap;
 use axum::Json;
 use imgate_proto::ids::{is_valid_id, ID_PATTERN};
 use imgate_proto::ErrorCode;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::authenticate;
+use super::Caller;
 use crate::refusal::Refusal;
 use crate::state::Shared;
 
@@ -24,17 +23,15 @@ const MAX_UIDS: usize = 100;
 
 #[derive(Debug, Deserialize)]
 pub struct PresenceQuery {
-    token: Option<String>,
     uid: String,
 }
 
 /// The handler.
 pub async fn presence(
     State(shared): State<Arc<Shared>>,
-    headers: HeaderMap,
+    Caller(_): Caller,
     Query(q): Query<PresenceQuery>,
 ) -> Result<Json<serde_json::Value>, Refusal> {
-    authenticate(&shared, q.token.as_deref(), &headers)?;
     let uids: Vec<String> = q.uid.split(',').map(str::to_owned).collect();
     if uids.len() > MAX_UIDS || !uids.iter().all(|u| is_valid_id(u)) {
         return Err(Refusal::new(

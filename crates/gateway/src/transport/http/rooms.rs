@@ -8,21 +8,19 @@ use std::time::Instant;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
-use axum::http::HeaderMap;
 use axum::Json;
 use imgate_proto::ids::is_valid_id;
 use imgate_proto::ErrorCode;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{authenticate, check_http_rate, json_body};
+use super::{check_http_rate, json_body, Caller};
 use crate::delivery::{rooms, DEFAULT_DEVICE};
 use crate::refusal::Refusal;
 use crate::state::Shared;
 
 #[derive(Debug, Deserialize)]
 pub struct RoomQuery {
-    token: Option<String>,
     device: Option<String>,
 }
 
@@ -31,35 +29,19 @@ pub struct PublishBody {
     body: Value,
 }
 
-fn who(
-    shared: &Shared,
-    q: &RoomQuery,
-    headers: &HeaderMap,
-    room: &str,
-) -> Result<(String, String), Refusal> {
-    let id = authenticate(shared, q.token.as_deref(), headers)?;
-    let device = q
-        .device
-        .clone()
-        .unwrap_or_else(|| DEFAULT_DEVICE.to_owned());
-    if !is_valid_id(&device) || !is_valid_id(room) {
-        return Err(Refusal::bad_id("room and device"));
-    }
-    Ok((id.uid, device))
-}
-
 /// The caller of a room endpoint: authenticated, with the room of the path and the device
 /// of the query (or the default one), both checked.
-pub struct Caller {
+pub struct InRoom {
     uid: String,
     device: String,
     room: String,
 }
 
-impl FromRequestParts<Arc<Shared>> for Caller {
+impl FromRequestParts<Arc<Shared>> for InRoom {
     type Rejection = Refusal;
 
     async fn from_request_parts(parts: &mut Parts, shared: &Arc<Shared>) -> Result<Self, Refusal> {
+        let Caller(id) = Caller::from_request_parts(parts, shared).await?;
         let bad = |text: String| Refusal::new(ErrorCode::BadRequest, text);
         let Query(q) = Query::<RoomQuery>::from_request_parts(parts, shared)
             .await
@@ -67,8 +49,15 @@ impl FromRequestParts<Arc<Shared>> for Caller {
         let Path(room) = Path::<String>::from_request_parts(parts, shared)
             .await
             .map_err(|e| bad(e.body_text()))?;
-        let (uid, device) = who(shared, &q, &parts.headers, &room)?;
-        Ok(Caller { uid, device, room })
+        let device = q.device.unwrap_or_else(|| DEFAULT_DEVICE.to_owned());
+        if !is_valid_id(&device) || !is_valid_id(&room) {
+            return Err(Refusal::bad_id("room and device"));
+        }
+        Ok(InRoom {
+            uid: id.uid,
+            device,
+            room,
+        })
     }
 }
 
@@ -76,7 +65,7 @@ impl FromRequestParts<Arc<Shared>> for Caller {
 /// gateway get the room's messages for the next ten minutes (join again to renew).
 pub async fn join(
     State(shared): State<Arc<Shared>>,
-    Caller { uid, device, room }: Caller,
+    InRoom { uid, device, room }: InRoom,
 ) -> Result<Json<Value>, Refusal> {
     if shared.hub.http_rooms_of(&uid, &device) >= shared.cfg.max_rooms_per_connection {
         return Err(Refusal::new(
@@ -102,7 +91,7 @@ pub async fn join(
 /// `POST /v1/rooms/{id}/leave?device=`
 pub async fn leave(
     State(shared): State<Arc<Shared>>,
-    Caller { uid, device, room }: Caller,
+    InRoom { uid, device, room }: InRoom,
 ) -> Result<Json<Value>, Refusal> {
     shared.hub.leave_room(&room, &uid, &device, 0);
     Ok(Json(json!({"room": room, "device": device})))
@@ -111,7 +100,7 @@ pub async fn leave(
 /// `POST /v1/rooms/{id}/publish?device=` `{"body":…}`
 pub async fn publish(
     State(shared): State<Arc<Shared>>,
-    Caller { uid, room, .. }: Caller,
+    InRoom { uid, room, .. }: InRoom,
     b: Result<Json<PublishBody>, JsonRejection>,
 ) -> Result<Json<Value>, Refusal> {
     let b = json_body(b)?;
