@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use imgate_client::{ClientBuilder, Encoding, Event};
 use imgate_gateway::auth::Auth;
 use imgate_gateway::config::{secret_from, LogFormat, Secret};
+use imgate_gateway::logging::WithConn;
 use imgate_gateway::{Config, Gateway, Listeners};
 
 /// mimalloc instead of glibc's allocator: allocation was about an eighth of a gateway's CPU
@@ -81,7 +82,8 @@ struct TokenArgs {
 
 #[derive(Args)]
 struct ConnArgs {
-    /// Gateway address: tcp://host:port or ws://host:port.
+    /// Gateway address: tcp://host:port or ws://host:port, with TLS tls://host:port or
+    /// wss://host:port.
     #[arg(long, env = "IMGATE_SERVER", default_value = "tcp://127.0.0.1:7070")]
     server: String,
     /// Token to log in with.
@@ -96,6 +98,10 @@ struct ConnArgs {
     /// Use msgpack instead of JSON on a WebSocket.
     #[arg(long)]
     msgpack: bool,
+    /// For tls:// and wss://: trust the CA certificates of this PEM file instead of the
+    /// system's roots.
+    #[arg(long, env = "IMGATE_CA")]
+    ca: Option<std::path::PathBuf>,
     #[command(flatten)]
     secret: SecretArgs,
 }
@@ -115,10 +121,14 @@ impl ConnArgs {
         } else {
             Encoding::Json
         };
-        Ok(ClientBuilder::new(&self.server, token)
+        let b = ClientBuilder::new(&self.server, token)
             .device(&self.device)
             .resume(resume)
-            .encoding(enc))
+            .encoding(enc);
+        Ok(match &self.ca {
+            Some(ca) => b.ca(ca),
+            None => b,
+        })
     }
 }
 
@@ -207,9 +217,21 @@ fn init_logging(format: LogFormat) {
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
+    // Each connection's lines name it (imgate_gateway::logging).
     match format {
-        LogFormat::Text => b.init(),
-        LogFormat::Json => b.json().init(),
+        LogFormat::Text => b
+            .event_format(WithConn {
+                inner: tracing_subscriber::fmt::format(),
+                json: false,
+            })
+            .init(),
+        LogFormat::Json => b
+            .json()
+            .event_format(WithConn {
+                inner: tracing_subscriber::fmt::format().json(),
+                json: true,
+            })
+            .init(),
     }
 }
 

@@ -724,24 +724,9 @@ async fn nats_credentials_are_used_and_a_refusal_is_named() {
 /// A test CA and a certificate it signed for 127.0.0.1, written under `dir`; returns the
 /// paths of the CA certificate, the server certificate and the server key.
 fn tls_files(dir: &std::path::Path, name: &str) -> (String, String, String) {
-    let mut ca_params = rcgen::CertificateParams::new(Vec::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, format!("imgate test CA {name}"));
-    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap())
-        .unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
-        .unwrap()
-        .signed_by(&key, &ca)
-        .unwrap();
-    let path = |f: &str| dir.join(format!("{name}-{f}")).display().to_string();
-    let (ca_pem, cert_pem, key_pem) = (path("ca.pem"), path("cert.pem"), path("key.pem"));
-    std::fs::write(&ca_pem, ca.pem()).unwrap();
-    std::fs::write(&cert_pem, cert.pem()).unwrap();
-    std::fs::write(&key_pem, key.serialize_pem()).unwrap();
-    (ca_pem, cert_pem, key_pem)
+    let ca = TestCa::new(dir, name);
+    let (cert, key) = ca.issue("server");
+    (ca.path.display().to_string(), cert, key)
 }
 
 /// NATS that requires TLS: gateways given the CA that signed its certificate (`--nats-ca`)

@@ -11,6 +11,8 @@ mod deploy;
 mod durable;
 mod groups;
 mod http;
+mod keys;
 mod lifecycle;
 mod python;
 mod resume;
+mod tls;

@@ -12,7 +12,7 @@ use tokio::process::Command;
 
 use crate::support::*;
 
-fn python() -> String {
+pub(crate) fn python() -> String {
     std::env::var("IMGATE_PYTHON").unwrap_or_else(|_| "python3".into())
 }
 
@@ -21,10 +21,21 @@ fn script(name: &str) -> String {
 }
 
 async fn exchange(gw: &Gateway, script_name: &str, addr: String) {
-    let (rust, mut ev) = connect(gw, "rustuser", "r", Via::Tcp).await;
+    let (rust, ev) = connect(gw, "rustuser", "r", Via::Tcp).await;
+    exchange_with(rust, ev, script_name, &[addr]).await;
+}
+
+/// The python client `script_name` (run with `args`: its address, then anything after the
+/// token and peer) chats with `rust`, a connected client of uid `rustuser`.
+pub(crate) async fn exchange_with(
+    rust: imgate_client::Client,
+    mut ev: imgate_client::Events,
+    script_name: &str,
+    args: &[String],
+) {
     welcome(&mut ev).await;
     // The python side logs in, then sends to us.
-    let (mut out, mut child) = python_child(script_name, addr).await;
+    let (mut out, mut child) = python_child(script_name, args).await;
     let got = messages(&mut ev, 1).await;
     assert_eq!(got[0].from, "pyuser");
     assert_eq!(got[0].body, json!({"text": "hello from python"}));
@@ -45,14 +56,16 @@ async fn exchange(gw: &Gateway, script_name: &str, addr: String) {
 
 async fn python_child(
     script_name: &str,
-    addr: String,
+    args: &[String],
 ) -> (
     tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
     tokio::process::Child,
 ) {
     let mut child = Command::new(python())
         .arg(script(script_name))
-        .args([&addr, &token("pyuser"), "rustuser"])
+        .arg(&args[0])
+        .args([&token("pyuser"), "rustuser"])
+        .args(&args[1..])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .kill_on_drop(true)

@@ -338,3 +338,50 @@ pub(crate) fn fixed_ports() -> [String; 4] {
     };
     ["--http".into(), free(), "--tcp".into(), free()]
 }
+
+/// A certificate authority of a test's own, its certificate written to `path`.
+pub(crate) struct TestCa {
+    dir: std::path::PathBuf,
+    name: String,
+    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+    pub(crate) path: std::path::PathBuf,
+}
+
+impl TestCa {
+    pub(crate) fn new(dir: &std::path::Path, name: &str) -> TestCa {
+        let mut params = rcgen::CertificateParams::new(Vec::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, format!("imgate test CA {name}"));
+        let issuer =
+            rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap())
+                .unwrap();
+        let path = dir.join(format!("{name}-ca.pem"));
+        std::fs::write(&path, issuer.pem()).unwrap();
+        TestCa {
+            dir: dir.to_owned(),
+            name: name.to_owned(),
+            issuer,
+            path,
+        }
+    }
+
+    /// A new key and a certificate for 127.0.0.1 and localhost signed by this CA, written
+    /// under the CA's directory; returns the paths of the certificate and the key.
+    pub(crate) fn issue(&self, what: &str) -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()])
+            .unwrap()
+            .signed_by(&key, &self.issuer)
+            .unwrap();
+        let path = |f: &str| {
+            let p = self.dir.join(format!("{}-{what}-{f}", self.name));
+            p.display().to_string()
+        };
+        let (cert_pem, key_pem) = (path("cert.pem"), path("key.pem"));
+        std::fs::write(&cert_pem, cert.pem()).unwrap();
+        std::fs::write(&key_pem, key.serialize_pem()).unwrap();
+        (cert_pem, key_pem)
+    }
+}

@@ -1,12 +1,13 @@
 """imgate over raw TCP with the third-party `msgpack` library: 4-byte big-endian length,
 then a msgpack map per frame.
 
-Usage: tcp_msgpack_client.py <host:port> <token> <peer>
-Logs in with a login frame, prints the welcome frame as JSON, sends one message to <peer>,
+Usage: tcp_msgpack_client.py <host:port> <token> <peer> [<ca.pem>]
+With a CA file it speaks TLS (Python's `ssl`), checking the gateway's certificate. Logs in with a login frame, prints the welcome frame as JSON, sends one message to <peer>,
 waits for `sent`, then prints the first message received from <peer> and acks it.
 """
 import json
 import socket
+import ssl
 import struct
 import sys
 
@@ -33,9 +34,11 @@ def recv(sock):
     return msgpack.unpackb(recv_exact(sock, length))
 
 
-def main(addr, token, peer):
+def main(addr, token, peer, ca=None):
     host, port = addr.rsplit(":", 1)
     sock = socket.create_connection((host, int(port)), timeout=15)
+    if ca:
+        sock = ssl.create_default_context(cafile=ca).wrap_socket(sock, server_hostname=host)
     send(sock, {"type": "login", "token": token, "device": "pytcp"})
     welcome = recv(sock)
     assert welcome["type"] == "welcome", welcome
@@ -53,4 +56,4 @@ def main(addr, token, peer):
             raise SystemExit(f"unexpected frame: {frame}")
 
 
-main(*sys.argv[1:4])
+main(*sys.argv[1:5])

@@ -1,19 +1,21 @@
 """imgate over WebSocket with the third-party `websockets` library (JSON subprotocol).
 
-Usage: ws_client.py <ws-url> <token> <peer>
-Logs in with ?token= in the URL, prints the welcome frame, sends one message to <peer>,
+Usage: ws_client.py <ws-or-wss-url> <token> <peer> [<ca.pem>]
+With a CA file, a wss:// URL's certificate is checked against it. Logs in with ?token= in the URL, prints the welcome frame, sends one message to <peer>,
 waits for `sent`, then prints the first message received from <peer> and acks it.
 """
 import asyncio
 import json
+import ssl
 import sys
 
 import websockets
 
 
-async def main(url, token, peer):
+async def main(url, token, peer, ca=None):
+    tls = {"ssl": ssl.create_default_context(cafile=ca)} if ca else {}
     async with websockets.connect(
-        f"{url}?token={token}&device=py", subprotocols=["imgate.json"]
+        f"{url}?token={token}&device=py", subprotocols=["imgate.json"], **tls
     ) as ws:
         assert ws.subprotocol == "imgate.json", ws.subprotocol
         welcome = json.loads(await ws.recv())
@@ -34,4 +36,4 @@ async def main(url, token, peer):
                 raise SystemExit(f"unexpected frame: {frame}")
 
 
-asyncio.run(main(*sys.argv[1:4]))
+asyncio.run(main(*sys.argv[1:5]))

@@ -1,13 +1,15 @@
 //! One physical connection: TCP with length-prefixed msgpack, or WebSocket with the token in
-//! the `Authorization` header. Both are one object that is a sink of client frames and a
+//! the `Authorization` header, each plain or inside TLS. Both are one object that is a sink of client frames and a
 //! stream of server frames; nothing here knows about acks or reconnects.
 
 use std::pin::Pin;
 
 use futures::{future, Sink, SinkExt, Stream, StreamExt};
 use imgate_proto::{decode, encode, ClientFrame, Encoding, FrameCodec, ServerFrame};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::handshake::client::Request;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_util::codec::Framed;
@@ -56,26 +58,25 @@ impl Conn {
     ) -> Result<Conn, Error> {
         let url = url::Url::parse(url)
             .map_err(|e| Error::new(ErrorKind::Config, format!("bad url {url}: {e}")))?;
+        let tls = matches!(url.scheme(), "tls" | "wss");
+        let host = url.host_str().unwrap_or("127.0.0.1").to_owned();
+        let connect = |port: u16| async move {
+            let sock = tcp_connect(b, &host, port)
+                .await
+                .map_err(|e| Error::new(ErrorKind::Connect, e.to_string()))?;
+            let _ = sock.set_nodelay(true);
+            Ok::<_, Error>((sock, host))
+        };
         match url.scheme() {
-            "tcp" => {
-                let host = url.host_str().unwrap_or("127.0.0.1");
-                let port = url.port().unwrap_or(7070);
-                let sock = tcp_connect(b, host, port)
-                    .await
-                    .map_err(|e| Error::new(ErrorKind::Connect, e.to_string()))?;
-                let _ = sock.set_nodelay(true);
-                let frames = Framed::new(sock, FrameCodec::new(b.max_frame))
-                    .sink_map_err(io_err)
-                    .with(|f: ClientFrame| {
-                        future::ready(encode(&f, Encoding::Msgpack).map_err(proto_err))
-                    })
-                    .map(|r| {
-                        r.map_err(io_err).and_then(|b| {
-                            decode::<ServerFrame>(&b, Encoding::Msgpack).map_err(proto_err)
-                        })
-                    });
+            "tcp" | "tls" => {
+                let (sock, host) = connect(url.port().unwrap_or(7070)).await?;
+                let frames = if tls {
+                    tcp_frames(b.tls.connect(&host, sock).await?, b.max_frame)
+                } else {
+                    tcp_frames(sock, b.max_frame)
+                };
                 Ok(Conn {
-                    frames: Box::pin(frames),
+                    frames,
                     login_frame: true,
                 })
             }
@@ -111,74 +112,91 @@ impl Conn {
                         Error::new(ErrorKind::Config, "token is not a valid header")
                     })?,
                 );
-                let mut cfg = WebSocketConfig::default();
-                // tungstenite zero-fills its read buffer up to this size before every read;
-                // at its default (128 KiB) that memset was most of a busy client's CPU. A
-                // larger frame still grows the buffer as it needs.
-                cfg.read_buffer_size = WS_READ_BUFFER;
-                cfg.max_message_size = Some(b.max_frame);
-                cfg.max_frame_size = Some(b.max_frame);
-                let connected = match b.local_addr {
-                    None => {
-                        tokio_tungstenite::connect_async_with_config(req, Some(cfg), true).await
-                    }
-                    Some(_) => {
-                        let host = url.host_str().unwrap_or("127.0.0.1");
-                        let sock = tcp_connect(b, host, url.port().unwrap_or(80))
-                            .await
-                            .map_err(|e| Error::new(ErrorKind::Connect, e.to_string()))?;
-                        let _ = sock.set_nodelay(true);
-                        let sock = tokio_tungstenite::MaybeTlsStream::Plain(sock);
-                        tokio_tungstenite::client_async_with_config(req, sock, Some(cfg)).await
-                    }
+                let (sock, host) = connect(url.port_or_known_default().unwrap_or(80)).await?;
+                let frames = if tls {
+                    let sock = b.tls.connect(&host, sock).await?;
+                    ws_frames(req, sock, b).await?
+                } else {
+                    ws_frames(req, sock, b).await?
                 };
-                let (ws, _resp) = connected.map_err(|e| match e {
-                    tokio_tungstenite::tungstenite::Error::Http(resp) if resp.status() == 401 => {
-                        Error::new(
-                            ErrorKind::Server(imgate_proto::ErrorCode::Unauthorized),
-                            "token refused (HTTP 401)",
-                        )
-                    }
-                    e => Error::new(ErrorKind::Connect, e.to_string()),
-                })?;
-                let enc = b.encoding;
-                let frames = ws
-                    .sink_map_err(io_err)
-                    .with(move |f: ClientFrame| {
-                        future::ready(encode(&f, enc).map_err(proto_err).map(|bytes| match enc {
-                            Encoding::Json => WsMessage::Text(
-                                bytes.try_into().expect("serde_json always produces UTF-8"),
-                            ),
-                            Encoding::Msgpack => WsMessage::Binary(bytes),
-                        }))
-                    })
-                    .filter_map(|r| {
-                        future::ready(match r {
-                            Ok(WsMessage::Text(t)) => Some(
-                                decode::<ServerFrame>(t.as_bytes(), Encoding::Json)
-                                    .map_err(proto_err),
-                            ),
-                            Ok(WsMessage::Binary(b)) => Some(
-                                decode::<ServerFrame>(&b, Encoding::Msgpack).map_err(proto_err),
-                            ),
-                            Ok(WsMessage::Close(_)) => {
-                                Some(Err(Error::new(ErrorKind::Closed, "closed")))
-                            }
-                            Ok(_) => None,
-                            Err(e) => Some(Err(io_err(e))),
-                        })
-                    });
                 Ok(Conn {
-                    frames: Box::pin(frames),
+                    frames,
                     login_frame: false,
                 })
             }
             s => Err(Error::new(
                 ErrorKind::Config,
-                format!("unsupported scheme {s:?}: use tcp:// or ws://"),
+                format!("unsupported scheme {s:?}: use tcp://, tls://, ws:// or wss://"),
             )),
         }
     }
+}
+
+/// Length-prefixed msgpack over a socket (plain or TLS).
+fn tcp_frames<S>(sock: S, max_frame: usize) -> Pin<Box<dyn Frames>>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let frames = Framed::new(sock, FrameCodec::new(max_frame))
+        .sink_map_err(io_err)
+        .with(|f: ClientFrame| future::ready(encode(&f, Encoding::Msgpack).map_err(proto_err)))
+        .map(|r| {
+            r.map_err(io_err)
+                .and_then(|b| decode::<ServerFrame>(&b, Encoding::Msgpack).map_err(proto_err))
+        });
+    Box::pin(frames)
+}
+
+/// The WebSocket handshake over a socket (plain or TLS), and the frames in the builder's
+/// encoding after it.
+async fn ws_frames<S>(
+    req: Request,
+    sock: S,
+    b: &ClientBuilder,
+) -> Result<Pin<Box<dyn Frames>>, Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut cfg = WebSocketConfig::default();
+    // tungstenite zero-fills its read buffer up to this size before every read; at its
+    // default (128 KiB) that memset was most of a busy client's CPU. A larger frame still
+    // grows the buffer as it needs.
+    cfg.read_buffer_size = WS_READ_BUFFER;
+    cfg.max_message_size = Some(b.max_frame);
+    cfg.max_frame_size = Some(b.max_frame);
+    let connected = tokio_tungstenite::client_async_with_config(req, sock, Some(cfg)).await;
+    let (ws, _resp) = connected.map_err(|e| match e {
+        tokio_tungstenite::tungstenite::Error::Http(resp) if resp.status() == 401 => Error::new(
+            ErrorKind::Server(imgate_proto::ErrorCode::Unauthorized),
+            "token refused (HTTP 401)",
+        ),
+        e => Error::new(ErrorKind::Connect, e.to_string()),
+    })?;
+    let enc = b.encoding;
+    let frames = ws
+        .sink_map_err(io_err)
+        .with(move |f: ClientFrame| {
+            future::ready(encode(&f, enc).map_err(proto_err).map(|bytes| match enc {
+                Encoding::Json => {
+                    WsMessage::Text(bytes.try_into().expect("serde_json always produces UTF-8"))
+                }
+                Encoding::Msgpack => WsMessage::Binary(bytes),
+            }))
+        })
+        .filter_map(|r| {
+            future::ready(match r {
+                Ok(WsMessage::Text(t)) => {
+                    Some(decode::<ServerFrame>(t.as_bytes(), Encoding::Json).map_err(proto_err))
+                }
+                Ok(WsMessage::Binary(b)) => {
+                    Some(decode::<ServerFrame>(&b, Encoding::Msgpack).map_err(proto_err))
+                }
+                Ok(WsMessage::Close(_)) => Some(Err(Error::new(ErrorKind::Closed, "closed"))),
+                Ok(_) => None,
+                Err(e) => Some(Err(io_err(e))),
+            })
+        });
+    Ok(Box::pin(frames))
 }
 
 /// A TCP connection to `host:port`, from the builder's local address when it names one.

@@ -20,6 +20,7 @@
 
 mod conn;
 mod error;
+mod tls;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -94,10 +95,13 @@ pub struct ClientBuilder {
     max_frame: usize,
     timeout: Duration,
     local_addr: Option<std::net::IpAddr>,
+    /// Roots for `tls://` and `wss://`: the system's, or a private CA's.
+    tls: tls::Roots,
 }
 
 impl ClientBuilder {
-    /// `url` is `tcp://host:port` or `ws://host:port[/v1/ws]`.
+    /// `url` is `tcp://host:port` or `ws://host:port[/v1/ws]`, or with TLS
+    /// `tls://host:port` or `wss://host:port[/v1/ws]`.
     pub fn new(url: impl Into<String>, token: impl Into<String>) -> Self {
         ClientBuilder {
             urls: vec![url.into()],
@@ -110,7 +114,15 @@ impl ClientBuilder {
             max_frame: imgate_proto::DEFAULT_MAX_FRAME,
             timeout: Duration::from_secs(10),
             local_addr: None,
+            tls: tls::Roots::default(),
         }
+    }
+
+    /// Trust only the CA certificates of this PEM file for `tls://` and `wss://` (default:
+    /// the system's roots).
+    pub fn ca(mut self, pem: impl Into<std::path::PathBuf>) -> Self {
+        self.tls = tls::Roots::from_file(pem.into());
+        self
     }
 
     /// Another gateway of the same cluster to reconnect to when the current one fails;

@@ -126,14 +126,42 @@ pub struct Config {
     #[arg(long, env = "IMGATE_TCP", default_value = "127.0.0.1:7070")]
     pub tcp: SocketAddr,
 
-    /// File holding the HS256 JWT secret. Without it (or IMGATE_JWT_SECRET) the gateway runs
-    /// with a development secret, serves POST /v1/dev/token and binds loopback only.
+    /// PEM certificate chain (leaf first): with --tls-key, the HTTP listener serves HTTPS and
+    /// WSS and the TCP listener speaks TLS. Both files are re-read on SIGHUP.
+    #[arg(long, env = "IMGATE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert (PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "IMGATE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// File holding the HS256 JWT secret. Without it (or IMGATE_JWT_SECRET), and without
+    /// public keys, the gateway runs with a development secret, serves POST /v1/dev/token
+    /// and binds loopback only.
     #[arg(long, env = "IMGATE_JWT_SECRET_FILE")]
     pub jwt_secret_file: Option<PathBuf>,
 
     /// The HS256 JWT secret itself (prefer the environment variable or the file).
     #[arg(long, env = "IMGATE_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<Secret>,
+
+    /// A PEM public key (RSA, EC P-256 or Ed25519): tokens signed with RS256, ES256 or
+    /// EdDSA by its private key are accepted. Re-read on SIGHUP.
+    #[arg(long, env = "IMGATE_JWT_PUBLIC_KEY_FILE")]
+    pub jwt_public_key_file: Option<PathBuf>,
+
+    /// A JWKS document (an identity provider's keys); a token's `kid` picks the key.
+    /// Re-read on SIGHUP.
+    #[arg(long, env = "IMGATE_JWT_JWKS_FILE")]
+    pub jwt_jwks_file: Option<PathBuf>,
+
+    /// Tokens must carry this `iss`.
+    #[arg(long, env = "IMGATE_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// Tokens must carry this `aud`.
+    #[arg(long, env = "IMGATE_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
 
     /// Largest frame a client may send (TCP length prefix, WebSocket message), in bytes.
     #[arg(long, env = "IMGATE_MAX_FRAME", default_value_t = imgate_proto::DEFAULT_MAX_FRAME)]
@@ -289,7 +317,7 @@ impl Config {
         if p.len() > 32 || !imgate_proto::ids::is_valid_id(p) {
             return Err(ConfigError::Prefix);
         }
-        if self.secret()?.is_none() {
+        if self.secret()?.is_none() && !self.has_public_keys() {
             for addr in [self.http, self.tcp] {
                 if !addr.ip().is_loopback() {
                     return Err(ConfigError::DevSecretNotLoopback(addr));
@@ -301,6 +329,21 @@ impl Config {
 
     /// The configured secret, from the environment/flag or the file; `None` means
     /// development mode.
+    /// True when tokens may be signed with public keys (a key file or a JWKS).
+    pub fn has_public_keys(&self) -> bool {
+        self.jwt_public_key_file.is_some() || self.jwt_jwks_file.is_some()
+    }
+
+    /// Where the public keys come from, and the claims tokens must carry.
+    pub fn key_sources(&self) -> crate::auth::KeySources {
+        crate::auth::KeySources {
+            public_key: self.jwt_public_key_file.clone(),
+            jwks: self.jwt_jwks_file.clone(),
+            issuer: self.jwt_issuer.clone(),
+            audience: self.jwt_audience.clone(),
+        }
+    }
+
     pub fn secret(&self) -> Result<Option<Secret>, ConfigError> {
         secret_from(self.jwt_secret.as_ref(), self.jwt_secret_file.as_ref())
     }

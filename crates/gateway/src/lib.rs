@@ -18,12 +18,14 @@
 //!
 //! Beside them: [`state`] gathers what sessions and transports share; [`server`] builds it
 //! and runs the listeners; [`config`], [`auth`], [`metrics`], [`refusal`] (the one shape of
-//! an error answer) and [`subjects`] (every NATS name) are leaves any layer may use.
+//! an error answer), [`subjects`] (every NATS name), [`tls`] (certificates) and [`logging`]
+//! (which connection a log line is from) are leaves any layer may use.
 
 pub mod auth;
 pub mod bus;
 pub mod config;
 pub mod delivery;
+pub mod logging;
 pub mod metrics;
 pub mod refusal;
 pub mod server;
@@ -31,6 +33,7 @@ pub mod session;
 pub mod state;
 pub mod store;
 pub mod subjects;
+pub mod tls;
 pub mod transport;
 
 pub use config::Config;

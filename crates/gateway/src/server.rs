@@ -31,6 +31,7 @@ use crate::store::disk::DiskStore;
 use crate::store::memory::{Limits, MemoryStore};
 use crate::store::nats::NatsStore;
 use crate::store::Store;
+use crate::tls::Tls;
 use governor::RateLimiter;
 
 /// The gateway's bound sockets.
@@ -80,14 +81,22 @@ impl Gateway {
     /// in cluster mode). Nothing is listening yet.
     pub async fn new(cfg: Config) -> anyhow::Result<Gateway> {
         cfg.validate()?;
-        let auth = Auth::new(cfg.secret()?.as_ref());
+        let auth = Auth::with_keys(cfg.secret()?.as_ref(), cfg.key_sources())?;
         if auth.dev_mode() {
             tracing::warn!(
-                "DEVELOPMENT MODE: no JWT secret configured (IMGATE_JWT_SECRET or \
-                 --jwt-secret-file); tokens are signed with a public development secret, \
+                "DEVELOPMENT MODE: no JWT key configured (IMGATE_JWT_SECRET, \
+                 --jwt-secret-file, --jwt-public-key-file or --jwt-jwks-file); tokens are signed with a public development secret, \
                  POST /v1/dev/token hands them to anyone, and only loopback addresses are served"
             );
         }
+        let tls = match (&cfg.tls_cert, &cfg.tls_key) {
+            (Some(cert), Some(key)) => {
+                let tls = Tls::load(cert, key)?;
+                tracing::info!(cert = %cert.display(), "TLS on the HTTP and TCP listeners");
+                Some(Arc::new(tls))
+            }
+            _ => None,
+        };
         let hub = Hub::new();
         let tail_stop = CancellationToken::new();
         let mut disk = None;
@@ -163,6 +172,7 @@ impl Gateway {
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
             metrics: Metrics::new(),
+            tls,
             http_limiter,
         });
         Ok(Gateway {
@@ -196,14 +206,25 @@ impl Gateway {
             tracker.clone(),
         ));
         let app = crate::transport::http::router(shared.clone());
-        let http = tokio::spawn(
-            // A make-service that clones the router (an Arc) per connection; serving the
-            // Router itself rebuilds its route table for every connection (`with_state`),
-            // which heaptrack showed as the largest per-connection allocation.
-            axum::serve(http_listener(listeners.http), app.into_make_service())
-                .with_graceful_shutdown(stop.clone().cancelled_owned())
-                .into_future(),
-        );
+        let http = match shared.tls.clone() {
+            None => tokio::spawn(
+                // A make-service that clones the router (an Arc) per connection; serving
+                // the Router itself rebuilds its route table for every connection
+                // (`with_state`), which heaptrack showed as the largest per-connection
+                // allocation.
+                axum::serve(http_listener(listeners.http), app.into_make_service())
+                    .with_graceful_shutdown(stop.clone().cancelled_owned())
+                    .into_future(),
+            ),
+            Some(tls) => tokio::spawn({
+                let shared = shared.clone();
+                async move {
+                    serve_https(listeners.http, app, tls, shared).await;
+                    Ok(())
+                }
+            }),
+        };
+        let reloads = tokio::spawn(reload_on_sighup(shared.clone(), flusher_stop.clone()));
 
         shutdown.await;
         tracing::info!("shutting down: saying bye to every connection");
@@ -219,6 +240,7 @@ impl Gateway {
         let _ = tokio::time::timeout(drain_timeout, http).await;
         let _ = tcp.await;
         flusher_stop.cancel();
+        let _ = reloads.await;
         let _ = sweeper.await;
         let _ = flusher.await;
         self.tail_stop.cancel();
@@ -227,6 +249,94 @@ impl Gateway {
         }
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// Re-reads the TLS certificate and key and the JWT key files on every SIGHUP until `stop`.
+async fn reload_on_sighup(shared: Arc<Shared>, stop: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP; nothing will be reloaded");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            got = hup.recv() => if got.is_none() { return },
+            _ = stop.cancelled() => return,
+        }
+        if let Some(tls) = &shared.tls {
+            match tls.reload() {
+                Ok(()) => tracing::info!("SIGHUP: TLS certificate and key reloaded"),
+                Err(e) => tracing::error!(
+                    error = %e,
+                    "SIGHUP: TLS reload failed; serving the previous certificate"
+                ),
+            }
+        }
+        if shared.auth.has_key_files() {
+            match shared.auth.reload() {
+                Ok(n) => tracing::info!(keys = n, "SIGHUP: JWT public keys reloaded"),
+                Err(e) => tracing::error!(
+                    error = %e,
+                    "SIGHUP: JWT key reload failed; checking tokens with the previous keys"
+                ),
+            }
+        }
+    }
+}
+
+/// HTTPS: each accepted socket shakes hands in its own task (within the login timeout, so
+/// a silent client holds nothing for long) and is then served by hyper like a plain one,
+/// WebSocket upgrades included. Stops accepting at shutdown; open connections end as their
+/// sessions do.
+async fn serve_https(listener: TcpListener, app: axum::Router, tls: Arc<Tls>, shared: Arc<Shared>) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::service::TowerToHyperService;
+    let stop = shared.shutdown.clone();
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = stop.cancelled() => return,
+        };
+        let sock = match accepted {
+            Ok((sock, _)) => sock,
+            Err(e) => {
+                tracing::warn!(error = %e, "https accept failed; backing off");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = sock.set_nodelay(true);
+        let (tls, app, timeout, stop) = (
+            tls.clone(),
+            app.clone(),
+            shared.cfg.login_timeout,
+            stop.clone(),
+        );
+        tokio::spawn(async move {
+            let stream = match tokio::time::timeout(timeout, tls.acceptor().accept(sock)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return tracing::debug!(error = %e, "tls handshake failed"),
+                Err(_) => return tracing::debug!("tls handshake timed out"),
+            };
+            let builder = Builder::new(TokioExecutor::new());
+            let conn = builder.serve_connection_with_upgrades(
+                TokioIo::new(stream),
+                TowerToHyperService::new(app),
+            );
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => if let Err(e) = r { tracing::debug!(error = %e, "https connection ended") },
+                _ = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
     }
 }
 

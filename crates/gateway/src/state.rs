@@ -20,6 +20,7 @@ use crate::delivery::hub::Hub;
 use crate::delivery::polls::ParkedPolls;
 use crate::metrics::Metrics;
 use crate::store::Store;
+use crate::tls::Tls;
 
 /// Everything sessions and handlers share: configuration, auth, store, bus, registry,
 /// cursors, shutdown.
@@ -40,6 +41,8 @@ pub struct Shared {
     /// Connection permits (`--max-connections`), taken before a connection is served.
     pub permits: Arc<Semaphore>,
     pub metrics: Metrics,
+    /// The listeners' TLS (`--tls-cert`, `--tls-key`); `None` serves plain sockets.
+    pub tls: Option<Arc<Tls>>,
     /// Sends per second per uid over `POST /v1/messages` (`--send-rate`, `None` = unlimited).
     pub http_limiter: Option<DefaultKeyedRateLimiter<String>>,
 }

@@ -39,15 +39,14 @@ use crate::delivery::outbox::{OutboxItem, SharedFrame, ToClient};
 use crate::delivery::resume::{resume_point, ResumePoint};
 use crate::delivery::send::{self, send_quota};
 use crate::delivery::{rooms, DEFAULT_DEVICE};
+use crate::logging::Labels;
 use crate::metrics::Transport;
 use crate::refusal::Refusal;
 use crate::state::Shared;
 
 pub mod frames;
-mod span;
 
 pub use frames::{Coded, Frames, InError, Incoming};
-use span::{InSpan, Labels};
 
 /// Messages read from the store per backlog page.
 const REPLAY_PAGE: usize = 256;
@@ -131,14 +130,14 @@ fn refuse(r: Refusal) -> End {
 /// `start` is boxed: a future keeps room for its arguments for its whole life, and a
 /// connection's future is what each idle connection costs.
 ///
-/// Everything the connection logs carries its span `conn` ([`span`]).
+/// Every line the connection logs says which it is ([`crate::logging`]).
 pub async fn run<T>(shared: Arc<Shared>, frames: T, start: Box<Start>, profile: Profile)
 where
     T: Frames,
 {
-    let labels = Labels::default();
+    let labels = Labels::new(profile.transport.as_str());
     let conn = serve(shared, frames, start, profile, labels.clone());
-    InSpan::new(conn, profile.transport.as_str(), labels).await
+    labels.scope(conn).await
 }
 
 async fn serve<T>(

@@ -86,6 +86,8 @@ fn alice() -> Preauth {
         identity: Identity {
             uid: "alice".into(),
             admin: false,
+            exp: u64::MAX,
+            iat: None,
         },
         device: None,
         resume: None,
@@ -381,6 +383,10 @@ fn captured_logs() -> &'static Captured {
         let subscriber = tracing_subscriber::fmt()
             .with_max_level(tracing::Level::DEBUG)
             .with_ansi(false)
+            .event_format(crate::logging::WithConn {
+                inner: tracing_subscriber::fmt::format().with_ansi(false),
+                json: false,
+            })
             .with_writer(move || writer.clone())
             .finish();
         tracing::subscriber::set_global_default(subscriber).expect("the only global subscriber");

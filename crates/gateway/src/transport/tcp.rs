@@ -1,6 +1,8 @@
-//! The TCP transport: length-prefixed msgpack frames on a plain socket (DESIGN section 4).
+//! The TCP transport: length-prefixed msgpack frames on a socket, or inside TLS when the
+//! gateway has a certificate (DESIGN sections 4 and 7).
 //!
-//! It accepts (a connection permit first, backing off on accept errors), frames with
+//! It accepts (a connection permit first, backing off on accept errors), shakes hands
+//! (TLS, within the login timeout, in the connection's own task), frames with
 //! [`imgate_proto::FrameCodec`], decodes and encodes msgpack, and hands the framed socket to
 //! [`crate::session::run`]. It holds no session state of its own.
 
@@ -9,7 +11,8 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use imgate_proto::{decode, ClientFrame, Encoding, FrameCodec, FrameError};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::codec::Framed;
 use tokio_util::task::TaskTracker;
@@ -53,25 +56,47 @@ pub async fn serve(
                 continue;
             }
         };
+        let _ = sock.set_nodelay(true);
         let shared = shared.clone();
-        // The socket is framed and boxed before the connection's future is made: a future
-        // keeps room for what it captured for its whole life (what each idle connection costs).
-        let frames = transport(sock, &shared);
-        let start = Box::new(Start::AwaitLogin {
-            device: None,
-            resume: None,
-            epoch: None,
-        });
+        let Some(tls) = shared.tls.clone() else {
+            // The socket is framed and boxed before the connection's future is made: a
+            // future keeps room for what it captured for its whole life (what each idle
+            // connection costs).
+            let frames = transport(sock, &shared);
+            tracker.spawn(async move {
+                session::run(shared, frames, start(), Profile::TCP).await;
+                drop(permit);
+            });
+            continue;
+        };
         tracker.spawn(async move {
-            session::run(shared, frames, start, Profile::TCP).await;
+            let handshake = tls.acceptor().accept(sock);
+            match tokio::time::timeout(shared.cfg.login_timeout, handshake).await {
+                Ok(Ok(stream)) => {
+                    let frames = transport(stream, &shared);
+                    session::run(shared, frames, start(), Profile::TCP).await;
+                }
+                Ok(Err(e)) => tracing::debug!(error = %e, "tls handshake failed"),
+                Err(_) => tracing::debug!("tls handshake timed out"),
+            }
             drop(permit);
         });
     }
 }
 
-/// The socket, boxed, framing and decoding msgpack.
-fn transport(sock: TcpStream, shared: &Shared) -> impl Frames + Send {
-    let _ = sock.set_nodelay(true);
+fn start() -> Box<Start> {
+    Box::new(Start::AwaitLogin {
+        device: None,
+        resume: None,
+        epoch: None,
+    })
+}
+
+/// The socket (plain or TLS), boxed, framing and decoding msgpack.
+fn transport<S>(sock: S, shared: &Shared) -> impl Frames + Send
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let codec = FrameCodec::new(shared.cfg.max_frame);
     Box::pin(Coded {
         socket: Framed::with_capacity(sock, codec, TCP_BUFFER),
