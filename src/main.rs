@@ -306,6 +306,7 @@ async fn listen(a: ListenArgs) -> anyhow::Result<()> {
                     }
                 );
             }
+            Event::Refreshed { exp } => eprintln!("imgate: token refreshed, valid until {exp}"),
             Event::Disconnected { reason } => {
                 eprintln!("imgate: disconnected ({reason:?}), reconnecting")
             }

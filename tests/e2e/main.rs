@@ -9,6 +9,7 @@ mod cluster;
 mod delivery;
 mod deploy;
 mod durable;
+mod expiry;
 mod groups;
 mod http;
 mod keys;

@@ -67,6 +67,9 @@ pub enum Event {
     Error { code: ErrorCode, message: String },
     /// The connection closed; the client reconnects unless reconnecting is off.
     Disconnected { reason: Option<ByeReason> },
+    /// The gateway accepted [`Client::refresh`]: the connection lasts until `exp` (Unix
+    /// seconds).
+    Refreshed { exp: u64 },
 }
 
 /// The answer to a send: the message is durable.
@@ -251,6 +254,7 @@ pub struct Client {
 enum Command {
     Send(Send, oneshot::Sender<Result<Sent, Error>>),
     Frame(ClientFrame),
+    Refresh(String),
     Reconnect,
     Close(oneshot::Sender<()>),
 }
@@ -285,6 +289,16 @@ impl Client {
     pub async fn frame(&self, frame: ClientFrame) -> Result<(), Error> {
         self.tx
             .send(Command::Frame(frame))
+            .await
+            .map_err(|_| Error::closed())
+    }
+
+    /// Hands the gateway a newer token for the same uid before the current one expires
+    /// (answered by [`Event::Refreshed`], or [`Event::Error`] `unauthorized`); later
+    /// reconnects log in with it.
+    pub async fn refresh(&self, token: impl Into<String>) -> Result<(), Error> {
+        self.tx
+            .send(Command::Refresh(token.into()))
             .await
             .map_err(|_| Error::closed())
     }
@@ -386,6 +400,12 @@ impl Actor {
                             return Exit::Reconnect(None);
                         }
                     }
+                    Some(Command::Refresh(token)) => {
+                        self.builder.token = token.clone();
+                        if conn.frames.send(ClientFrame::Refresh { token }).await.is_err() {
+                            return Exit::Reconnect(None);
+                        }
+                    }
                     Some(Command::Send(send, reply)) => {
                         let id = send.id.clone().expect("the handle sets an id");
                         self.order += 1;
@@ -454,6 +474,9 @@ impl Actor {
                 let _ = self.events.send(Event::Room { room, from, body });
             }
             ServerFrame::Pong => {}
+            ServerFrame::Refreshed { exp } => {
+                let _ = self.events.send(Event::Refreshed { exp });
+            }
             ServerFrame::Bye { reason } => return Some(Exit::Reconnect(Some(reason))),
         }
         None
@@ -598,6 +621,7 @@ mod tests {
                 resume: 0,
                 gap: false,
                 epoch: "e1".into(),
+                exp: None,
             };
             to_client(&mut s, welcome).await;
             s

@@ -126,6 +126,7 @@ mod tests {
             arb_id().prop_map(|room| ClientFrame::Leave { room }),
             (arb_id(), arb_body()).prop_map(|(room, body)| ClientFrame::Publish { room, body }),
             Just(ClientFrame::Ping),
+            arb_id().prop_map(|token| ClientFrame::Refresh { token }),
         ]
     }
 
@@ -155,15 +156,21 @@ mod tests {
                 })
             });
         prop_oneof![
-            (arb_id(), arb_id(), any::<u64>(), any::<bool>(), arb_id()).prop_map(
-                |(uid, device, resume, gap, epoch)| ServerFrame::Welcome {
-                    uid,
-                    device,
-                    resume,
-                    gap,
-                    epoch,
-                }
-            ),
+            (
+                (arb_id(), arb_id(), any::<u64>(), any::<bool>()),
+                (arb_id(), proptest::option::of(any::<u64>()))
+            )
+                .prop_map(|((uid, device, resume, gap), (epoch, exp))| {
+                    ServerFrame::Welcome {
+                        uid,
+                        device,
+                        resume,
+                        gap,
+                        epoch,
+                        exp,
+                    }
+                }),
+            any::<u64>().prop_map(|exp| ServerFrame::Refreshed { exp }),
             msg,
             (arb_id(), any::<u64>(), any::<u64>()).prop_map(|(id, seq, ts)| ServerFrame::Sent {
                 id,

@@ -13,11 +13,24 @@ use serde_json::Value;
 pub enum ClientFrame {
     Login(Login),
     Send(Send),
-    Ack { seq: u64 },
-    Join { room: String },
-    Leave { room: String },
-    Publish { room: String, body: Value },
+    Ack {
+        seq: u64,
+    },
+    Join {
+        room: String,
+    },
+    Leave {
+        room: String,
+    },
+    Publish {
+        room: String,
+        body: Value,
+    },
     Ping,
+    /// A newer token for the same uid, before the current one expires.
+    Refresh {
+        token: String,
+    },
 }
 
 /// `{"type":"login","token":"…","device":"phone","resume":1042,"epoch":"…"}`
@@ -73,6 +86,10 @@ pub enum ServerFrame {
         /// The store's epoch: pass it back with `resume` on the next login.
         #[serde(default)]
         epoch: String,
+        /// When the login token expires (Unix seconds): the connection is closed with
+        /// `bye expired` then, unless a `refresh` came first.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        exp: Option<u64>,
     },
     Msg(Message),
     Sent {
@@ -93,6 +110,10 @@ pub enum ServerFrame {
         message: String,
     },
     Pong,
+    /// A `refresh` was accepted: the connection now lasts until `exp` (Unix seconds).
+    Refreshed {
+        exp: u64,
+    },
     Bye {
         reason: ByeReason,
     },
@@ -176,6 +197,8 @@ pub enum ByeReason {
     FrameTooLarge,
     /// No `login` frame within the login timeout.
     LoginTimeout,
+    /// The token's `exp` passed with no `refresh`.
+    Expired,
 }
 
 impl ByeReason {
@@ -189,6 +212,7 @@ impl ByeReason {
             ByeReason::SlowConsumer => "slow_consumer",
             ByeReason::FrameTooLarge => "frame_too_large",
             ByeReason::LoginTimeout => "login_timeout",
+            ByeReason::Expired => "expired",
         }
     }
 }

@@ -18,6 +18,7 @@
 //! [`Profile`] (whether the client acks, and the name metrics count it under).
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -131,13 +132,19 @@ fn refuse(r: Refusal) -> End {
 /// connection's future is what each idle connection costs.
 ///
 /// Every line the connection logs says which it is ([`crate::logging`]).
-pub async fn run<T>(shared: Arc<Shared>, frames: T, start: Box<Start>, profile: Profile)
+pub fn run<T>(
+    shared: Arc<Shared>,
+    frames: T,
+    start: Box<Start>,
+    profile: Profile,
+) -> impl Future<Output = ()>
 where
     T: Frames,
 {
     let labels = Labels::new(profile.transport.as_str());
-    let conn = serve(shared, frames, start, profile, labels.clone());
-    labels.scope(conn).await
+    labels
+        .clone()
+        .scope(serve(shared, frames, start, profile, labels))
 }
 
 async fn serve<T>(
@@ -307,6 +314,9 @@ struct Live {
     /// `(highest seq, first send time)` per bucket of unacked messages, oldest first.
     unacked: VecDeque<(u64, Instant)>,
     last_activity: Instant,
+    /// The token's expiry (Unix seconds) and the instant it passes, with the leeway.
+    exp: u64,
+    expires: Instant,
     limiter: Option<Box<DefaultDirectRateLimiter>>,
     /// Sends waiting for the store, answered in order. Made on the first send: an empty
     /// `FuturesOrdered` already allocates and takes 64 bytes here, and most connections
@@ -382,6 +392,8 @@ where
         last_sent: resume,
         unacked: VecDeque::new(),
         last_activity: Instant::now(),
+        exp: pre.identity.exp,
+        expires: expiry(pre.identity.exp),
         limiter: None,
         inflight: None,
     };
@@ -465,6 +477,7 @@ where
                 resume,
                 gap: page.gap || reset,
                 epoch: shared.store.epoch().to_string(),
+                exp: Some(live.exp),
             };
             io.write(ToClient::Frame(welcome), false).await?;
             welcomed = true;
@@ -536,7 +549,9 @@ where
             }
             _ = &mut timer => {
                 let now = Instant::now();
-                if live.ack_deadline(cfg).is_some_and(|d| d <= now) {
+                if live.expires <= now {
+                    Err(End::Bye(ByeReason::Expired))
+                } else if live.ack_deadline(cfg).is_some_and(|d| d <= now) {
                     Err(End::Bye(ByeReason::AckTimeout))
                 } else if live.idle_deadline(cfg) <= now {
                     Err(End::Bye(ByeReason::Idle))
@@ -644,6 +659,18 @@ where
             Err(frame) => *frame,
         },
         ClientFrame::Login(_) => ServerFrame::error(ErrorCode::BadRequest, "already logged in"),
+        ClientFrame::Refresh { token } => match shared.auth.verify(&token) {
+            Ok(id) if id.uid == live.uid() => {
+                live.exp = id.exp;
+                live.expires = expiry(id.exp);
+                ServerFrame::Refreshed { exp: id.exp }
+            }
+            Ok(_) => ServerFrame::error(
+                ErrorCode::Unauthorized,
+                "a refresh token must be for the uid of the connection",
+            ),
+            Err(e) => ServerFrame::error(ErrorCode::Unauthorized, e.to_string()),
+        },
         ClientFrame::Join { room } => {
             if !is_valid_id(&room) {
                 Refusal::bad_id("room").into()
@@ -692,6 +719,17 @@ where
         }
     };
     io.write(ToClient::Frame(answer), true).await
+}
+
+/// The instant a token expiring at `exp` (Unix seconds) stops being accepted, with the
+/// verification leeway; far in the future for a token that never expires in practice.
+fn expiry(exp: u64) -> Instant {
+    let left = exp
+        .saturating_add(crate::auth::LEEWAY_SECS)
+        .saturating_sub(crate::auth::unix_now());
+    Instant::now()
+        .checked_add(Duration::from_secs(left))
+        .unwrap_or_else(|| Instant::now() + Duration::from_secs(365 * 24 * 3600))
 }
 
 /// Checks a `send` and returns the future that stores it and yields the answer frame.
@@ -756,7 +794,7 @@ impl Live {
     }
 
     fn deadline(&self, cfg: &Config) -> Instant {
-        let idle = self.idle_deadline(cfg);
+        let idle = self.idle_deadline(cfg).min(self.expires);
         self.ack_deadline(cfg).map_or(idle, |a| a.min(idle))
     }
 }

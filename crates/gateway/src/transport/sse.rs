@@ -170,6 +170,7 @@ fn frame_type(f: &ServerFrame) -> &'static str {
         // Not `error`: EventSource reserves that name for its own connection errors.
         ServerFrame::Error { .. } => "problem",
         ServerFrame::Pong => "pong",
+        ServerFrame::Refreshed { .. } => "refreshed",
         ServerFrame::Bye { .. } => "bye",
     }
 }
