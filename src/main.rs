@@ -244,7 +244,13 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     tracing::info!(%http, %tcp, "listening");
     // One plain line on stdout, once the gateway can serve, for scripts and tests to find
     // the bound ports.
-    println!("imgate listening http={http} tcp={tcp}");
+    match &listeners.metrics {
+        Some(m) => println!(
+            "imgate listening http={http} tcp={tcp} metrics={}",
+            m.local_addr()?
+        ),
+        None => println!("imgate listening http={http} tcp={tcp}"),
+    }
     gateway.serve(listeners, shutdown_signal()).await
 }
 

@@ -315,3 +315,90 @@ async fn send_rate_limit_answers_rate_limited_without_disconnecting(env) {
     }
 }
 }
+
+/// Reads from `s` until the server closes it; everything it sent.
+async fn read_until_closed(s: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return String::from_utf8_lossy(&got).into_owned(),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// Slow clients (DESIGN section 7): a header sent a byte at a time is cut off at
+/// `--header-timeout`, and so is a keep-alive connection that stays idle after an answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickled_header_and_an_idle_keep_alive_connection_are_closed() {
+    use tokio::io::AsyncWriteExt;
+    let gw = Gateway::start(&["--header-timeout", "2s"]).await.unwrap();
+
+    let slow = async {
+        let (mut r, mut w) = tokio::net::TcpStream::connect(gw.http)
+            .await
+            .unwrap()
+            .into_split();
+        let started = std::time::Instant::now();
+        let header = format!(
+            "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n\r\n",
+            "a".repeat(60)
+        );
+        let trickle = async move {
+            for b in header.bytes() {
+                if w.write_all(&[b]).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        };
+        let read = async {
+            let mut all = Vec::new();
+            let _ = tokio::io::AsyncReadExt::read_to_end(&mut r, &mut all).await;
+            String::from_utf8_lossy(&all).into_owned()
+        };
+        let (answer, ()) = within(WAIT, "the slow client to be cut off", async {
+            tokio::select! {
+                a = read => (a, ()),
+                () = trickle => panic!("the whole header went out before the server closed"),
+            }
+        })
+        .await;
+        let took = started.elapsed();
+        assert!(
+            !answer.contains("200 OK"),
+            "a trickled request was served: {answer}"
+        );
+        assert!(
+            took >= Duration::from_millis(1500) && took < Duration::from_secs(8),
+            "{took:?}"
+        );
+    };
+
+    let idle = async {
+        let mut s = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let started = std::time::Instant::now();
+        let answer = within(
+            WAIT,
+            "the idle connection to be closed",
+            read_until_closed(&mut s),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(1500) && took < Duration::from_secs(8),
+            "{took:?}"
+        );
+    };
+    tokio::join!(slow, idle);
+
+    // A client that sends its header at once is served as before.
+    let ok = curl(&[&format!("http://{}/healthz", gw.http)]).await;
+    assert_eq!(ok.status, 200);
+}

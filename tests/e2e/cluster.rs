@@ -851,3 +851,73 @@ async fn nats_creds_files_are_used_and_an_unknown_user_is_refused() {
     )
     .await;
 }
+
+/// Waits for `events` to say the connection was closed with `reason`.
+async fn disconnected(events: &mut imgate_client::Events, reason: imgate_proto::ByeReason) {
+    within(WAIT, "the kick to arrive", async {
+        loop {
+            match events.recv().await {
+                Some(imgate_client::Event::Disconnected { reason: r }) => {
+                    assert_eq!(r, Some(reason));
+                    return;
+                }
+                Some(_) => {}
+                None => panic!("events ended"),
+            }
+        }
+    })
+    .await;
+}
+
+/// `POST /v1/admin/kick` closes a user's devices on every gateway with `bye kicked` and
+/// says how many; with `device` only that one; a non-admin token is 403.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_kick_closes_a_users_devices_on_every_gateway() {
+    let c = Cluster::start(2, &[]).await;
+    let (_p, mut phone) = c.client(0, "bob", "phone", Via::Tcp).await;
+    let (_l, mut laptop) = c.client(1, "bob", "laptop", Via::WsJson).await;
+    welcome(&mut phone).await;
+    welcome(&mut laptop).await;
+    let kick = |token: String, body: Value| {
+        let url = format!("http://{}/v1/admin/kick", c.gws[0].http);
+        async move {
+            curl(&[
+                "-H",
+                &format!("Authorization: Bearer {token}"),
+                "-H",
+                "Content-Type: application/json",
+                "-d",
+                &body.to_string(),
+                &url,
+            ])
+            .await
+        }
+    };
+    let refused = kick(token("mallory"), json!({"uid": "bob"})).await;
+    assert_eq!(refused.status, 403, "{}", refused.body);
+
+    let one = kick(
+        admin_token("ops"),
+        json!({"uid": "bob", "device": "laptop"}),
+    )
+    .await;
+    assert_eq!(one.status, 200, "{}", one.body);
+    assert_eq!(one.json()["closed"], 1);
+    assert_eq!(one.json()["gateways"], 2);
+    disconnected(&mut laptop, imgate_proto::ByeReason::Kicked).await;
+    // The laptop's client reconnects (a kick without revoke leaves its token good).
+    welcome(&mut laptop).await;
+
+    let all = kick(admin_token("ops"), json!({"uid": "bob"})).await;
+    assert_eq!(all.json()["closed"], 2, "{}", all.body);
+    disconnected(&mut phone, imgate_proto::ByeReason::Kicked).await;
+    disconnected(&mut laptop, imgate_proto::ByeReason::Kicked).await;
+
+    let bad = kick(admin_token("ops"), json!({"uid": "b.b"})).await;
+    assert_eq!(
+        (bad.status, bad.json()["code"].clone()),
+        (400, json!("bad_request"))
+    );
+    let revoke = kick(admin_token("ops"), json!({"uid": "bob", "revoke": true})).await;
+    assert_eq!(revoke.status, 400, "revoke is refused until it is built");
+}

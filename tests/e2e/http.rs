@@ -601,3 +601,23 @@ async fn sigterm_ends_an_sse_stream_with_bye_shutdown(env) {
     assert!(gw.wait(Duration::from_secs(5)).await.unwrap().success());
 }
 }
+
+/// `--metrics-listen` moves `/metrics` to a listener of its own: the public one answers 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move_to_their_own_listener() {
+    let gw = Gateway::start(&["--metrics-listen", "127.0.0.1:0"])
+        .await
+        .unwrap();
+    let private = gw.metrics.expect("the gateway printed its metrics address");
+    let public = curl(&[&format!("http://{}/metrics", gw.http)]).await;
+    assert_eq!(public.status, 404);
+    let scraped = curl(&[&format!("http://{private}/metrics")]).await;
+    assert_eq!(scraped.status, 200);
+    assert!(
+        scraped.body.contains("imgate_connections"),
+        "{}",
+        scraped.body
+    );
+    let only = curl(&[&format!("http://{private}/v1/messages")]).await;
+    assert_eq!(only.status, 404, "the metrics listener serves nothing else");
+}

@@ -122,6 +122,11 @@ pub struct Config {
     #[arg(long, env = "IMGATE_HTTP", default_value = "127.0.0.1:8080")]
     pub http: SocketAddr,
 
+    /// A plain-HTTP listener of its own for GET /metrics, for a scraper on a private
+    /// network; /metrics then leaves the public HTTP listener.
+    #[arg(long, env = "IMGATE_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
     /// TCP listener for the binary protocol (4-byte length + msgpack frames).
     #[arg(long, env = "IMGATE_TCP", default_value = "127.0.0.1:7070")]
     pub tcp: SocketAddr,
@@ -193,6 +198,11 @@ pub struct Config {
     /// A connection that sends nothing for this long is closed (bye idle).
     #[arg(long, env = "IMGATE_IDLE_TIMEOUT", default_value = "90s", value_parser = humantime::parse_duration)]
     pub idle_timeout: Duration,
+
+    /// Time an HTTP client has to send a request's header, and the longest an idle
+    /// keep-alive connection waits for its next request.
+    #[arg(long, env = "IMGATE_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub header_timeout: Duration,
 
     /// Time a TCP (or unauthenticated WebSocket) connection has to send its login frame.
     #[arg(long, env = "IMGATE_LOGIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]

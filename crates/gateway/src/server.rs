@@ -5,11 +5,10 @@
 //! shutdown: stop accepting, tell every session (they send `bye shutdown`), wait for them
 //! up to `--drain-timeout`, then flush cursors.
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::serve::ListenerExt;
 use imgate_proto::ByeReason;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -38,13 +37,20 @@ use governor::RateLimiter;
 pub struct Listeners {
     pub http: TcpListener,
     pub tcp: TcpListener,
+    /// `--metrics-listen`.
+    pub metrics: Option<TcpListener>,
 }
 
 impl Listeners {
     pub async fn bind(cfg: &Config) -> std::io::Result<Self> {
+        let metrics = match cfg.metrics_listen {
+            Some(addr) => Some(TcpListener::bind(addr).await?),
+            None => None,
+        };
         Ok(Listeners {
             http: TcpListener::bind(cfg.http).await?,
             tcp: TcpListener::bind(cfg.tcp).await?,
+            metrics,
         })
     }
 
@@ -206,24 +212,19 @@ impl Gateway {
             tracker.clone(),
         ));
         let app = crate::transport::http::router(shared.clone());
-        let http = match shared.tls.clone() {
-            None => tokio::spawn(
-                // A make-service that clones the router (an Arc) per connection; serving
-                // the Router itself rebuilds its route table for every connection
-                // (`with_state`), which heaptrack showed as the largest per-connection
-                // allocation.
-                axum::serve(http_listener(listeners.http), app.into_make_service())
-                    .with_graceful_shutdown(stop.clone().cancelled_owned())
-                    .into_future(),
-            ),
-            Some(tls) => tokio::spawn({
-                let shared = shared.clone();
-                async move {
-                    serve_https(listeners.http, app, tls, shared).await;
-                    Ok(())
-                }
-            }),
-        };
+        let http = tokio::spawn(crate::transport::http::listener::serve(
+            listeners.http,
+            app,
+            shared.clone(),
+        ));
+        if let Some(metrics) = listeners.metrics {
+            let app = crate::transport::http::metrics_router(shared.clone());
+            tokio::spawn(crate::transport::http::listener::serve(
+                metrics,
+                app,
+                shared.clone(),
+            ));
+        }
         let reloads = tokio::spawn(reload_on_sighup(shared.clone(), flusher_stop.clone()));
 
         shutdown.await;
@@ -285,88 +286,5 @@ async fn reload_on_sighup(shared: Arc<Shared>, stop: CancellationToken) {
                 ),
             }
         }
-    }
-}
-
-/// HTTPS: each accepted socket shakes hands in its own task (within the login timeout, so
-/// a silent client holds nothing for long) and is then served by hyper like a plain one,
-/// WebSocket upgrades included. Stops accepting at shutdown; open connections end as their
-/// sessions do.
-async fn serve_https(listener: TcpListener, app: axum::Router, tls: Arc<Tls>, shared: Arc<Shared>) {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
-    use hyper_util::server::conn::auto::Builder;
-    use hyper_util::service::TowerToHyperService;
-    let stop = shared.shutdown.clone();
-    loop {
-        let accepted = tokio::select! {
-            r = listener.accept() => r,
-            _ = stop.cancelled() => return,
-        };
-        let sock = match accepted {
-            Ok((sock, _)) => sock,
-            Err(e) => {
-                tracing::warn!(error = %e, "https accept failed; backing off");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = sock.set_nodelay(true);
-        let (tls, app, timeout, stop) = (
-            tls.clone(),
-            app.clone(),
-            shared.cfg.login_timeout,
-            stop.clone(),
-        );
-        tokio::spawn(async move {
-            let stream = match tokio::time::timeout(timeout, tls.acceptor().accept(sock)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => return tracing::debug!(error = %e, "tls handshake failed"),
-                Err(_) => return tracing::debug!("tls handshake timed out"),
-            };
-            let builder = Builder::new(TokioExecutor::new());
-            let conn = builder.serve_connection_with_upgrades(
-                TokioIo::new(stream),
-                TowerToHyperService::new(app),
-            );
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => if let Err(e) = r { tracing::debug!(error = %e, "https connection ended") },
-                _ = stop.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
-            }
-        });
-    }
-}
-
-/// The HTTP listener with TCP_NODELAY on every accepted socket, as on the TCP listener:
-/// with Nagle's algorithm a frame written while an earlier one is unacknowledged waits for
-/// the peer's delayed ACK (up to 40 ms on Linux), which W1 over WebSocket showed as a 40 ms
-/// p99 (bench/README.md).
-fn http_listener(
-    listener: TcpListener,
-) -> impl axum::serve::Listener<Io = tokio::net::TcpStream, Addr = SocketAddr> {
-    listener.tap_io(|sock| {
-        if let Err(e) = sock.set_nodelay(true) {
-            tracing::debug!(error = %e, "could not set TCP_NODELAY");
-        }
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use axum::serve::Listener;
-
-    use super::*;
-
-    #[tokio::test]
-    async fn http_connections_are_accepted_without_nagle() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let mut listener = http_listener(listener);
-        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let (sock, _) = listener.accept().await;
-        assert!(sock.nodelay().unwrap());
     }
 }

@@ -62,6 +62,11 @@ impl Names {
     }
 
     /// `imgate.ctl.presence`: presence queries, answered by every gateway.
+    /// Kick requests: every gateway closes the named user's connections and answers.
+    pub fn kick(&self) -> String {
+        format!("{}.ctl.kick", self.prefix)
+    }
+
     pub fn presence(&self) -> String {
         format!("{}.ctl.presence", self.prefix)
     }

@@ -22,6 +22,8 @@ pub struct Gateway {
     child: Child,
     pub http: SocketAddr,
     pub tcp: SocketAddr,
+    /// The `--metrics-listen` address, when given.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Gateway {
@@ -91,6 +93,7 @@ impl Gateway {
             }
         };
         let (http, tcp) = (field("http=")?, field("tcp=")?);
+        let metrics = field("metrics=").ok();
         // Keep draining stdout so the gateway never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         Ok(Gateway {
@@ -98,6 +101,7 @@ impl Gateway {
             child,
             http,
             tcp,
+            metrics,
         })
     }
 

@@ -1,12 +1,12 @@
-//! The standalone bus: one gateway, so a room message goes straight to the registry and
-//! presence counts this gateway's connections. Nothing leaves the process.
+//! The standalone bus: one gateway, so a room message goes straight to the registry, and
+//! presence and kicks count this gateway's connections. Nothing leaves the process.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
-use super::{local_counts, Bus, Local, Presence, RoomMessage};
+use super::{local_counts, Bus, Kicked, Local, Presence, RoomMessage};
 use crate::store::StoreError;
 
 /// The bus of a standalone gateway.
@@ -30,6 +30,13 @@ impl Bus for LocalBus {
     async fn presence(&self, uids: &[String]) -> Result<Presence, StoreError> {
         Ok(Presence {
             counts: local_counts(self.local.as_ref(), uids),
+            gateways: 1,
+        })
+    }
+
+    async fn kick(&self, uid: &str, device: Option<&str>) -> Result<Kicked, StoreError> {
+        Ok(Kicked {
+            closed: self.local.kick(uid, device),
             gateways: 1,
         })
     }

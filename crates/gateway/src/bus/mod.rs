@@ -1,5 +1,6 @@
 //! The bus: what gateways tell each other that is not stored. Live room messages reach the
-//! room's members on every gateway, and presence queries are answered by every gateway.
+//! room's members on every gateway, and presence queries and kicks are answered by every
+//! gateway.
 //!
 //! [`Bus`] has two implementations: [`local::LocalBus`] for a standalone gateway (everything
 //! stays in this process) and [`nats::NatsBus`] for a cluster (core NATS, subjects from
@@ -61,6 +62,18 @@ pub trait Local: Send + Sync + 'static {
     fn deliver_room(&self, msg: RoomMessage);
     /// How many connections `uid` has here.
     fn connections_of(&self, uid: &str) -> usize;
+    /// Closes `uid`'s connections here (of one device when given) with `bye kicked`; how
+    /// many.
+    fn kick(&self, uid: &str, device: Option<&str>) -> usize;
+}
+
+/// What a kick closed over the cluster.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Kicked {
+    /// Connections closed.
+    pub closed: usize,
+    /// Gateways that answered.
+    pub gateways: usize,
 }
 
 /// Counts of `uids` on one gateway, the ones with none left out.
@@ -81,7 +94,11 @@ pub trait Bus: Send + Sync + 'static {
     /// Connections of `uids` on every gateway that answers within a short window.
     async fn presence(&self, uids: &[String]) -> Result<Presence, StoreError>;
 
+    /// Closes `uid`'s connections (of one device when given) on every gateway that
+    /// answers within a short window.
+    async fn kick(&self, uid: &str, device: Option<&str>) -> Result<Kicked, StoreError>;
+
     /// Until `stop`: hands other gateways' room messages to this one's members and answers
-    /// their presence queries.
+    /// their presence queries and kicks.
     async fn serve(&self, stop: CancellationToken);
 }

@@ -3,9 +3,9 @@
 //! - A room message travels once on `<prefix>.room.<rid>`; every gateway follows
 //!   `<prefix>.room.*`, reads the room from the subject, and decodes only when someone here
 //!   is in that room.
-//! - A presence query is one request on `<prefix>.ctl.presence`; every gateway (this one
-//!   included) answers with its counts, and the asker sums what arrives within
-//!   [`GATHER_WINDOW`]. There is no registry to ask.
+//! - A presence query is one request on `<prefix>.ctl.presence`, and a kick one on
+//!   `<prefix>.ctl.kick`; every gateway (this one included) answers with its counts, and
+//!   the asker sums what arrives within [`GATHER_WINDOW`]. There is no registry to ask.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -14,14 +14,15 @@ use std::time::Duration;
 use async_nats::connection::State;
 use async_trait::async_trait;
 use futures::StreamExt;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use super::{local_counts, Bus, Local, Presence, RoomMessage};
+use super::{local_counts, Bus, Kicked, Local, Presence, RoomMessage};
 use crate::store::StoreError;
 use crate::subjects::Names;
 
-/// How long a presence query waits for gateways to answer.
+/// How long a presence query or a kick waits for gateways to answer.
 pub const GATHER_WINDOW: Duration = Duration::from_millis(250);
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -33,6 +34,19 @@ struct Request {
 struct Answer {
     /// Connections per uid on the answering gateway (uids with none left out).
     counts: BTreeMap<String, usize>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct KickRequest {
+    uid: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    device: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct KickAnswer {
+    /// Connections the answering gateway closed.
+    closed: usize,
 }
 
 /// The bus of a gateway in a cluster.
@@ -95,22 +109,62 @@ impl NatsBus {
         }
     }
 
-    /// Answers presence queries from other gateways until `stop`.
-    async fn answer_presence(&self, stop: CancellationToken) {
-        let queries = self.until_stopped(self.names.presence(), "presence answers", stop);
-        let mut queries = std::pin::pin!(queries.await);
-        while let Some(msg) = queries.next().await {
-            let (Some(reply), Ok(req)) =
-                (msg.reply, serde_json::from_slice::<Request>(&msg.payload))
+    /// Answers the requests on `subject` with `answer` until `stop`.
+    async fn answer<Q, A>(
+        &self,
+        subject: String,
+        what: &'static str,
+        stop: CancellationToken,
+        answer: impl Fn(Q) -> A,
+    ) where
+        Q: DeserializeOwned,
+        A: Serialize,
+    {
+        let requests = self.until_stopped(subject, what, stop);
+        let mut requests = std::pin::pin!(requests.await);
+        while let Some(msg) = requests.next().await {
+            let (Some(reply), Ok(req)) = (msg.reply, serde_json::from_slice::<Q>(&msg.payload))
             else {
                 continue;
             };
-            let answer = Answer {
-                counts: local_counts(self.local.as_ref(), &req.uids),
-            };
-            let body = serde_json::to_vec(&answer).expect("counts serialise");
+            let body = serde_json::to_vec(&answer(req)).expect("answers serialise");
             let _ = self.client.publish(reply, body.into()).await;
         }
+    }
+
+    /// Publishes `request` on `subject` and collects the answers that arrive within
+    /// [`GATHER_WINDOW`] (ones that do not decode are left out).
+    async fn gather<A: DeserializeOwned>(
+        &self,
+        subject: String,
+        request: &impl Serialize,
+    ) -> Result<Vec<A>, StoreError> {
+        let inbox = self.client.new_inbox();
+        let mut answers = self
+            .client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(unavailable)?;
+        let body = serde_json::to_vec(request).expect("requests serialise");
+        self.client
+            .publish_with_reply(subject, inbox, body.into())
+            .await
+            .map_err(unavailable)?;
+        let mut got = Vec::new();
+        let deadline = tokio::time::sleep(GATHER_WINDOW);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                m = answers.next() => {
+                    let Some(m) = m else { break };
+                    if let Ok(a) = serde_json::from_slice::<A>(&m.payload) {
+                        got.push(a);
+                    }
+                }
+                _ = &mut deadline => break,
+            }
+        }
+        Ok(got)
     }
 }
 
@@ -129,41 +183,50 @@ impl Bus for NatsBus {
     }
 
     async fn presence(&self, uids: &[String]) -> Result<Presence, StoreError> {
-        let inbox = self.client.new_inbox();
-        let mut answers = self
-            .client
-            .subscribe(inbox.clone())
-            .await
-            .map_err(unavailable)?;
-        let body = serde_json::to_vec(&Request {
+        let request = Request {
             uids: uids.to_vec(),
-        })
-        .expect("uids serialise");
-        self.client
-            .publish_with_reply(self.names.presence(), inbox, body.into())
-            .await
-            .map_err(unavailable)?;
-        let mut total = Presence::default();
-        let deadline = tokio::time::sleep(GATHER_WINDOW);
-        tokio::pin!(deadline);
-        loop {
-            tokio::select! {
-                m = answers.next() => {
-                    let Some(m) = m else { break };
-                    if let Ok(a) = serde_json::from_slice::<Answer>(&m.payload) {
-                        total.gateways += 1;
-                        for (uid, n) in a.counts {
-                            *total.counts.entry(uid).or_insert(0) += n;
-                        }
-                    }
-                }
-                _ = &mut deadline => break,
-            }
+        };
+        let answers: Vec<Answer> = self.gather(self.names.presence(), &request).await?;
+        let mut total = Presence {
+            gateways: answers.len(),
+            ..Presence::default()
+        };
+        for (uid, n) in answers.into_iter().flat_map(|a| a.counts) {
+            *total.counts.entry(uid).or_insert(0) += n;
         }
         Ok(total)
     }
 
+    async fn kick(&self, uid: &str, device: Option<&str>) -> Result<Kicked, StoreError> {
+        let request = KickRequest {
+            uid: uid.to_owned(),
+            device: device.map(str::to_owned),
+        };
+        let answers: Vec<KickAnswer> = self.gather(self.names.kick(), &request).await?;
+        Ok(Kicked {
+            closed: answers.iter().map(|a| a.closed).sum(),
+            gateways: answers.len(),
+        })
+    }
+
     async fn serve(&self, stop: CancellationToken) {
-        tokio::join!(self.follow_rooms(stop.clone()), self.answer_presence(stop));
+        let local = self.local.clone();
+        let presence = self.answer(
+            self.names.presence(),
+            "presence answers",
+            stop.clone(),
+            |q: Request| Answer {
+                counts: local_counts(local.as_ref(), &q.uids),
+            },
+        );
+        let kicks = self.answer(
+            self.names.kick(),
+            "kicks",
+            stop.clone(),
+            |q: KickRequest| KickAnswer {
+                closed: local.kick(&q.uid, q.device.as_deref()),
+            },
+        );
+        tokio::join!(self.follow_rooms(stop), presence, kicks);
     }
 }

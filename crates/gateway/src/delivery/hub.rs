@@ -188,6 +188,23 @@ impl Hub {
         }
     }
 
+    /// Closes `uid`'s connections and waiters here (of one `device` when given) with `bye
+    /// kicked`; how many.
+    pub fn kick_user(&self, uid: &str, device: Option<&str>) -> usize {
+        let Some(conns) = self.users.get(uid) else {
+            return 0;
+        };
+        let mut n = 0;
+        for c in conns
+            .iter()
+            .filter(|c| device.is_none_or(|d| *c.device == *d))
+        {
+            c.kick.kick(ByeReason::Kicked);
+            n += 1;
+        }
+        n
+    }
+
     /// Kicks every connection and waiter here with `reason` (shutdown).
     pub fn kick_all(&self, reason: ByeReason) {
         for conns in self.users.iter() {
@@ -297,6 +314,10 @@ impl Local for Hub {
 
     fn connections_of(&self, uid: &str) -> usize {
         Hub::connections_of(self, uid)
+    }
+
+    fn kick(&self, uid: &str, device: Option<&str>) -> usize {
+        Hub::kick_user(self, uid, device)
     }
 }
 

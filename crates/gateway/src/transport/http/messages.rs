@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Query, State};
-use axum::http::{header, StatusCode};
+use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::{BufMut, Bytes, BytesMut};
@@ -20,7 +20,7 @@ use imgate_proto::{Encoding, ErrorCode, Send};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{check_http_rate, json_body, with_status, Caller};
+use super::{check_http_rate, json_body, not_admin, Caller};
 use crate::auth::SYSTEM;
 use crate::delivery::outbox::SharedFrame;
 use crate::delivery::polls::Waiter;
@@ -66,11 +66,7 @@ pub async fn admin_message(
     body: Result<Json<Send>, JsonRejection>,
 ) -> Result<Response, Refusal> {
     if !id.admin {
-        let r = Refusal::new(
-            ErrorCode::Unauthorized,
-            "an admin token (role: admin) is required",
-        );
-        return Ok(with_status(StatusCode::FORBIDDEN, r));
+        return Ok(not_admin());
     }
     let mut prepared = send::prepare(&shared.cfg, SYSTEM, json_body(body)?)?;
     prepared.member_only = false;

@@ -30,7 +30,9 @@ use crate::auth::{AuthError, Identity};
 use crate::refusal::Refusal;
 use crate::state::Shared;
 
+pub mod admin;
 pub mod groups;
+pub mod listener;
 pub mod messages;
 pub mod presence;
 pub mod rooms;
@@ -57,6 +59,15 @@ impl IntoResponse for Refusal {
     fn into_response(self) -> Response {
         with_status(status_of(self.code), self)
     }
+}
+
+/// 403 for a token without `role: admin` on an admin endpoint.
+pub fn not_admin() -> Response {
+    let r = Refusal::new(
+        ErrorCode::Unauthorized,
+        "an admin token (role: admin) is required",
+    );
+    with_status(StatusCode::FORBIDDEN, r)
 }
 
 /// A refusal answered with another status than its code's (409 for a group that exists,
@@ -136,6 +147,13 @@ impl FromRequestParts<Arc<Shared>> for Caller {
     }
 }
 
+/// `GET /metrics` alone, for `--metrics-listen`.
+pub fn metrics_router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(shared)
+}
+
 pub fn router(shared: Arc<Shared>) -> Router {
     let mut r = Router::new()
         .route("/", get(|| async { Html(CHAT_HTML) }))
@@ -155,6 +173,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/events", get(super::sse::events))
         .route("/v1/presence", get(presence::presence))
         .route("/v1/admin/messages", post(messages::admin_message))
+        .route("/v1/admin/kick", post(admin::kick))
         .route("/v1/rooms/{id}/join", post(rooms::join))
         .route("/v1/rooms/{id}/leave", post(rooms::leave))
         .route("/v1/rooms/{id}/publish", post(rooms::publish))
@@ -162,8 +181,10 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/groups/{id}", get(groups::get))
         .route("/v1/groups/{id}/members", post(groups::members))
         .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics));
+        .route("/readyz", get(readyz));
+    if shared.cfg.metrics_listen.is_none() {
+        r = r.route("/metrics", get(metrics));
+    }
     if shared.auth.dev_mode() {
         r = r.route("/v1/dev/token", post(dev_token));
     }

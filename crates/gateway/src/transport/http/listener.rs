@@ -1,0 +1,126 @@
+//! The HTTP listener's accept loop: plain or TLS sockets served by hyper with the router,
+//! WebSocket upgrades included, each connection in its own task.
+//!
+//! A connection must send each request's header within `--header-timeout`, and the same
+//! clock runs while a keep-alive connection waits for its next request (hyper times both
+//! as one wait), so a client that trickles its header or holds an idle socket is closed. A
+//! TLS handshake has the login timeout. At shutdown the loop stops accepting, open
+//! connections finish their requests (long polls answer, SSE streams say bye), and it
+//! returns when the last has ended. Nothing here knows a route.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto::Builder;
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::state::Shared;
+use crate::tls::Tls;
+
+/// Pause after a failed accept (for example, out of file descriptors).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Serves `listener` with `app` until shutdown, then waits for its connections to end.
+pub async fn serve(listener: TcpListener, app: Router, shared: Arc<Shared>) {
+    let stop = shared.shutdown.clone();
+    let conns = TaskTracker::new();
+    loop {
+        let sock = tokio::select! {
+            r = accept(&listener) => match r {
+                Ok(sock) => sock,
+                Err(e) => {
+                    tracing::warn!(error = %e, "http accept failed; backing off");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            },
+            _ = stop.cancelled() => break,
+        };
+        let (app, stop, cfg) = (app.clone(), stop.clone(), &shared.cfg);
+        let header_timeout = cfg.header_timeout;
+        match shared.tls.clone() {
+            None => conns.spawn(connection(sock, app, header_timeout, stop)),
+            Some(tls) => conns.spawn(tls_connection(
+                sock,
+                tls,
+                cfg.login_timeout,
+                app,
+                header_timeout,
+                stop,
+            )),
+        };
+    }
+    conns.close();
+    conns.wait().await;
+}
+
+/// The next socket, with TCP_NODELAY as on the TCP listener: with Nagle's algorithm a frame
+/// written while an earlier one is unacknowledged waits for the peer's delayed ACK (up to
+/// 40 ms on Linux), which W1 over WebSocket showed as a 40 ms p99.
+async fn accept(listener: &TcpListener) -> std::io::Result<TcpStream> {
+    let (sock, _) = listener.accept().await?;
+    if let Err(e) = sock.set_nodelay(true) {
+        tracing::debug!(error = %e, "could not set TCP_NODELAY");
+    }
+    Ok(sock)
+}
+
+async fn tls_connection(
+    sock: TcpStream,
+    tls: Arc<Tls>,
+    handshake_timeout: Duration,
+    app: Router,
+    header_timeout: Duration,
+    stop: CancellationToken,
+) {
+    match tokio::time::timeout(handshake_timeout, tls.acceptor().accept(sock)).await {
+        Ok(Ok(stream)) => connection(stream, app, header_timeout, stop).await,
+        Ok(Err(e)) => tracing::debug!(error = %e, "tls handshake failed"),
+        Err(_) => tracing::debug!("tls handshake timed out"),
+    }
+}
+
+/// One connection's requests, until the client leaves, a header is late, or shutdown lets
+/// the request in progress finish.
+async fn connection<S>(io: S, app: Router, header_timeout: Duration, stop: CancellationToken)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    let conn =
+        builder.serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(app));
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => if let Err(e) = r {
+            tracing::debug!(error = %e, "http connection ended");
+        },
+        _ = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn http_connections_are_accepted_without_nagle() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = TcpStream::connect(addr).await.unwrap();
+        let sock = accept(&listener).await.unwrap();
+        assert!(sock.nodelay().unwrap());
+    }
+}
