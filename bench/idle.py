@@ -6,7 +6,9 @@ Starts the server(s) on free ports, opens N connections that each log in as thei
 and wait for the server's answer (`welcome`; Socket.IO's connect packet), holds them idle,
 and reads each server's RSS from /proc before and after. Prints one JSON line.
 
-Usage: bench/idle.py [--transport tcp|ws|socketio] [--connections 10000] [--gateways 1]
+Usage: bench/idle.py [--transport tcp|tls|ws|socketio] [--connections 10000] [--gateways 1]
+`tls` is the TCP protocol inside TLS (`--tls-cert`, a P-256 certificate `openssl` makes for
+the run), so `seconds_to_connect` beside `tcp` shows what the handshakes cost.
 Needs `msgpack` and `websockets` (tests/run's venv has both); for socketio, what
 bench/peers/socketio needs. A process may hold at most 20,000 open files here, so the
 connections are held by one client process per server, each from its own loopback source
@@ -18,6 +20,9 @@ import json
 import multiprocessing
 import os
 import random
+import ssl
+import subprocess
+import tempfile
 import struct
 import sys
 import time
@@ -30,8 +35,22 @@ from gwbench import Gateway, default_binary, rss_kib, token
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers", "socketio"))
 
 
-async def hold_tcp(addr, uid, source, stop):
-    reader, writer = await asyncio.open_connection(*addr, local_addr=(source, 0))
+def tls_files():
+    """A self-signed P-256 certificate for 127.0.0.1 and its key, made once per run."""
+    d = tempfile.mkdtemp(prefix="imgate-tls-")
+    cert, key = os.path.join(d, "cert.pem"), os.path.join(d, "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                    "-nodes", "-keyout", key, "-out", cert, "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    return cert, key
+
+
+TLS = {}  # "cert", "key": set by main before the client processes fork
+
+
+async def hold_tcp(addr, uid, source, stop, tls=False):
+    ctx = ssl.create_default_context(cafile=TLS["cert"]) if tls else None
+    reader, writer = await asyncio.open_connection(*addr, local_addr=(source, 0), ssl=ctx)
     payload = msgpack.packb({"type": "login", "token": token(uid), "device": "idle"})
     writer.write(struct.pack(">I", len(payload)) + payload)
     await writer.drain()
@@ -73,7 +92,11 @@ async def hold_socketio(addr, uid, source, stop):
         task.cancel()
 
 
-HOLD = {"tcp": hold_tcp, "ws": hold_ws, "socketio": hold_socketio}
+def hold_tls(addr, uid, source, stop):
+    return hold_tcp(addr, uid, source, stop, tls=True)
+
+
+HOLD = {"tcp": hold_tcp, "tls": hold_tls, "ws": hold_ws, "socketio": hold_socketio}
 
 
 async def connect_all(transport, addr, first, count, source, stop, deadline=600):
@@ -143,10 +166,11 @@ class Servers:
             self.pids = [self.peer.server_pid(i) for i in range(g)]
             self.addrs = [("127.0.0.1", p) for p in self.peer.ports]
         else:
-            self.gws = [Gateway(binary, "--idle-timeout", "1h", "--max-connections", str(per + 100))
+            tls = ["--tls-cert", TLS["cert"], "--tls-key", TLS["key"]] if transport == "tls" else []
+            self.gws = [Gateway(binary, "--idle-timeout", "1h", "--max-connections", str(per + 100), *tls)
                         for _ in range(g)]
             self.pids = [gw.pid for gw in self.gws]
-            self.addrs = [gw.tcp if transport == "tcp" else gw.http for gw in self.gws]
+            self.addrs = [gw.http if transport == "ws" else gw.tcp for gw in self.gws]
 
     def close(self):
         if self.peer:
@@ -160,6 +184,8 @@ def main(a):
     # Server k holds counts[k] connections, users u<firsts[k]>..; the remainder goes first.
     counts = [a.connections // a.gateways + (k < a.connections % a.gateways) for k in range(a.gateways)]
     firsts = [sum(counts[:k]) for k in range(a.gateways)]
+    if a.transport == "tls":
+        TLS["cert"], TLS["key"] = tls_files()
     servers = Servers(a.transport, a.gateways, counts[0], a.binary)
     stop_ev, procs = multiprocessing.Event(), []
     try:
@@ -189,6 +215,7 @@ def main(a):
             "servers": a.gateways,
             "connections": held,
             "seconds_to_connect": round(took, 1),
+            "connections_per_second": round(held / took),
             "rss_before_kib": before,
             "rss_after_kib": after,
             "peak_rss_kib": [rss_kib(p, "VmHWM") for p in servers.pids],

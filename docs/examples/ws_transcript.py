@@ -32,6 +32,11 @@ async def main(base):
             print("alice <", await a.recv(), "  (her own copy)")
             await send({"type": "send", "id": "c-17", "to": "bob", "body": {"text": "hi"}})
             await send({"type": "ping"})
+            # A newer token for the same uid keeps the connection open past the first's exp.
+            refresh = {"type": "refresh", "token": dev_token(base, "alice")}
+            print("alice >", json.dumps({**refresh, "token": "<jwt>"}))
+            await a.send(json.dumps(refresh))
+            print("alice <", await a.recv())
             await send({"type": "send", "id": "c-18", "to": "not a uid", "body": {}})
             await send({"type": "ack", "seq": 99})
             await send({"type": "dance"})

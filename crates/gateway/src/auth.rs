@@ -15,7 +15,7 @@ use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet, KeyAlgorithm
 use jsonwebtoken::{errors::ErrorKind, Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
-use crate::config::Secret;
+use crate::config::{Config, Secret};
 
 /// The secret used when none is configured. Public by design: it only ever signs tokens
 /// for a gateway that listens on loopback and says so in its log.
@@ -80,6 +80,18 @@ pub struct KeySources {
     pub issuer: Option<String>,
     /// `aud` that tokens must carry, when set.
     pub audience: Option<String>,
+}
+
+impl KeySources {
+    /// The key files and required claims of `--jwt-*`.
+    pub fn of(cfg: &Config) -> KeySources {
+        KeySources {
+            public_key: cfg.jwt_public_key_file.clone(),
+            jwks: cfg.jwt_jwks_file.clone(),
+            issuer: cfg.jwt_issuer.clone(),
+            audience: cfg.jwt_audience.clone(),
+        }
+    }
 }
 
 /// A public verification key.

@@ -344,16 +344,6 @@ impl Config {
         self.jwt_public_key_file.is_some() || self.jwt_jwks_file.is_some()
     }
 
-    /// Where the public keys come from, and the claims tokens must carry.
-    pub fn key_sources(&self) -> crate::auth::KeySources {
-        crate::auth::KeySources {
-            public_key: self.jwt_public_key_file.clone(),
-            jwks: self.jwt_jwks_file.clone(),
-            issuer: self.jwt_issuer.clone(),
-            audience: self.jwt_audience.clone(),
-        }
-    }
-
     pub fn secret(&self) -> Result<Option<Secret>, ConfigError> {
         secret_from(self.jwt_secret.as_ref(), self.jwt_secret_file.as_ref())
     }

@@ -15,7 +15,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::Auth;
+use crate::auth::{Auth, KeySources};
 use crate::bus::local::LocalBus;
 use crate::bus::nats::NatsBus;
 use crate::bus::Bus;
@@ -87,7 +87,7 @@ impl Gateway {
     /// in cluster mode). Nothing is listening yet.
     pub async fn new(cfg: Config) -> anyhow::Result<Gateway> {
         cfg.validate()?;
-        let auth = Auth::with_keys(cfg.secret()?.as_ref(), cfg.key_sources())?;
+        let auth = Auth::with_keys(cfg.secret()?.as_ref(), KeySources::of(&cfg))?;
         if auth.dev_mode() {
             tracing::warn!(
                 "DEVELOPMENT MODE: no JWT key configured (IMGATE_JWT_SECRET, \
