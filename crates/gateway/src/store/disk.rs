@@ -32,8 +32,8 @@ use serde_json::Value;
 
 use super::memory::Limits;
 use super::{
-    now_ms, Appended, ChangeError, CursorWrite, Draft, Fanout, Group, GroupChange, History, Page,
-    Store, StoreError, DEDUPE_WINDOW,
+    now_ms, Appended, ChangeError, CursorWrite, Draft, Fanout, Group, GroupChange, History, Older,
+    Page, Store, StoreError, DEDUPE_WINDOW,
 };
 use crate::config::Fsync;
 
@@ -697,12 +697,8 @@ impl Store for DiskStore {
         Ok(self.high.load(std::sync::atomic::Ordering::Acquire))
     }
 
-    async fn history(
-        &self,
-        uid: &str,
-        before: Option<u64>,
-        limit: usize,
-    ) -> Result<History, StoreError> {
+    async fn history(&self, uid: &str, page: Older) -> Result<History, StoreError> {
+        let Older { before, limit } = page;
         let from = inbox_key(uid, 0);
         let to = inbox_key(uid, before.unwrap_or(u64::MAX));
         let mut messages = Vec::with_capacity(limit.min(256));
@@ -862,9 +858,27 @@ mod tests {
         let p = s.read("bob", 2, 2).await.unwrap();
         assert_eq!((seqs(&p.messages), p.more), (vec![3, 4], true));
         assert_eq!(s.last_seq("bob").await.unwrap(), 5);
-        let h = s.history("bob", None, 2).await.unwrap();
+        let h = s
+            .history(
+                "bob",
+                Older {
+                    before: None,
+                    limit: 2,
+                },
+            )
+            .await
+            .unwrap();
         assert_eq!((seqs(&h.messages), h.next), (vec![5, 4], Some(4)));
-        let h = s.history("bob", Some(4), 2).await.unwrap();
+        let h = s
+            .history(
+                "bob",
+                Older {
+                    before: Some(4),
+                    limit: 2,
+                },
+            )
+            .await
+            .unwrap();
         assert_eq!((seqs(&h.messages), h.next), (vec![3], None));
     }
 

@@ -18,8 +18,8 @@ use async_trait::async_trait;
 use hashbrown::HashTable;
 
 use super::{
-    now_ms, Appended, ChangeError, CursorWrite, Draft, Fanout, Group, GroupChange, History, Page,
-    Store, StoreError, DEDUPE_WINDOW,
+    now_ms, Appended, ChangeError, CursorWrite, Draft, Fanout, Group, GroupChange, History, Older,
+    Page, Store, StoreError, DEDUPE_WINDOW,
 };
 
 /// Retention limits of an inbox.
@@ -220,12 +220,8 @@ impl Store for MemoryStore {
         Ok(self.lock().last_seq)
     }
 
-    async fn history(
-        &self,
-        uid: &str,
-        before: Option<u64>,
-        limit: usize,
-    ) -> Result<History, StoreError> {
+    async fn history(&self, uid: &str, page: Older) -> Result<History, StoreError> {
+        let Older { before, limit } = page;
         let mut inner = self.lock();
         let Some(inbox) = inner.inboxes.get_mut(uid) else {
             return Ok(History::default());

@@ -82,6 +82,14 @@ pub struct Page {
     pub more: bool,
 }
 
+/// Which page of history to read: up to `limit` messages with seq below `before` (from the
+/// newest, without it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Older {
+    pub before: Option<u64>,
+    pub limit: usize,
+}
+
 /// One page of history: messages below a seq, newest first.
 #[derive(Debug, Clone, Default)]
 pub struct History {
@@ -190,14 +198,8 @@ pub trait Store: Send + Sync + 'static {
     /// to a store that was reset or replaced.
     async fn high_seq(&self) -> Result<u64, StoreError>;
 
-    /// Up to `limit` messages of `uid`'s inbox with seq below `before` (all, without it),
-    /// newest first. Reads only: no cursor moves.
-    async fn history(
-        &self,
-        uid: &str,
-        before: Option<u64>,
-        limit: usize,
-    ) -> Result<History, StoreError>;
+    /// One page of `uid`'s inbox, older than [`Older::before`], newest first. Reads only: no cursor moves.
+    async fn history(&self, uid: &str, page: Older) -> Result<History, StoreError>;
 
     /// The stored cursor (last acked seq) of `(uid, device)`.
     async fn cursor(&self, uid: &str, device: &str) -> Result<Option<u64>, StoreError>;

@@ -32,8 +32,8 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Appended, ChangeError, CursorWrite, Draft, Fanout, Group, GroupChange, History, Page, Store,
-    StoreError, DEDUPE_WINDOW,
+    Appended, ChangeError, CursorWrite, Draft, Fanout, Group, GroupChange, History, Older, Page,
+    Store, StoreError, DEDUPE_WINDOW,
 };
 use crate::config::Config;
 use crate::metrics::TailStats;
@@ -629,12 +629,8 @@ impl Store for NatsStore {
         self.stream_last_seq().await
     }
 
-    async fn history(
-        &self,
-        uid: &str,
-        before: Option<u64>,
-        limit: usize,
-    ) -> Result<History, StoreError> {
+    async fn history(&self, uid: &str, page: Older) -> Result<History, StoreError> {
+        let Older { before, limit } = page;
         use jetstream_extra::batch_fetch::{BatchFetchErrorKind, BatchFetchExt};
         self.connected()?;
         // One multi-last direct get per message, each for the newest copy below the last:

@@ -30,7 +30,7 @@ use crate::delivery::DEFAULT_DEVICE;
 use crate::metrics::Transport;
 use crate::refusal::Refusal;
 use crate::state::Shared;
-use crate::store::Page;
+use crate::store::{Older, Page};
 
 /// Messages per poll answer when `limit` is not given, and the most a poll may ask for.
 const DEFAULT_LIMIT: usize = 100;
@@ -185,7 +185,7 @@ async fn history(
     let limit = limit
         .unwrap_or(DEFAULT_HISTORY_LIMIT)
         .clamp(1, MAX_HISTORY_LIMIT);
-    let page = shared.store.history(uid, before, limit).await?;
+    let page = shared.store.history(uid, Older { before, limit }).await?;
     // The same shape as a poll's messages: the `msg` frame.
     let messages: Vec<_> = page
         .messages
