@@ -48,9 +48,8 @@ pub fn prepare(cfg: &Config, from: &str, send: Send) -> Result<Prepared, Refusal
     let (to, group) = match (send.to, send.group) {
         (Some(to), None) if is_valid_id(&to) => (Some(to), None),
         (None, Some(group)) if is_valid_id(&group) => (None, Some(group)),
-        (Some(_), None) | (None, Some(_)) => {
-            return Err(Refusal::bad_id("to and group").for_send(&id))
-        }
+        (Some(_), None) => return Err(Refusal::bad_id("to").for_send(&id)),
+        (None, Some(_)) => return Err(Refusal::bad_id("group").for_send(&id)),
         _ => {
             return Err(Refusal::new(
                 ErrorCode::BadRequest,
