@@ -212,22 +212,7 @@ async fn a_public_key_file_accepts_its_algorithm_only() {
     // A key file that is not a key stops the start, naming the file.
     let bogus = dir.path().join("bogus.pem");
     std::fs::write(&bogus, "not a key").unwrap();
-    let out = tokio::process::Command::new(imgate_harness::binaries::imgate().unwrap())
-        .args([
-            "serve",
-            "--http",
-            "127.0.0.1:0",
-            "--tcp",
-            "127.0.0.1:0",
-            "--store",
-            "memory",
-        ])
-        .arg("--jwt-public-key-file")
-        .arg(&bogus)
-        .output()
-        .await
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let bogus = bogus.display().to_string();
+    let err = serve_fails(&["--jwt-public-key-file", &bogus]).await;
     assert!(err.contains("bogus.pem"), "{err}");
 }

@@ -385,3 +385,29 @@ impl TestCa {
         (cert_pem, key_pem)
     }
 }
+
+/// `imgate serve` with `args` on free ports and the memory store, expected to exit with a
+/// failure within 20 s; its stderr.
+pub(crate) async fn serve_fails(args: &[&str]) -> String {
+    let out = within(
+        Duration::from_secs(20),
+        "imgate serve to exit",
+        tokio::process::Command::new(imgate_harness::binaries::imgate().unwrap())
+            .args([
+                "serve",
+                "--http",
+                "127.0.0.1:0",
+                "--tcp",
+                "127.0.0.1:0",
+                "--store",
+                "memory",
+            ])
+            .args(args)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .unwrap();
+    assert!(!out.status.success(), "started with {args:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}

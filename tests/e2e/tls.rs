@@ -214,31 +214,6 @@ async fn a_renewed_certificate_is_served_after_sighup_and_older_connections_stay
     drop(t.dir);
 }
 
-/// `imgate serve` with `args`: its exit status and stderr, within 20 s.
-async fn serve_fails(args: &[&str]) -> String {
-    let out = within(
-        Duration::from_secs(20),
-        "imgate serve to exit",
-        Command::new(imgate_harness::binaries::imgate().unwrap())
-            .args([
-                "serve",
-                "--http",
-                "127.0.0.1:0",
-                "--tcp",
-                "127.0.0.1:0",
-                "--store",
-                "memory",
-            ])
-            .args(args)
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .unwrap();
-    assert!(!out.status.success(), "started with {args:?}");
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
 #[tokio::test]
 async fn a_bad_certificate_or_key_ends_the_start_with_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
