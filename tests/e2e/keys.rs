@@ -204,6 +204,14 @@ async fn a_public_key_file_accepts_its_algorithm_only() {
     let no_claims_checked = json!({"sub": "alice", "exp": now() + 600});
     let good = sign(Algorithm::ES256, None, &ec_private, &no_claims_checked);
     assert_eq!(poll_with(&gw, &good).await.0, 200);
+    // Providers name a kid in every token; the one PEM key is used whatever it says.
+    let with_kid = sign(
+        Algorithm::ES256,
+        Some("any"),
+        &ec_private,
+        &no_claims_checked,
+    );
+    assert_eq!(poll_with(&gw, &with_kid).await.0, 200);
     let forged = sign(Algorithm::ES256, None, &other_private, &no_claims_checked);
     assert_eq!(poll_with(&gw, &forged).await, (401, json!("unauthorized")));
     let hs = sign(Algorithm::HS256, None, &ec_public, &no_claims_checked);

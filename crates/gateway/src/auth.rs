@@ -266,8 +266,9 @@ fn invalid(why: &str) -> AuthError {
     AuthError::Invalid(why.to_owned())
 }
 
-/// The key for a token of `alg` naming `kid`: the key with that `kid`, or without a `kid`
-/// the only key of that algorithm.
+/// The key for a token of `alg` naming `kid`: the key with that `kid`, else the PEM-file
+/// key of that algorithm (it has no `kid`, and providers put one in every token); for a
+/// token without `kid`, the only key of that algorithm.
 fn pick<'a>(
     keys: &'a [PublicKey],
     alg: Algorithm,
@@ -278,6 +279,7 @@ fn pick<'a>(
         Some(kid) => keys
             .iter()
             .find(|k| k.kid.as_deref() == Some(kid))
+            .or_else(|| keys.iter().find(|k| k.kid.is_none() && k.alg == alg))
             .ok_or_else(|| invalid("unknown key id (kid)"))?,
         None => match (of_alg.next(), of_alg.next()) {
             (Some(k), None) => k,
