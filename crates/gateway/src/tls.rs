@@ -8,6 +8,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
@@ -15,6 +16,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
 /// Why a certificate or key could not be used.
@@ -71,8 +74,23 @@ impl Tls {
         Ok(())
     }
 
-    pub fn acceptor(&self) -> &TlsAcceptor {
-        &self.acceptor
+    /// The server side of the handshake on `sock`, within `timeout`; `None` (logged at
+    /// debug) when it fails or takes longer.
+    pub async fn accept<S>(&self, sock: S, timeout: Duration) -> Option<TlsStream<S>>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        match tokio::time::timeout(timeout, self.acceptor.accept(sock)).await {
+            Ok(Ok(stream)) => Some(stream),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "tls handshake failed");
+                None
+            }
+            Err(_) => {
+                tracing::debug!("tls handshake timed out");
+                None
+            }
+        }
     }
 }
 

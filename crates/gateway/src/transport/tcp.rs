@@ -70,14 +70,9 @@ pub async fn serve(
             continue;
         };
         tracker.spawn(async move {
-            let handshake = tls.acceptor().accept(sock);
-            match tokio::time::timeout(shared.cfg.login_timeout, handshake).await {
-                Ok(Ok(stream)) => {
-                    let frames = transport(stream, &shared);
-                    session::run(shared, frames, start(), Profile::TCP).await;
-                }
-                Ok(Err(e)) => tracing::debug!(error = %e, "tls handshake failed"),
-                Err(_) => tracing::debug!("tls handshake timed out"),
+            if let Some(stream) = tls.accept(sock, shared.cfg.login_timeout).await {
+                let frames = transport(stream, &shared);
+                session::run(shared, frames, start(), Profile::TCP).await;
             }
             drop(permit);
         });

@@ -42,6 +42,9 @@ pub async fn serve(listener: TcpListener, app: Router, shared: Arc<Shared>) {
             },
             _ = stop.cancelled() => break,
         };
+        // A clone of the router is an Arc; it is served as it is, never rebuilt per
+        // connection (axum's `with_state` per connection was once heaptrack's largest
+        // per-connection allocation).
         let (app, stop, cfg) = (app.clone(), stop.clone(), &shared.cfg);
         let header_timeout = cfg.header_timeout;
         match shared.tls.clone() {
@@ -79,10 +82,8 @@ async fn tls_connection(
     header_timeout: Duration,
     stop: CancellationToken,
 ) {
-    match tokio::time::timeout(handshake_timeout, tls.acceptor().accept(sock)).await {
-        Ok(Ok(stream)) => connection(stream, app, header_timeout, stop).await,
-        Ok(Err(e)) => tracing::debug!(error = %e, "tls handshake failed"),
-        Err(_) => tracing::debug!("tls handshake timed out"),
+    if let Some(stream) = tls.accept(sock, handshake_timeout).await {
+        connection(stream, app, header_timeout, stop).await;
     }
 }
 
