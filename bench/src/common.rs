@@ -101,22 +101,20 @@ impl Transport {
     }
 }
 
-/// The processes a scenario measures: gateways, and the NATS server they share unless the
+/// The processes a scenario measures: gateways, and the NATS servers they share unless the
 /// single gateway is standalone.
 pub(crate) struct Cluster {
-    pub(crate) nats: Option<NatsServer>,
+    pub(crate) nats: Option<Nats>,
     pub(crate) gateways: Vec<Gateway>,
 }
 
 impl Cluster {
-    /// CPU and peak RSS of the NATS server (zero when standalone).
+    /// CPU and peak RSS of the NATS servers (zero when standalone).
     pub(crate) fn nats_usage(&self) -> anyhow::Result<Usage> {
-        self.nats
-            .as_ref()
-            .map_or(Ok(Usage::default()), NatsServer::usage)
+        self.nats.as_ref().map_or(Ok(Usage::default()), Nats::usage)
     }
 
-    /// The NATS server's message and API counters (zero when standalone).
+    /// The NATS servers' message and API counters (zero when standalone).
     pub(crate) async fn nats_counts(&self) -> anyhow::Result<NatsCounts> {
         match &self.nats {
             Some(n) => n.counts().await,
@@ -125,12 +123,58 @@ impl Cluster {
     }
 }
 
-/// A NATS server and `n` gateways in cluster mode on it.
-pub(crate) async fn cluster(setup: &Setup, n: usize) -> anyhow::Result<(NatsServer, Vec<Gateway>)> {
-    let nats = NatsServer::start_from(Some(setup.nats_config.clone()), &[]).await?;
+/// The NATS servers of a run: one, or three clustered with `--replicas 3`. Figures are
+/// summed over the servers (peak RSS too: it is what the bus holds in all).
+pub(crate) struct Nats {
+    pub(crate) servers: Vec<NatsServer>,
+}
+
+impl Nats {
+    /// The `--nats` value for a gateway.
+    pub(crate) fn urls(&self) -> String {
+        let urls: Vec<String> = self.servers.iter().map(NatsServer::url).collect();
+        urls.join(",")
+    }
+
+    pub(crate) fn usage(&self) -> anyhow::Result<Usage> {
+        let mut sum = Usage::default();
+        for s in &self.servers {
+            let u = s.usage()?;
+            sum.cpu_seconds += u.cpu_seconds;
+            sum.peak_rss_kib += u.peak_rss_kib;
+        }
+        Ok(sum)
+    }
+
+    pub(crate) async fn counts(&self) -> anyhow::Result<NatsCounts> {
+        let mut sum = NatsCounts::default();
+        for s in &self.servers {
+            let c = s.counts().await?;
+            sum.in_msgs += c.in_msgs;
+            sum.out_msgs += c.out_msgs;
+            sum.api_requests += c.api_requests;
+        }
+        Ok(sum)
+    }
+}
+
+/// NATS (one server, or three with `--replicas 3`) and `n` gateways in cluster mode on it.
+pub(crate) async fn cluster(setup: &Setup, n: usize) -> anyhow::Result<(Nats, Vec<Gateway>)> {
+    let servers = match setup.replicas {
+        1 => vec![NatsServer::start_from(Some(setup.nats_config.clone()), &[]).await?],
+        3 => NatsServer::cluster(3).await?,
+        r => anyhow::bail!("--replicas is 1 or 3, not {r}"),
+    };
+    let nats = Nats { servers };
     let mut gws = Vec::new();
     for _ in 0..n {
-        gws.push(setup.gateway(&["--nats".into(), nats.url()]).await?);
+        let args = [
+            "--nats".into(),
+            nats.urls(),
+            "--replicas".into(),
+            setup.replicas.to_string(),
+        ];
+        gws.push(setup.gateway(&args).await?);
     }
     Ok((nats, gws))
 }

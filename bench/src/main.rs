@@ -64,9 +64,14 @@ pub(crate) struct Setup {
     /// build), or `IMGATE_BIN`.
     #[arg(long)]
     pub(crate) imgate: Option<PathBuf>,
-    /// NATS configuration to start nats-server with.
+    /// NATS configuration to start nats-server with (one server; a cluster of three uses
+    /// `nats/cluster.conf`).
     #[arg(long, default_value_os_t = imgate_harness::binaries::nats_config("nats.conf"))]
     pub(crate) nats_config: PathBuf,
+    /// JetStream replicas: 1 (one nats-server) or 3 (three clustered nats-servers on this
+    /// machine, the gateways with `--replicas 3`).
+    #[arg(long, default_value_t = 1)]
+    pub(crate) replicas: usize,
     /// Worker threads per gateway (`imgate serve --worker-threads`); 0 keeps the gateway's
     /// default of one per CPU.
     #[arg(long, default_value_t = 0)]
