@@ -672,8 +672,9 @@ async fn refused_at_start(nats: &str, args: &[&str], cause: &str) {
     );
 }
 
-/// A server that introduces itself as nats-server 2.9.10 (a few lines of NATS protocol: INFO,
-/// then PONG to every PING) is refused at start, and the error names both versions.
+/// A server that introduces itself as nats-server 2.12.3 (a few lines of NATS protocol: INFO,
+/// then PONG to every PING) is refused at start, and the error names both versions: 2.12
+/// has atomic batches, but refuses message ids inside them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nats_server_older_than_the_minimum_is_refused_naming_both_versions() {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -683,7 +684,7 @@ async fn a_nats_server_older_than_the_minimum_is_refused_naming_both_versions() 
         while let Ok((sock, _)) = listener.accept().await {
             tokio::spawn(async move {
                 let (r, mut w) = sock.into_split();
-                let info = r#"INFO {"server_id":"OLD","version":"2.9.10","proto":1,"headers":true,"max_payload":1048576,"jetstream":true}"#;
+                let info = r#"INFO {"server_id":"OLD","version":"2.12.3","proto":1,"headers":true,"max_payload":1048576,"jetstream":true}"#;
                 w.write_all(format!("{info}\r\n").as_bytes()).await.ok()?;
                 let mut lines = BufReader::new(r).lines();
                 while let Some(line) = lines.next_line().await.ok()? {
@@ -695,8 +696,8 @@ async fn a_nats_server_older_than_the_minimum_is_refused_naming_both_versions() 
             });
         }
     });
-    refused_at_start(&url, &[], "nats-server 2.9.10 is too old").await;
-    refused_at_start(&url, &[], "nats-server 2.12.0 or newer").await;
+    refused_at_start(&url, &[], "nats-server 2.12.3 is too old").await;
+    refused_at_start(&url, &[], "nats-server 2.14.0 or newer").await;
 }
 
 /// NATS with a user and password, then with a token: gateways given the credentials serve

@@ -12,12 +12,8 @@ use imgate_client::{ClientBuilder, Encoding};
 use serde_json::{json, Value};
 
 use crate::support::{
-    auth, curl, fixed_ports, messages, token, within, Gateway, RawTcp, Via, WAIT,
+    auth, curl, fixed_ports, messages, token, url, within, Gateway, RawTcp, Via, WAIT,
 };
-
-fn url(gw: &Gateway, path: &str) -> String {
-    format!("http://{}{}", gw.http, path)
-}
 
 /// A gateway on `dir` and `ports`, with `extra` flags.
 async fn on_dir(dir: &std::path::Path, ports: &[String; 4], extra: &[&str]) -> Gateway {

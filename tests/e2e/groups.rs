@@ -10,36 +10,6 @@ use serde_json::{json, Value};
 
 use crate::support::*;
 
-fn url(gw: &Gateway, path: &str) -> String {
-    format!("http://{}{path}", gw.http)
-}
-
-async fn post_json(gw: &Gateway, path: &str, token_header: &str, body: Value) -> Curl {
-    curl(&[
-        "-X",
-        "POST",
-        "-H",
-        token_header,
-        "-H",
-        "Content-Type: application/json",
-        "-d",
-        &body.to_string(),
-        &url(gw, path),
-    ])
-    .await
-}
-
-async fn create_group(gw: &Gateway, owner: &str, id: &str, members: &[String]) {
-    let r = post_json(
-        gw,
-        "/v1/groups",
-        &auth(owner),
-        json!({"id": id, "members": members}),
-    )
-    .await;
-    assert_eq!(r.status, 201, "{}", r.body);
-}
-
 /// Publishes probes until every viewer got one: joins travel asynchronously.
 async fn wait_until_joined(
     host: &imgate_client::Client,

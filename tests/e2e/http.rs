@@ -7,10 +7,6 @@ use serde_json::json;
 
 use crate::support::*;
 
-fn url(gw: &Gateway, path: &str) -> String {
-    format!("http://{}{path}", gw.http)
-}
-
 both_modes! {
 async fn short_poll_answers_at_once_empty_then_with_messages(env) {
     let gw = env.gateway(&[]).await;

@@ -4,6 +4,7 @@
 #[macro_use]
 mod support;
 
+mod atomic;
 mod bad_input;
 mod cluster;
 mod delivery;

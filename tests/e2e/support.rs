@@ -13,7 +13,7 @@ use imgate_gateway::auth::Auth;
 pub(crate) use imgate_harness::Gateway;
 use imgate_harness::NatsServer;
 use imgate_proto::Message;
-use serde_json::Value;
+use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::process::Command;
@@ -410,4 +410,37 @@ pub(crate) async fn serve_fails(args: &[&str]) -> String {
     .unwrap();
     assert!(!out.status.success(), "started with {args:?}");
     String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// `http://<gateway>/<path>`.
+pub(crate) fn url(gw: &Gateway, path: &str) -> String {
+    format!("http://{}{path}", gw.http)
+}
+
+/// `POST` of a JSON body with `curl`.
+pub(crate) async fn post_json(gw: &Gateway, path: &str, token_header: &str, body: Value) -> Curl {
+    curl(&[
+        "-X",
+        "POST",
+        "-H",
+        token_header,
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        &body.to_string(),
+        &url(gw, path),
+    ])
+    .await
+}
+
+/// Creates group `id` as `owner`, expecting 201.
+pub(crate) async fn create_group(gw: &Gateway, owner: &str, id: &str, members: &[String]) {
+    let r = post_json(
+        gw,
+        "/v1/groups",
+        &auth(owner),
+        json!({"id": id, "members": members}),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
 }

@@ -75,6 +75,23 @@ pub struct NatsArgs {
     /// At start, how long to keep trying to reach NATS and set up the stream.
     #[arg(long, env = "IMGATE_NATS_STARTUP_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub nats_startup_timeout: Duration,
+
+    /// How a send's inbox copies are published: `atomic` (one JetStream atomic batch per
+    /// group of sends: a send's copies are stored all or nothing) or `separate` (one
+    /// publish per copy: lower latency on a single NATS server, where nats-server stages
+    /// every atomic batch on disk, but a NATS failure in the middle of a send can leave some
+    /// of its copies stored until the sender retries it).
+    #[arg(long, env = "IMGATE_NATS_PUBLISH", value_enum, default_value_t = NatsPublish::Atomic)]
+    pub nats_publish: NatsPublish,
+}
+
+/// How the cluster store publishes a send's copies (`--nats-publish`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum NatsPublish {
+    /// Group commit into atomic batches: all or nothing.
+    Atomic,
+    /// One publish per copy, all acknowledged before `sent`.
+    Separate,
 }
 
 /// Which store standalone mode keeps its state in.

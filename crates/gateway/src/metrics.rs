@@ -26,7 +26,7 @@ pub struct HubStats {
     pub room_dropped: AtomicU64,
 }
 
-/// Counters of the tail, read by `/metrics`.
+/// Counters of the cluster store (its tail and its publishes), read by `/metrics`.
 #[derive(Debug, Default)]
 pub struct TailStats {
     /// Inbox copies the tail received from the stream.
@@ -39,6 +39,10 @@ pub struct TailStats {
     pub undecodable: AtomicU64,
     /// Times the tail consumer was recreated after a failure.
     pub restarts: AtomicU64,
+    /// Atomic batches committed, and the sends they held: sends per batch is how much the
+    /// group commit shares.
+    pub batches: AtomicU64,
+    pub batched_sends: AtomicU64,
 }
 
 /// How a client is connected.
@@ -98,6 +102,8 @@ pub struct Metrics {
     tail_decoded: Counter,
     tail_undecodable: Counter,
     tail_restarts: Counter,
+    nats_batches: Counter,
+    nats_batched_sends: Counter,
     room_delivered: Counter,
     room_dropped: Counter,
 }
@@ -156,6 +162,8 @@ impl Metrics {
             tail_decoded: counter("imgate_tail_decoded_total", vec![]),
             tail_undecodable: counter("imgate_tail_undecodable_total", vec![]),
             tail_restarts: counter("imgate_tail_restarts_total", vec![]),
+            nats_batches: counter("imgate_nats_batches_total", vec![]),
+            nats_batched_sends: counter("imgate_nats_batched_sends_total", vec![]),
             room_delivered: counter("imgate_room_delivered_total", vec![]),
             room_dropped: counter("imgate_room_dropped_total", vec![]),
             recorder,
@@ -238,6 +246,16 @@ impl Metrics {
             "Cluster mode: stored payloads that did not decode as a message.",
         );
         d(
+            "imgate_nats_batches_total",
+            Unit::Count,
+            "Cluster mode: atomic batches committed to JetStream (--nats-publish atomic).",
+        );
+        d(
+            "imgate_nats_batched_sends_total",
+            Unit::Count,
+            "Cluster mode: sends stored by those batches (sends per batch is what the group commit shares).",
+        );
+        d(
             "imgate_tail_restarts_total",
             Unit::Count,
             "Cluster mode: times the stream tail was recreated after a failure (from its last seq).",
@@ -284,6 +302,8 @@ impl Metrics {
             self.tail_decoded.absolute(get(&t.decoded));
             self.tail_undecodable.absolute(get(&t.undecodable));
             self.tail_restarts.absolute(get(&t.restarts));
+            self.nats_batches.absolute(get(&t.batches));
+            self.nats_batched_sends.absolute(get(&t.batched_sends));
         }
         self.dropped_not_local
             .absolute(hub.dropped_not_local.load(Ordering::Relaxed));

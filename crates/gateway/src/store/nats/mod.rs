@@ -2,9 +2,9 @@
 //! of stored messages; KV buckets hold device cursors and groups (docs/protocol.md has the
 //! layout, [`crate::subjects`] every name).
 //!
-//! - Sends are JetStream publishes to `<prefix>.u.<uid>` with `Nats-Msg-Id =
-//!   <from>:<id>:<uid>`, all copies published at once; `append` returns once every PubAck is
-//!   in. A duplicate PubAck names the original seq.
+//! - Sends are stored as JetStream atomic batches ([`batch`]): one copy per inbox on
+//!   `<prefix>.u.<uid>` with `Nats-Msg-Id = <from>:<id>:<uid>`, all or nothing, and sends
+//!   queued while a batch is in flight share the next one. A resend names the original seq.
 //! - Backlog reads are batch direct gets on one user's subject: no consumer per login.
 //! - The tail follows the whole stream with one consumer per gateway and hands each copy to
 //!   the [`Fanout`] with the uid read from the subject; the payload is decoded only when the
@@ -21,12 +21,14 @@ use std::time::Duration;
 
 use async_nats::connection::State;
 use async_nats::jetstream::{self, consumer, kv, stream};
-use async_nats::HeaderMap;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::future::try_join_all;
+
+mod publish;
 use futures::StreamExt;
 use imgate_proto::Message;
+use publish::{Copy, Publisher};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -60,12 +62,14 @@ pub struct NatsStore {
     /// Every group, kept current by a watch on the groups bucket.
     group_cache: dashmap::DashMap<String, Group>,
     names: Names,
+    /// Publishes sends' copies (atomic batches, or one by one).
+    publisher: Publisher,
     max_inbox: usize,
     /// The last stream seq the tail handed to the fanout: the live tail for a new device.
     tail_last: AtomicU64,
     /// The stream's creation time: a recreated stream is a new epoch.
     epoch: std::sync::RwLock<Arc<str>>,
-    pub tail_stats: TailStats,
+    pub tail_stats: Arc<TailStats>,
 }
 
 /// The epoch of a stream: its creation time, the same on every gateway.
@@ -118,9 +122,9 @@ pub fn decode_payload(payload: &[u8], seq: u64, published_ms: u64) -> Option<Mes
 }
 
 /// The oldest nats-server this store works with: batch direct gets (2.11) read backlogs
-/// without a consumer, and atomic batches (2.12) store a group message's copies all or
-/// nothing.
-pub const MIN_SERVER_VERSION: (u64, u64, u64) = (2, 12, 0);
+/// without a consumer, and atomic batches with message ids (2.14; 2.12 refuses ids inside
+/// a batch) store a send's copies all or nothing.
+pub const MIN_SERVER_VERSION: (u64, u64, u64) = (2, 14, 0);
 
 /// `"2.15.1"` (or `"2.12.0-beta.3"`) as numbers; `None` if it does not start like a version.
 fn parse_version(v: &str) -> Option<(u64, u64, u64)> {
@@ -136,7 +140,8 @@ pub fn check_server_version(version: &str) -> anyhow::Result<()> {
         Some(v) if v >= MIN_SERVER_VERSION => Ok(()),
         _ => anyhow::bail!(
             "nats-server {version} is too old: imgate needs nats-server {a}.{b}.{c} or newer \
-             (batch direct gets, atomic batch publishes); upgrade the NATS servers"
+             (batch direct gets, atomic batch publishes with message ids); upgrade the NATS \
+             servers"
         ),
     }
 }
@@ -189,6 +194,13 @@ impl NatsStore {
     /// Connects, then creates or updates the stream and the cursor bucket.
     pub async fn connect(cfg: &Config) -> anyhow::Result<Arc<Self>> {
         let n = &cfg.nats;
+        // A group message is one atomic batch, one copy per member.
+        anyhow::ensure!(
+            cfg.max_group <= publish::MAX_BATCH,
+            "--max-group {} is above {}, the most copies nats-server stores in one atomic batch",
+            cfg.max_group,
+            publish::MAX_BATCH
+        );
         // The client connects in the background; its last error is what a failed start
         // reports (an authorization violation would otherwise read as a stream timeout).
         let last_error = Arc::new(std::sync::Mutex::new(None::<String>));
@@ -270,8 +282,16 @@ impl NatsStore {
             .map_err(|e| e.context(format!("NATS at {}", n.nats.join(","))))?;
         tracing::info!(version = %client.server_info().version, "nats-server version");
         let epoch = epoch_of(stream.cached_info());
+        let stats = Arc::new(TailStats::default());
+        let publisher = Publisher::start(
+            client.clone(),
+            n.nats_timeout,
+            n.nats_publish,
+            stats.clone(),
+        );
         Ok(Arc::new(NatsStore {
             epoch: std::sync::RwLock::new(epoch),
+            publisher,
             client,
             js,
             stream,
@@ -281,7 +301,7 @@ impl NatsStore {
             names,
             max_inbox: cfg.max_inbox,
             tail_last: AtomicU64::new(0),
-            tail_stats: TailStats::default(),
+            tail_stats: stats,
         }))
     }
 
@@ -300,6 +320,7 @@ impl NatsStore {
             duplicate_window: DEDUPE_WINDOW,
             num_replicas: replicas,
             allow_direct: true,
+            allow_atomic_publish: true,
             ..Default::default()
         })
         .await
@@ -526,32 +547,6 @@ impl NatsStore {
         anyhow::bail!("tail stream ended")
     }
 
-    /// Publishes inbox `uid`'s copy of `draft`.
-    async fn publish(
-        &self,
-        draft: &Draft,
-        uid: &str,
-    ) -> Result<jetstream::context::PublishAckFuture, StoreError> {
-        let payload = rmp_serde::to_vec_named(&PayloadOut {
-            id: &draft.id,
-            from: &draft.from,
-            to: draft.to.as_deref(),
-            group: draft.group.as_deref(),
-            ts: draft.ts,
-            body: &draft.body,
-        })
-        .map_err(|e| StoreError::Internal(e.to_string()))?;
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            "Nats-Msg-Id",
-            format!("{}:{}:{uid}", draft.from, draft.id).as_str(),
-        );
-        self.js
-            .publish_with_headers(self.names.user_subject(uid), headers, Bytes::from(payload))
-            .await
-            .map_err(unavailable)
-    }
-
     /// The acceptance time stored with message `seq` (for answering a duplicate send).
     async fn stored_ts(&self, seq: u64) -> Result<u64, StoreError> {
         let raw = self
@@ -569,20 +564,29 @@ impl NatsStore {
 impl Store for NatsStore {
     async fn append(&self, draft: Draft, inboxes: &[String]) -> Result<Appended, StoreError> {
         self.connected()?;
-        // Send every copy, then wait for every ack: one round trip, not one per inbox.
-        let mut acks = Vec::with_capacity(inboxes.len());
-        for uid in inboxes {
-            acks.push(self.publish(&draft, uid).await?);
-        }
-        let acks = try_join_all(acks.into_iter().map(std::future::IntoFuture::into_future))
-            .await
-            .map_err(unavailable)?;
-        let seqs: Vec<u64> = acks.iter().map(|a| a.sequence).collect();
-        let ts = match acks.last() {
-            Some(a) if a.duplicate => self.stored_ts(a.sequence).await?,
+        // Every copy carries the same payload: the message without its seq or inbox.
+        let payload = rmp_serde::to_vec_named(&PayloadOut {
+            id: &draft.id,
+            from: &draft.from,
+            to: draft.to.as_deref(),
+            group: draft.group.as_deref(),
+            ts: draft.ts,
+            body: &draft.body,
+        })
+        .map_err(|e| StoreError::Internal(e.to_string()))?;
+        let copies = inboxes
+            .iter()
+            .map(|uid| Copy {
+                subject: self.names.user_subject(uid),
+                msg_id: format!("{}:{}:{uid}", draft.from, draft.id),
+            })
+            .collect();
+        let c = self.publisher.commit(copies, Bytes::from(payload)).await?;
+        let ts = match c.seqs.last() {
+            Some(&last) if c.duplicate => self.stored_ts(last).await?,
             _ => draft.ts,
         };
-        Ok(Appended { seqs, ts })
+        Ok(Appended { seqs: c.seqs, ts })
     }
 
     async fn read(&self, uid: &str, after: u64, limit: usize) -> Result<Page, StoreError> {
@@ -912,10 +916,11 @@ mod tests {
     #[test]
     fn servers_older_than_the_minimum_are_refused_naming_both_versions() {
         assert!(check_server_version("2.15.1").is_ok());
-        assert!(check_server_version("2.12.0").is_ok());
+        assert!(check_server_version("2.14.0").is_ok());
+        assert!(check_server_version("2.12.3").is_err());
         assert!(check_server_version("3.0.0-beta.1").is_ok());
         let e = check_server_version("2.11.9").unwrap_err().to_string();
-        assert!(e.contains("2.11.9") && e.contains("2.12.0"), "{e}");
+        assert!(e.contains("2.11.9") && e.contains("2.14.0"), "{e}");
         assert!(check_server_version("2.9.10").is_err());
         assert!(check_server_version("").is_err());
         assert!(check_server_version("garbage").is_err());
