@@ -76,18 +76,32 @@ pub struct NatsArgs {
     #[arg(long, env = "IMGATE_NATS_STARTUP_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub nats_startup_timeout: Duration,
 
-    /// How a send's inbox copies are published: `atomic` (one JetStream atomic batch per
-    /// group of sends: a send's copies are stored all or nothing) or `separate` (one
-    /// publish per copy: lower latency on a single NATS server, where nats-server stages
-    /// every atomic batch on disk, but a NATS failure in the middle of a send can leave some
-    /// of its copies stored until the sender retries it).
-    #[arg(long, env = "IMGATE_NATS_PUBLISH", value_enum, default_value_t = NatsPublish::Atomic)]
+    /// How a send's inbox copies are published: `atomic` (group commit into JetStream
+    /// atomic batches: a send's copies are stored all or nothing), `separate` (one publish
+    /// per copy: a NATS failure in the middle of a send can leave some copies stored until
+    /// the sender retries it) or `auto`: atomic with --replicas 3, separate with 1, because
+    /// nats-server stages every atomic batch of a one-replica stream on disk, which made
+    /// sends 20 to 100 times slower in the benchmarks (docs/decisions.md).
+    #[arg(long, env = "IMGATE_NATS_PUBLISH", value_enum, default_value_t = NatsPublish::Auto)]
     pub nats_publish: NatsPublish,
+}
+
+impl NatsArgs {
+    /// `--nats-publish` with `auto` resolved for `--replicas`.
+    pub fn publish_mode(&self) -> NatsPublish {
+        match self.nats_publish {
+            NatsPublish::Auto if self.replicas >= 3 => NatsPublish::Atomic,
+            NatsPublish::Auto => NatsPublish::Separate,
+            mode => mode,
+        }
+    }
 }
 
 /// How the cluster store publishes a send's copies (`--nats-publish`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum NatsPublish {
+    /// Atomic with three replicas, separate with one.
+    Auto,
     /// Group commit into atomic batches: all or nothing.
     Atomic,
     /// One publish per copy, all acknowledged before `sent`.
@@ -420,6 +434,16 @@ mod tests {
         cfg.validate().unwrap();
         let cfg = parse_for_test(&["--worker-threads", "1"]);
         assert_eq!(cfg.worker_threads.map(|n| n.get()), Some(1));
+    }
+
+    #[test]
+    fn sends_are_atomic_batches_with_three_replicas_and_separate_publishes_with_one() {
+        let mode = |args: &[&str]| parse_for_test(args).nats.publish_mode();
+        assert_eq!(mode(&[]), NatsPublish::Separate);
+        assert_eq!(mode(&["--replicas", "3"]), NatsPublish::Atomic);
+        assert_eq!(mode(&["--nats-publish", "atomic"]), NatsPublish::Atomic);
+        let both = ["--replicas", "3", "--nats-publish", "separate"];
+        assert_eq!(mode(&both), NatsPublish::Separate);
     }
 
     #[test]

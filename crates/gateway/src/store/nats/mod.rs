@@ -2,9 +2,9 @@
 //! of stored messages; KV buckets hold device cursors and groups (docs/protocol.md has the
 //! layout, [`crate::subjects`] every name).
 //!
-//! - Sends are stored as JetStream atomic batches ([`batch`]): one copy per inbox on
-//!   `<prefix>.u.<uid>` with `Nats-Msg-Id = <from>:<id>:<uid>`, all or nothing, and sends
-//!   queued while a batch is in flight share the next one. A resend names the original seq.
+//! - A send is one copy per inbox on `<prefix>.u.<uid>` with `Nats-Msg-Id =
+//!   <from>:<id>:<uid>`, published as one atomic batch (all or nothing, group-committed) or
+//!   copy by copy ([`publish`], `--nats-publish`). A resend names the original seq.
 //! - Backlog reads are batch direct gets on one user's subject: no consumer per login.
 //! - The tail follows the whole stream with one consumer per gateway and hands each copy to
 //!   the [`Fanout`] with the uid read from the subject; the payload is decoded only when the
@@ -283,12 +283,13 @@ impl NatsStore {
         tracing::info!(version = %client.server_info().version, "nats-server version");
         let epoch = epoch_of(stream.cached_info());
         let stats = Arc::new(TailStats::default());
-        let publisher = Publisher::start(
-            client.clone(),
-            n.nats_timeout,
-            n.nats_publish,
-            stats.clone(),
+        let mode = n.publish_mode();
+        tracing::info!(
+            ?mode,
+            replicas = n.replicas,
+            "sends are published to JetStream this way (--nats-publish)"
         );
+        let publisher = Publisher::start(client.clone(), n.nats_timeout, mode, stats.clone());
         Ok(Arc::new(NatsStore {
             epoch: std::sync::RwLock::new(epoch),
             publisher,

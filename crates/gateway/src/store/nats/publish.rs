@@ -1,8 +1,9 @@
 //! How a send's inbox copies reach JetStream (`--nats-publish`).
 //!
-//! `atomic` (the default): group commit into atomic batches. The copies of one send are
-//! stored all or nothing, and sends that arrive while batches are in flight share the next
-//! one. `separate`: one publish per copy, every PubAck awaited.
+//! `atomic`: group commit into atomic batches. The copies of one send are stored all or
+//! nothing, and sends that arrive while batches are in flight share the next one.
+//! `separate`: one publish per copy, every PubAck awaited. (`auto` is resolved by the
+//! configuration before it gets here.)
 //!
 //! The protocol is nats-server's atomic batch publish (ADR-50): every message of a batch
 //! carries `Nats-Batch-Id` and `Nats-Batch-Sequence`, the last one also
@@ -126,7 +127,7 @@ impl Failed {
 
 impl Publisher {
     /// A publisher on `client`; in `atomic` mode this starts the group-commit task, which
-    /// ends when the `Publisher` is dropped.
+    /// ends when the `Publisher` is dropped. `mode` is resolved (`auto` counts as atomic).
     pub(super) fn start(
         client: async_nats::Client,
         timeout: Duration,
@@ -134,7 +135,7 @@ impl Publisher {
         stats: Arc<TailStats>,
     ) -> Self {
         Publisher(match mode {
-            NatsPublish::Atomic => {
+            NatsPublish::Atomic | NatsPublish::Auto => {
                 let (tx, rx) = mpsc::unbounded_channel();
                 let shared = Arc::new(Shared {
                     client,
