@@ -60,21 +60,21 @@ async fn refused_logins_get_unauthorized_then_close(env) {
     let cases = [
         (
             "bad signature",
-            Auth::new(Some(&Secret("not-the-secret".into()))).mint(
+            remember(Auth::new(Some(&Secret("not-the-secret".into()))).mint(
                 "bob",
                 Duration::from_secs(60),
                 false,
-            ),
+            )),
             "signature",
         ),
         (
             "expired",
-            Auth::new(None).mint_with_exp("bob", now - 3600, false),
+            remember(Auth::new(None).mint_with_exp("bob", now - 3600, false)),
             "expired",
         ),
         (
             "invalid uid",
-            Auth::new(None).mint("bob.smith", Duration::from_secs(60), false),
+            remember(Auth::new(None).mint("bob.smith", Duration::from_secs(60), false)),
             "uid",
         ),
         ("garbage", "not.a.jwt".to_owned(), "invalid"),
@@ -95,7 +95,11 @@ async fn refused_logins_get_unauthorized_then_close(env) {
         raw.expect_closed().await;
     }
     // Over WebSocket the token is checked before the upgrade: HTTP 401.
-    let bad = Auth::new(Some(&Secret("nope".into()))).mint("bob", Duration::from_secs(60), false);
+    let bad = remember(Auth::new(Some(&Secret("nope".into()))).mint(
+        "bob",
+        Duration::from_secs(60),
+        false,
+    ));
     let err = imgate_client::ClientBuilder::new(gw.ws_url(), bad)
         .connect()
         .await

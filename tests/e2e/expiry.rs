@@ -17,7 +17,7 @@ fn token_for(uid: &str, secs: u64) -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    Auth::new(None).mint_with_exp(uid, now + secs, false)
+    remember(Auth::new(None).mint_with_exp(uid, now + secs, false))
 }
 
 /// Long enough for a 3 s token plus the leeway to pass.

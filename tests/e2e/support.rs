@@ -34,12 +34,29 @@ pub(crate) async fn within<T>(
 
 /// A development-mode token for `uid`.
 pub(crate) fn token(uid: &str) -> String {
-    Auth::new(None).mint(uid, Duration::from_secs(3600), false)
+    remember(Auth::new(None).mint(uid, Duration::from_secs(3600), false))
 }
 
 /// A development-mode admin token.
 pub(crate) fn admin_token(uid: &str) -> String {
-    Auth::new(None).mint(uid, Duration::from_secs(3600), true)
+    remember(Auth::new(None).mint(uid, Duration::from_secs(3600), true))
+}
+
+/// Notes `token` in `IMGATE_TEST_LOG_DIR/tokens-<pid>.txt` (when set), so `tests/run` can
+/// check that no gateway log of the run holds a token a test used.
+pub(crate) fn remember(token: String) -> String {
+    if let Some(dir) = std::env::var_os("IMGATE_TEST_LOG_DIR") {
+        use std::io::Write;
+        let path = std::path::Path::new(&dir).join(format!("tokens-{}.txt", std::process::id()));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path);
+        if let Ok(mut f) = file {
+            let _ = writeln!(f, "{token}");
+        }
+    }
+    token
 }
 
 /// Which transport a client uses.

@@ -26,9 +26,24 @@ pub struct Gateway {
     pub metrics: Option<SocketAddr>,
 }
 
+/// Where a gateway's log goes: this process's stderr, or with `IMGATE_TEST_LOG_DIR` a file
+/// of its own in that directory (`tests/run` scans those for leaked tokens).
+fn log_sink() -> anyhow::Result<Stdio> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let Some(dir) = std::env::var_os("IMGATE_TEST_LOG_DIR") else {
+        return Ok(Stdio::inherit());
+    };
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::path::Path::new(&dir).join(format!("gateway-{}-{n}.log", std::process::id()));
+    let file =
+        std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+    Ok(file.into())
+}
+
 impl Gateway {
     /// Starts [`crate::binaries::imgate`] as `imgate serve` with `args` added and logs at
-    /// `warn` (`IMGATE_TEST_LOG` overrides it). Unless `args` name them:
+    /// `warn` (`IMGATE_TEST_LOG` overrides it; `IMGATE_TEST_LOG_DIR` sends the log to a
+    /// file). Unless `args` name them:
     /// - free loopback ports for `--http` and `--tcp`;
     /// - `--send-rate 0` (no rate limit);
     /// - a standalone gateway keeps its disk store in a temporary directory of its own
@@ -70,7 +85,7 @@ impl Gateway {
             .env_remove("IMGATE_JWT_SECRET_FILE")
             .env("RUST_LOG", log)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(log_sink()?)
             .kill_on_drop(true);
         let mut child = cmd
             .spawn()
