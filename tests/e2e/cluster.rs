@@ -919,6 +919,98 @@ async fn an_admin_kick_closes_a_users_devices_on_every_gateway() {
         (bad.status, bad.json()["code"].clone()),
         (400, json!("bad_request"))
     );
-    let revoke = kick(admin_token("ops"), json!({"uid": "bob", "revoke": true})).await;
-    assert_eq!(revoke.status, 400, "revoke is refused until it is built");
+}
+
+/// Whether `token` is accepted on `gw`: over HTTP (a short poll), as a WebSocket upgrade,
+/// and as a TCP login. The three must agree.
+async fn accepted_everywhere(gw: &Gateway, token: &str) -> bool {
+    let auth = format!("Authorization: Bearer {token}");
+    let http = curl(&[
+        "-H",
+        &auth,
+        &format!("http://{}/v1/messages?device=x", gw.http),
+    ])
+    .await;
+    let ws = tokio_tungstenite::connect_async(format!("ws://{}/v1/ws?token={token}", gw.http))
+        .await
+        .is_ok();
+    let mut tcp = RawTcp::connect(gw).await;
+    tcp.send(json!({"type": "login", "token": token, "device": "x"}))
+        .await;
+    let login = tcp.recv().await.expect("an answer to login");
+    let tcp_ok = login["type"] == "welcome";
+    assert!(
+        tcp_ok || login["code"] == "unauthorized",
+        "a refused login says unauthorized: {login}"
+    );
+    assert_eq!(
+        (http.status == 200, ws),
+        (tcp_ok, tcp_ok),
+        "HTTP {} / WebSocket / TCP disagree: {}",
+        http.status,
+        http.body
+    );
+    tcp_ok
+}
+
+/// A kick with `revoke` closes the user's devices on every gateway, and from then on its
+/// tokens issued before the kick are refused on every gateway, by every way in, also by a
+/// gateway started afterwards; a token issued later is accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kick_with_revoke_refuses_the_users_older_tokens_on_every_gateway() {
+    let mut c = Cluster::start(2, &[]).await;
+    let old = token("bob");
+    let (_p, mut phone) = c.client(0, "bob", "phone", Via::Tcp).await;
+    let (_l, mut laptop) = c.client(1, "bob", "laptop", Via::WsJson).await;
+    welcome(&mut phone).await;
+    welcome(&mut laptop).await;
+    assert!(accepted_everywhere(&c.gws[1], &old).await);
+
+    let r = post_json(
+        &c.gws[0],
+        "/v1/admin/kick",
+        &format!("Authorization: Bearer {}", admin_token("ops")),
+        json!({"uid": "bob", "revoke": true}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        (&r.json()["closed"], &r.json()["gateways"]),
+        (&json!(2), &json!(2))
+    );
+    let before = r.json()["revoked_before"]
+        .as_u64()
+        .expect("the revocation time");
+    disconnected(&mut phone, imgate_proto::ByeReason::Kicked).await;
+    disconnected(&mut laptop, imgate_proto::ByeReason::Kicked).await;
+    for gw in &c.gws {
+        assert!(
+            !accepted_everywhere(gw, &old).await,
+            "revoked on {}",
+            gw.http
+        );
+    }
+    assert!(
+        accepted_everywhere(&c.gws[0], &token("carol")).await,
+        "others are not touched"
+    );
+
+    // A gateway started after the kick knows it too.
+    let args = ["--nats".to_owned(), c.nats[0].url()];
+    c.gws
+        .push(Gateway::start(&args).await.expect("gateway starts"));
+    assert!(!accepted_everywhere(&c.gws[2], &old).await);
+
+    // A token issued in a later second than the kick is accepted everywhere.
+    while imgate_gateway::auth::unix_now() <= before {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let fresh = token("bob");
+    for gw in &c.gws {
+        assert!(
+            accepted_everywhere(gw, &fresh).await,
+            "a new token on {}",
+            gw.http
+        );
+    }
 }

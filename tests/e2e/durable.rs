@@ -232,6 +232,58 @@ async fn sigkill_under_load_loses_nothing_answered_with_sent() {
 
 /// Groups, the dedupe window and cursors survive a SIGTERM restart: a re-sent id answers
 /// the original seq, and the group still delivers to its members.
+/// A revocation (admin kick with `revoke`) is stored in the data directory: after a restart
+/// the revoked token is still refused, and one issued later is accepted.
+#[tokio::test]
+async fn a_restart_keeps_revocations() {
+    let dir = tempfile::tempdir().unwrap();
+    let ports = fixed_ports();
+    let mut gw = on_dir(dir.path(), &ports, &[]).await;
+    let old = token("bob");
+    let poll = |gw: &Gateway, token: &str| {
+        let (u, h) = (
+            url(gw, "/v1/messages"),
+            format!("Authorization: Bearer {token}"),
+        );
+        async move { curl(&["-H", &h, &u]).await.status }
+    };
+    assert_eq!(poll(&gw, &old).await, 200);
+    let r = curl(&[
+        "-H",
+        &format!(
+            "Authorization: Bearer {}",
+            crate::support::admin_token("ops")
+        ),
+        "-H",
+        "content-type: application/json",
+        "-d",
+        r#"{"uid":"bob","revoke":true}"#,
+        &url(&gw, "/v1/admin/kick"),
+    ])
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let before = r.json()["revoked_before"].as_u64().unwrap();
+    assert_eq!(poll(&gw, &old).await, 401);
+    gw.signal("TERM").unwrap();
+    assert!(gw.wait(WAIT).await.unwrap().success());
+    let gw = on_dir(dir.path(), &ports, &[]).await;
+    let refused = curl(&[
+        "-H",
+        &format!("Authorization: Bearer {old}"),
+        &url(&gw, "/v1/messages"),
+    ])
+    .await;
+    assert_eq!(
+        (refused.status, refused.json()["code"].as_str()),
+        (401, Some("unauthorized"))
+    );
+    assert!(refused.body.contains("revoked"), "{}", refused.body);
+    while imgate_gateway::auth::unix_now() <= before {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(poll(&gw, &token("bob")).await, 200);
+}
+
 #[tokio::test]
 async fn a_restart_keeps_groups_and_the_dedupe_window() {
     let dir = tempfile::tempdir().unwrap();

@@ -6,6 +6,10 @@
 //! when only public keys are configured, no public-key token when only a secret is. The key
 //! files are read again by [`Auth::reload`] (on SIGHUP); a reload that fails keeps the keys
 //! in use. Tokens are never logged; errors say why a token was refused without echoing it.
+//!
+//! [`Revocations`] (admin kick with `revoke`) are checked here too, so every way in (login,
+//! `refresh`, WebSocket upgrade, HTTP) refuses a revoked token alike. This module only
+//! keeps them in memory: the store persists them and the bus carries them to other gateways.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -26,6 +30,9 @@ pub const SYSTEM: &str = "system";
 
 /// Clock skew tolerated on `exp`.
 pub const LEEWAY_SECS: u64 = 5;
+
+/// A token without `iat` counts as issued this long before its `exp` (DESIGN section 2).
+pub const ASSUMED_LIFETIME_SECS: u64 = 24 * 3600;
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Claims {
@@ -59,6 +66,42 @@ pub enum AuthError {
     Invalid(String),
     #[error("token subject is not a valid uid (or is the reserved uid \"system\")")]
     BadSubject,
+    #[error("token revoked: an administrator revoked this user's tokens issued before {0} (Unix seconds)")]
+    Revoked(u64),
+}
+
+/// Per uid, the time (Unix seconds) at or before which its tokens were issued are refused.
+/// A value only ever rises.
+#[derive(Debug, Default)]
+pub struct Revocations {
+    before: RwLock<std::collections::HashMap<String, u64>>,
+}
+
+impl Revocations {
+    /// Refuses `uid`'s tokens issued at or before `before` from now on (a lower value than
+    /// the one held changes nothing).
+    pub fn raise(&self, uid: &str, before: u64) {
+        let mut map = self.before.write().unwrap_or_else(|p| p.into_inner());
+        let v = map.entry(uid.to_owned()).or_insert(0);
+        *v = (*v).max(before);
+    }
+
+    /// The revocation time of `uid`, if any.
+    pub fn of(&self, uid: &str) -> Option<u64> {
+        let map = self.before.read().unwrap_or_else(|p| p.into_inner());
+        map.get(uid).copied()
+    }
+
+    /// Whether a token of `uid` with these claims was revoked. Issue times count in whole
+    /// seconds, so a token issued in the second of the revocation is revoked too.
+    fn check(&self, uid: &str, iat: Option<u64>, exp: u64) -> Result<(), AuthError> {
+        match self.of(uid) {
+            Some(before) if iat.unwrap_or(exp.saturating_sub(ASSUMED_LIFETIME_SECS)) <= before => {
+                Err(AuthError::Revoked(before))
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Why a key file could not be used.
@@ -109,6 +152,7 @@ pub struct Auth {
     sources: KeySources,
     validation: Validation,
     dev_mode: bool,
+    revocations: Arc<Revocations>,
 }
 
 impl std::fmt::Debug for Auth {
@@ -157,7 +201,13 @@ impl Auth {
             sources,
             validation,
             dev_mode,
+            revocations: Arc::default(),
         }
+    }
+
+    /// The revocations every verification checks.
+    pub fn revocations(&self) -> &Arc<Revocations> {
+        &self.revocations
     }
 
     /// True when running with the public development secret.
@@ -215,6 +265,7 @@ impl Auth {
         if !imgate_proto::ids::is_valid_id(&c.sub) || c.sub == SYSTEM {
             return Err(AuthError::BadSubject);
         }
+        self.revocations.check(&c.sub, c.iat, c.exp)?;
         Ok(Identity {
             uid: c.sub,
             admin: c.role.as_deref() == Some("admin"),
@@ -418,5 +469,36 @@ mod tests {
             auth.verify("nonsense"),
             Err(AuthError::Invalid(_))
         ));
+    }
+
+    #[test]
+    fn a_revocation_refuses_tokens_issued_up_to_it_and_no_later_ones() {
+        let auth = Auth::new(Some(&Secret("s3cret".into())));
+        let now = unix_now();
+        let token = auth.mint("alice", Duration::from_secs(3600), false);
+        let bob = auth.mint("bob", Duration::from_secs(3600), false);
+        auth.revocations().raise("alice", now - 10);
+        assert!(auth.verify(&token).is_ok(), "issued after the revocation");
+        auth.revocations().raise("alice", now);
+        assert_eq!(auth.verify(&token), Err(AuthError::Revoked(now)));
+        auth.revocations().raise("alice", now - 100);
+        assert_eq!(auth.revocations().of("alice"), Some(now), "never lowered");
+        assert!(auth.verify(&bob).is_ok(), "other users are not touched");
+        // Without iat a token counts as issued 24 h before its exp.
+        let (key, _) = auth.secret.as_ref().unwrap();
+        let no_iat = |exp| {
+            let c = Claims {
+                sub: "alice".into(),
+                exp,
+                iat: None,
+                role: None,
+            };
+            jsonwebtoken::encode(&Header::new(Algorithm::HS256), &c, key).unwrap()
+        };
+        let issued_before = no_iat(now + ASSUMED_LIFETIME_SECS - 60);
+        assert_eq!(auth.verify(&issued_before), Err(AuthError::Revoked(now)));
+        assert!(auth
+            .verify(&no_iat(now + ASSUMED_LIFETIME_SECS + 60))
+            .is_ok());
     }
 }

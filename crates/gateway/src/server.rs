@@ -152,7 +152,12 @@ impl Gateway {
                 nats.client().clone(),
                 nats.names().clone(),
                 hub.clone(),
+                auth.revocations().clone(),
             ));
+            tokio::spawn(
+                nats.clone()
+                    .run_revocation_watch(auth.revocations().clone(), tail_stop.clone()),
+            );
             tokio::spawn({
                 let (bus, stop) = (bus.clone(), tail_stop.clone());
                 async move { bus.serve(stop).await }
@@ -165,6 +170,10 @@ impl Gateway {
             );
             (nats as Arc<dyn Store>, bus as Arc<dyn Bus>)
         };
+        // Revoked tokens are refused from the first connection on.
+        for (uid, before) in store.revocations().await? {
+            auth.revocations().raise(&uid, before);
+        }
         let http_limiter = send_quota(&cfg).map(RateLimiter::keyed);
         let shared = Arc::new(Shared {
             permits: Arc::new(Semaphore::new(cfg.max_connections)),

@@ -14,6 +14,8 @@ pub struct Names {
     pub cursors: String,
     /// `imgate_groups`
     pub groups: String,
+    /// `imgate_revocations`
+    pub revocations: String,
 }
 
 impl Names {
@@ -23,6 +25,7 @@ impl Names {
             stream: prefix.to_uppercase().replace(['.', '-'], "_"),
             cursors: format!("{prefix}_cursors"),
             groups: format!("{prefix}_groups"),
+            revocations: format!("{prefix}_revocations"),
         }
     }
 

@@ -34,7 +34,14 @@ impl Bus for LocalBus {
         })
     }
 
-    async fn kick(&self, uid: &str, device: Option<&str>) -> Result<Kicked, StoreError> {
+    /// The one gateway's revocation is raised by whoever asks for the kick (the admin
+    /// handler), so `revoke` is not needed here.
+    async fn kick(
+        &self,
+        uid: &str,
+        device: Option<&str>,
+        _revoke: Option<u64>,
+    ) -> Result<Kicked, StoreError> {
         Ok(Kicked {
             closed: self.local.kick(uid, device),
             gateways: 1,

@@ -95,8 +95,14 @@ pub trait Bus: Send + Sync + 'static {
     async fn presence(&self, uids: &[String]) -> Result<Presence, StoreError>;
 
     /// Closes `uid`'s connections (of one device when given) on every gateway that
-    /// answers within a short window.
-    async fn kick(&self, uid: &str, device: Option<&str>) -> Result<Kicked, StoreError>;
+    /// answers within a short window. With `revoke`, each of those gateways first refuses
+    /// `uid`'s tokens issued at or before that time (Unix seconds).
+    async fn kick(
+        &self,
+        uid: &str,
+        device: Option<&str>,
+        revoke: Option<u64>,
+    ) -> Result<Kicked, StoreError>;
 
     /// Until `stop`: hands other gateways' room messages to this one's members and answers
     /// their presence queries and kicks.

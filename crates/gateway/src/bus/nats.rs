@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use super::{local_counts, Bus, Kicked, Local, Presence, RoomMessage};
+use crate::auth::Revocations;
 use crate::store::StoreError;
 use crate::subjects::Names;
 
@@ -41,6 +42,9 @@ struct KickRequest {
     uid: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     device: Option<String>,
+    /// Refuse `uid`'s tokens issued at or before this (Unix seconds) before closing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    revoke: Option<u64>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -54,6 +58,8 @@ pub struct NatsBus {
     client: async_nats::Client,
     names: Names,
     local: Arc<dyn Local>,
+    /// This gateway's revocations, raised by kicks with `revoke` from any gateway.
+    revocations: Arc<Revocations>,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -61,11 +67,17 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
 }
 
 impl NatsBus {
-    pub fn new(client: async_nats::Client, names: Names, local: Arc<dyn Local>) -> Self {
+    pub fn new(
+        client: async_nats::Client,
+        names: Names,
+        local: Arc<dyn Local>,
+        revocations: Arc<Revocations>,
+    ) -> Self {
         NatsBus {
             client,
             names,
             local,
+            revocations,
         }
     }
 
@@ -197,10 +209,16 @@ impl Bus for NatsBus {
         Ok(total)
     }
 
-    async fn kick(&self, uid: &str, device: Option<&str>) -> Result<Kicked, StoreError> {
+    async fn kick(
+        &self,
+        uid: &str,
+        device: Option<&str>,
+        revoke: Option<u64>,
+    ) -> Result<Kicked, StoreError> {
         let request = KickRequest {
             uid: uid.to_owned(),
             device: device.map(str::to_owned),
+            revoke,
         };
         let answers: Vec<KickAnswer> = self.gather(self.names.kick(), &request).await?;
         Ok(Kicked {
@@ -210,7 +228,7 @@ impl Bus for NatsBus {
     }
 
     async fn serve(&self, stop: CancellationToken) {
-        let local = self.local.clone();
+        let (local, revocations) = (self.local.clone(), self.revocations.clone());
         let presence = self.answer(
             self.names.presence(),
             "presence answers",
@@ -223,8 +241,13 @@ impl Bus for NatsBus {
             self.names.kick(),
             "kicks",
             stop.clone(),
-            |q: KickRequest| KickAnswer {
-                closed: local.kick(&q.uid, q.device.as_deref()),
+            |q: KickRequest| {
+                if let Some(before) = q.revoke {
+                    revocations.raise(&q.uid, before);
+                }
+                KickAnswer {
+                    closed: local.kick(&q.uid, q.device.as_deref()),
+                }
             },
         );
         tokio::join!(self.follow_rooms(stop), presence, kicks);

@@ -84,6 +84,8 @@ struct Keyspaces {
     inbox_meta: Keyspace,
     cursors: Keyspace,
     groups: Keyspace,
+    /// uid -> the revocation time, big-endian Unix seconds.
+    revocations: Keyspace,
     meta: Keyspace,
 }
 
@@ -233,6 +235,7 @@ impl DiskStore {
             inbox_meta: space("inbox_meta").map_err(corrupt)?,
             cursors: space("cursors").map_err(corrupt)?,
             groups: space("groups").map_err(corrupt)?,
+            revocations: space("revocations").map_err(corrupt)?,
             meta: space("meta").map_err(corrupt)?,
         };
         let durability = match fsync {
@@ -772,6 +775,24 @@ impl Store for DiskStore {
         groups.insert(id.to_owned(), next.clone());
         Ok(next)
     }
+
+    async fn revoke(&self, uid: &str, before: u64) -> Result<(), StoreError> {
+        let _serial = self.small();
+        let stored = self.ks.revocations.get(uid).map_err(internal)?;
+        if stored.is_some_and(|v| be_u64(&v) >= before) {
+            return Ok(());
+        }
+        self.commit_small(|b| b.insert(&self.ks.revocations, uid.as_bytes(), before.to_be_bytes()))
+    }
+
+    async fn revocations(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut all = Vec::new();
+        for item in self.ks.revocations.iter() {
+            let (k, v) = item.into_inner().map_err(internal)?;
+            all.push((String::from_utf8_lossy(&k).into_owned(), be_u64(&v)));
+        }
+        Ok(all)
+    }
 }
 
 #[cfg(test)]
@@ -812,7 +833,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_reopened_store_keeps_seqs_epoch_cursors_groups_and_the_dedupe_window() {
+    async fn a_reopened_store_keeps_seqs_epoch_cursors_groups_revocations_and_the_dedupe_window() {
         let dir = tempfile::tempdir().unwrap();
         let inboxes = ["bob".to_owned(), "alice".to_owned()];
         let (first, epoch) = {
@@ -826,6 +847,8 @@ mod tests {
                 members: vec!["alice".into(), "bob".into()],
             };
             assert!(s.create_group("team", &g).await.unwrap());
+            s.revoke("mallory", 1_700_000_100).await.unwrap();
+            s.revoke("mallory", 1_700_000_000).await.unwrap();
             (a, s.epoch())
         };
         let s = open(dir.path(), 100);
@@ -836,6 +859,11 @@ mod tests {
         assert_eq!(next.seqs, vec![3, 4], "seqs go on from where they were");
         assert_eq!(s.cursor("bob", "phone").await.unwrap(), Some(1));
         assert!(s.group("team").await.unwrap().is_some());
+        assert_eq!(
+            s.revocations().await.unwrap(),
+            vec![("mallory".to_owned(), 1_700_000_100)],
+            "kept, and never lowered"
+        );
         let bob = s.read("bob", 0, 10).await.unwrap();
         assert_eq!(seqs(&bob.messages), vec![1, 3]);
         assert_eq!(bob.messages[1].body, json!({"id": "y"}));

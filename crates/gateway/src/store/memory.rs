@@ -50,6 +50,7 @@ struct Inner {
     dedupe_hasher: RandomState,
     cursors: HashMap<(String, String), u64>,
     groups: HashMap<String, Group>,
+    revocations: HashMap<String, u64>,
 }
 
 /// A send within the dedupe window and what it returned.
@@ -286,6 +287,22 @@ impl Store for MemoryStore {
         let next = change(current).map_err(ChangeError::Refused)?;
         inner.groups.insert(id.to_owned(), next.clone());
         Ok(next)
+    }
+
+    async fn revoke(&self, uid: &str, before: u64) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        let v = inner.revocations.entry(uid.to_owned()).or_insert(0);
+        *v = (*v).max(before);
+        Ok(())
+    }
+
+    async fn revocations(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let inner = self.lock();
+        Ok(inner
+            .revocations
+            .iter()
+            .map(|(u, b)| (u.clone(), *b))
+            .collect())
     }
 }
 

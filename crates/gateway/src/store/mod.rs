@@ -224,4 +224,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// Applies `change` to group `id` atomically (retrying on a concurrent change).
     async fn change_group(&self, id: &str, change: &GroupChange<'_>) -> Result<Group, ChangeError>;
+
+    /// Stores that `uid`'s tokens issued at or before `before` (Unix seconds) are revoked;
+    /// `Ok` once durable. A stored later time is kept.
+    async fn revoke(&self, uid: &str, before: u64) -> Result<(), StoreError>;
+
+    /// Every stored revocation: `(uid, before)`.
+    async fn revocations(&self) -> Result<Vec<(String, u64)>, StoreError>;
 }

@@ -59,6 +59,8 @@ pub struct NatsStore {
     stream: stream::Stream,
     cursors: kv::Store,
     groups: kv::Store,
+    /// uid -> the revocation time (decimal Unix seconds), watched by every gateway.
+    revocations: kv::Store,
     /// Every group, kept current by a watch on the groups bucket.
     group_cache: dashmap::DashMap<String, Group>,
     names: Names,
@@ -236,7 +238,7 @@ impl NatsStore {
 
         // NATS may still be starting (compose, a restart): keep trying for a while.
         let deadline = tokio::time::Instant::now() + n.nats_startup_timeout;
-        let (stream, cursors, groups) = loop {
+        let (stream, cursors, groups, revocations) = loop {
             let connection = || {
                 let last = last_error.lock().unwrap_or_else(|p| p.into_inner());
                 last.clone()
@@ -298,6 +300,7 @@ impl NatsStore {
             stream,
             cursors,
             groups,
+            revocations,
             group_cache: dashmap::DashMap::new(),
             names,
             max_inbox: cfg.max_inbox,
@@ -310,7 +313,7 @@ impl NatsStore {
         js: &jetstream::Context,
         names: &Names,
         cfg: &Config,
-    ) -> anyhow::Result<(stream::Stream, kv::Store, kv::Store)> {
+    ) -> anyhow::Result<(stream::Stream, kv::Store, kv::Store, kv::Store)> {
         let replicas = cfg.nats.replicas;
         js.create_or_update_stream(stream::Config {
             name: names.stream.clone(),
@@ -341,7 +344,56 @@ impl NatsStore {
             replicas,
         )
         .await?;
-        Ok((stream, cursors, groups))
+        let revocations = kv_bucket(
+            js,
+            &names.revocations,
+            "imgate revoked tokens: <uid> -> tokens issued at or before these Unix seconds are refused",
+            replicas,
+        )
+        .await?;
+        Ok((stream, cursors, groups, revocations))
+    }
+
+    /// Raises `into` from the revocations bucket until `stop`: every stored value first, then
+    /// each change (made by any gateway); re-watches after a failure.
+    pub async fn run_revocation_watch(
+        self: Arc<Self>,
+        into: Arc<crate::auth::Revocations>,
+        stop: CancellationToken,
+    ) {
+        loop {
+            let watched = async {
+                self.connected()?;
+                let mut watch = self.revocations.watch_with_history(">").await?;
+                while let Some(e) = watch.next().await {
+                    let e = e?;
+                    if e.operation != kv::Operation::Put {
+                        continue;
+                    }
+                    match std::str::from_utf8(&e.value)
+                        .ok()
+                        .and_then(|v| v.parse().ok())
+                    {
+                        Some(before) => into.raise(&e.key, before),
+                        None => {
+                            tracing::warn!(key = e.key, "ignoring a revocation that does not parse")
+                        }
+                    }
+                }
+                anyhow::Ok(())
+            };
+            let r = tokio::select! {
+                r = watched => r,
+                _ = stop.cancelled() => return,
+            };
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "revocation watch interrupted; watching again");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = stop.cancelled() => return,
+            }
+        }
     }
 
     /// Keeps the group cache current from the groups bucket until `stop`; re-watches after a
@@ -693,6 +745,50 @@ impl Store for NatsStore {
 
     async fn ready(&self) -> bool {
         self.connected().is_ok()
+    }
+
+    async fn revoke(&self, uid: &str, before: u64) -> Result<(), StoreError> {
+        self.connected()?;
+        // Compare-and-set, so two admins revoking at once never lower the stored time.
+        for _ in 0..5 {
+            let entry = self.revocations.entry(uid).await.map_err(unavailable)?;
+            let value = Bytes::from(before.to_string());
+            let written = match entry.filter(|e| e.operation == kv::Operation::Put) {
+                Some(e) => {
+                    let stored = std::str::from_utf8(&e.value)
+                        .ok()
+                        .and_then(|v| v.parse().ok());
+                    if stored.is_some_and(|s: u64| s >= before) {
+                        return Ok(());
+                    }
+                    self.revocations
+                        .update(uid, value, e.revision)
+                        .await
+                        .is_ok()
+                }
+                None => self.revocations.create(uid, value).await.is_ok(),
+            };
+            if written {
+                return Ok(());
+            }
+        }
+        Err(StoreError::Unavailable(format!(
+            "the revocation of {uid} kept changing under us"
+        )))
+    }
+
+    async fn revocations(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        self.connected()?;
+        let mut all = Vec::new();
+        let mut keys = self.revocations.keys().await.map_err(unavailable)?;
+        while let Some(k) = keys.next().await {
+            let k = k.map_err(unavailable)?;
+            let v = self.revocations.get(&k).await.map_err(unavailable)?;
+            if let Some(before) = v.and_then(|v| std::str::from_utf8(&v).ok()?.parse().ok()) {
+                all.push((k, before));
+            }
+        }
+        Ok(all)
     }
 
     fn tail_stats(&self) -> Option<&TailStats> {

@@ -1,7 +1,9 @@
 //! `POST /v1/admin/kick`: an operator closes a user's connections on every gateway.
 //!
 //! The handler checks the admin token and the ids, and asks the bus; the bus reaches each
-//! gateway's registry. Revocation (`"revoke": true`) is refused until it is built.
+//! gateway's registry. With `"revoke": true` the revocation is stored (durable, so it
+//! survives restarts and reaches gateways started later) and raised here before the kick,
+//! and the kick carries it to every gateway that answers, before any connection closes.
 
 use std::sync::Arc;
 
@@ -10,11 +12,11 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use imgate_proto::ids::is_valid_id;
-use imgate_proto::ErrorCode;
 use serde::Deserialize;
 use serde_json::json;
 
 use super::{json_body, not_admin, Caller};
+use crate::auth::unix_now;
 use crate::refusal::Refusal;
 use crate::state::Shared;
 
@@ -40,12 +42,19 @@ pub async fn kick(
     if !is_valid_id(&k.uid) || !k.device.as_deref().is_none_or(is_valid_id) {
         return Err(Refusal::bad_id("uid and device"));
     }
-    if k.revoke {
-        return Err(Refusal::new(
-            ErrorCode::BadRequest,
-            "revoke is not available yet: kick without it, and let the tokens expire",
-        ));
+    let revoke = match k.revoke {
+        true => {
+            let before = unix_now();
+            shared.store.revoke(&k.uid, before).await?;
+            shared.auth.revocations().raise(&k.uid, before);
+            Some(before)
+        }
+        false => None,
+    };
+    let kicked = shared.bus.kick(&k.uid, k.device.as_deref(), revoke).await?;
+    let mut answer = json!({"closed": kicked.closed, "gateways": kicked.gateways});
+    if let Some(before) = revoke {
+        answer["revoked_before"] = json!(before);
     }
-    let kicked = shared.bus.kick(&k.uid, k.device.as_deref()).await?;
-    Ok(Json(json!({"closed": kicked.closed, "gateways": kicked.gateways})).into_response())
+    Ok(Json(answer).into_response())
 }
