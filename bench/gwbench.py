@@ -1,6 +1,7 @@
 """Shared helpers of the Python measurement scripts in bench/: start a release gateway on
 free ports, mint development tokens, read a process's CPU time and memory from /proc.
 Standard library only."""
+import functools
 import base64
 import hashlib
 import hmac
@@ -39,6 +40,11 @@ def token(uid, ttl=3600):
     return (signing_input + b"." + sig).decode()
 
 
+@functools.lru_cache(maxsize=None)
+def _serve_help(binary):
+    return subprocess.run([binary, "serve", "--help"], capture_output=True, text=True).stdout
+
+
 class Gateway:
     """`imgate serve` on free loopback ports; use as a context manager."""
 
@@ -47,6 +53,10 @@ class Gateway:
         # these scripts measure is the gateway, not the disk.
         if "--store" not in args and "--nats" not in args:
             args = ("--store", "memory", *args)
+        # Every client here connects from loopback: no per-address limit (older builds,
+        # measured for a before/after, do not have the flag).
+        if "--max-connections-per-ip" in _serve_help(binary):
+            args = ("--max-connections-per-ip", "0", *args)
         # The gateway's log goes to a file, so an exit can be explained afterwards.
         self.log = tempfile.NamedTemporaryFile(prefix="imgate-gw-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(

@@ -99,7 +99,15 @@ impl Setup {
             Some(b) => b.clone(),
             None => imgate_harness::binaries::imgate()?,
         };
-        let mut all = vec!["--max-connections".to_owned(), "200000".to_owned()];
+        // Every generator connects from loopback: no per-address limit.
+        let mut all: Vec<String> = [
+            "--max-connections",
+            "200000",
+            "--max-connections-per-ip",
+            "0",
+        ]
+        .map(str::to_owned)
+        .into();
         if self.gateway_threads > 0 {
             all.extend(["--worker-threads".into(), self.gateway_threads.to_string()]);
         }

@@ -406,3 +406,89 @@ async fn a_trickled_header_and_an_idle_keep_alive_connection_are_closed() {
     let ok = curl(&[&format!("http://{}/healthz", gw.http)]).await;
     assert_eq!(ok.status, 200);
 }
+
+/// A socket to `to` from the loopback address `from`.
+async fn connect_from(from: &str, to: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let s = tokio::net::TcpSocket::new_v4().unwrap();
+    s.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    s.connect(to).await.unwrap()
+}
+
+/// One address holds at most `--max-connections-per-ip` connections, TCP and HTTP
+/// together: the next 1,000 from it are refused at once (a `rate_limited` error frame over
+/// TCP, 429 over HTTP) while another address is served, and a closed connection gives its
+/// place back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_over_its_connection_limit_is_refused_and_others_are_served() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const LIMIT: usize = 100;
+    let limit = LIMIT.to_string();
+    let args = [
+        "--max-connections-per-ip",
+        &limit,
+        "--header-timeout",
+        "60s",
+    ];
+    let gw = Gateway::start(&args).await.unwrap();
+    let crowd = "127.0.0.2";
+
+    // The limit's worth from one address: logged-in TCP sessions and served HTTP
+    // keep-alive connections, half each.
+    let mut held = Vec::new();
+    for i in 0..LIMIT {
+        if i % 2 == 0 {
+            let mut raw = RawTcp::from_stream(connect_from(crowd, gw.tcp).await);
+            raw.login(&token(&format!("u{i}")), "d").await;
+            held.push(raw);
+        } else {
+            let mut s = connect_from(crowd, gw.http).await;
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .unwrap();
+            let mut head = [0u8; 12];
+            s.read_exact(&mut head).await.unwrap();
+            assert_eq!(&head, b"HTTP/1.1 200");
+            held.push(RawTcp::from_stream(s));
+        }
+    }
+    // 1,000 more from the same address, each refused and closed.
+    within(Duration::from_secs(60), "1,000 refusals", async {
+        for i in 0..1000 {
+            if i % 2 == 0 {
+                let mut raw = RawTcp::from_stream(connect_from(crowd, gw.tcp).await);
+                let refusal = raw.recv().await.expect("a refusal before the close");
+                assert_eq!(
+                    (&refusal["type"], &refusal["code"]),
+                    (&json!("error"), &json!("rate_limited")),
+                    "{refusal}"
+                );
+                assert!(raw.recv().await.is_none(), "then closed");
+            } else {
+                let mut s = connect_from(crowd, gw.http).await;
+                let answer = read_until_closed(&mut s).await;
+                assert!(answer.starts_with("HTTP/1.1 429"), "{answer}");
+                assert!(answer.contains("rate_limited"), "{answer}");
+            }
+        }
+    })
+    .await;
+    // Another address is served meanwhile.
+    let mut other = RawTcp::connect(&gw).await;
+    other.login(&token("someone"), "d").await;
+
+    // A closed connection gives its place back.
+    drop(held.pop());
+    within(WAIT, "a place freed", async {
+        loop {
+            let mut s = connect_from(crowd, gw.http).await;
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .await
+                .unwrap();
+            if read_until_closed(&mut s).await.starts_with("HTTP/1.1 200") {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+}

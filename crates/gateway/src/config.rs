@@ -267,6 +267,13 @@ pub struct Config {
     #[arg(long, env = "IMGATE_MAX_CONNECTIONS", default_value_t = 200_000)]
     pub max_connections: usize,
 
+    /// Most connections one IP address may hold at once, TCP and HTTP together (0: no
+    /// limit). The default is a twentieth of the 20,000 files a process may open on the
+    /// machines imgate is built on, so one address cannot take a gateway's sockets; raise
+    /// it for clients behind a shared NAT, or for load generators.
+    #[arg(long, env = "IMGATE_MAX_CONNECTIONS_PER_IP", default_value_t = 1_000)]
+    pub max_connections_per_ip: usize,
+
     /// Threads that run connections (default: one per CPU). Fewer than the CPUs leaves
     /// room for a NATS server or other gateways on the same machine.
     #[arg(long, env = "IMGATE_WORKER_THREADS")]

@@ -31,6 +31,7 @@ use crate::store::memory::{Limits, MemoryStore};
 use crate::store::nats::NatsStore;
 use crate::store::Store;
 use crate::tls::Tls;
+use crate::transport::per_ip::PerIp;
 use governor::RateLimiter;
 
 /// The gateway's bound sockets.
@@ -177,6 +178,7 @@ impl Gateway {
         let http_limiter = send_quota(&cfg).map(RateLimiter::keyed);
         let shared = Arc::new(Shared {
             permits: Arc::new(Semaphore::new(cfg.max_connections)),
+            per_ip: PerIp::new(cfg.max_connections_per_ip),
             cursors: Cursors::new(store.clone(), cfg.cursor_interval),
             polls: Default::default(),
             cfg,

@@ -21,6 +21,7 @@ use crate::delivery::polls::ParkedPolls;
 use crate::metrics::Metrics;
 use crate::store::Store;
 use crate::tls::Tls;
+use crate::transport::per_ip::PerIp;
 
 /// Everything sessions and handlers share: configuration, auth, store, bus, registry,
 /// cursors, shutdown.
@@ -40,6 +41,8 @@ pub struct Shared {
     pub tracker: TaskTracker,
     /// Connection permits (`--max-connections`), taken before a connection is served.
     pub permits: Arc<Semaphore>,
+    /// Connections per address (`--max-connections-per-ip`), counted at accept.
+    pub per_ip: Arc<PerIp>,
     pub metrics: Metrics,
     /// The listeners' TLS (`--tls-cert`, `--tls-key`); `None` serves plain sockets.
     pub tls: Option<Arc<Tls>>,

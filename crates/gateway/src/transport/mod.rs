@@ -6,8 +6,10 @@
 //! - [`ws`]: WebSocket, JSON text or msgpack binary frames.
 //! - [`sse`]: Server-Sent Events, a push-only session.
 //! - [`http`]: the HTTP router, with sending, polling, history, groups, rooms and presence.
+//! - [`per_ip`]: the per-address connection limit both listeners apply at accept.
 
 pub mod http;
+pub mod per_ip;
 pub mod sse;
 pub mod tcp;
 pub mod ws;

@@ -20,6 +20,7 @@ use tokio_util::task::TaskTracker;
 use crate::delivery::outbox::ToClient;
 use crate::session::{self, Coded, Frames, InError, Incoming, Profile, Start};
 use crate::state::Shared;
+use crate::transport::per_ip::Refuse;
 
 /// Initial read and write buffer of a TCP connection. Small, because most connections are
 /// idle most of the time; buffers grow when a frame needs it.
@@ -56,6 +57,13 @@ pub async fn serve(
                 continue;
             }
         };
+        let refuse = match shared.tls {
+            None => Refuse::Tcp,
+            Some(_) => Refuse::Silently,
+        };
+        let Some(slot) = shared.per_ip.admit(&sock, refuse) else {
+            continue;
+        };
         let _ = sock.set_nodelay(true);
         let shared = shared.clone();
         let Some(tls) = shared.tls.clone() else {
@@ -65,7 +73,7 @@ pub async fn serve(
             let frames = transport(sock, &shared);
             tracker.spawn(async move {
                 session::run(shared, frames, start(), Profile::TCP).await;
-                drop(permit);
+                drop((permit, slot));
             });
             continue;
         };
@@ -74,7 +82,7 @@ pub async fn serve(
                 let frames = transport(stream, &shared);
                 session::run(shared, frames, start(), Profile::TCP).await;
             }
-            drop(permit);
+            drop((permit, slot));
         });
     }
 }

@@ -22,6 +22,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::state::Shared;
 use crate::tls::Tls;
+use crate::transport::per_ip::Refuse;
 
 /// Pause after a failed accept (for example, out of file descriptors).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
@@ -45,18 +46,24 @@ pub async fn serve(listener: TcpListener, app: Router, shared: Arc<Shared>) {
         // A clone of the router is an Arc; it is served as it is, never rebuilt per
         // connection (axum's `with_state` per connection was once heaptrack's largest
         // per-connection allocation).
-        let (app, stop, cfg) = (app.clone(), stop.clone(), &shared.cfg);
-        let header_timeout = cfg.header_timeout;
+        let refuse = match shared.tls {
+            None => Refuse::Http,
+            Some(_) => Refuse::Silently,
+        };
+        let Some(slot) = shared.per_ip.admit(&sock, refuse) else {
+            continue;
+        };
+        let (app, stop) = (app.clone(), stop.clone());
+        let (header_timeout, login_timeout) = (shared.cfg.header_timeout, shared.cfg.login_timeout);
         match shared.tls.clone() {
-            None => conns.spawn(connection(sock, app, header_timeout, stop)),
-            Some(tls) => conns.spawn(tls_connection(
-                sock,
-                tls,
-                cfg.login_timeout,
-                app,
-                header_timeout,
-                stop,
-            )),
+            None => conns.spawn(async move {
+                connection(sock, app, header_timeout, stop).await;
+                drop(slot);
+            }),
+            Some(tls) => conns.spawn(async move {
+                tls_connection(sock, tls, login_timeout, app, header_timeout, stop).await;
+                drop(slot);
+            }),
         };
     }
     conns.close();
