@@ -138,3 +138,83 @@ async fn our_client_refreshes_and_reconnects_with_the_new_token() {
         .unwrap();
     assert_eq!(text(&messages(&mut events, 1).await[0]), "still here");
 }
+
+/// The client crate with a token source refreshes on its own: a connection opened with a
+/// 3 s token, whose source hands out 3 s tokens, is still the same connection 15 s later.
+/// One whose source fails until after the expiry gets `bye expired`, then logs in again
+/// with the next token the source gives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_refreshes_from_its_token_source_and_logs_in_again_after_an_expiry() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let gw = Gateway::start(&["--idle-timeout", "1h"]).await.unwrap();
+
+    let refreshed = async {
+        let (client, mut events) = ClientBuilder::new(gw.tcp_url(), token_for("dana", 3))
+            .device("d")
+            .token_source(|| async { Ok(token_for("dana", 3)) })
+            .connect()
+            .await
+            .unwrap();
+        let mut refreshes = 0;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        while let Ok(ev) = tokio::time::timeout_at(deadline, events.recv()).await {
+            match ev.expect("the client is alive") {
+                Event::Refreshed { .. } => refreshes += 1,
+                Event::Disconnected { reason } => panic!("disconnected: {reason:?}"),
+                _ => {}
+            }
+        }
+        assert!(refreshes >= 3, "refreshed {refreshes} times in 15 s");
+        client
+            .send_to("dana", json!({"text": "still here"}))
+            .await
+            .unwrap();
+    };
+
+    let relogged = async {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let source = {
+            let calls = calls.clone();
+            move || {
+                let n = calls.fetch_add(1, Ordering::Relaxed);
+                async move {
+                    match n {
+                        // Fails for about the first 9 s: past the expiry and its leeway.
+                        0..=7 => Err("the backend is down".to_owned()),
+                        _ => Ok(token_for("erin", 3600)),
+                    }
+                }
+            }
+        };
+        let (client, mut events) = ClientBuilder::new(gw.tcp_url(), token_for("erin", 3))
+            .device("d")
+            .token_source(source)
+            .connect()
+            .await
+            .unwrap();
+        welcome(&mut events).await;
+        within(PAST_EXPIRY, "bye expired, then a new login", async {
+            loop {
+                match events.recv().await.expect("the client is alive") {
+                    Event::Disconnected { reason } => {
+                        assert_eq!(reason, Some(ByeReason::Expired))
+                    }
+                    Event::Welcome { exp, .. } => {
+                        let now = imgate_gateway::auth::unix_now();
+                        assert!(exp > now + 600, "logged in with the new token");
+                        return;
+                    }
+                    _ => {}
+                }
+            }
+        })
+        .await;
+        client
+            .send_to("erin", json!({"text": "back"}))
+            .await
+            .unwrap();
+        assert!(calls.load(Ordering::Relaxed) >= 9);
+    };
+    tokio::join!(refreshed, relogged);
+}

@@ -4,6 +4,8 @@
 //! which logs in, hands messages to an [`Events`] receiver, acks them automatically,
 //! deduplicates by seq, and on a lost connection reconnects and resumes after the last seq
 //! it saw, re-sending unanswered sends with their original ids (the server dedupes them).
+//! Given a [`ClientBuilder::token_source`], it also fetches a new token before the one in
+//! use expires, hands it to the gateway with `refresh`, and logs in with it after an expiry.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), imgate_client::Error> {
@@ -23,6 +25,9 @@ mod error;
 mod tls;
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
@@ -44,6 +49,24 @@ const RECONNECT_MIN: Duration = Duration::from_millis(50);
 const RECONNECT_MAX: Duration = Duration::from_secs(2);
 /// Longest wait for the server to confirm the last ack when closing.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// With a token source, a new token is fetched once this share of the time the current
+/// one had left (at login or at its refresh) has passed.
+const REFRESH_AT: f64 = 0.8;
+/// Pause before asking a token source again after it failed.
+const TOKEN_RETRY: Duration = Duration::from_secs(1);
+
+/// Fetches a fresh token for the same uid (for example from the application's backend).
+pub type TokenFuture = Pin<Box<dyn Future<Output = Result<String, String>> + std::marker::Send>>;
+
+/// A token callback, cheap to clone; see [`ClientBuilder::token_source`].
+#[derive(Clone)]
+struct TokenSource(Arc<dyn Fn() -> TokenFuture + std::marker::Send + Sync>);
+
+impl std::fmt::Debug for TokenSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenSource")
+    }
+}
 
 /// What the client reports to its owner.
 #[derive(Debug, Clone, PartialEq)]
@@ -54,6 +77,8 @@ pub enum Event {
         resume: u64,
         gap: bool,
         epoch: String,
+        /// Expiry of the token in force (Unix seconds).
+        exp: u64,
     },
     /// A stored message, in seq order, never twice.
     Msg(Message),
@@ -67,8 +92,8 @@ pub enum Event {
     Error { code: ErrorCode, message: String },
     /// The connection closed; the client reconnects unless reconnecting is off.
     Disconnected { reason: Option<ByeReason> },
-    /// The gateway accepted [`Client::refresh`]: the connection lasts until `exp` (Unix
-    /// seconds).
+    /// The gateway accepted a newer token ([`Client::refresh`], or one from the token
+    /// source): the connection lasts until `exp` (Unix seconds).
     Refreshed { exp: u64 },
 }
 
@@ -100,6 +125,7 @@ pub struct ClientBuilder {
     local_addr: Option<std::net::IpAddr>,
     /// Roots for `tls://` and `wss://`: the system's, or a private CA's.
     tls: tls::Roots,
+    token_source: Option<TokenSource>,
 }
 
 impl ClientBuilder {
@@ -118,7 +144,21 @@ impl ClientBuilder {
             timeout: Duration::from_secs(10),
             local_addr: None,
             tls: tls::Roots::default(),
+            token_source: None,
         }
+    }
+
+    /// Where a new token comes from when the one in use nears its expiry (80% of the time
+    /// it had left has passed) or has expired: the client then refreshes the connection
+    /// with it, or logs in with it after `bye expired` or a refused login. Without one, the
+    /// owner calls [`Client::refresh`] itself.
+    pub fn token_source<F, Fut>(mut self, f: F) -> Self
+    where
+        F: Fn() -> Fut + std::marker::Send + Sync + 'static,
+        Fut: Future<Output = Result<String, String>> + std::marker::Send + 'static,
+    {
+        self.token_source = Some(TokenSource(Arc::new(move || Box::pin(f()))));
+        self
     }
 
     /// Trust only the CA certificates of this PEM file for `tls://` and `wss://` (default:
@@ -184,9 +224,9 @@ impl ClientBuilder {
         let (conn, welcome) = self
             .login(&self.urls[0], self.resume, self.epoch.as_deref())
             .await?;
-        let epoch = match &welcome {
-            Event::Welcome { epoch, .. } => Some(epoch.clone()),
-            _ => None,
+        let (epoch, exp) = match &welcome {
+            Event::Welcome { epoch, exp, .. } => (Some(epoch.clone()), Some(*exp)),
+            _ => (None, None),
         };
         let (cmd_tx, cmd_rx) = mpsc::channel(256);
         let (ev_tx, ev_rx) = mpsc::unbounded_channel();
@@ -201,6 +241,7 @@ impl ClientBuilder {
             pending: HashMap::new(),
             order: 0,
             url: 0,
+            refresh_due: exp.map(refresh_time),
         };
         tokio::spawn(actor.run(conn));
         Ok((Client { tx: cmd_tx }, ev_rx))
@@ -225,8 +266,20 @@ impl ClientBuilder {
             }
             match conn.frames.next().await {
                 Some(Ok(ServerFrame::Welcome {
-                    resume, gap, epoch, ..
-                })) => Ok((conn, Event::Welcome { resume, gap, epoch })),
+                    resume,
+                    gap,
+                    epoch,
+                    exp,
+                    ..
+                })) => Ok((
+                    conn,
+                    Event::Welcome {
+                        resume,
+                        gap,
+                        epoch,
+                        exp: exp.unwrap_or(0),
+                    },
+                )),
                 Some(Ok(ServerFrame::Error { code, message, .. })) => {
                     Err(Error::new(ErrorKind::Server(code), message))
                 }
@@ -334,6 +387,22 @@ struct Actor {
     order: u64,
     /// Index in `builder.urls` of the gateway in use.
     url: usize,
+    /// When to fetch a new token from the token source (none without one).
+    refresh_due: Option<tokio::time::Instant>,
+}
+
+/// When to ask for the token after one that expires at `exp` (Unix seconds).
+fn refresh_time(exp: u64) -> tokio::time::Instant {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let left = Duration::from_secs(exp).saturating_sub(now);
+    tokio::time::Instant::now() + left.mul_f64(REFRESH_AT)
+}
+
+/// Asks `source` for a token, in a task of its own so the connection goes on meanwhile.
+fn fetch(source: &TokenSource) -> tokio::task::JoinHandle<Result<String, String>> {
+    tokio::spawn((source.0)())
 }
 
 /// A send waiting for its answer: its order (for re-sending), the frame, the caller.
@@ -348,7 +417,7 @@ enum Exit {
 impl Actor {
     async fn run(mut self, mut conn: Conn) {
         loop {
-            match self.connected(&mut conn).await {
+            let reason = match self.connected(&mut conn).await {
                 Exit::Close => {
                     let _ = conn.frames.close().await;
                     return;
@@ -359,9 +428,10 @@ impl Actor {
                         self.fail_pending(Error::closed());
                         return;
                     }
+                    reason
                 }
-            }
-            match self.reconnect().await {
+            };
+            match self.reconnect(reason).await {
                 Some(c) => conn = c,
                 None => return,
             }
@@ -375,6 +445,13 @@ impl Actor {
         let ack_due = tokio::time::sleep(ACK_INTERVAL);
         tokio::pin!(ack_due);
         let mut armed = false;
+        // The token source's answer, while one is being fetched.
+        let mut fetching: Option<tokio::task::JoinHandle<Result<String, String>>> = None;
+        let refresh_due = tokio::time::sleep_until(
+            self.refresh_due
+                .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(86400 * 365)),
+        );
+        tokio::pin!(refresh_due);
         loop {
             match (self.unacked(), armed) {
                 (true, false) => {
@@ -429,6 +506,33 @@ impl Actor {
                         return Exit::Reconnect(None);
                     }
                 }
+                () = &mut refresh_due, if self.refresh_due.is_some() && fetching.is_none() => {
+                    if let Some(source) = &self.builder.token_source {
+                        fetching = Some(fetch(source));
+                    }
+                }
+                fetched = async { fetching.as_mut().expect("guarded").await }, if fetching.is_some() => {
+                    fetching = None;
+                    match fetched.unwrap_or_else(|e| Err(e.to_string())) {
+                        Ok(token) => {
+                            self.builder.token = token.clone();
+                            if conn.frames.send(ClientFrame::Refresh { token }).await.is_err() {
+                                return Exit::Reconnect(None);
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "the token source failed; asking again");
+                            let again = tokio::time::Instant::now() + TOKEN_RETRY;
+                            self.refresh_due = Some(again);
+                            refresh_due.as_mut().reset(again);
+                        }
+                    }
+                }
+            }
+            if let Some(due) = self.refresh_due {
+                if due != refresh_due.deadline() {
+                    refresh_due.as_mut().reset(due);
+                }
             }
         }
     }
@@ -464,9 +568,19 @@ impl Actor {
                 let _ = self.events.send(Event::Error { code, message });
             }
             ServerFrame::Welcome {
-                resume, gap, epoch, ..
+                resume,
+                gap,
+                epoch,
+                exp,
+                ..
             } => {
-                let _ = self.events.send(Event::Welcome { resume, gap, epoch });
+                let exp = exp.unwrap_or(0);
+                let _ = self.events.send(Event::Welcome {
+                    resume,
+                    gap,
+                    epoch,
+                    exp,
+                });
             }
             ServerFrame::Room {
                 room, from, body, ..
@@ -475,6 +589,9 @@ impl Actor {
             }
             ServerFrame::Pong => {}
             ServerFrame::Refreshed { exp } => {
+                if self.builder.token_source.is_some() {
+                    self.refresh_due = Some(refresh_time(exp));
+                }
                 let _ = self.events.send(Event::Refreshed { exp });
             }
             ServerFrame::Bye { reason } => return Some(Exit::Reconnect(Some(reason))),
@@ -516,9 +633,26 @@ impl Actor {
 
     /// Reconnects with backoff, resuming after the last seq seen, and re-sends unanswered
     /// sends in their original order. `None` when the owner is gone or login is refused.
-    async fn reconnect(&mut self) -> Option<Conn> {
+    async fn reconnect(&mut self, reason: Option<ByeReason>) -> Option<Conn> {
         let mut pause = RECONNECT_MIN;
+        // After an expiry the token in hand is no good: ask for another first.
+        let mut need_token = reason == Some(ByeReason::Expired);
         loop {
+            if need_token {
+                if let Some(source) = &self.builder.token_source {
+                    match fetch(source).await.unwrap_or_else(|e| Err(e.to_string())) {
+                        Ok(token) => {
+                            self.builder.token = token;
+                            need_token = false;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "the token source failed; asking again");
+                            tokio::time::sleep(TOKEN_RETRY).await;
+                            continue;
+                        }
+                    }
+                }
+            }
             if self.events.is_closed() && self.commands.is_closed() {
                 return None;
             }
@@ -529,11 +663,17 @@ impl Actor {
             let url = &self.builder.urls[self.url];
             match self.builder.login(url, resume, epoch.as_deref()).await {
                 Ok((mut conn, welcome)) => {
-                    if let Event::Welcome { epoch, resume, .. } = &welcome {
+                    if let Event::Welcome {
+                        epoch, resume, exp, ..
+                    } = &welcome
+                    {
                         // Another store: its seqs start over, so the dedupe by seq does too.
                         if self.epoch.as_ref() != Some(epoch) {
                             self.last_seq = (*resume > 0).then_some(*resume);
                             self.epoch = Some(epoch.clone());
+                        }
+                        if self.builder.token_source.is_some() {
+                            self.refresh_due = Some(refresh_time(*exp));
                         }
                     }
                     let _ = self.events.send(welcome);
@@ -553,6 +693,14 @@ impl Actor {
                     return Some(conn);
                 }
                 Err(e) if e.kind() == ErrorKind::Server(ErrorCode::Unauthorized) => {
+                    // With a token source a refused token may just be old: one more try
+                    // with a fresh one.
+                    if self.builder.token_source.is_some() && !need_token && pause == RECONNECT_MIN
+                    {
+                        need_token = true;
+                        pause *= 2;
+                        continue;
+                    }
                     tracing::warn!(error = %e, "login refused; not reconnecting");
                     self.fail_pending(e);
                     return None;
