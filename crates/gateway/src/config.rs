@@ -76,6 +76,12 @@ pub struct NatsArgs {
     #[arg(long, env = "IMGATE_NATS_STARTUP_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub nats_startup_timeout: Duration,
 
+    /// Bytes of recently stored inbox copies each gateway keeps in memory, from its tail,
+    /// so a device reconnecting to it (a reconnect storm after another gateway died, a
+    /// poll) reads its backlog without asking NATS. 0 turns it off. Default 64 MiB.
+    #[arg(long, env = "IMGATE_BACKLOG_CACHE", default_value_t = 64 << 20)]
+    pub backlog_cache: usize,
+
     /// How a send's inbox copies are published: `atomic` (group commit into JetStream
     /// atomic batches: a send's copies are stored all or nothing), `separate` (one publish
     /// per copy: a NATS failure in the middle of a send can leave some copies stored until

@@ -43,6 +43,8 @@ pub struct TailStats {
     /// group commit shares.
     pub batches: AtomicU64,
     pub batched_sends: AtomicU64,
+    /// Backlog reads answered from the gateway's memory of recent copies, not NATS.
+    pub backlog_hits: AtomicU64,
 }
 
 /// How a client is connected.
@@ -104,6 +106,7 @@ pub struct Metrics {
     tail_restarts: Counter,
     nats_batches: Counter,
     nats_batched_sends: Counter,
+    backlog_hits: Counter,
     room_delivered: Counter,
     room_dropped: Counter,
 }
@@ -164,6 +167,7 @@ impl Metrics {
             tail_restarts: counter("imgate_tail_restarts_total", vec![]),
             nats_batches: counter("imgate_nats_batches_total", vec![]),
             nats_batched_sends: counter("imgate_nats_batched_sends_total", vec![]),
+            backlog_hits: counter("imgate_backlog_cache_hits_total", vec![]),
             room_delivered: counter("imgate_room_delivered_total", vec![]),
             room_dropped: counter("imgate_room_dropped_total", vec![]),
             recorder,
@@ -256,6 +260,11 @@ impl Metrics {
             "Cluster mode: sends stored by those batches (sends per batch is what the group commit shares).",
         );
         d(
+            "imgate_backlog_cache_hits_total",
+            Unit::Count,
+            "Cluster mode: backlog reads (logins, polls) answered from the copies this gateway's tail saw lately, without asking NATS (--backlog-cache).",
+        );
+        d(
             "imgate_tail_restarts_total",
             Unit::Count,
             "Cluster mode: times the stream tail was recreated after a failure (from its last seq).",
@@ -304,6 +313,7 @@ impl Metrics {
             self.tail_restarts.absolute(get(&t.restarts));
             self.nats_batches.absolute(get(&t.batches));
             self.nats_batched_sends.absolute(get(&t.batched_sends));
+            self.backlog_hits.absolute(get(&t.backlog_hits));
         }
         self.dropped_not_local
             .absolute(hub.dropped_not_local.load(Ordering::Relaxed));

@@ -26,9 +26,11 @@ use bytes::Bytes;
 use futures::future::try_join_all;
 
 mod publish;
+mod recent;
 use futures::StreamExt;
 use imgate_proto::Message;
 use publish::{Copy, Publisher};
+use recent::Recent;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -69,6 +71,8 @@ pub struct NatsStore {
     max_inbox: usize,
     /// The last stream seq the tail handed to the fanout: the live tail for a new device.
     tail_last: AtomicU64,
+    /// What the tail saw lately, for backlog reads that need not ask NATS.
+    recent: Recent,
     /// The stream's creation time: a recreated stream is a new epoch.
     epoch: std::sync::RwLock<Arc<str>>,
     pub tail_stats: Arc<TailStats>,
@@ -305,6 +309,7 @@ impl NatsStore {
             names,
             max_inbox: cfg.max_inbox,
             tail_last: AtomicU64::new(0),
+            recent: Recent::new(n.backlog_cache, cfg.max_inbox, cfg.retention),
             tail_stats: stats,
         }))
     }
@@ -501,6 +506,7 @@ impl NatsStore {
         stop: CancellationToken,
     ) {
         let mut last = after;
+        self.recent.restart_at(after);
         let mut backoff = Duration::from_millis(50);
         loop {
             let r = tokio::select! {
@@ -541,6 +547,7 @@ impl NatsStore {
             }
             *last = 0;
             self.tail_last.store(0, Ordering::Relaxed);
+            self.recent.restart_at(0);
         }
         self.tail_last.fetch_max(*last, Ordering::Relaxed);
         let consumer = self
@@ -585,6 +592,9 @@ impl NatsStore {
             );
             if let Some(uid) = self.names.owner(&m.subject) {
                 let published = unix_ms(info.published);
+                // Cached before it is handed over: a login that registers in between reads
+                // it here or gets it in its outbox, never neither.
+                self.recent.insert(uid, seq, published, &m.payload);
                 let stats = &self.tail_stats;
                 fanout.deliver(uid, &mut || {
                     stats.decoded.fetch_add(1, Ordering::Relaxed);
@@ -643,6 +653,15 @@ impl Store for NatsStore {
     }
 
     async fn read(&self, uid: &str, after: u64, limit: usize) -> Result<Page, StoreError> {
+        // Everything after `after` that the tail has seen is cached; what it has not seen
+        // yet reaches a registered connection through the tail.
+        if let Some(page) = self
+            .recent
+            .read(uid, after, limit.clamp(1, MAX_DIRECT_BATCH))
+        {
+            self.tail_stats.backlog_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(page);
+        }
         self.connected()?;
         // One batch direct get for the inbox's subject and one plain direct get for the
         // stream's first message (retention), both at once. Direct gets create no consumer
