@@ -66,7 +66,7 @@ pub enum AuthError {
     Invalid(String),
     #[error("token subject is not a valid uid (or is the reserved uid \"system\")")]
     BadSubject,
-    #[error("token revoked: an administrator revoked this user's tokens issued before {0} (Unix seconds)")]
+    #[error("token revoked: an administrator revoked this user's tokens issued at or before {0} (Unix seconds)")]
     Revoked(u64),
 }
 
