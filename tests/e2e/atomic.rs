@@ -31,19 +31,31 @@ fn members() -> Vec<String> {
     (1..MEMBERS).map(|i| format!("m{i}")).collect()
 }
 
-/// How many inbox copies each send (`<from>:<id>`) has in the stream, read from NATS.
+/// How many inbox copies each send (`<from>:<id>`) has in the stream, read from NATS (a
+/// cluster that was just restarted may take a few seconds to answer again).
 async fn copies_per_send(nats_url: &str) -> HashMap<String, usize> {
     let js = async_nats::jetstream::new(async_nats::connect(nats_url).await.unwrap());
-    let mut stream = js.get_stream("IMGATE").await.expect("the stream exists");
-    let total = stream.info().await.unwrap().state.messages;
-    let consumer = stream
-        .create_consumer(pull::Config {
-            deliver_policy: DeliverPolicy::All,
-            ack_policy: AckPolicy::None,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let (total, consumer) = within(Duration::from_secs(60), "the stream answers", async {
+        loop {
+            let ready = async {
+                let mut stream = js.get_stream("IMGATE").await?;
+                let total = stream.info().await?.state.messages;
+                let consumer = stream
+                    .create_consumer(pull::Config {
+                        deliver_policy: DeliverPolicy::All,
+                        ack_policy: AckPolicy::None,
+                        ..Default::default()
+                    })
+                    .await?;
+                anyhow::Ok((total, consumer))
+            };
+            match ready.await {
+                Ok(r) => return r,
+                Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+            }
+        }
+    })
+    .await;
     let mut messages = consumer.messages().await.unwrap();
     let mut counts = HashMap::new();
     for _ in 0..total {
