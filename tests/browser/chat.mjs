@@ -58,7 +58,7 @@ try {
   const alice = await open("alice", "bob", { width: 900, height: 800 });
   const bob = await open("bob", "alice", { width: 390, height: 844 });
   Object.assign(pages, { alice, bob });
-  const modes = [["ws", "WebSocket"], ["sse", "SSE"], ["long", "long poll"], ["short", "short poll"]];
+  const modes = [["ws", "WebSocket"], ["sse", "SSE"], ["longpoll", "long poll"], ["poll", "short poll"]];
   for (const [mode, label] of modes) {
     await use(alice, mode, label);
     await use(bob, mode, label);

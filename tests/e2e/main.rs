@@ -17,4 +17,5 @@ mod keys;
 mod lifecycle;
 mod python;
 mod resume;
+mod sdk;
 mod tls;

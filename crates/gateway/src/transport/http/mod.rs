@@ -165,6 +165,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
             "/style.css",
             get(|| async { ([(header::CONTENT_TYPE, "text/css")], CHAT_CSS) }),
         )
+        .route("/v1/sdk/imgate.js", get(sdk))
         .route("/v1/ws", get(super::ws::upgrade))
         .route(
             "/v1/messages",
@@ -203,6 +204,36 @@ pub fn router(shared: Arc<Shared>) -> Router {
 const CHAT_HTML: &str = include_str!("../../../web/index.html");
 const CHAT_JS: &str = include_str!("../../../web/app.js");
 const CHAT_CSS: &str = include_str!("../../../web/style.css");
+
+/// The browser SDK (`sdk/js/imgate.js`), embedded in the binary like the chat page.
+const SDK_JS: &str = include_str!("../../../../../sdk/js/imgate.js");
+
+/// `GET /v1/sdk/imgate.js`: the SDK with an `ETag` of its content, so a browser revalidates
+/// it cheaply (`304` while it has not changed) and never keeps an old one after an upgrade.
+async fn sdk(headers: HeaderMap) -> Response {
+    static ETAG: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        use std::hash::{Hash, Hasher};
+        // Fixed keys: the same content has the same tag on every gateway.
+        let mut h = std::hash::DefaultHasher::new();
+        SDK_JS.hash(&mut h);
+        format!("\"sdk-{:016x}\"", h.finish())
+    });
+    let etag = ETAG.as_str();
+    let cached = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag));
+    let common = [
+        (header::ETAG, etag),
+        (header::CACHE_CONTROL, "no-cache"),
+        (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+    ];
+    if cached {
+        (StatusCode::NOT_MODIFIED, common).into_response()
+    } else {
+        (common, SDK_JS).into_response()
+    }
+}
 
 /// CORS for the configured origins; none (same origin only) by default.
 fn cors(origins: &[String]) -> Option<CorsLayer> {
@@ -304,6 +335,36 @@ mod tests {
             .ok()
             .and_then(|v| v["code"].as_str().map(str::to_owned));
         (status, code)
+    }
+
+    #[tokio::test]
+    async fn the_sdk_is_served_with_an_etag_and_revalidates_to_304() {
+        let (app, _, _) = app(&[]).await;
+        let get = |etag: Option<String>| {
+            let mut req = Request::builder().uri("/v1/sdk/imgate.js");
+            if let Some(t) = etag {
+                req = req.header(header::IF_NONE_MATCH, t);
+            }
+            app.clone().oneshot(req.body(Body::empty()).unwrap())
+        };
+        let r = get(None).await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        assert!(r.headers()[header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .starts_with("text/javascript"));
+        let etag = r.headers()[header::ETAG].to_str().unwrap().to_owned();
+        let body = axum::body::to_bytes(r.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        assert!(std::str::from_utf8(&body)
+            .unwrap()
+            .contains("export class Imgate"));
+        let again = get(Some(etag.clone())).await.unwrap();
+        assert_eq!(again.status(), StatusCode::NOT_MODIFIED);
+        assert_eq!(again.headers()[header::ETAG], etag.as_str());
+        let other = get(Some("\"sdk-0\"".into())).await.unwrap();
+        assert_eq!(other.status(), StatusCode::OK);
     }
 
     #[test]
