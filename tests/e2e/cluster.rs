@@ -69,8 +69,9 @@ impl Cluster {
     }
 }
 
-/// Sends `to` the message `id`, retrying `unavailable` with the same id until accepted.
-async fn send_until_accepted(c: &Client, to: &str, id: String, text: u64) -> u64 {
+/// Sends `to` the message `id`, retrying `unavailable` (and `rate_limited`) with the same
+/// id until accepted.
+pub(crate) async fn send_until_accepted(c: &Client, to: &str, id: String, text: u64) -> u64 {
     loop {
         let r = c
             .send(Send {
@@ -86,6 +87,7 @@ async fn send_until_accepted(c: &Client, to: &str, id: String, text: u64) -> u64
                 if matches!(
                     e.kind(),
                     ErrorKind::Server(ErrorCode::Unavailable)
+                        | ErrorKind::Server(ErrorCode::RateLimited)
                         | ErrorKind::Closed
                         | ErrorKind::Timeout
                 ) =>
@@ -97,14 +99,23 @@ async fn send_until_accepted(c: &Client, to: &str, id: String, text: u64) -> u64
     }
 }
 
-/// Connects, retrying a login refused as `unavailable` (NATS electing a leader, say), as a
+/// Connects, retrying a login refused as `unavailable` (NATS electing a leader, say) or
+/// one that timed out or was cut (a balancer still sending to a gateway that died), as a
 /// real client would.
-async fn connect_retrying(b: imgate_client::ClientBuilder) -> (Client, Events) {
-    within(Duration::from_secs(30), "a login to succeed", async {
+pub(crate) async fn connect_retrying(b: imgate_client::ClientBuilder) -> (Client, Events) {
+    within(Duration::from_secs(60), "a login to succeed", async {
         loop {
             match b.clone().connect().await {
                 Ok(c) => return c,
-                Err(e) if e.kind() == ErrorKind::Server(ErrorCode::Unavailable) => {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::Server(ErrorCode::Unavailable)
+                            | ErrorKind::Timeout
+                            | ErrorKind::Closed
+                            | ErrorKind::Connect
+                    ) =>
+                {
                     tokio::time::sleep(Duration::from_millis(200)).await
                 }
                 Err(e) => panic!("login failed: {e}"),
@@ -116,7 +127,7 @@ async fn connect_retrying(b: imgate_client::ClientBuilder) -> (Client, Events) {
 
 /// Collects stored messages until every id in `want` arrived; asserts none twice and seqs
 /// strictly increasing. Returns how many times the client logged in.
-async fn receive_all(ev: &mut Events, want: usize, d: Duration) -> (Vec<u64>, usize) {
+pub(crate) async fn receive_all(ev: &mut Events, want: usize, d: Duration) -> (Vec<u64>, usize) {
     let mut ids = HashSet::new();
     let mut seqs = Vec::new();
     let mut welcomes = 0;

@@ -7,6 +7,7 @@ mod support;
 mod atomic;
 mod bad_input;
 mod cluster;
+mod compose;
 mod delivery;
 mod deploy;
 mod durable;
