@@ -115,7 +115,7 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
 
 /// Decodes a stored payload as the message with stream seq `seq`.
 pub fn decode_payload(payload: &[u8], seq: u64, published_ms: u64) -> Option<Message> {
-    let p: PayloadIn = rmp_serde::from_slice(payload).ok()?;
+    let p: PayloadIn = imgate_proto::decode(payload, imgate_proto::Encoding::Msgpack).ok()?;
     Some(Message {
         seq,
         id: p.id.unwrap_or_else(|| format!("nats-{seq}")),
