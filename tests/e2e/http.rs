@@ -522,38 +522,11 @@ both_modes! {
 async fn chat_page_works_over_every_transport_in_a_browser(env) {
     let gw = env.gateway(&[]).await;
     let root = env!("CARGO_MANIFEST_DIR");
-    let script = format!("{root}/tests/browser/chat.mjs");
-    assert!(
-        std::path::Path::new(&format!(
-            "{root}/tests/node_modules/playwright-core"
-        ))
-        .exists(),
-        "playwright-core is missing: run tests/run (it runs npm ci in tests/)"
-    );
-    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
-    assert!(
-        std::path::Path::new(&chromium).exists(),
-        "no Chromium at {chromium}: run tests/run (it installs Debian's chromium) or set CHROMIUM"
-    );
     let shot =
         std::env::var("IMGATE_SCREENSHOT").unwrap_or_else(|_| format!("{root}/docs/chat.png"));
-    let out = within(
-        Duration::from_secs(120),
-        "the browser test",
-        tokio::process::Command::new("node")
-            .args([&script, &format!("http://{}", gw.http), &shot])
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("running node");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "browser test failed:\n{stdout}\n{stderr}"
-    );
-    assert!(stdout.contains("browser test passed"), "{stdout}");
+    let base = format!("http://{}", gw.http);
+    let limit = Duration::from_secs(120);
+    browser_script("chat.mjs", &[&base, &shot], &[], limit, "browser test passed").await;
 }
 }
 

@@ -6,36 +6,18 @@
 
 use std::time::Duration;
 
-use crate::support::within;
+use crate::support::browser_script;
 
 async fn scenario(name: &str) {
-    let root = env!("CARGO_MANIFEST_DIR");
-    assert!(
-        std::path::Path::new(&format!("{root}/tests/node_modules/playwright-core")).exists(),
-        "playwright-core is missing: run tests/run (it runs npm ci in tests/)"
-    );
     let nats = imgate_harness::binaries::nats_server().expect("the pinned nats-server");
-    let out = within(
-        Duration::from_secs(150),
-        &format!("the SDK scenario {name}"),
-        tokio::process::Command::new("node")
-            .arg(format!("{root}/tests/browser/sdk.mjs"))
-            .arg(name)
-            .env("IMGATE_BIN", env!("CARGO_BIN_EXE_imgate"))
-            .env("NATS_SERVER", nats)
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("running node");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && stdout.contains(&format!("sdk scenario {name} passed")),
-        "{name} failed:\n{stdout}\n{stderr}"
-    );
+    let env = [
+        ("IMGATE_BIN", env!("CARGO_BIN_EXE_imgate")),
+        ("NATS_SERVER", &nats),
+    ];
+    let passed = format!("sdk scenario {name} passed");
+    let out = browser_script("sdk.mjs", &[name], &env, Duration::from_secs(150), &passed).await;
     // What it measured, for the record of the run.
-    println!("{}", stdout.lines().next().unwrap_or_default());
+    println!("{}", out.lines().next().unwrap_or_default());
 }
 
 #[tokio::test]

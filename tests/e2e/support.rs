@@ -461,3 +461,44 @@ pub(crate) async fn create_group(gw: &Gateway, owner: &str, id: &str, members: &
     .await;
     assert_eq!(r.status, 201, "{}", r.body);
 }
+
+/// Runs the Node script `tests/browser/<script>` (playwright-core driving headless
+/// Chromium) with `args` and `env`, within `limit`; fails with its output unless it exits
+/// cleanly and prints `passed`. Its stdout.
+pub(crate) async fn browser_script(
+    script: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+    limit: Duration,
+    passed: &str,
+) -> String {
+    let root = env!("CARGO_MANIFEST_DIR");
+    assert!(
+        std::path::Path::new(&format!("{root}/tests/node_modules/playwright-core")).exists(),
+        "playwright-core is missing: run tests/run (it runs npm ci in tests/)"
+    );
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    assert!(
+        std::path::Path::new(&chromium).exists(),
+        "no Chromium at {chromium}: run tests/run (it installs Debian's chromium) or set CHROMIUM"
+    );
+    let out = within(
+        limit,
+        &format!("the browser script {script}"),
+        Command::new("node")
+            .arg(format!("{root}/tests/browser/{script}"))
+            .args(args)
+            .envs(env.iter().copied())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("running node");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.contains(passed),
+        "{script} {args:?} failed:\n{stdout}\n{stderr}"
+    );
+    stdout
+}

@@ -152,6 +152,27 @@ pub fn check_server_version(version: &str) -> anyhow::Result<()> {
     }
 }
 
+/// Runs `watch` until `stop`, again half a second after each time it fails or ends.
+async fn keep_watching<F, Fut>(what: &str, stop: &CancellationToken, mut watch: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    loop {
+        let r = tokio::select! {
+            r = watch() => r,
+            _ = stop.cancelled() => return,
+        };
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "{what} interrupted; watching again");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
 /// Creates (or updates) a KV bucket with one value per key, and opens it.
 async fn kv_bucket(
     js: &jetstream::Context,
@@ -366,39 +387,28 @@ impl NatsStore {
         into: Arc<crate::auth::Revocations>,
         stop: CancellationToken,
     ) {
-        loop {
-            let watched = async {
-                self.connected()?;
-                let mut watch = self.revocations.watch_with_history(">").await?;
-                while let Some(e) = watch.next().await {
-                    let e = e?;
-                    if e.operation != kv::Operation::Put {
-                        continue;
-                    }
-                    match std::str::from_utf8(&e.value)
-                        .ok()
-                        .and_then(|v| v.parse().ok())
-                    {
-                        Some(before) => into.raise(&e.key, before),
-                        None => {
-                            tracing::warn!(key = e.key, "ignoring a revocation that does not parse")
-                        }
+        let (this, into) = (&self, &into);
+        keep_watching("revocation watch", &stop, || async move {
+            this.connected()?;
+            let mut watch = this.revocations.watch_with_history(">").await?;
+            while let Some(e) = watch.next().await {
+                let e = e?;
+                if e.operation != kv::Operation::Put {
+                    continue;
+                }
+                match std::str::from_utf8(&e.value)
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                {
+                    Some(before) => into.raise(&e.key, before),
+                    None => {
+                        tracing::warn!(key = e.key, "ignoring a revocation that does not parse")
                     }
                 }
-                anyhow::Ok(())
-            };
-            let r = tokio::select! {
-                r = watched => r,
-                _ = stop.cancelled() => return,
-            };
-            if let Err(e) = r {
-                tracing::warn!(error = %e, "revocation watch interrupted; watching again");
             }
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                _ = stop.cancelled() => return,
-            }
-        }
+            anyhow::bail!("revocation watch ended")
+        })
+        .await
     }
 
     /// Keeps the group cache current from the groups bucket until `stop`; re-watches after a
@@ -408,25 +418,13 @@ impl NatsStore {
         ready: tokio::sync::oneshot::Sender<()>,
         stop: CancellationToken,
     ) {
-        let mut ready = Some(ready);
-        loop {
-            let r = tokio::select! {
-                r = self.watch_groups_once(&mut ready) => r,
-                _ = stop.cancelled() => return,
-            };
-            if let Err(e) = r {
-                tracing::warn!(error = %e, "group watch interrupted; watching again");
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                _ = stop.cancelled() => return,
-            }
-        }
+        let ready = std::sync::Mutex::new(Some(ready));
+        keep_watching("group watch", &stop, || self.watch_groups_once(&ready)).await
     }
 
     async fn watch_groups_once(
         &self,
-        ready: &mut Option<tokio::sync::oneshot::Sender<()>>,
+        ready: &std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
     ) -> anyhow::Result<()> {
         self.connected()?;
         // Everything there is now, then every change.
@@ -447,7 +445,8 @@ impl NatsStore {
         for (k, g) in current {
             self.group_cache.insert(k, g);
         }
-        if let Some(r) = ready.take() {
+        let first = ready.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(r) = first {
             let _ = r.send(());
         }
         while let Some(e) = watch.next().await {
