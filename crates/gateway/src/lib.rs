@@ -19,12 +19,14 @@
 //! Beside them: [`state`] gathers what sessions and transports share; [`server`] builds it
 //! and runs the listeners; [`config`], [`auth`], [`metrics`], [`refusal`] (the one shape of
 //! an error answer), [`subjects`] (every NATS name), [`tls`] (certificates) and [`logging`]
-//! (which connection a log line is from) are leaves any layer may use.
+//! (which connection a log line is from) are leaves any layer may use. [`fuzz`] holds the
+//! entry points the fuzzers and the corpus replay test feed arbitrary bytes.
 
 pub mod auth;
 pub mod bus;
 pub mod config;
 pub mod delivery;
+pub mod fuzz;
 pub mod logging;
 pub mod metrics;
 pub mod refusal;

@@ -40,7 +40,7 @@ pub struct EventsQuery {
 }
 
 /// `<epoch>:<seq>` or a bare `<seq>`.
-fn event_id(s: &str) -> Option<(Option<String>, u64)> {
+pub(crate) fn event_id(s: &str) -> Option<(Option<String>, u64)> {
     let s = s.trim();
     match s.rsplit_once(':') {
         Some((epoch, seq)) if imgate_proto::ids::is_valid_id(epoch) => {
