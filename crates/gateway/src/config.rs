@@ -82,6 +82,11 @@ pub struct NatsArgs {
     #[arg(long, env = "IMGATE_BACKLOG_CACHE", default_value_t = 64 << 20)]
     pub backlog_cache: usize,
 
+    /// Messages the tail asks NATS for in one pull request. In the benchmarks 64 cost more
+    /// CPU and fell behind under load, and 2048 saved nothing over 512 (bench/README.md).
+    #[arg(long, env = "IMGATE_TAIL_BATCH", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub tail_batch: u32,
+
     /// How a send's inbox copies are published: `atomic` (group commit into JetStream
     /// atomic batches: a send's copies are stored all or nothing), `separate` (one publish
     /// per copy: a NATS failure in the middle of a send can leave some copies stored until
@@ -457,6 +462,23 @@ mod tests {
         assert_eq!(mode(&["--nats-publish", "atomic"]), NatsPublish::Atomic);
         let both = ["--replicas", "3", "--nats-publish", "separate"];
         assert_eq!(mode(&both), NatsPublish::Separate);
+    }
+
+    #[test]
+    fn the_tail_batch_defaults_to_512_and_must_be_positive() {
+        assert_eq!(parse_for_test(&[]).nats.tail_batch, 512);
+        assert_eq!(parse_for_test(&["--tail-batch", "64"]).nats.tail_batch, 64);
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            cfg: Config,
+        }
+        let zero = <Cli as clap::Parser>::try_parse_from(["imgate", "--tail-batch", "0"]);
+        let err = zero
+            .err()
+            .expect("a tail batch of 0 is refused")
+            .to_string();
+        assert!(err.contains("--tail-batch"), "{err}");
     }
 
     #[test]

@@ -43,8 +43,6 @@ use crate::config::Config;
 use crate::metrics::TailStats;
 use crate::subjects::Names;
 
-/// Messages per pull request of the tail.
-const TAIL_BATCH: usize = 512;
 /// Heartbeat the tail asks of the server; two missed ones recreate the consumer.
 const TAIL_HEARTBEAT: Duration = Duration::from_secs(2);
 /// A server-side consumer nobody pulls from is removed after this long.
@@ -69,6 +67,8 @@ pub struct NatsStore {
     /// Publishes sends' copies (atomic batches, or one by one).
     publisher: Publisher,
     max_inbox: usize,
+    /// Messages per pull request of the tail (`--tail-batch`).
+    tail_batch: usize,
     /// The last stream seq the tail handed to the fanout: the live tail for a new device.
     tail_last: AtomicU64,
     /// What the tail saw lately, for backlog reads that need not ask NATS.
@@ -331,6 +331,7 @@ impl NatsStore {
             max_inbox: cfg.max_inbox,
             tail_last: AtomicU64::new(0),
             recent: Recent::new(n.backlog_cache, cfg.max_inbox, cfg.retention),
+            tail_batch: n.tail_batch as usize,
             tail_stats: stats,
         }))
     }
@@ -563,7 +564,7 @@ impl NatsStore {
             .await?;
         let mut messages = consumer
             .stream()
-            .max_messages_per_batch(TAIL_BATCH)
+            .max_messages_per_batch(self.tail_batch)
             .heartbeat(TAIL_HEARTBEAT)
             .messages()
             .await?;
