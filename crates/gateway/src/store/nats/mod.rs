@@ -152,6 +152,11 @@ pub fn check_server_version(version: &str) -> anyhow::Result<()> {
     }
 }
 
+/// A value of the revocations bucket: the revocation time as decimal Unix seconds.
+fn revoked_before(value: &[u8]) -> Option<u64> {
+    std::str::from_utf8(value).ok()?.parse().ok()
+}
+
 /// Runs `watch` until `stop`, again half a second after each time it fails or ends.
 async fn keep_watching<F, Fut>(what: &str, stop: &CancellationToken, mut watch: F)
 where
@@ -397,10 +402,7 @@ impl NatsStore {
                 if e.operation != kv::Operation::Put {
                     continue;
                 }
-                match std::str::from_utf8(&e.value)
-                    .ok()
-                    .and_then(|v| v.parse().ok())
-                {
+                match revoked_before(&e.value) {
                     Some(before) => into.raise(&e.key, before),
                     None => {
                         tracing::warn!(key = e.key, "ignoring a revocation that does not parse")
@@ -774,10 +776,7 @@ impl Store for NatsStore {
             let value = Bytes::from(before.to_string());
             let written = match entry.filter(|e| e.operation == kv::Operation::Put) {
                 Some(e) => {
-                    let stored = std::str::from_utf8(&e.value)
-                        .ok()
-                        .and_then(|v| v.parse().ok());
-                    if stored.is_some_and(|s: u64| s >= before) {
+                    if revoked_before(&e.value).is_some_and(|stored| stored >= before) {
                         return Ok(());
                     }
                     self.revocations
@@ -803,7 +802,7 @@ impl Store for NatsStore {
         while let Some(k) = keys.next().await {
             let k = k.map_err(unavailable)?;
             let v = self.revocations.get(&k).await.map_err(unavailable)?;
-            if let Some(before) = v.and_then(|v| std::str::from_utf8(&v).ok()?.parse().ok()) {
+            if let Some(before) = v.as_deref().and_then(revoked_before) {
                 all.push((k, before));
             }
         }

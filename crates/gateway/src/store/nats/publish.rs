@@ -161,7 +161,7 @@ impl Publisher {
         let tx = match &self.0 {
             Mode::Atomic(tx) => tx,
             Mode::Separate { client, timeout } => {
-                return separate(client, &copies, payload, *timeout).await
+                return separate(client, copies, payload, *timeout).await
             }
         };
         let (done, rx) = oneshot::channel();
@@ -180,14 +180,14 @@ impl Publisher {
 /// original seqs; a failure in the middle leaves the copies already stored.
 async fn separate(
     client: &async_nats::Client,
-    copies: &[Copy],
+    copies: Vec<Copy>,
     payload: Bytes,
     timeout: Duration,
 ) -> Result<Committed, StoreError> {
-    let acks = futures::future::try_join_all(copies.iter().map(|copy| {
+    let acks = futures::future::try_join_all(copies.into_iter().map(|copy| {
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Msg-Id", copy.msg_id.as_str());
-        request(client, &copy.subject, headers, payload.clone(), timeout)
+        request(client, copy.subject, headers, payload.clone(), timeout)
     }))
     .await
     .map_err(Failed::into_store_error)?;
@@ -267,19 +267,7 @@ async fn commit_batch(shared: Arc<Shared>, batch: Vec<Queued>, _slot: OwnedSemap
     let timeout = *timeout;
     let result = publish(client, &batch, timeout, ids).await;
     match result {
-        Ok(last) => {
-            stats.batches.fetch_add(1, Ordering::Relaxed);
-            stats
-                .batched_sends
-                .fetch_add(batch.len() as u64, Ordering::Relaxed);
-            let size: usize = batch.iter().map(|q| q.copies.len()).sum();
-            let mut seq = last + 1 - size as u64;
-            for q in batch {
-                let seqs = (seq..seq + q.copies.len() as u64).collect();
-                seq += q.copies.len() as u64;
-                let _ = q.done.send(Ok(Committed::stored(seqs)));
-            }
-        }
+        Ok(last) => answer_stored(stats, batch, last),
         // A refused batch stored nothing. One send in it may be a resend (a duplicate id
         // refuses the whole batch): each send alone finds out which.
         Err(Failed::Refused { .. }) if batch.len() > 1 => {
@@ -300,13 +288,24 @@ async fn commit_batch(shared: Arc<Shared>, batch: Vec<Queued>, _slot: OwnedSemap
 async fn commit_alone(shared: &Shared, q: Queued) {
     let (client, timeout) = (&shared.client, shared.timeout);
     match publish(client, std::slice::from_ref(&q), timeout, &shared.ids).await {
-        Ok(last) => {
-            shared.stats.batches.fetch_add(1, Ordering::Relaxed);
-            shared.stats.batched_sends.fetch_add(1, Ordering::Relaxed);
-            let first = last + 1 - q.copies.len() as u64;
-            let _ = q.done.send(Ok(Committed::stored((first..=last).collect())));
-        }
+        Ok(last) => answer_stored(&shared.stats, vec![q], last),
         Err(failed) => answer_alone(client, q, failed, timeout).await,
+    }
+}
+
+/// Answers each send of a stored batch whose last message got seq `last`: the batch's
+/// copies took the seqs up to it, in order.
+fn answer_stored(stats: &TailStats, batch: Vec<Queued>, last: u64) {
+    stats.batches.fetch_add(1, Ordering::Relaxed);
+    stats
+        .batched_sends
+        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+    let size: usize = batch.iter().map(|q| q.copies.len()).sum();
+    let mut seq = last + 1 - size as u64;
+    for q in batch {
+        let seqs = (seq..seq + q.copies.len() as u64).collect();
+        seq += q.copies.len() as u64;
+        let _ = q.done.send(Ok(Committed::stored(seqs)));
     }
 }
 
@@ -335,9 +334,15 @@ async fn probe_duplicate(
     let mut headers = HeaderMap::new();
     headers.insert("Nats-Msg-Id", last.msg_id.as_str());
     headers.insert("Nats-Expected-Last-Msg-Id", NEVER_AN_ID);
-    let ack = request(client, &last.subject, headers, q.payload.clone(), timeout)
-        .await
-        .map_err(Failed::into_store_error)?;
+    let ack = request(
+        client,
+        last.subject.clone(),
+        headers,
+        q.payload.clone(),
+        timeout,
+    )
+    .await
+    .map_err(Failed::into_store_error)?;
     if ack.duplicate && ack.seq > 0 {
         // The copies of the original were stored together, so in a row.
         let n = q.copies.len() as u64;
@@ -377,8 +382,14 @@ async fn publish(
                     .map_err(|e| Failed::Unknown(format!("publishing to NATS: {e}")))?;
             } else {
                 headers.insert("Nats-Batch-Commit", "1");
-                let ack =
-                    request(client, &copy.subject, headers, q.payload.clone(), timeout).await?;
+                let ack = request(
+                    client,
+                    copy.subject.clone(),
+                    headers,
+                    q.payload.clone(),
+                    timeout,
+                )
+                .await?;
                 return Ok(ack.seq);
             }
         }
@@ -389,14 +400,14 @@ async fn publish(
 /// One request, answered by a PubAck; a PubAck with an error is [`Failed::Refused`].
 async fn request(
     client: &async_nats::Client,
-    subject: &str,
+    subject: String,
     headers: HeaderMap,
     payload: Bytes,
     timeout: Duration,
 ) -> Result<PubAck, Failed> {
     let reply = tokio::time::timeout(
         timeout,
-        client.request_with_headers(subject.to_owned(), headers, payload),
+        client.request_with_headers(subject, headers, payload),
     )
     .await
     .map_err(|_| Failed::Unknown(format!("no answer from NATS within {timeout:?}")))?
