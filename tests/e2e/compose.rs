@@ -36,6 +36,17 @@ fn root() -> &'static str {
     env!("CARGO_MANIFEST_DIR")
 }
 
+/// Runs `cmd` to its end; fails the test, with its stderr, unless it succeeded.
+async fn succeed(cmd: &mut tokio::process::Command, what: &str) -> std::process::Output {
+    let out = cmd.output().await.unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 fn containers_conf() -> String {
     format!("{}/tests/deploy/containers.conf", root())
 }
@@ -77,45 +88,29 @@ impl Stack {
 
     /// `podman-compose -p <project> <args>`, with the images and ports of this test.
     async fn compose(&self, args: &[&str]) -> std::process::Output {
-        let out = tokio::process::Command::new(&self.compose)
-            .args([
-                "-f",
-                &format!("{}/compose.yaml", root()),
-                "-p",
-                &self.project,
-            ])
-            .args(args)
-            .current_dir(root())
-            .env("CONTAINERS_CONF", containers_conf())
-            .env("IMGATE_IMAGE", "localhost/imgate:test")
-            .env("NATS_IMAGE", "localhost/imgate-nats:test")
-            .env("HAPROXY_IMAGE", "localhost/imgate-haproxy:test")
-            .env("IMGATE_JWT_SECRET", SECRET)
-            .env("IMGATE_HTTP_PORT", self.http.to_string())
-            .env("IMGATE_TCP_PORT", self.tcp.to_string())
-            .output()
-            .await
-            .expect("running podman-compose");
-        assert!(
-            out.status.success(),
-            "podman-compose {args:?} failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
+        let mut cmd = tokio::process::Command::new(&self.compose);
+        cmd.args([
+            "-f",
+            &format!("{}/compose.yaml", root()),
+            "-p",
+            &self.project,
+        ])
+        .args(args)
+        .current_dir(root())
+        .env("CONTAINERS_CONF", containers_conf())
+        .env("IMGATE_IMAGE", "localhost/imgate:test")
+        .env("NATS_IMAGE", "localhost/imgate-nats:test")
+        .env("HAPROXY_IMAGE", "localhost/imgate-haproxy:test")
+        .env("IMGATE_JWT_SECRET", SECRET)
+        .env("IMGATE_HTTP_PORT", self.http.to_string())
+        .env("IMGATE_TCP_PORT", self.tcp.to_string());
+        succeed(&mut cmd, &format!("podman-compose {args:?}")).await
     }
 
     async fn podman(&self, args: &[&str]) -> String {
-        let out = tokio::process::Command::new("podman")
-            .args(args)
-            .env("CONTAINERS_CONF", containers_conf())
-            .output()
-            .await
-            .expect("running podman");
-        assert!(
-            out.status.success(),
-            "podman {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let mut cmd = tokio::process::Command::new("podman");
+        cmd.args(args).env("CONTAINERS_CONF", containers_conf());
+        let out = succeed(&mut cmd, &format!("podman {args:?}")).await;
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
@@ -233,20 +228,12 @@ async fn the_compose_stack_serves_scales_and_loses_nothing_when_containers_die()
 
     // Images, without a registry (the base is cached between runs).
     let built = Instant::now();
-    let images = tokio::process::Command::new(format!("{}/tests/deploy/images", root()))
-        .arg(env!("CARGO_BIN_EXE_imgate"))
-        .env(
-            "NATS_SERVER",
-            imgate_harness::binaries::nats_server().unwrap(),
-        )
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        images.status.success(),
-        "building the images failed:\n{}",
-        String::from_utf8_lossy(&images.stderr)
+    let mut build = tokio::process::Command::new(format!("{}/tests/deploy/images", root()));
+    build.arg(env!("CARGO_BIN_EXE_imgate")).env(
+        "NATS_SERVER",
+        imgate_harness::binaries::nats_server().unwrap(),
     );
+    let images = succeed(&mut build, "building the images").await;
     let sizes = String::from_utf8_lossy(&images.stdout).replace('\n', "; ");
     let build_time = built.elapsed();
 
