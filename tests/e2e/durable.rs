@@ -666,3 +666,130 @@ async fn a_recreated_stream_is_a_new_epoch_reported_as_a_gap() {
         }
     }
 }
+
+/// A tmpfs of its own, unmounted when dropped (the test runs as root, as `tests/run` does).
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(size: &str) -> SmallDisk {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .expect("mount runs");
+        assert!(
+            ok.success(),
+            "mounting a tmpfs needs root (tests/run runs as root)"
+        );
+        SmallDisk { dir }
+    }
+
+    fn grow(&self, size: &str) {
+        let ok = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(self.dir.path())
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// A full disk: sends are answered `unavailable` and `/readyz` fails while it lasts; once
+/// the filesystem has room again the store writes by itself, without a restart, the refused
+/// send goes through when retried with its id, and every send answered `sent` is in the
+/// inbox exactly once.
+#[tokio::test]
+async fn a_full_disk_fails_readiness_and_the_store_writes_again_once_there_is_room() {
+    let disk = SmallDisk::mount("2m");
+    let data = disk.dir.path().join("data");
+    let gw = on_dir(&data, &fixed_ports(), &[]).await;
+    let (alice, _a) = crate::support::connect(&gw, "alice", "laptop", Via::Tcp).await;
+    let ready = |gw: &Gateway| {
+        let u = url(gw, "/readyz");
+        async move { curl(&[&u]).await.status }
+    };
+    assert_eq!(ready(&gw).await, 200);
+    let send = |i: usize| imgate_proto::Send {
+        id: Some(format!("m{i}")),
+        to: Some("bob".into()),
+        group: None,
+        body: json!({ "i": i, "pad": "x".repeat(2000) }),
+    };
+    let mut answered = Vec::new();
+    let mut refused = None;
+    for i in 0..5_000 {
+        match alice.send(send(i)).await {
+            Ok(s) => answered.push((i, s.seq)),
+            Err(e) => {
+                assert_eq!(
+                    e.kind(),
+                    imgate_client::ErrorKind::Server(imgate_proto::ErrorCode::Unavailable),
+                    "{e}"
+                );
+                refused = Some(i);
+                break;
+            }
+        }
+    }
+    let refused = refused.expect("a 2 MB disk fills up");
+    assert!(!answered.is_empty());
+    assert_eq!(
+        ready(&gw).await,
+        503,
+        "not ready while the store cannot write"
+    );
+
+    disk.grow("64m");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while ready(&gw).await != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "ready again within 20 s of the disk growing"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let retried = alice
+        .send(send(refused))
+        .await
+        .expect("the retry is stored");
+    answered.push((refused, retried.seq));
+    for i in refused + 1..refused + 5 {
+        let s = alice.send(send(i)).await.expect("stored");
+        answered.push((i, s.seq));
+    }
+    let stored = inbox(&gw, "bob").await;
+    let ids: Vec<String> = stored
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_owned())
+        .collect();
+    let unique: HashSet<&String> = ids.iter().collect();
+    assert_eq!(unique.len(), ids.len(), "no message stored twice");
+    // `sent` carries the seq of the sender's own copy.
+    let own = inbox(&gw, "alice").await;
+    for (i, seq) in &answered {
+        let id = format!("m{i}");
+        assert!(ids.contains(&id), "{id}, answered sent, is in bob's inbox");
+        let m = own
+            .iter()
+            .find(|m| m["id"] == id.as_str())
+            .unwrap_or_else(|| panic!("{id} is in alice's inbox"));
+        assert_eq!(m["seq"].as_u64(), Some(*seq), "{id}");
+    }
+    assert_eq!(
+        ids.len(),
+        answered.len(),
+        "bob holds what was answered, nothing else"
+    );
+}

@@ -160,6 +160,12 @@ pub struct Config {
     #[arg(long, env = "IMGATE_FSYNC", value_enum, default_value_t = Fsync::Batch)]
     pub fsync: Fsync,
 
+    /// Start a disk store that lost acknowledged messages (a damaged or truncated journal,
+    /// removed files) under a new epoch, serving what is left; without it such a store stops
+    /// the start. Devices resuming from the old epoch are told of the gap.
+    #[arg(long, env = "IMGATE_REPAIR")]
+    pub repair: bool,
+
     /// HTTP listener: WebSocket (/v1/ws), HTTP API, health and metrics.
     #[arg(long, env = "IMGATE_HTTP", default_value = "127.0.0.1:8080")]
     pub http: SocketAddr,

@@ -26,7 +26,7 @@ use crate::delivery::hub::Hub;
 use crate::delivery::send::send_quota;
 use crate::metrics::Metrics;
 use crate::state::Shared;
-use crate::store::disk::DiskStore;
+use crate::store::disk::{self, DiskStore};
 use crate::store::memory::{Limits, MemoryStore};
 use crate::store::nats::NatsStore;
 use crate::store::Store;
@@ -123,7 +123,15 @@ impl Gateway {
                 StoreKind::Disk => {
                     let dir = cfg.data_dir();
                     let opened = std::time::Instant::now();
-                    let d = Arc::new(DiskStore::open(&dir, limits, cfg.fsync, hub.clone())?);
+                    let d = Arc::new(DiskStore::open(
+                        &dir,
+                        limits,
+                        disk::Options {
+                            fsync: cfg.fsync,
+                            repair: cfg.repair,
+                        },
+                        hub.clone(),
+                    )?);
                     tracing::info!(
                         data_dir = %dir.display(),
                         fsync = ?cfg.fsync,

@@ -1,0 +1,1584 @@
+//! The disk store of standalone mode: inboxes, cursors, groups and the dedupe window in an
+//! embedded LSM database (fjall) in `--data-dir`, so a restart or a SIGKILL loses nothing.
+//!
+//! One writer thread owns every message write. Sends that arrive while it commits queue up
+//! and go into its next batch (group commit): one journal write, and with `--fsync always`
+//! one fsync, for many sends. A batch is in the operating system (or on the device) before
+//! any of its senders hears `sent`, and its copies reach the [`Fanout`] after that, in seq
+//! order. Reads go to the database directly, from any task; they never load an inbox whole,
+//! so opening a large store costs nothing per stored message.
+//!
+//! Keys (`uid` and ids match `[A-Za-z0-9_-]`, so the `0` byte separates fields):
+//! - `inbox`: `uid 0 seq` → the message (msgpack, without its seq),
+//! - `sends`: the first seq of a send → the send: `from`, `id`, when it was stored, and
+//!   each inbox with its copy's seq. Time-based retention drops sends in this order, and
+//!   the dedupe window is read back from its newest end at open,
+//! - `inbox_meta`: `uid` → the highest seq retention dropped (a reader below it has a gap),
+//! - `cursors`: `uid 0 device` → seq, `groups`: `id` → the group (JSON),
+//! - `meta`: `epoch`, and `last_seq`, the highest seq ever assigned.
+//!
+//! Nothing here knows about connections or transports.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use imgate_proto::Message;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::memory::Limits;
+use super::{
+    now_ms, Appended, ChangeError, CursorWrite, Draft, Fanout, Group, GroupChange, History, Older,
+    Page, Store, StoreError, DEDUPE_WINDOW,
+};
+use crate::config::Fsync;
+
+pub mod seal;
+
+/// Journal kept before memtables are flushed.
+const MAX_JOURNAL: u64 = 64 * 1024 * 1024;
+/// Most sends one group commit takes.
+const MAX_BATCH: usize = 1024;
+/// How often the writer drops messages older than `--retention`.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
+/// With `--fsync batch`, the longest a written batch waits for its fsync.
+const FSYNC_BATCH_DELAY: Duration = Duration::from_millis(200);
+/// After a failed write, how often the writer tries to open the database again.
+const REOPEN_EVERY: Duration = Duration::from_secs(1);
+/// The storage engine's own marker file in a data directory.
+const ENGINE_MARKER: &str = "version";
+
+/// How the disk store writes, and what it does with a store that lost data.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    pub fsync: Fsync,
+    /// Serve a store that lost acknowledged messages under a new epoch instead of refusing.
+    pub repair: bool,
+}
+
+/// Why the data directory cannot be served.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(
+        "the data directory {0} is in use by another running gateway (its lock is held); \
+         stop that gateway or pass another --data-dir"
+    )]
+    Locked(PathBuf),
+    #[error("the data directory {0} is a file, not a directory; pass a directory with --data-dir")]
+    NotADirectory(PathBuf),
+    #[error(
+        "{0} is not empty and is not an imgate data directory (it has neither {seal} nor the \
+         storage engine's files); pass an empty or new directory with --data-dir",
+        seal = seal::FILE
+    )]
+    Foreign(PathBuf),
+    #[error("cannot open the data directory {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error(
+        "the data directory {path} holds a damaged store: {what}. Nothing was served; \
+         restore the directory from a backup, or move it aside to start an empty store"
+    )]
+    Corrupt { path: PathBuf, what: String },
+    #[error(
+        "the data directory {path} is damaged and lost acknowledged messages: {what}. \
+         Nothing was served; restore the directory from a backup, or start once with \
+         --repair to serve what is left under a new epoch (resuming devices are told of \
+         the gap)"
+    )]
+    Damaged { path: PathBuf, what: String },
+}
+
+/// The database and its keyspaces: replaced whole when the writer reopens the database
+/// after a failed write (the storage engine refuses every write after one fails).
+struct Engine {
+    db: Database,
+    ks: Keyspaces,
+}
+
+/// The engine in use; `None` while the writer reopens it.
+type Slot = Arc<RwLock<Option<Arc<Engine>>>>;
+
+/// The standalone store on disk.
+pub struct DiskStore {
+    engine: Slot,
+    epoch: Arc<str>,
+    /// The highest seq assigned, as the writer last committed it.
+    high: Arc<AtomicU64>,
+    /// Set by any failed write until the writer has the database writing again.
+    failed: Arc<AtomicBool>,
+    writes: flume::Sender<Op>,
+    /// Serialises read-modify-write of cursors and groups.
+    small_writes: Mutex<HashMap<String, Group>>,
+    durability: PersistMode,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+#[derive(Clone)]
+struct Keyspaces {
+    inbox: Keyspace,
+    sends: Keyspace,
+    inbox_meta: Keyspace,
+    cursors: Keyspace,
+    groups: Keyspace,
+    /// uid -> the revocation time, big-endian Unix seconds.
+    revocations: Keyspace,
+    meta: Keyspace,
+}
+
+/// What the writer is asked to do.
+enum Op {
+    Append(Append),
+    /// Commit what came before, fsync, answer, and stop.
+    Close(flume::Sender<()>),
+}
+
+/// One send handed to the writer.
+struct Append {
+    draft: Draft,
+    inboxes: Vec<String>,
+    reply: tokio::sync::oneshot::Sender<Result<Appended, StoreError>>,
+}
+
+/// A stored copy, without its seq (the key has it).
+#[derive(Serialize)]
+struct StoredRef<'a> {
+    id: &'a str,
+    from: &'a str,
+    to: Option<&'a str>,
+    group: Option<&'a str>,
+    ts: u64,
+    body: &'a Value,
+}
+
+#[derive(Deserialize)]
+struct Stored {
+    id: String,
+    from: String,
+    to: Option<String>,
+    group: Option<String>,
+    ts: u64,
+    body: Value,
+}
+
+/// What a remembered send returned, and when (wall clock, ms) it was first stored.
+#[derive(Clone)]
+struct Remembered {
+    at: u64,
+    ts: u64,
+    seqs: Vec<u64>,
+}
+
+/// A stored send, in `sends`.
+#[derive(Serialize, Deserialize)]
+struct SendRecord {
+    /// Wall clock (ms) when it was stored: the dedupe window counts from here.
+    at: u64,
+    /// Acceptance time: retention counts from here.
+    ts: u64,
+    from: String,
+    id: String,
+    /// Each inbox and its copy's seq.
+    copies: Vec<(String, u64)>,
+}
+
+fn inbox_key(uid: &str, seq: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(uid.len() + 9);
+    k.extend_from_slice(uid.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn inbox_prefix(uid: &str) -> Vec<u8> {
+    let mut prefix = uid.as_bytes().to_vec();
+    prefix.push(0);
+    prefix
+}
+
+fn pair_key(a: &str, b: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(a.len() + b.len() + 1);
+    k.extend_from_slice(a.as_bytes());
+    k.push(0);
+    k.extend_from_slice(b.as_bytes());
+    k
+}
+
+fn be_u64(v: &[u8]) -> u64 {
+    v.get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u64::from_be_bytes)
+}
+
+fn seq_of_inbox_key(k: &[u8]) -> u64 {
+    be_u64(&k[k.len().saturating_sub(8)..])
+}
+
+fn internal(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Internal(format!("disk store: {e}"))
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(format!("disk store: {e}"))
+}
+
+fn decode(key: &[u8], value: &[u8]) -> Result<Message, StoreError> {
+    let s: Stored = rmp_serde::from_slice(value).map_err(internal)?;
+    Ok(Message {
+        seq: seq_of_inbox_key(key),
+        id: s.id,
+        from: s.from,
+        to: s.to,
+        group: s.group,
+        ts: s.ts,
+        body: s.body,
+    })
+}
+
+/// Opens the database in `path` with its keyspaces.
+fn open_engine(path: &Path) -> Result<Engine, OpenError> {
+    let corrupt = |e: fjall::Error| OpenError::Corrupt {
+        path: path.to_owned(),
+        what: e.to_string(),
+    };
+    // A smaller journal than fjall's default (512 MiB) flushes memtables sooner, which
+    // bounds what an open after a crash replays (bench/README.md: store open).
+    let open = || {
+        Database::builder(path)
+            .max_journaling_size(MAX_JOURNAL)
+            .open()
+    };
+    // Some damage trips a debug assertion of the engine's journal decoder (in a release
+    // build it is an error or a truncation like any other): a damaged journal either way.
+    let db = std::panic::catch_unwind(std::panic::AssertUnwindSafe(open))
+        .unwrap_or_else(|_| {
+            Err(fjall::Error::JournalRecovery(
+                fjall::JournalRecoveryError::ChecksumMismatch,
+            ))
+        })
+        .map_err(|e| match e {
+            fjall::Error::Locked => OpenError::Locked(path.to_owned()),
+            fjall::Error::Io(io) => OpenError::Open {
+                path: path.to_owned(),
+                source: io.into(),
+            },
+            other => corrupt(other),
+        })?;
+    let space = |name: &str| {
+        db.keyspace(name, KeyspaceCreateOptions::default)
+            .map_err(corrupt)
+    };
+    let ks = Keyspaces {
+        inbox: space("inbox")?,
+        sends: space("sends")?,
+        inbox_meta: space("inbox_meta")?,
+        cursors: space("cursors")?,
+        groups: space("groups")?,
+        revocations: space("revocations")?,
+        meta: space("meta")?,
+    };
+    Ok(Engine { db, ks })
+}
+
+/// Renames the journals of `path` (`N.jnl` to `N.jnl.damaged`), so the storage engine
+/// opens with what it had flushed to its tables: for `--repair` of a journal it refuses to
+/// read. They are kept for whoever wants to look at them.
+fn set_journals_aside(path: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(path)? {
+        let p = entry?.path();
+        if p.extension().is_some_and(|x| x == "jnl") {
+            let mut aside = p.clone().into_os_string();
+            aside.push(".damaged");
+            tracing::warn!(journal = %p.display(), "--repair: setting an unreadable journal aside");
+            std::fs::rename(&p, aside)?;
+        }
+    }
+    Ok(())
+}
+
+/// The epoch and highest assigned seq the database records.
+fn recorded(ks: &Keyspaces) -> Result<(Option<String>, u64), String> {
+    let epoch = match ks.meta.get("epoch").map_err(|e| e.to_string())? {
+        Some(e) => Some(
+            std::str::from_utf8(&e)
+                .map_err(|_| "the epoch record is not text".to_owned())?
+                .to_owned(),
+        ),
+        None => None,
+    };
+    let last = ks
+        .meta
+        .get("last_seq")
+        .map_err(|e| e.to_string())?
+        .map_or(0, |v| be_u64(&v));
+    Ok((epoch, last))
+}
+
+/// What the database holds against what its seal says it made known: `Some(what)` when
+/// acknowledged data is gone.
+fn lost(
+    sealed: &Result<Option<seal::Record>, String>,
+    epoch: Option<&str>,
+    last: u64,
+) -> Option<String> {
+    match (sealed, epoch) {
+        (Err(why), _) => Some(why.clone()),
+        (Ok(Some(s)), None) => Some(format!(
+            "the store's records are gone (its seal names epoch {} with seqs up to {}, the \
+             database holds no epoch)",
+            s.epoch, s.seq
+        )),
+        (Ok(Some(s)), Some(e)) if e != s.epoch => Some(format!(
+            "the database's epoch is {e}, its seal's {}",
+            s.epoch
+        )),
+        (Ok(Some(s)), Some(_)) if last < s.seq => Some(format!(
+            "seqs up to {} were made known, but the journal holds records only up to {last} \
+             (a journal cut short or damaged in its middle)",
+            s.seq
+        )),
+        _ => None,
+    }
+}
+
+impl DiskStore {
+    /// Opens (or creates) the store in `path`. Nothing stored is read but the dedupe window,
+    /// the groups and two counters. A store that lost acknowledged data is refused, or with
+    /// `repair` served under a new epoch.
+    pub fn open(
+        path: &Path,
+        limits: Limits,
+        options: Options,
+        fanout: Arc<dyn Fanout>,
+    ) -> Result<DiskStore, OpenError> {
+        let open_err = |e: std::io::Error| OpenError::Open {
+            path: path.to_owned(),
+            source: e.into(),
+        };
+        match std::fs::metadata(path) {
+            Ok(m) if !m.is_dir() => return Err(OpenError::NotADirectory(path.to_owned())),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(open_err(e)),
+        }
+        std::fs::create_dir_all(path).map_err(open_err)?;
+        // fjall creates a missing directory's files lazily; ask for write access up front so
+        // a read-only directory fails here, not at the first send.
+        let probe = path.join(".imgate-write-check");
+        std::fs::write(&probe, b"").map_err(open_err)?;
+        let _ = std::fs::remove_file(&probe);
+        let sealed = seal::read(path);
+        if !path.join(ENGINE_MARKER).exists() {
+            let empty = std::fs::read_dir(path).map_err(open_err)?.next().is_none();
+            match &sealed {
+                Ok(None) if !empty => return Err(OpenError::Foreign(path.to_owned())),
+                Ok(None) => {}
+                _ => {
+                    return Err(OpenError::Corrupt {
+                        path: path.to_owned(),
+                        what: format!(
+                            "the storage engine's files are gone (no `{ENGINE_MARKER}` file) \
+                             beside {}",
+                            seal::FILE
+                        ),
+                    })
+                }
+            }
+        }
+        let engine = match open_engine(path) {
+            Err(OpenError::Corrupt { what, .. }) if what.contains("JournalRecovery") => {
+                if !options.repair {
+                    return Err(OpenError::Damaged {
+                        path: path.to_owned(),
+                        what: format!("its journal cannot be read back ({what})"),
+                    });
+                }
+                set_journals_aside(path).map_err(open_err)?;
+                open_engine(path)?
+            }
+            r => r?,
+        };
+        let corrupt = |what: String| OpenError::Corrupt {
+            path: path.to_owned(),
+            what,
+        };
+        let (db_epoch, db_last) = recorded(&engine.ks).map_err(corrupt)?;
+        let seal_err = |e: std::io::Error| corrupt(format!("writing {}: {e}", seal::FILE));
+        let (epoch, last_seq, seal) = match lost(&sealed, db_epoch.as_deref(), db_last) {
+            Some(what) if !options.repair => {
+                return Err(OpenError::Damaged {
+                    path: path.to_owned(),
+                    what,
+                })
+            }
+            Some(what) => {
+                // Seqs go on above anything either side made known, so none is reused.
+                let sealed_seq = sealed.ok().flatten().map_or(0, |s| s.seq);
+                let last = db_last.max(sealed_seq);
+                let epoch = super::new_epoch();
+                let mut b = engine.db.batch();
+                b.insert(&engine.ks.meta, "epoch", epoch.as_bytes());
+                b.insert(&engine.ks.meta, "last_seq", last.to_be_bytes());
+                b.commit().map_err(|e| corrupt(e.to_string()))?;
+                engine
+                    .db
+                    .persist(PersistMode::SyncAll)
+                    .map_err(|e| corrupt(e.to_string()))?;
+                let record = seal::Record {
+                    epoch: epoch.clone(),
+                    seq: last,
+                };
+                let seal = seal::create(path, &record).map_err(seal_err)?;
+                tracing::warn!(
+                    data_dir = %path.display(),
+                    damage = %what,
+                    new_epoch = %epoch,
+                    next_seq = last + 1,
+                    "--repair: the disk store lost acknowledged messages; serving what is \
+                     left under a new epoch"
+                );
+                (epoch, last, seal)
+            }
+            None => match db_epoch {
+                Some(e) if matches!(sealed, Ok(Some(_))) => {
+                    let seal = seal::open(path, &e).map_err(seal_err)?;
+                    (e, db_last, seal)
+                }
+                // A store written before seals existed: it gets one now.
+                Some(e) => {
+                    let record = seal::Record {
+                        epoch: e.clone(),
+                        seq: db_last,
+                    };
+                    (e, db_last, seal::create(path, &record).map_err(seal_err)?)
+                }
+                None => {
+                    let e = super::new_epoch();
+                    engine
+                        .ks
+                        .meta
+                        .insert("epoch", e.as_bytes())
+                        .map_err(|e| corrupt(e.to_string()))?;
+                    engine
+                        .db
+                        .persist(PersistMode::SyncAll)
+                        .map_err(|e| corrupt(e.to_string()))?;
+                    let record = seal::Record {
+                        epoch: e.clone(),
+                        seq: db_last,
+                    };
+                    (e, db_last, seal::create(path, &record).map_err(seal_err)?)
+                }
+            },
+        };
+        let durability = match options.fsync {
+            Fsync::Always => PersistMode::SyncData,
+            Fsync::Batch | Fsync::Never => PersistMode::Buffer,
+        };
+        let mut groups = HashMap::new();
+        for item in engine.ks.groups.iter() {
+            let (k, v) = item.into_inner().map_err(|e| corrupt(e.to_string()))?;
+            let g: Group =
+                serde_json::from_slice(&v).map_err(|e| corrupt(format!("group record: {e}")))?;
+            groups.insert(String::from_utf8_lossy(&k).into_owned(), g);
+        }
+        let epoch: Arc<str> = epoch.into();
+        let slot: Slot = Arc::new(RwLock::new(Some(Arc::new(engine))));
+        let failed = Arc::new(AtomicBool::new(false));
+        let mut writer = Writer {
+            path: path.to_owned(),
+            slot: slot.clone(),
+            failed: failed.clone(),
+            seal,
+            epoch: epoch.clone(),
+            limits,
+            durability,
+            fanout,
+            last_seq,
+            high: Arc::new(last_seq.into()),
+            counts: HashMap::new(),
+            dedupe: HashMap::new(),
+            dedupe_order: VecDeque::new(),
+            dedupe_window_ms: DEDUPE_WINDOW.as_millis() as u64,
+            last_sweep: Instant::now(),
+            last_reopen: Instant::now(),
+        };
+        writer
+            .remember_recent_sends()
+            .map_err(|e| corrupt(e.to_string()))?;
+        let high = writer.high.clone();
+        let (tx, rx) = flume::unbounded();
+        let background_fsync = options.fsync == Fsync::Batch;
+        let handle = std::thread::Builder::new()
+            .name("imgate-disk-writer".into())
+            .spawn(move || writer.run(rx, background_fsync))
+            .map_err(open_err)?;
+        Ok(DiskStore {
+            engine: slot,
+            epoch,
+            high,
+            failed,
+            writes: tx,
+            small_writes: Mutex::new(groups),
+            durability,
+            writer: Mutex::new(Some(handle)),
+        })
+    }
+
+    /// The engine to read or write with; unavailable while the writer reopens it.
+    fn engine(&self) -> Result<Arc<Engine>, StoreError> {
+        current(&self.engine)
+            .ok_or_else(|| unavailable("reopening the database after a failed write"))
+    }
+
+    fn small(&self) -> MutexGuard<'_, HashMap<String, Group>> {
+        self.small_writes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn dropped_upto(&self, e: &Engine, uid: &str) -> Result<u64, StoreError> {
+        Ok(e.ks
+            .inbox_meta
+            .get(uid)
+            .map_err(internal)?
+            .map_or(0, |v| be_u64(&v)))
+    }
+
+    fn commit_small(
+        &self,
+        f: impl FnOnce(&Keyspaces, &mut fjall::OwnedWriteBatch),
+    ) -> Result<(), StoreError> {
+        let e = self.engine()?;
+        let mut b = e.db.batch().durability(Some(self.durability));
+        f(&e.ks, &mut b);
+        b.commit().map_err(|err| {
+            self.failed.store(true, Ordering::Release);
+            unavailable(err)
+        })
+    }
+
+    /// Stops the writer after the sends queued so far and forces everything to the device.
+    pub fn close(&self) {
+        let (done, wait) = flume::bounded(1);
+        if self.writes.send(Op::Close(done)).is_ok() {
+            let _ = wait.recv();
+        }
+        let handle = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+    }
+}
+
+fn current(slot: &Slot) -> Option<Arc<Engine>> {
+    slot.read().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+impl Drop for DiskStore {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// The writer thread's state: everything a send decides on.
+struct Writer {
+    path: PathBuf,
+    slot: Slot,
+    failed: Arc<AtomicBool>,
+    seal: seal::Seal,
+    epoch: Arc<str>,
+    limits: Limits,
+    durability: PersistMode,
+    fanout: Arc<dyn Fanout>,
+    last_seq: u64,
+    high: Arc<AtomicU64>,
+    /// Copies per inbox this writer has counted (loaded when an inbox is first written).
+    counts: HashMap<String, usize>,
+    dedupe: HashMap<(String, String), Remembered>,
+    dedupe_order: VecDeque<(u64, String, String)>,
+    dedupe_window_ms: u64,
+    last_sweep: Instant,
+    last_reopen: Instant,
+}
+
+/// One inbox copy of a batch, before it is written.
+struct Copy {
+    uid: String,
+    seq: u64,
+    value: fjall::Slice,
+}
+
+impl Writer {
+    /// Loads the sends of the last dedupe window, so a retry after a restart is still
+    /// recognised.
+    fn remember_recent_sends(&mut self) -> Result<(), StoreError> {
+        let Some(engine) = current(&self.slot) else {
+            return Ok(());
+        };
+        let now = now_ms();
+        self.dedupe.clear();
+        self.dedupe_order.clear();
+        // Sends are in seq order, which is storing order: the window is at the newest end.
+        let mut remembered = Vec::new();
+        for item in engine.ks.sends.iter().rev() {
+            let v = item.value().map_err(internal)?;
+            let Ok(rec) = rmp_serde::from_slice::<SendRecord>(&v) else {
+                continue;
+            };
+            if now.saturating_sub(rec.at) >= self.dedupe_window_ms {
+                break;
+            }
+            let r = Remembered {
+                at: rec.at,
+                ts: rec.ts,
+                seqs: rec.copies.iter().map(|(_, seq)| *seq).collect(),
+            };
+            remembered.push((rec.from, rec.id, r));
+        }
+        for (from, id, r) in remembered.into_iter().rev() {
+            self.dedupe_order
+                .push_back((r.at, from.clone(), id.clone()));
+            self.dedupe.insert((from, id), r);
+        }
+        Ok(())
+    }
+
+    fn run(mut self, rx: flume::Receiver<Op>, background_fsync: bool) {
+        // A store opened after a long stop drops what expired meanwhile before anything else.
+        if let Err(e) = self.sweep_by_time() {
+            tracing::warn!(error = %e, "disk store: retention sweep failed");
+        }
+        let mut unsynced_since: Option<Instant> = None;
+        let mut closed = None;
+        while closed.is_none() {
+            let mut wait = match unsynced_since {
+                Some(t) => FSYNC_BATCH_DELAY.saturating_sub(t.elapsed()),
+                None => SWEEP_EVERY,
+            };
+            if self.failed.load(Ordering::Acquire) {
+                wait = wait.min(REOPEN_EVERY.saturating_sub(self.last_reopen.elapsed()));
+            }
+            let first = match rx.recv_timeout(wait) {
+                Ok(a) => Some(a),
+                Err(flume::RecvTimeoutError::Timeout) => None,
+                Err(flume::RecvTimeoutError::Disconnected) => break,
+            };
+            let mut batch = Vec::new();
+            let mut next = first;
+            while let Some(op) = next.take() {
+                match op {
+                    Op::Append(a) => batch.push(a),
+                    Op::Close(done) => {
+                        closed = Some(done);
+                        break;
+                    }
+                }
+                if batch.len() < MAX_BATCH {
+                    next = rx.try_recv().ok();
+                }
+            }
+            if self.failed.load(Ordering::Acquire) && self.last_reopen.elapsed() >= REOPEN_EVERY {
+                self.last_reopen = Instant::now();
+                self.reopen();
+            }
+            if !batch.is_empty() {
+                self.commit(batch);
+                if background_fsync && unsynced_since.is_none() {
+                    unsynced_since = Some(Instant::now());
+                }
+            }
+            if unsynced_since.is_some_and(|t| t.elapsed() >= FSYNC_BATCH_DELAY) {
+                if let Some(e) = current(&self.slot) {
+                    if let Err(err) = e.db.persist(PersistMode::SyncData) {
+                        tracing::error!(error = %err, "disk store: fsync failed");
+                        self.failed.store(true, Ordering::Release);
+                    }
+                }
+                unsynced_since = None;
+            }
+            if self.last_sweep.elapsed() >= SWEEP_EVERY {
+                self.last_sweep = Instant::now();
+                if let Err(e) = self.sweep_by_time() {
+                    tracing::warn!(error = %e, "disk store: retention sweep failed");
+                }
+            }
+        }
+        if let Some(e) = current(&self.slot) {
+            if let Err(err) = e.db.persist(PersistMode::SyncAll) {
+                tracing::error!(error = %err, "disk store: final fsync failed");
+            }
+        }
+        if let Err(e) = self.seal.sync() {
+            tracing::error!(error = %e, "disk store: syncing the seal failed");
+        }
+        if let Some(done) = closed {
+            let _ = done.send(());
+        }
+    }
+
+    /// After a failed write the database refuses every other: drop it, open it again, and
+    /// go on writing once it holds exactly what this writer committed.
+    fn reopen(&mut self) {
+        let old = self.slot.write().unwrap_or_else(|p| p.into_inner()).take();
+        let weak = old.as_ref().map(Arc::downgrade);
+        drop(old);
+        // Readers hold the old engine for one read at most.
+        let deadline = Instant::now() + REOPEN_EVERY;
+        while weak.as_ref().is_some_and(|w| w.strong_count() > 0) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let engine = match open_engine(&self.path) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(error = %e, "disk store: reopening after a failed write failed; retrying");
+                return;
+            }
+        };
+        if let Err(e) = self.resync(&engine) {
+            tracing::error!(error = %e, "disk store: the reopened database does not hold what was committed; still refusing writes");
+            return;
+        }
+        *self.slot.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(engine));
+        self.counts.clear();
+        if let Err(e) = self.remember_recent_sends() {
+            tracing::warn!(error = %e, "disk store: reloading the dedupe window failed");
+        }
+        self.failed.store(false, Ordering::Release);
+        tracing::info!("disk store: writing again after a failed write");
+    }
+
+    /// Checks a reopened database against what this writer committed. A batch that was
+    /// refused can still have reached the journal (the rest of its bytes written later):
+    /// its copies are removed, as its senders heard `unavailable`, but its seqs stay used.
+    fn resync(&mut self, e: &Engine) -> Result<(), String> {
+        let (epoch, last) = recorded(&e.ks)?;
+        if epoch.as_deref() != Some(&*self.epoch) {
+            return Err(format!("its epoch is now {epoch:?}"));
+        }
+        if last < self.last_seq {
+            return Err(format!(
+                "it holds seqs up to {last}, {} were committed",
+                self.last_seq
+            ));
+        }
+        if last > self.last_seq {
+            let mut b = e.db.batch();
+            for item in e.ks.sends.range((self.last_seq + 1).to_be_bytes()..) {
+                let (k, v) = item.into_inner().map_err(|e| e.to_string())?;
+                if let Ok(rec) = rmp_serde::from_slice::<SendRecord>(&v) {
+                    for (uid, seq) in rec.copies {
+                        b.remove(&e.ks.inbox, inbox_key(&uid, seq));
+                    }
+                }
+                b.remove(&e.ks.sends, k);
+            }
+            b.commit().map_err(|e| e.to_string())?;
+            e.db.persist(PersistMode::SyncAll)
+                .map_err(|e| e.to_string())?;
+            tracing::warn!(
+                refused_from = self.last_seq + 1,
+                refused_to = last,
+                "disk store: removed copies of refused sends that reached the journal"
+            );
+            self.last_seq = last;
+            self.high.store(last, Ordering::Release);
+            let _ = self.seal.record(last);
+        }
+        Ok(())
+    }
+
+    /// Stores a group of sends in one batch (with the inbox trims they cause), then fans out
+    /// and answers each.
+    fn commit(&mut self, sends: Vec<Append>) {
+        let Some(engine) = current(&self.slot) else {
+            for s in sends {
+                let _ = s.reply.send(Err(unavailable(
+                    "the database is being reopened after a failed write",
+                )));
+            }
+            return;
+        };
+        let now = now_ms();
+        let mut batch = engine.db.batch().durability(Some(self.durability));
+        while let Some((at, _, _)) = self.dedupe_order.front() {
+            if now.saturating_sub(*at) < self.dedupe_window_ms {
+                break;
+            }
+            let (_, from, id) = self.dedupe_order.pop_front().expect("front exists");
+            self.dedupe.remove(&(from, id));
+        }
+        let mut seq = self.last_seq;
+        // Per send: Err(original) for a repeat, Ok(seqs) for a new one.
+        let mut outcomes: Vec<Result<Appended, Appended>> = Vec::with_capacity(sends.len());
+        let mut fresh: HashMap<(String, String), Appended> = HashMap::new();
+        let mut copies = Vec::new();
+        for s in &sends {
+            let key = (s.draft.from.clone(), s.draft.id.clone());
+            if let Some(r) = self.dedupe.get(&key) {
+                outcomes.push(Err(Appended {
+                    seqs: r.seqs.clone(),
+                    ts: r.ts,
+                }));
+                continue;
+            }
+            if let Some(a) = fresh.get(&key) {
+                outcomes.push(Err(a.clone()));
+                continue;
+            }
+            let d = &s.draft;
+            let value = rmp_serde::to_vec(&StoredRef {
+                id: &d.id,
+                from: &d.from,
+                to: d.to.as_deref(),
+                group: d.group.as_deref(),
+                ts: d.ts,
+                body: &d.body,
+            });
+            let Ok(value) = value else {
+                outcomes.push(Err(Appended {
+                    seqs: Vec::new(),
+                    ts: 0,
+                }));
+                continue;
+            };
+            let value = fjall::Slice::from(value);
+            let mut seqs = Vec::with_capacity(s.inboxes.len());
+            for uid in &s.inboxes {
+                seq += 1;
+                copies.push(Copy {
+                    uid: uid.clone(),
+                    seq,
+                    value: value.clone(),
+                });
+                seqs.push(seq);
+            }
+            let record = SendRecord {
+                at: now,
+                ts: d.ts,
+                from: d.from.clone(),
+                id: d.id.clone(),
+                copies: s
+                    .inboxes
+                    .iter()
+                    .cloned()
+                    .zip(seqs.iter().copied())
+                    .collect(),
+            };
+            if let (Ok(v), Some(first)) = (rmp_serde::to_vec(&record), seqs.first()) {
+                batch.insert(&engine.ks.sends, first.to_be_bytes(), v);
+            }
+            let appended = Appended { seqs, ts: d.ts };
+            fresh.insert(key, appended.clone());
+            outcomes.push(Ok(appended));
+        }
+        let counts = match self.trim(&engine, &mut batch, &mut copies) {
+            Ok(c) => c,
+            Err(e) => {
+                self.refuse(sends, &e);
+                return;
+            }
+        };
+        for c in copies {
+            batch.insert(&engine.ks.inbox, inbox_key(&c.uid, c.seq), c.value);
+        }
+        batch.insert(&engine.ks.meta, "last_seq", seq.to_be_bytes());
+        if let Err(e) = batch.commit() {
+            self.refuse(sends, &e);
+            return;
+        }
+        if seq != self.last_seq {
+            if let Err(e) = self.seal.record(seq) {
+                tracing::error!(error = %e, "disk store: recording the seal failed");
+            }
+        }
+        self.last_seq = seq;
+        self.high.store(seq, Ordering::Release);
+        self.counts.extend(counts);
+        for ((from, id), a) in fresh {
+            self.dedupe_order.push_back((now, from.clone(), id.clone()));
+            self.dedupe.insert(
+                (from, id),
+                Remembered {
+                    at: now,
+                    ts: a.ts,
+                    seqs: a.seqs,
+                },
+            );
+        }
+        for (s, outcome) in sends.iter().zip(&outcomes) {
+            let Ok(a) = outcome else { continue };
+            for (uid, seq) in s.inboxes.iter().zip(&a.seqs) {
+                let seq = *seq;
+                self.fanout
+                    .deliver(uid, &mut || Some(s.draft.to_message(seq)));
+            }
+        }
+        for (s, outcome) in sends.into_iter().zip(outcomes) {
+            let answer = match outcome {
+                Ok(a) => Ok(a),
+                Err(a) if a.seqs.is_empty() => Err(internal("the message cannot be encoded")),
+                Err(a) => Ok(a),
+            };
+            let _ = s.reply.send(answer);
+        }
+    }
+
+    /// Answers every send of a batch that could not be written with `unavailable`, and
+    /// marks the store failed until the writer has reopened it.
+    fn refuse(&mut self, sends: Vec<Append>, e: &dyn std::fmt::Display) {
+        tracing::error!(error = %e, "disk store: write failed; the batch's sends are refused");
+        self.failed.store(true, Ordering::Release);
+        for s in sends {
+            let _ = s.reply.send(Err(unavailable(e)));
+        }
+    }
+
+    /// Adds to `batch` the removal of the oldest copies beyond `--max-inbox` in each inbox
+    /// `copies` go to, so an inbox never holds more than that, even after a crash. Copies of
+    /// this batch that would be dropped at once are taken out of `copies`. Returns each
+    /// touched inbox's count after the batch.
+    fn trim(
+        &self,
+        e: &Engine,
+        batch: &mut fjall::OwnedWriteBatch,
+        copies: &mut Vec<Copy>,
+    ) -> Result<HashMap<String, usize>, fjall::Error> {
+        let mut added: HashMap<&str, usize> = HashMap::new();
+        for c in copies.iter() {
+            *added.entry(c.uid.as_str()).or_default() += 1;
+        }
+        let max = self.limits.max_inbox;
+        let mut counts = HashMap::with_capacity(added.len());
+        // (uid, how many of this batch's copies to leave out, the highest seq dropped)
+        let mut cut: Vec<(String, usize, u64)> = Vec::new();
+        for (uid, n) in added {
+            let prefix = inbox_prefix(uid);
+            let stored = match self.counts.get(uid) {
+                Some(c) => *c,
+                None => e.ks.inbox.prefix(&prefix).count(),
+            };
+            let total = stored + n;
+            counts.insert(uid.to_owned(), total.min(max));
+            if total <= max {
+                continue;
+            }
+            let excess = total - max;
+            let mut dropped = 0;
+            for item in e.ks.inbox.prefix(&prefix).take(excess) {
+                let k = item.key()?;
+                dropped = seq_of_inbox_key(&k);
+                batch.remove(&e.ks.inbox, k);
+            }
+            cut.push((uid.to_owned(), excess.saturating_sub(stored), dropped));
+        }
+        for (uid, mut skip, mut dropped) in cut {
+            // Copies are in seq order: the oldest of this batch go first.
+            copies.retain(|c| {
+                if skip > 0 && c.uid == uid {
+                    skip -= 1;
+                    dropped = dropped.max(c.seq);
+                    false
+                } else {
+                    true
+                }
+            });
+            batch.insert(&e.ks.inbox_meta, uid.as_bytes(), dropped.to_be_bytes());
+        }
+        Ok(counts)
+    }
+
+    /// Drops sends older than `--retention`, with every copy, oldest first.
+    fn sweep_by_time(&mut self) -> Result<(), fjall::Error> {
+        let Some(e) = current(&self.slot) else {
+            return Ok(());
+        };
+        let horizon = now_ms().saturating_sub(self.limits.retention.as_millis() as u64);
+        loop {
+            let mut batch = e.db.batch().durability(Some(self.durability));
+            let mut dropped: HashMap<String, u64> = HashMap::new();
+            for item in e.ks.sends.iter().take(1024) {
+                let (k, v) = item.into_inner()?;
+                let rec: Option<SendRecord> = rmp_serde::from_slice(&v).ok();
+                if let Some(rec) = rec {
+                    if rec.ts >= horizon {
+                        break;
+                    }
+                    for (uid, seq) in rec.copies {
+                        batch.remove(&e.ks.inbox, inbox_key(&uid, seq));
+                        let d = dropped.entry(uid).or_default();
+                        *d = (*d).max(seq);
+                    }
+                }
+                batch.remove(&e.ks.sends, k);
+            }
+            if batch.is_empty() {
+                return Ok(());
+            }
+            for (uid, seq) in &dropped {
+                let kept =
+                    e.ks.inbox_meta
+                        .get(uid.as_bytes())?
+                        .map_or(0, |v| be_u64(&v));
+                batch.insert(
+                    &e.ks.inbox_meta,
+                    uid.as_bytes(),
+                    kept.max(*seq).to_be_bytes(),
+                );
+                // Recounted when next written.
+                self.counts.remove(uid);
+            }
+            if let Err(err) = batch.commit() {
+                self.failed.store(true, Ordering::Release);
+                return Err(err);
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Store for DiskStore {
+    async fn append(&self, draft: Draft, inboxes: &[String]) -> Result<Appended, StoreError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.writes
+            .send(Op::Append(Append {
+                draft,
+                inboxes: inboxes.to_vec(),
+                reply,
+            }))
+            .map_err(|_| unavailable("the store is closing"))?;
+        answer
+            .await
+            .map_err(|_| unavailable("the writer stopped before answering"))?
+    }
+
+    async fn read(&self, uid: &str, after: u64, limit: usize) -> Result<Page, StoreError> {
+        let from = inbox_key(uid, after.saturating_add(1));
+        let to = inbox_key(uid, u64::MAX);
+        let mut messages = Vec::with_capacity(limit.min(256));
+        let mut more = false;
+        let e = self.engine()?;
+        for item in e.ks.inbox.range(from..=to) {
+            if messages.len() == limit {
+                more = true;
+                break;
+            }
+            let (k, v) = item.into_inner().map_err(internal)?;
+            messages.push(Arc::new(decode(&k, &v)?));
+        }
+        Ok(Page {
+            messages,
+            gap: self.dropped_upto(&e, uid)? > after,
+            more,
+        })
+    }
+
+    async fn last_seq(&self, uid: &str) -> Result<u64, StoreError> {
+        let from = inbox_key(uid, 0);
+        let to = inbox_key(uid, u64::MAX);
+        let e = self.engine()?;
+        let last = match e.ks.inbox.range(from..=to).next_back() {
+            Some(item) => seq_of_inbox_key(&item.key().map_err(internal)?),
+            None => 0,
+        };
+        Ok(last.max(self.dropped_upto(&e, uid)?))
+    }
+
+    fn epoch(&self) -> Arc<str> {
+        self.epoch.clone()
+    }
+
+    async fn high_seq(&self) -> Result<u64, StoreError> {
+        Ok(self.high.load(std::sync::atomic::Ordering::Acquire))
+    }
+
+    async fn history(&self, uid: &str, page: Older) -> Result<History, StoreError> {
+        let Older { before, limit } = page;
+        let from = inbox_key(uid, 0);
+        let to = inbox_key(uid, before.unwrap_or(u64::MAX));
+        let mut messages = Vec::with_capacity(limit.min(256));
+        let mut next = None;
+        let e = self.engine()?;
+        for item in e.ks.inbox.range(from..to).rev() {
+            if messages.len() == limit {
+                next = messages.last().map(|m: &Arc<Message>| m.seq);
+                break;
+            }
+            let (k, v) = item.into_inner().map_err(internal)?;
+            messages.push(Arc::new(decode(&k, &v)?));
+        }
+        Ok(History { messages, next })
+    }
+
+    async fn cursor(&self, uid: &str, device: &str) -> Result<Option<u64>, StoreError> {
+        Ok(self
+            .engine()?
+            .ks
+            .cursors
+            .get(pair_key(uid, device))
+            .map_err(internal)?
+            .map(|v| be_u64(&v)))
+    }
+
+    async fn save_cursors(&self, cursors: &mut [CursorWrite]) -> Result<(), StoreError> {
+        let _serial = self.small();
+        let mut writes = Vec::with_capacity(cursors.len());
+        let e = self.engine()?;
+        for w in cursors.iter() {
+            let key = pair_key(&w.uid, &w.device);
+            let stored = e.ks.cursors.get(&key).map_err(internal)?;
+            if stored.is_none_or(|v| be_u64(&v) < w.seq) {
+                writes.push((key, w.seq));
+            }
+        }
+        if writes.is_empty() {
+            return Ok(());
+        }
+        self.commit_small(|ks, b| {
+            for (k, seq) in writes {
+                b.insert(&ks.cursors, k, seq.to_be_bytes());
+            }
+        })
+    }
+
+    async fn ready(&self) -> bool {
+        !self.writes.is_disconnected() && !self.failed.load(Ordering::Acquire)
+    }
+
+    async fn create_group(&self, id: &str, group: &Group) -> Result<bool, StoreError> {
+        let mut groups = self.small();
+        if groups.contains_key(id) {
+            return Ok(false);
+        }
+        let v = serde_json::to_vec(group).map_err(internal)?;
+        self.commit_small(|ks, b| b.insert(&ks.groups, id.as_bytes(), v))?;
+        groups.insert(id.to_owned(), group.clone());
+        Ok(true)
+    }
+
+    async fn group(&self, id: &str) -> Result<Option<Group>, StoreError> {
+        Ok(self.small().get(id).cloned())
+    }
+
+    async fn change_group(&self, id: &str, change: &GroupChange<'_>) -> Result<Group, ChangeError> {
+        let mut groups = self.small();
+        let current = groups.get(id).ok_or(ChangeError::NotFound)?;
+        let next = change(current).map_err(ChangeError::Refused)?;
+        let v = serde_json::to_vec(&next).map_err(|e| ChangeError::Store(internal(e)))?;
+        self.commit_small(|ks, b| b.insert(&ks.groups, id.as_bytes(), v))
+            .map_err(ChangeError::Store)?;
+        groups.insert(id.to_owned(), next.clone());
+        Ok(next)
+    }
+
+    async fn revoke(&self, uid: &str, before: u64) -> Result<(), StoreError> {
+        let _serial = self.small();
+        let stored = self.engine()?.ks.revocations.get(uid).map_err(internal)?;
+        if stored.is_some_and(|v| be_u64(&v) >= before) {
+            return Ok(());
+        }
+        self.commit_small(|ks, b| b.insert(&ks.revocations, uid.as_bytes(), before.to_be_bytes()))
+    }
+
+    async fn revocations(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut all = Vec::new();
+        for item in self.engine()?.ks.revocations.iter() {
+            let (k, v) = item.into_inner().map_err(internal)?;
+            all.push((String::from_utf8_lossy(&k).into_owned(), be_u64(&v)));
+        }
+        Ok(all)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    struct Nobody;
+    impl Fanout for Nobody {
+        fn deliver(&self, _: &str, _: &mut dyn FnMut() -> Option<Message>) {}
+    }
+
+    fn open(dir: &Path, max_inbox: usize) -> DiskStore {
+        open_for(dir, max_inbox, Duration::from_secs(3600))
+    }
+
+    fn open_for(dir: &Path, max_inbox: usize, retention: Duration) -> DiskStore {
+        let limits = Limits {
+            retention,
+            max_inbox,
+        };
+        DiskStore::open(
+            dir,
+            limits,
+            Options {
+                fsync: Fsync::Never,
+                repair: false,
+            },
+            Arc::new(Nobody),
+        )
+        .unwrap()
+    }
+
+    fn draft(id: &str) -> Draft {
+        Draft {
+            id: id.into(),
+            from: "alice".into(),
+            to: Some("bob".into()),
+            group: None,
+            ts: now_ms(),
+            body: json!({ "id": id }),
+        }
+    }
+
+    fn seqs(p: &[Arc<Message>]) -> Vec<u64> {
+        p.iter().map(|m| m.seq).collect()
+    }
+
+    #[tokio::test]
+    async fn a_reopened_store_keeps_seqs_epoch_cursors_groups_revocations_and_the_dedupe_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let inboxes = ["bob".to_owned(), "alice".to_owned()];
+        let (first, epoch) = {
+            let s = open(dir.path(), 100);
+            let a = s.append(draft("x"), &inboxes).await.unwrap();
+            s.save_cursors(&mut [CursorWrite::new("bob", "phone", a.seqs[0])])
+                .await
+                .unwrap();
+            let g = Group {
+                owner: "alice".into(),
+                members: vec!["alice".into(), "bob".into()],
+            };
+            assert!(s.create_group("team", &g).await.unwrap());
+            s.revoke("mallory", 1_700_000_100).await.unwrap();
+            s.revoke("mallory", 1_700_000_000).await.unwrap();
+            (a, s.epoch())
+        };
+        let s = open(dir.path(), 100);
+        assert_eq!(s.epoch(), epoch);
+        assert_eq!(s.high_seq().await.unwrap(), 2);
+        assert_eq!(s.append(draft("x"), &inboxes).await.unwrap(), first);
+        let next = s.append(draft("y"), &inboxes).await.unwrap();
+        assert_eq!(next.seqs, vec![3, 4], "seqs go on from where they were");
+        assert_eq!(s.cursor("bob", "phone").await.unwrap(), Some(1));
+        assert!(s.group("team").await.unwrap().is_some());
+        assert_eq!(
+            s.revocations().await.unwrap(),
+            vec![("mallory".to_owned(), 1_700_000_100)],
+            "kept, and never lowered"
+        );
+        let bob = s.read("bob", 0, 10).await.unwrap();
+        assert_eq!(seqs(&bob.messages), vec![1, 3]);
+        assert_eq!(bob.messages[1].body, json!({"id": "y"}));
+        assert!(!bob.gap && !bob.more);
+    }
+
+    #[tokio::test]
+    async fn max_inbox_drops_the_oldest_and_says_gap_and_history_pages_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path(), 3);
+        for i in 0..5 {
+            s.append(draft(&i.to_string()), &["bob".to_owned()])
+                .await
+                .unwrap();
+        }
+        let page = s.read("bob", 0, 10).await.unwrap();
+        assert_eq!(seqs(&page.messages), vec![3, 4, 5]);
+        assert!(page.gap);
+        assert!(!s.read("bob", 2, 10).await.unwrap().gap);
+        let p = s.read("bob", 2, 2).await.unwrap();
+        assert_eq!((seqs(&p.messages), p.more), (vec![3, 4], true));
+        assert_eq!(s.last_seq("bob").await.unwrap(), 5);
+        let h = s
+            .history(
+                "bob",
+                Older {
+                    before: None,
+                    limit: 2,
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!((seqs(&h.messages), h.next), (vec![5, 4], Some(4)));
+        let h = s
+            .history(
+                "bob",
+                Older {
+                    before: Some(4),
+                    limit: 2,
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!((seqs(&h.messages), h.next), (vec![3], None));
+    }
+
+    #[tokio::test]
+    async fn retention_drops_every_copy_of_an_expired_send_and_says_gap() {
+        let dir = tempfile::tempdir().unwrap();
+        let inboxes = ["bob".to_owned(), "alice".to_owned()];
+        {
+            let s = open_for(dir.path(), 100, Duration::from_millis(50));
+            s.append(draft("old"), &inboxes).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        // Opening sweeps first.
+        let s = open_for(dir.path(), 100, Duration::from_millis(50));
+        s.append(draft("new"), &inboxes).await.unwrap();
+        for uid in ["bob", "alice"] {
+            let page = s.read(uid, 0, 10).await.unwrap();
+            assert_eq!(page.messages.len(), 1, "{uid}");
+            assert_eq!(page.messages[0].id, "new");
+            assert!(page.gap, "{uid}");
+        }
+        assert_eq!(s.high_seq().await.unwrap(), 4);
+    }
+}
+
+#[cfg(test)]
+mod damage_tests {
+    use super::*;
+    use serde_json::json;
+
+    struct Nobody;
+    impl Fanout for Nobody {
+        fn deliver(&self, _: &str, _: &mut dyn FnMut() -> Option<Message>) {}
+    }
+
+    fn open_with(dir: &Path, repair: bool) -> Result<DiskStore, OpenError> {
+        let limits = Limits {
+            retention: Duration::from_secs(3600),
+            max_inbox: 100_000,
+        };
+        let options = Options {
+            fsync: Fsync::Never,
+            repair,
+        };
+        DiskStore::open(dir, limits, options, Arc::new(Nobody))
+    }
+
+    fn draft(i: usize) -> Draft {
+        Draft {
+            id: format!("m{i}"),
+            from: "alice".into(),
+            to: Some("bob".into()),
+            group: None,
+            ts: now_ms(),
+            body: json!({ "i": i, "pad": "x".repeat(200) }),
+        }
+    }
+
+    /// A closed store holding `n` sends from alice to bob (2n seqs), and its epoch.
+    async fn filled(dir: &Path, n: usize) -> Arc<str> {
+        let s = open_with(dir, false).unwrap();
+        let inboxes = ["bob".to_owned(), "alice".to_owned()];
+        for i in 0..n {
+            s.append(draft(i), &inboxes).await.unwrap();
+        }
+        s.epoch()
+    }
+
+    /// The journal files of a data directory, largest first.
+    fn journals(dir: &Path) -> Vec<PathBuf> {
+        let mut all = Vec::new();
+        let mut stack = vec![dir.to_owned()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else if p.extension().is_some_and(|x| x == "jnl") {
+                    all.push(p);
+                }
+            }
+        }
+        all.sort_by_key(|p| std::cmp::Reverse(std::fs::metadata(p).unwrap().len()));
+        all
+    }
+
+    /// How far the journal's written bytes go (the file is preallocated with zeros).
+    fn written(path: &Path) -> u64 {
+        let bytes = std::fs::read(path).unwrap();
+        bytes
+            .iter()
+            .rposition(|b| *b != 0)
+            .map_or(0, |i| i as u64 + 1)
+    }
+
+    /// Cutting the journal in the middle of what it holds, or writing garbage there, is
+    /// found at the next open: the start is refused naming the damage, and `--repair`
+    /// serves what is left under a new epoch with seqs above every one made known.
+    #[tokio::test]
+    async fn a_cut_or_scribbled_journal_is_refused_and_repair_starts_a_new_epoch() {
+        for damage in ["cut", "garbage", "garbage-early", "garbage-late"] {
+            let dir = tempfile::tempdir().unwrap();
+            let epoch = filled(dir.path(), 300).await;
+            let jnl = journals(dir.path()).remove(0);
+            let end = written(&jnl);
+            assert!(end > 10_000, "the journal holds the sends ({end} bytes)");
+            if damage == "cut" {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&jnl)
+                    .unwrap()
+                    .set_len(end / 2)
+                    .unwrap();
+            } else {
+                use std::os::unix::fs::FileExt;
+                let f = std::fs::OpenOptions::new().write(true).open(&jnl).unwrap();
+                let at = match damage {
+                    "garbage-early" => 100,
+                    "garbage-late" => end - 500,
+                    _ => end / 2,
+                };
+                f.write_all_at(&[0xA5; 63], at).unwrap();
+            }
+            let err = open_with(dir.path(), false).err().expect("refused");
+            let text = err.to_string();
+            assert!(matches!(err, OpenError::Damaged { .. }), "{damage}: {text}");
+            assert!(
+                text.contains("seqs up to 600 were made known")
+                    || text.contains("journal cannot be read back"),
+                "{text}"
+            );
+            assert!(text.contains("--repair"), "{text}");
+            // Refusing twice is still refusing: the first open's truncation hides nothing.
+            assert!(open_with(dir.path(), false).is_err(), "{damage}");
+
+            let s = open_with(dir.path(), true).unwrap();
+            assert_ne!(s.epoch(), epoch, "{damage}: a new epoch");
+            let left = s.read("bob", 0, 1000).await.unwrap().messages.len();
+            assert!(left < 300, "{damage}: {left} left");
+            let next = s.append(draft(9999), &["bob".to_owned()]).await.unwrap();
+            assert_eq!(next.seqs, vec![601], "{damage}: no seq is made twice");
+            let repaired = s.epoch();
+            drop(s);
+            let s = open_with(dir.path(), false).unwrap();
+            assert_eq!(
+                s.epoch(),
+                repaired,
+                "{damage}: a repaired store opens plainly"
+            );
+            assert_eq!(s.high_seq().await.unwrap(), 601);
+        }
+    }
+
+    /// An emptied or removed journal, or removed keyspaces, lose the whole store: refused.
+    #[tokio::test]
+    async fn an_emptied_or_removed_journal_or_keyspaces_are_refused() {
+        for damage in ["empty", "remove", "keyspaces"] {
+            let dir = tempfile::tempdir().unwrap();
+            filled(dir.path(), 50).await;
+            let jnl = journals(dir.path()).remove(0);
+            match damage {
+                "empty" => std::fs::write(&jnl, b"").unwrap(),
+                "remove" => std::fs::remove_file(&jnl).unwrap(),
+                _ => std::fs::remove_dir_all(dir.path().join("keyspaces")).unwrap(),
+            }
+            let err = open_with(dir.path(), false).err().expect("refused");
+            assert!(
+                matches!(err, OpenError::Damaged { .. } | OpenError::Corrupt { .. }),
+                "{damage}: {err}"
+            );
+            assert!(err.to_string().contains("damaged"), "{damage}: {err}");
+        }
+    }
+
+    /// A closed store and a dropped one (what a SIGKILL leaves: everything is in the
+    /// operating system) both open plainly with everything in them.
+    #[tokio::test]
+    async fn an_undamaged_store_opens_with_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let epoch = filled(dir.path(), 100).await;
+        let s = open_with(dir.path(), false).unwrap();
+        assert_eq!(s.epoch(), epoch);
+        assert_eq!(s.read("bob", 0, 1000).await.unwrap().messages.len(), 100);
+    }
+
+    /// A path that is a file, a directory of something else, and a data directory without
+    /// the storage engine's `version` file each get an error saying so.
+    #[tokio::test]
+    async fn what_is_not_a_data_directory_is_named() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("f");
+        std::fs::write(&file, b"x").unwrap();
+        let err = open_with(&file, false).err().unwrap();
+        assert!(
+            err.to_string().contains("is a file, not a directory"),
+            "{err}"
+        );
+
+        let foreign = tmp.path().join("photos");
+        std::fs::create_dir(&foreign).unwrap();
+        std::fs::write(foreign.join("cat.jpg"), b"meow").unwrap();
+        let err = open_with(&foreign, false).err().unwrap();
+        assert!(
+            err.to_string().contains("is not an imgate data directory"),
+            "{err}"
+        );
+        assert!(foreign.join("cat.jpg").exists() && !foreign.join("version").exists());
+
+        let dir = tmp.path().join("data");
+        filled(&dir, 3).await;
+        std::fs::remove_file(dir.join(ENGINE_MARKER)).unwrap();
+        let err = open_with(&dir, false).err().unwrap();
+        assert!(err.to_string().contains("no `version` file"), "{err}");
+        assert!(err.to_string().contains("damaged"), "{err}");
+    }
+
+    /// Dies at the `n`th copy it is handed: a crash right after a batch was written.
+    struct CrashAt(std::sync::atomic::AtomicUsize);
+    impl Fanout for CrashAt {
+        fn deliver(&self, _: &str, _: &mut dyn FnMut() -> Option<Message>) {
+            if self.0.fetch_sub(1, Ordering::SeqCst) == 1 {
+                panic!("crash after the write");
+            }
+        }
+    }
+
+    /// The trim to `--max-inbox` is in the same write as the copies that cause it: a crash
+    /// right after that write leaves no inbox above the limit.
+    #[tokio::test]
+    async fn a_crash_after_a_write_leaves_no_inbox_above_max_inbox() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = Limits {
+            retention: Duration::from_secs(3600),
+            max_inbox: 3,
+        };
+        let options = Options {
+            fsync: Fsync::Never,
+            repair: false,
+        };
+        {
+            let crash = Arc::new(CrashAt(4.into()));
+            let s = DiskStore::open(dir.path(), limits, options, crash).unwrap();
+            for i in 0..4 {
+                let _ = s.append(draft(i), &["bob".to_owned()]).await;
+            }
+        }
+        let s = DiskStore::open(dir.path(), limits, options, Arc::new(Nobody)).unwrap();
+        let page = s.read("bob", 0, 100).await.unwrap();
+        let seqs: Vec<u64> = page.messages.iter().map(|m| m.seq).collect();
+        assert_eq!(seqs, vec![2, 3, 4]);
+        assert!(page.gap);
+    }
+
+    /// A store written before seals existed gets one, and is checked from then on.
+    #[tokio::test]
+    async fn a_store_without_a_seal_gets_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let epoch = filled(dir.path(), 5).await;
+        std::fs::remove_file(dir.path().join(seal::FILE)).unwrap();
+        let s = open_with(dir.path(), false).unwrap();
+        assert_eq!(s.epoch(), epoch);
+        drop(s);
+        let rec = seal::read(dir.path()).unwrap().unwrap();
+        assert_eq!((rec.epoch.as_str(), rec.seq), (&*epoch, 10));
+    }
+}
