@@ -216,8 +216,10 @@ fn init_logging(format: LogFormat) {
         // The disk store's engine logs each step of opening it at info; only its warnings
         // are worth an operator's attention.
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fjall=warn,lsm_tree=warn"));
+    // Colour codes only for a person at a terminal, never into a file or a pipe.
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     // Each connection's lines name it (imgate_gateway::logging).
     match format {

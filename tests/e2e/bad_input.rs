@@ -492,3 +492,237 @@ async fn one_address_over_its_connection_limit_is_refused_and_others_are_served(
     })
     .await;
 }
+
+/// Answers to one connection's frames leave in the order of the frames: pipelined sends,
+/// valid ones between ones refused at once (a bad recipient, a bad message id), are
+/// answered send by send, on TCP and on WebSocket JSON.
+#[tokio::test]
+async fn pipelined_sends_are_answered_in_the_order_they_were_sent() {
+    let gw = Gateway::start(&[] as &[&str]).await.unwrap();
+    let frames: Vec<Value> = (0..9)
+        .map(|i| match i % 3 {
+            0 => json!({"type":"send","id":format!("ok{i}"),"to":"bob","body":{"i":i}}),
+            1 => json!({"type":"send","id":format!("bad{i}"),"to":"b.d","body":{"i":i}}),
+            _ => json!({"type":"send","id":"has space","to":"bob","body":{"i":i}}),
+        })
+        .collect();
+    let expected: Vec<(&str, Value)> = (0..9)
+        .map(|i| match i % 3 {
+            0 => ("sent", json!(format!("ok{i}"))),
+            1 => ("error", json!(format!("bad{i}"))),
+            _ => ("error", Value::Null),
+        })
+        .collect();
+    let check = |got: Vec<Value>, via: &str| {
+        let got: Vec<(String, Value)> = got
+            .iter()
+            .map(|f| (f["type"].as_str().unwrap().to_owned(), f["id"].clone()))
+            .collect();
+        let want: Vec<(String, Value)> = expected
+            .iter()
+            .map(|(t, id)| (t.to_string(), id.clone()))
+            .collect();
+        assert_eq!(got, want, "{via}");
+    };
+    for trial in 0..5 {
+        let mut raw = RawTcp::connect(&gw).await;
+        raw.login(&token("alice"), &format!("tcp{trial}")).await;
+        let mut all = Vec::new();
+        for f in &frames {
+            let payload = rmp_serde::to_vec_named(f).unwrap();
+            all.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+            all.extend_from_slice(&payload);
+        }
+        raw.write(&all).await;
+        let mut answers = Vec::new();
+        while answers.len() < frames.len() {
+            let f = raw.recv().await.expect("an answer");
+            if f["type"] != "msg" {
+                answers.push(f);
+            }
+        }
+        check(answers, "tcp");
+    }
+    let url = format!("{}?token={}&device=ws", gw.ws_url(), token("alice"));
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    for f in &frames {
+        ws.feed(WsMessage::Text(f.to_string().into()))
+            .await
+            .unwrap();
+    }
+    ws.flush().await.unwrap();
+    let mut answers = Vec::new();
+    while answers.len() < frames.len() {
+        let f: Value = match ws.next().await.unwrap().unwrap() {
+            WsMessage::Text(t) => serde_json::from_str(&t).unwrap(),
+            other => panic!("{other:?}"),
+        };
+        if !["msg", "welcome"].contains(&f["type"].as_str().unwrap()) {
+            answers.push(f);
+        }
+    }
+    check(answers, "ws");
+}
+
+/// A msgpack body holding a number JSON cannot carry is refused, never turned into `null`;
+/// bytes after a msgpack frame's map are refused, not ignored; `system` receives nothing.
+#[tokio::test]
+async fn nan_bodies_trailing_bytes_and_sends_to_system_are_refused() {
+    let gw = Gateway::start(&[] as &[&str]).await.unwrap();
+    let mut raw = RawTcp::connect(&gw).await;
+    raw.login(&token("alice"), "raw").await;
+    for x in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+        // {"type":"send","id":"n","to":"bob","body":{"x": x}} with a real float64.
+        // Written by hand: a JSON value cannot hold NaN. 0x8N is a map of N, 0xa0|len a short
+        // string, 0xcb a float64.
+        let s = |t: &str| [&[0xa0 | t.len() as u8][..], t.as_bytes()].concat();
+        let mut payload = vec![0x84];
+        for (k, v) in [("type", "send"), ("id", "n"), ("to", "bob")] {
+            payload.extend(s(k));
+            payload.extend(s(v));
+        }
+        payload.extend(s("body"));
+        payload.push(0x81);
+        payload.extend(s("x"));
+        payload.push(0xcb);
+        payload.extend(x.to_be_bytes());
+        raw.send_raw(&payload).await;
+        let err = raw.recv_type("error").await;
+        assert_eq!(err["code"], "bad_request", "{x}: {err}");
+        assert!(err["message"].as_str().unwrap().contains("JSON"), "{err}");
+    }
+    // A float JSON can carry is delivered as it was sent.
+    let fine = json!({"type":"send","id":"f","to":"alice","body":{"x":1.5}});
+    raw.send(fine).await;
+    let m = raw.recv_type("msg").await;
+    assert_eq!(m["body"], json!({"x": 1.5}));
+
+    let mut payload = rmp_serde::to_vec_named(&json!({"type":"ping"})).unwrap();
+    payload.extend_from_slice(&[0x01, 0x02]);
+    raw.send_raw(&payload).await;
+    let err = raw.recv_type("error").await;
+    assert_eq!(err["code"], "bad_request");
+    assert!(err["message"].as_str().unwrap().contains("after"), "{err}");
+
+    let err = expect_error_then_still_served(
+        &mut raw,
+        json!({"type":"send","id":"s","to":"system","body":{}}),
+        "bad_request",
+    )
+    .await;
+    assert!(err["message"].as_str().unwrap().contains("system"), "{err}");
+    let r = post_json(
+        &gw,
+        "/v1/messages",
+        &auth("alice"),
+        json!({"to":"system","body":{}}),
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.body);
+}
+
+/// Before login a TCP frame is at most 16 KiB: a bigger one gets `bye` at once, and the
+/// gateway never buffers it.
+#[tokio::test]
+async fn a_tcp_frame_above_16_kib_before_login_is_refused() {
+    let gw = Gateway::start(&[] as &[&str]).await.unwrap();
+    let mut raw = RawTcp::connect(&gw).await;
+    // Only the length prefix of a 200 KB frame: the answer must not wait for the rest.
+    raw.write(&(200_000u32).to_be_bytes()).await;
+    let bye = raw.recv().await.expect("bye");
+    assert_eq!(bye, json!({"type":"bye","reason":"frame_too_large"}));
+    raw.expect_closed().await;
+    // A login of ordinary size still works, and after it the usual --max-frame applies.
+    let mut raw = RawTcp::connect(&gw).await;
+    raw.login(&token("alice"), "raw").await;
+    raw.send(json!({"type":"send","id":"big","to":"bob","body":{"t":"x".repeat(40_000)}}))
+        .await;
+    assert_eq!(raw.recv_type("sent").await["id"], "big");
+}
+
+/// Request headers are at most 64 KiB (431 beyond), and HTTP/2 without TLS (h2c) is not
+/// spoken: its preface is refused at once instead of holding a connection past the header
+/// timeout.
+#[tokio::test]
+async fn large_headers_get_431_and_an_http2_preface_is_refused() {
+    use tokio::io::AsyncWriteExt;
+    let gw = Gateway::start(&["--header-timeout", "30s"]).await.unwrap();
+    let big = format!("X-Big: {}", "a".repeat(70 * 1024));
+    let r = curl(&["-H", &big, &format!("http://{}/healthz", gw.http)]).await;
+    assert_eq!(r.status, 431, "{}", r.body);
+    let ok = format!("X-Ok: {}", "a".repeat(30 * 1024));
+    let r = curl(&["-H", &ok, &format!("http://{}/healthz", gw.http)]).await;
+    assert_eq!(r.status, 200);
+
+    let mut s = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+    // The HTTP/2 connection preface and an empty SETTINGS frame.
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    within(
+        Duration::from_secs(10),
+        "the h2c connection to be closed",
+        read_until_closed(&mut s),
+    )
+    .await;
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+/// A WebSocket peer that breaks the protocol is closed with a close code that says so:
+/// 1007 for a text message that is not UTF-8, 1002 for a frame with reserved bits set.
+#[tokio::test]
+async fn websocket_protocol_violations_close_with_1002_or_1007() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = Gateway::start(&[] as &[&str]).await.unwrap();
+    // (frame header byte, payload): a masked text frame of invalid UTF-8, and a text frame
+    // with RSV1 set (no extension was negotiated).
+    for (first, payload, code) in [
+        (0x81u8, vec![0xff, 0xfe, 0xfd], 1007u16),
+        (0xC1u8, b"{}".to_vec(), 1002u16),
+    ] {
+        let mut s = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+        let req = format!(
+            "GET /v1/ws?token={} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+             Sec-WebSocket-Version: 13\r\n\r\n",
+            token("alice")
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            head.push(s.read_u8().await.unwrap());
+        }
+        assert!(
+            head.starts_with(b"HTTP/1.1 101"),
+            "{}",
+            String::from_utf8_lossy(&head)
+        );
+        // The welcome (a text frame) comes first.
+        let mut frame = vec![first, 0x80 | payload.len() as u8, 0, 0, 0, 0];
+        frame.extend(&payload); // a zero mask leaves the payload as it is
+        s.write_all(&frame).await.unwrap();
+        let mut bytes = Vec::new();
+        within(WAIT, "the close frame", s.read_to_end(&mut bytes))
+            .await
+            .ok();
+        // Scan the server's frames for the close (opcode 8) and read its code.
+        let mut i = 0;
+        let mut close = None;
+        while i + 2 <= bytes.len() {
+            let (op, len) = (bytes[i] & 0x0f, (bytes[i + 1] & 0x7f) as usize);
+            let (start, len) = match len {
+                126 => (
+                    i + 4,
+                    u16::from_be_bytes([bytes[i + 2], bytes[i + 3]]) as usize,
+                ),
+                n => (i + 2, n),
+            };
+            if op == 8 && len >= 2 {
+                close = Some(u16::from_be_bytes([bytes[start], bytes[start + 1]]));
+            }
+            i = start + len;
+        }
+        assert_eq!(close, Some(code), "{bytes:?}");
+    }
+}

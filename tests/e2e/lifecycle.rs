@@ -114,3 +114,61 @@ async fn an_idle_connection_gets_bye_idle_and_pings_keep_it_alive(env) {
     busy.recv_type("pong").await;
 }
 }
+
+/// For a person at a terminal: a listener that cannot bind names its flag and address, a
+/// development gateway refuses a public metrics address, a short HS256 secret is refused
+/// with how to make one, and logs into a pipe carry no colour codes.
+#[tokio::test]
+async fn start_errors_name_what_is_wrong_and_piped_logs_have_no_colour() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let err = crate::support::serve_fails(&["--metrics-listen", &addr]).await;
+    assert!(
+        err.contains(&format!("cannot listen on {addr} (--metrics-listen)")),
+        "{err}"
+    );
+
+    // A gateway logging into a file, as under a service manager.
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("imgate.log");
+    let mut gw = tokio::process::Command::new(imgate_harness::binaries::imgate().unwrap())
+        .args([
+            "serve",
+            "--store",
+            "memory",
+            "--http",
+            "127.0.0.1:0",
+            "--tcp",
+            "127.0.0.1:0",
+        ])
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let logged = within(WAIT, "the gateway to log", async {
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.contains("DEVELOPMENT MODE") {
+                return text;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    gw.kill().await.unwrap();
+    assert!(
+        !logged.contains('\u{1b}'),
+        "no colour codes in a log file: {logged:?}"
+    );
+
+    let err = crate::support::serve_fails(&["--metrics-listen", "0.0.0.0:0"]).await;
+    assert!(
+        err.contains("refusing to listen on non-loopback address 0.0.0.0:0"),
+        "{err}"
+    );
+
+    let err = crate::support::serve_fails(&["--jwt-secret", "short"]).await;
+    assert!(err.contains("is 5 bytes; it must be at least 32"), "{err}");
+}

@@ -234,3 +234,26 @@ async fn a_bad_certificate_or_key_ends_the_start_with_a_clear_error() {
     let e = serve_fails(&["--tls-cert", &cert]).await;
     assert!(e.contains("--tls-key"), "{e}");
 }
+
+/// With TLS on, `--metrics-listen` still speaks plain HTTP, for a scraper on a private
+/// network; the public listener speaks only TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_listener_is_plain_http_with_tls_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(dir.path(), "gw");
+    let (cert, key) = ca.issue("first");
+    let gw = Gateway::start(&[
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ])
+    .await
+    .unwrap();
+    let private = gw.metrics.expect("the gateway printed its metrics address");
+    let scraped = curl(&[&format!("http://{private}/metrics")]).await;
+    assert_eq!(scraped.status, 200, "{}", scraped.body);
+    assert!(scraped.body.contains("imgate_connections"));
+}

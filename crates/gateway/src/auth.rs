@@ -187,6 +187,8 @@ impl Auth {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_required_spec_claims(&["exp", "sub"]);
         validation.leeway = LEEWAY_SECS;
+        // A token that is not valid yet is refused like an expired one (same leeway).
+        validation.validate_nbf = true;
         match &sources.issuer {
             Some(iss) => validation.set_issuer(&[iss]),
             None => validation.iss = None,
@@ -256,6 +258,7 @@ impl Auth {
             .kind()
         {
             ErrorKind::ExpiredSignature => AuthError::Expired,
+            ErrorKind::ImmatureSignature => invalid("not valid yet (nbf is in the future)"),
             ErrorKind::InvalidSignature => invalid("bad signature"),
             ErrorKind::InvalidIssuer => invalid("wrong issuer (iss)"),
             ErrorKind::InvalidAudience => invalid("wrong audience (aud)"),
@@ -465,6 +468,22 @@ mod tests {
         let reserved = auth.mint(SYSTEM, Duration::from_secs(60), true);
         assert_eq!(auth.verify(&reserved), Err(AuthError::BadSubject));
         assert_eq!(auth.verify(""), Err(AuthError::Missing));
+        let (key, _) = auth.secret.as_ref().unwrap();
+        let with_nbf = |nbf: u64| {
+            let c = serde_json::json!({"sub": "alice", "exp": unix_now() + 600, "nbf": nbf});
+            jsonwebtoken::encode(&Header::new(Algorithm::HS256), &c, key).unwrap()
+        };
+        assert_eq!(
+            auth.verify(&with_nbf(unix_now() + 60)),
+            Err(AuthError::Invalid(
+                "not valid yet (nbf is in the future)".into()
+            ))
+        );
+        assert!(
+            auth.verify(&with_nbf(unix_now() + 2)).is_ok(),
+            "within the leeway"
+        );
+        assert!(auth.verify(&with_nbf(unix_now() - 60)).is_ok());
         assert!(matches!(
             auth.verify("nonsense"),
             Err(AuthError::Invalid(_))

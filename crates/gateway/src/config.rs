@@ -348,6 +348,11 @@ pub enum ConfigError {
     },
     #[error("the JWT secret is empty")]
     EmptySecret,
+    #[error(
+        "the HS256 JWT secret is {0} bytes; it must be at least {MIN_SECRET} (RFC 7518: at \
+         least the hash's size), for example `openssl rand -hex 32`"
+    )]
+    ShortSecret(usize),
     #[error("--replicas must be 1 or 3 (NATS JetStream replicas), not {0}")]
     Replicas(usize),
     #[error("--stream-prefix must match ^[A-Za-z0-9_-]{{1,32}}$")]
@@ -383,7 +388,10 @@ impl Config {
             return Err(ConfigError::Prefix);
         }
         if self.secret()?.is_none() && !self.has_public_keys() {
-            for addr in [self.http, self.tcp] {
+            for addr in [Some(self.http), Some(self.tcp), self.metrics_listen]
+                .into_iter()
+                .flatten()
+            {
                 if !addr.ip().is_loopback() {
                     return Err(ConfigError::DevSecretNotLoopback(addr));
                 }
@@ -404,6 +412,9 @@ impl Config {
     }
 }
 
+/// The shortest HS256 secret accepted, in bytes: the size of SHA-256's output.
+pub const MIN_SECRET: usize = 32;
+
 /// Resolves the JWT secret from its two sources (shared with `imgate token`).
 pub fn secret_from(
     value: Option<&Secret>,
@@ -422,6 +433,9 @@ pub fn secret_from(
     };
     if s.is_empty() {
         return Err(ConfigError::EmptySecret);
+    }
+    if s.len() < MIN_SECRET {
+        return Err(ConfigError::ShortSecret(s.len()));
     }
     Ok(Some(Secret(s)))
 }
@@ -494,8 +508,24 @@ mod tests {
             cfg.validate(),
             Err(ConfigError::DevSecretNotLoopback(_))
         ));
-        let cfg = parse_for_test(&["--http", "0.0.0.0:8080", "--jwt-secret", "s3"]);
+        let cfg = parse_for_test(&["--metrics-listen", "0.0.0.0:9090"]);
+        assert!(
+            matches!(cfg.validate(), Err(ConfigError::DevSecretNotLoopback(a)) if a.port() == 9090),
+            "the metrics listener too"
+        );
+        let secret = "s3cret-s3cret-s3cret-s3cret-s3cr";
+        let cfg = parse_for_test(&["--http", "0.0.0.0:8080", "--jwt-secret", secret]);
         cfg.validate().unwrap();
         assert_eq!(format!("{:?}", cfg.jwt_secret), "Some(Secret(***))");
+    }
+
+    #[test]
+    fn an_hs256_secret_shorter_than_32_bytes_stops_the_start() {
+        for short in ["x", "s3cret-s3cret-s3cret-s3cret-s3c"] {
+            let cfg = parse_for_test(&["--jwt-secret", short]);
+            let err = cfg.validate().unwrap_err();
+            assert!(matches!(err, ConfigError::ShortSecret(n) if n == short.len()));
+            assert!(err.to_string().contains("at least 32"), "{err}");
+        }
     }
 }

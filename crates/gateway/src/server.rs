@@ -45,12 +45,12 @@ pub struct Listeners {
 impl Listeners {
     pub async fn bind(cfg: &Config) -> std::io::Result<Self> {
         let metrics = match cfg.metrics_listen {
-            Some(addr) => Some(TcpListener::bind(addr).await?),
+            Some(addr) => Some(bind(addr, "--metrics-listen").await?),
             None => None,
         };
         Ok(Listeners {
-            http: TcpListener::bind(cfg.http).await?,
-            tcp: TcpListener::bind(cfg.tcp).await?,
+            http: bind(cfg.http, "--http").await?,
+            tcp: bind(cfg.tcp, "--tcp").await?,
             metrics,
         })
     }
@@ -59,6 +59,14 @@ impl Listeners {
     pub fn addrs(&self) -> std::io::Result<(SocketAddr, SocketAddr)> {
         Ok((self.http.local_addr()?, self.tcp.local_addr()?))
     }
+}
+
+/// Binds one listener; a failure names the flag and the address ("Address already in use"
+/// alone does not say which of three).
+async fn bind(addr: SocketAddr, flag: &str) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        std::io::Error::new(e.kind(), format!("cannot listen on {addr} ({flag}): {e}"))
+    })
 }
 
 /// A gateway with its store reachable and its tail running, ready to serve.
@@ -235,13 +243,16 @@ impl Gateway {
             listeners.http,
             app,
             shared.clone(),
+            shared.tls.clone(),
         ));
         if let Some(metrics) = listeners.metrics {
             let app = crate::transport::http::metrics_router(shared.clone());
+            // Plain HTTP even with TLS on: it is for a scraper on a private network.
             tokio::spawn(crate::transport::http::listener::serve(
                 metrics,
                 app,
                 shared.clone(),
+                None,
             ));
         }
         let reloads = tokio::spawn(reload_on_sighup(shared.clone(), flusher_stop.clone()));

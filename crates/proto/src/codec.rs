@@ -22,19 +22,31 @@ pub enum FrameError {
 #[derive(Debug)]
 pub struct FrameCodec {
     inner: LengthDelimitedCodec,
+    /// The limit in force now.
     max: usize,
+    /// The limit after the first frame.
+    later: usize,
 }
 
 impl FrameCodec {
     pub fn new(max_frame: usize) -> Self {
+        Self::with_first(max_frame, max_frame)
+    }
+
+    /// A codec whose first frame (on TCP, the login) may be at most `first` bytes, and every
+    /// later one `max_frame`: a client that has not logged in cannot make the server hold
+    /// more than `first`.
+    pub fn with_first(first: usize, max_frame: usize) -> Self {
+        let first = first.min(max_frame);
         let inner = LengthDelimitedCodec::builder()
             .big_endian()
             .length_field_length(4)
-            .max_frame_length(max_frame)
+            .max_frame_length(first)
             .new_codec();
         FrameCodec {
             inner,
-            max: max_frame,
+            max: first,
+            later: max_frame,
         }
     }
 }
@@ -44,7 +56,12 @@ impl Decoder for FrameCodec {
     type Error = FrameError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<BytesMut>, FrameError> {
-        self.inner.decode(src).map_err(|e| self.map_err(e))
+        let frame = self.inner.decode(src).map_err(|e| self.map_err(e))?;
+        if frame.is_some() && self.max != self.later {
+            self.max = self.later;
+            self.inner.set_max_frame_length(self.later);
+        }
+        Ok(frame)
     }
 }
 
@@ -71,6 +88,24 @@ impl Encoder<Bytes> for FrameCodec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_first_frame_has_its_own_limit() {
+        let mut codec = FrameCodec::with_first(8, 1024);
+        let mut buf = BytesMut::new();
+        buf.extend_from_slice(&100u32.to_be_bytes());
+        assert!(matches!(
+            codec.decode(&mut buf),
+            Err(FrameError::TooLarge { max: 8 })
+        ));
+        let mut codec = FrameCodec::with_first(8, 1024);
+        let mut buf = BytesMut::new();
+        buf.extend_from_slice(&[0, 0, 0, 2, b'h', b'i']);
+        buf.extend_from_slice(&100u32.to_be_bytes());
+        buf.extend_from_slice(&[0; 100]);
+        assert_eq!(&codec.decode(&mut buf).unwrap().unwrap()[..], b"hi");
+        assert_eq!(codec.decode(&mut buf).unwrap().unwrap().len(), 100);
+    }
 
     #[test]
     fn frames_round_trip_and_partial_input_waits() {

@@ -38,6 +38,8 @@ pub enum DecodeError {
     Json(#[from] serde_json::Error),
     #[error("malformed msgpack frame: {0}")]
     Msgpack(#[from] rmp_serde::decode::Error),
+    #[error("malformed msgpack frame: {0} bytes after the frame's map")]
+    Trailing(usize),
 }
 
 /// Encodes a value. Only fails for values that no frame type produces (non-string map keys
@@ -70,9 +72,15 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8], enc: Encoding) -> Result<T, Dec
     Ok(match enc {
         Encoding::Json => serde_json::from_slice(bytes)?,
         Encoding::Msgpack => {
-            let mut d = rmp_serde::Deserializer::from_read_ref(bytes);
+            // A reader over a shrinking slice, so what is left after the frame can be seen.
+            let mut rest = bytes;
+            let mut d = rmp_serde::Deserializer::new(&mut rest);
             d.set_max_depth(MAX_DEPTH);
-            T::deserialize(&mut d)?
+            let frame = T::deserialize(&mut d)?;
+            if !rest.is_empty() {
+                return Err(DecodeError::Trailing(rest.len()));
+            }
+            frame
         }
     })
 }
@@ -359,5 +367,60 @@ mod tests {
             Some(9.999999927013131e-26),
             "correctly rounded"
         );
+    }
+
+    /// A msgpack float JSON cannot carry is refused wherever it sits in a body, never turned
+    /// into `null`; finite floats pass.
+    #[test]
+    fn non_finite_body_numbers_are_refused() {
+        #[derive(serde::Serialize)]
+        struct Frame {
+            r#type: &'static str,
+            to: &'static str,
+            body: (f64, Vec<f64>),
+        }
+        for x in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            for body in [(x, vec![]), (1.0, vec![2.0, x])] {
+                let bytes = rmp_serde::to_vec_named(&Frame {
+                    r#type: "send",
+                    to: "bob",
+                    body,
+                })
+                .unwrap();
+                let err = decode::<ClientFrame>(&bytes, Encoding::Msgpack).unwrap_err();
+                assert!(err.to_string().contains("JSON cannot carry"), "{err}");
+            }
+        }
+        let bytes = rmp_serde::to_vec_named(&Frame {
+            r#type: "publish",
+            to: "bob",
+            body: (f64::NAN, vec![]),
+        })
+        .unwrap();
+        assert!(
+            decode::<ClientFrame>(&bytes, Encoding::Msgpack).is_err(),
+            "publish too"
+        );
+        let fine = rmp_serde::to_vec_named(&Frame {
+            r#type: "send",
+            to: "bob",
+            body: (0.5, vec![-1e300]),
+        })
+        .unwrap();
+        let ClientFrame::Send(s) = decode(&fine, Encoding::Msgpack).unwrap() else {
+            panic!("a send")
+        };
+        assert_eq!(s.body, json!([0.5, [-1e300]]));
+    }
+
+    #[test]
+    fn bytes_after_a_msgpack_frame_are_refused() {
+        let mut bytes = encode(&ClientFrame::Ping, Encoding::Msgpack)
+            .unwrap()
+            .to_vec();
+        assert!(decode::<ClientFrame>(&bytes, Encoding::Msgpack).is_ok());
+        bytes.push(0xc0);
+        let err = decode::<ClientFrame>(&bytes, Encoding::Msgpack).unwrap_err();
+        assert!(err.to_string().contains("1 bytes after"), "{err}");
     }
 }

@@ -24,6 +24,7 @@ pub enum ClientFrame {
     },
     Publish {
         room: String,
+        #[serde(deserialize_with = "crate::body::finite")]
         body: Value,
     },
     Ping,
@@ -55,6 +56,7 @@ pub struct Send {
     pub to: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
+    #[serde(deserialize_with = "crate::body::finite")]
     pub body: Value,
 }
 

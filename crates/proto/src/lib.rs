@@ -10,6 +10,7 @@
 //!
 //! This crate does no I/O of its own and knows nothing about sessions or stores.
 
+mod body;
 pub mod codec;
 pub mod encoding;
 pub mod frame;

@@ -259,6 +259,17 @@ impl Hub {
             .count()
     }
 
+    /// Whether `(uid, device)` is in `room` here, joined over HTTP (and not expired) or by
+    /// a connection.
+    pub fn in_room(&self, room: &str, uid: &str, device: &str) -> bool {
+        let now = std::time::Instant::now();
+        self.rooms.get(room).is_some_and(|members| {
+            members.iter().any(|m| {
+                &*m.uid == uid && &*m.device == device && m.expires.is_none_or(|e| e > now)
+            })
+        })
+    }
+
     /// Whether anyone here is in `room` (the filter before decoding a room message).
     pub fn room_is_local(&self, room: &str) -> bool {
         self.rooms.contains_key(room)

@@ -12,6 +12,7 @@ use governor::Quota;
 use imgate_proto::{ErrorCode, Send};
 use serde_json::Value;
 
+use crate::auth::SYSTEM;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::refusal::Refusal;
@@ -46,6 +47,13 @@ pub fn prepare(cfg: &Config, from: &str, send: Send) -> Result<Prepared, Refusal
         None => format!("srv-{:016x}", rand::random::<u64>()),
     };
     let (to, group) = match (send.to, send.group) {
+        (Some(to), None) if to == SYSTEM => {
+            return Err(Refusal::new(
+                ErrorCode::BadRequest,
+                "system is the sender of admin messages and receives none",
+            )
+            .for_send(&id))
+        }
         (Some(to), None) if is_valid_id(&to) => (Some(to), None),
         (None, Some(group)) if is_valid_id(&group) => (None, Some(group)),
         (Some(_), None) => return Err(Refusal::bad_id("to").for_send(&id)),

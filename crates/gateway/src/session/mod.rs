@@ -542,7 +542,7 @@ where
                     Some(Ok(Incoming::Activity)) => Ok(()),
                     Some(Ok(Incoming::Malformed(m))) => {
                         let e = ServerFrame::error(ErrorCode::BadRequest, m);
-                        Box::pin(io.write(ToClient::Frame(e), true)).await
+                        Box::pin(reply(io, live, e)).await
                     }
                     Some(Ok(Incoming::Frame(f))) => Box::pin(handle(shared, io, live, *f)).await,
                 }
@@ -718,7 +718,23 @@ where
             }
         }
     };
-    io.write(ToClient::Frame(answer), true).await
+    reply(io, live, answer).await
+}
+
+/// Answers a client frame at once, unless sends before it still wait for the store: then
+/// the answer queues behind theirs, so a connection's answers keep the order of its frames
+/// (an error for a send with a bad id has no id to match it by).
+async fn reply<T>(io: &mut Io<T>, live: &mut Live, answer: ServerFrame) -> Result<(), End>
+where
+    T: Frames,
+{
+    match live.inflight.as_mut() {
+        Some(queue) if !queue.is_empty() => {
+            queue.push_back(futures::future::ready(Box::new(answer)).boxed());
+            Ok(())
+        }
+        _ => io.write(ToClient::Frame(answer), true).await,
+    }
 }
 
 /// The instant a token expiring at `exp` (Unix seconds) stops being accepted, with the

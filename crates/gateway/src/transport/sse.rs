@@ -13,7 +13,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::PollSender;
 
-use super::http::Caller;
+use super::http::{ApiQuery, Caller};
 use crate::delivery::outbox::ToClient;
 use crate::refusal::Refusal;
 use crate::session::{self, InError, Incoming, Preauth, Profile, Start};
@@ -56,8 +56,15 @@ pub async fn events(
     State(shared): State<Arc<Shared>>,
     Caller(identity): Caller,
     headers: HeaderMap,
-    Query(q): Query<EventsQuery>,
+    ApiQuery(q): ApiQuery<EventsQuery>,
 ) -> Result<Response, Refusal> {
+    // Refused here, as an HTTP error, not after the stream has started.
+    if q.device
+        .as_deref()
+        .is_some_and(|d| !imgate_proto::ids::is_valid_id(d))
+    {
+        return Err(Refusal::bad_id("device"));
+    }
     let last_event_id = match headers.get("last-event-id") {
         Some(v) => Some(v.to_str().ok().and_then(event_id).ok_or_else(|| {
             Refusal::new(

@@ -95,12 +95,16 @@ fn start() -> Box<Start> {
     })
 }
 
+/// The most a TCP frame may hold before login (the first frame must be the login): what a
+/// client that has not shown a token can make the gateway buffer.
+const MAX_LOGIN_FRAME: usize = 16 * 1024;
+
 /// The socket (plain or TLS), boxed, framing and decoding msgpack.
 fn transport<S>(sock: S, shared: &Shared) -> impl Frames + Send
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let codec = FrameCodec::new(shared.cfg.max_frame);
+    let codec = FrameCodec::with_first(MAX_LOGIN_FRAME, shared.cfg.max_frame);
     Box::pin(Coded {
         socket: Framed::with_capacity(sock, codec, TCP_BUFFER),
         encode: |o: ToClient| o.encode(Encoding::Msgpack),

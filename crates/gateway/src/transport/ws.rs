@@ -4,19 +4,24 @@
 //! in `?token=` or `Authorization: Bearer` is checked before the upgrade (401 if bad) and the
 //! session starts with `welcome`; otherwise the first frame must be `login`. Text frames are
 //! read as JSON and binary frames as msgpack whatever the subprotocol; the server answers in
-//! the negotiated one. Buffer and message limits are ours, not the library's defaults.
+//! the negotiated one. Buffer and message limits are ours, not the library's defaults. A peer
+//! that breaks the WebSocket protocol is closed with code 1002 (1007 for text that is not
+//! UTF-8).
 
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Query, State};
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use futures::future;
+use futures::{future, Sink, Stream};
 use imgate_proto::{decode, ClientFrame, Encoding, ErrorCode};
 use serde::Deserialize;
 
-use super::http::bearer;
+use super::http::{bearer, ApiQuery};
 use crate::delivery::outbox::ToClient;
 use crate::refusal::Refusal;
 use crate::session::{self, Coded, Frames, InError, Incoming, Preauth, Profile, Start};
@@ -41,7 +46,7 @@ pub struct WsQuery {
 /// The upgrade handler.
 pub async fn upgrade(
     State(shared): State<Arc<Shared>>,
-    Query(q): Query<WsQuery>,
+    ApiQuery(q): ApiQuery<WsQuery>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
@@ -97,21 +102,91 @@ pub async fn upgrade(
 
 /// The socket, boxed, encoding and decoding frames in `enc`.
 fn transport(socket: WebSocket, enc: Encoding) -> impl Frames + std::marker::Send {
+    let violation = Arc::new(AtomicU16::new(0));
+    let seen = violation.clone();
     Box::pin(Coded {
-        socket,
+        socket: Closing { socket, violation },
         encode: move |o: ToClient| match enc {
             Encoding::Json => Message::Text(o.text()),
             Encoding::Msgpack => Message::Binary(o.encode(enc)),
         },
-        decode: |r: Result<Message, axum::Error>| match r {
+        decode: move |r: Result<Message, axum::Error>| match r {
             Ok(Message::Text(t)) => Ok(frame(decode(t.as_bytes(), Encoding::Json))),
             Ok(Message::Binary(b)) => Ok(frame(decode(&b, Encoding::Msgpack))),
             Ok(Message::Ping(_) | Message::Pong(_)) => Ok(Incoming::Activity),
             Ok(Message::Close(_)) => Err(InError::Closed),
             Err(e) if is_capacity(&e) => Err(InError::TooLarge),
-            Err(_) => Err(InError::Closed),
+            Err(e) => {
+                if let Some(code) = violation_code(&e) {
+                    seen.store(code, Ordering::Relaxed);
+                }
+                Err(InError::Closed)
+            }
         },
     })
+}
+
+/// The close code for a peer that broke the WebSocket protocol: 1007 for a text message
+/// that is not UTF-8, 1002 for any other violation; `None` for a connection that just went.
+fn violation_code(e: &axum::Error) -> Option<u16> {
+    use tokio_tungstenite::tungstenite::Error;
+    match std::error::Error::source(e)?.downcast_ref::<Error>()? {
+        Error::Utf8(_) => Some(1007),
+        Error::Protocol(_) => Some(1002),
+        _ => None,
+    }
+}
+
+/// The socket, closing with the violation's code (when the peer broke the protocol) instead
+/// of a close frame without one.
+struct Closing {
+    socket: WebSocket,
+    /// 0, or the close code to send.
+    violation: Arc<AtomicU16>,
+}
+
+impl Sink<Message> for Closing {
+    type Error = axum::Error;
+
+    fn poll_ready(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Pin::new(&mut self.socket).poll_ready(cx)
+    }
+
+    fn start_send(mut self: Pin<&mut Self>, item: Message) -> Result<(), Self::Error> {
+        Pin::new(&mut self.socket).start_send(item)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Pin::new(&mut self.socket).poll_flush(cx)
+    }
+
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        let code = self.violation.swap(0, Ordering::Relaxed);
+        if code != 0 {
+            let reason = if code == 1007 {
+                "text message is not UTF-8"
+            } else {
+                "protocol violation"
+            };
+            let close = Message::Close(Some(CloseFrame {
+                code,
+                reason: reason.into(),
+            }));
+            // Best effort: a socket that cannot take it is closed all the same.
+            if let Poll::Ready(Ok(())) = Pin::new(&mut self.socket).poll_ready(cx) {
+                let _ = Pin::new(&mut self.socket).start_send(close);
+            }
+        }
+        Pin::new(&mut self.socket).poll_close(cx)
+    }
+}
+
+impl Stream for Closing {
+    type Item = Result<Message, axum::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        Pin::new(&mut self.socket).poll_next(cx)
+    }
 }
 
 fn frame(r: Result<ClientFrame, imgate_proto::DecodeError>) -> Incoming {

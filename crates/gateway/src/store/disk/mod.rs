@@ -567,7 +567,14 @@ impl DiskStore {
     pub fn close(&self) {
         let (done, wait) = flume::bounded(1);
         if self.writes.send(Op::Close(done)).is_ok() {
-            let _ = wait.recv();
+            // A writer that died (a panic) after the send leaves the request queued in a
+            // channel nobody reads: stop waiting once it is gone.
+            loop {
+                match wait.recv_timeout(Duration::from_millis(50)) {
+                    Err(flume::RecvTimeoutError::Timeout) if !self.writes.is_disconnected() => {}
+                    _ => break,
+                }
+            }
         }
         let handle = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(h) = handle {

@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto::Builder;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
@@ -24,11 +24,15 @@ use crate::state::Shared;
 use crate::tls::Tls;
 use crate::transport::per_ip::Refuse;
 
+/// The most a request's header may hold: hyper answers 431 beyond it.
+const MAX_HEADER: usize = 64 * 1024;
+
 /// Pause after a failed accept (for example, out of file descriptors).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
-/// Serves `listener` with `app` until shutdown, then waits for its connections to end.
-pub async fn serve(listener: TcpListener, app: Router, shared: Arc<Shared>) {
+/// Serves `listener` with `app` (over TLS when `tls` is given) until shutdown, then waits
+/// for its connections to end.
+pub async fn serve(listener: TcpListener, app: Router, shared: Arc<Shared>, tls: Option<Arc<Tls>>) {
     let stop = shared.shutdown.clone();
     let conns = TaskTracker::new();
     loop {
@@ -46,7 +50,7 @@ pub async fn serve(listener: TcpListener, app: Router, shared: Arc<Shared>) {
         // A clone of the router is an Arc; it is served as it is, never rebuilt per
         // connection (axum's `with_state` per connection was once heaptrack's largest
         // per-connection allocation).
-        let refuse = match shared.tls {
+        let refuse = match tls {
             None => Refuse::Http,
             Some(_) => Refuse::Silently,
         };
@@ -55,7 +59,7 @@ pub async fn serve(listener: TcpListener, app: Router, shared: Arc<Shared>) {
         };
         let (app, stop) = (app.clone(), stop.clone());
         let (header_timeout, login_timeout) = (shared.cfg.header_timeout, shared.cfg.login_timeout);
-        match shared.tls.clone() {
+        match tls.clone() {
             None => conns.spawn(async move {
                 connection(sock, app, header_timeout, stop).await;
                 drop(slot);
@@ -100,13 +104,16 @@ async fn connection<S>(io: S, app: Router, header_timeout: Duration, stop: Cance
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let mut builder = Builder::new(TokioExecutor::new());
-    builder
-        .http1()
+    // HTTP/1.1 only, also without TLS (no h2c): HTTP/2 would need header and idle limits
+    // of its own, and no client of this gateway speaks h2c (browsers use HTTP/2 only over
+    // TLS, whose ALPN here offers HTTP/1.1 alone). hyper's HTTP/1 server, not hyper-util's
+    // auto builder, which answers an HTTP/2 preface even when told HTTP/1 only.
+    let conn = http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout);
-    let conn =
-        builder.serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(app));
+        .header_read_timeout(header_timeout)
+        .max_header_size(MAX_HEADER)
+        .serve_connection(TokioIo::new(io), TowerToHyperService::new(app))
+        .with_upgrades();
     tokio::pin!(conn);
     tokio::select! {
         r = conn.as_mut() => if let Err(e) = r {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -20,7 +20,7 @@ use imgate_proto::{Encoding, ErrorCode, Send};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{check_http_rate, json_body, not_admin, Caller};
+use super::{check_http_rate, json_body, not_admin, ApiQuery, Caller};
 use crate::auth::SYSTEM;
 use crate::delivery::outbox::SharedFrame;
 use crate::delivery::polls::Waiter;
@@ -92,8 +92,14 @@ pub struct PollQuery {
 pub async fn poll(
     State(shared): State<Arc<Shared>>,
     Caller(id): Caller,
-    Query(q): Query<PollQuery>,
+    ApiQuery(q): ApiQuery<PollQuery>,
 ) -> Result<Response, Refusal> {
+    if q.limit == Some(0) {
+        return Err(Refusal::new(
+            ErrorCode::BadRequest,
+            "limit must be at least 1",
+        ));
+    }
     if let Some(before) = q.before.as_deref() {
         return history(&shared, &id.uid, before, q.limit).await;
     }

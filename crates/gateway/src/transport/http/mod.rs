@@ -80,6 +80,38 @@ pub fn with_status(status: StatusCode, r: Refusal) -> Response {
     response
 }
 
+/// A query string as the handler's type, or the API error (`bad_request`, JSON) saying
+/// what is wrong with it; axum's own `Query` answers such errors in plain text.
+pub struct ApiQuery<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for ApiQuery<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = Refusal;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Refusal> {
+        Query::<T>::try_from_uri(&parts.uri)
+            .map(|Query(q)| ApiQuery(q))
+            .map_err(|e| Refusal::new(ErrorCode::BadRequest, e.body_text()))
+    }
+}
+
+/// 404 for a path no route has, as every API error: JSON `{code, message}`.
+async fn no_route(uri: axum::http::Uri) -> Refusal {
+    Refusal::new(ErrorCode::NotFound, format!("no endpoint {}", uri.path()))
+}
+
+/// 405 for a method a route does not take.
+async fn wrong_method(method: Method, uri: axum::http::Uri) -> Response {
+    let r = Refusal::new(
+        ErrorCode::BadRequest,
+        format!("{} does not take {method}", uri.path()),
+    );
+    with_status(StatusCode::METHOD_NOT_ALLOWED, r)
+}
+
 /// The `?token=` of any query; the other parameters are the handler's.
 #[derive(Debug, Deserialize)]
 struct TokenQuery {
@@ -191,6 +223,8 @@ pub fn router(shared: Arc<Shared>) -> Router {
     }
     let cors = cors(&shared.cfg.cors_origin);
     let r = r
+        .fallback(no_route)
+        .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(shared.cfg.max_frame))
         .layer(middleware::from_fn_with_state(shared.clone(), count_errors))
         .with_state(shared);
@@ -514,5 +548,142 @@ mod tests {
         );
         let metrics = call(&app, Method::GET, "/metrics", None, "").await;
         assert_eq!(metrics.0, StatusCode::OK);
+    }
+
+    /// Every API error is JSON `{code, message}`: query strings that do not parse, paths no
+    /// route has, methods a route does not take, a zero `limit`, a bad SSE device.
+    #[tokio::test]
+    async fn query_path_and_method_errors_answer_json() {
+        let (app, _, alice) = app(&[]).await;
+        let get = Method::GET;
+        let bad = Some("bad_request".to_owned());
+        for uri in [
+            "/v1/messages?after=-1",
+            "/v1/messages?wait=abc",
+            "/v1/messages?after=1&after=2",
+            "/v1/messages?limit=0",
+            "/v1/messages?before=&limit=0",
+            "/v1/presence",
+            "/v1/events?device=a.b",
+            "/v1/events?after=x:y:z",
+            "/v1/ws?resume=minus",
+            "/v1/rooms/r1/join?device=a.b",
+        ] {
+            let method = if uri.contains("/join") {
+                Method::POST
+            } else {
+                get.clone()
+            };
+            let (status, code) = call(&app, method, uri, Some(&alice), "").await;
+            assert_eq!(
+                (status, code),
+                (StatusCode::BAD_REQUEST, bad.clone()),
+                "{uri}"
+            );
+        }
+        assert_eq!(
+            call(&app, get.clone(), "/v1/nothing-here", Some(&alice), "").await,
+            (StatusCode::NOT_FOUND, Some("not_found".to_owned()))
+        );
+        assert_eq!(
+            call(&app, Method::DELETE, "/v1/messages", Some(&alice), "").await,
+            (StatusCode::METHOD_NOT_ALLOWED, bad.clone())
+        );
+        // One message is stored, and `limit=1` still returns it.
+        let send = r#"{"to":"bob","body":{"text":"hi"}}"#;
+        call(&app, Method::POST, "/v1/messages", Some(&alice), send).await;
+        assert_eq!(
+            call(&app, get, "/v1/messages?after=0&limit=1", Some(&alice), "")
+                .await
+                .0,
+            StatusCode::OK
+        );
+    }
+
+    /// Publishing to a room over HTTP needs the device to have joined it, as over a
+    /// connection.
+    #[tokio::test]
+    async fn http_room_publish_needs_a_join() {
+        let (app, _, alice) = app(&[]).await;
+        let post = Method::POST;
+        let body = r#"{"body":{"text":"hi"}}"#;
+        assert_eq!(
+            call(
+                &app,
+                post.clone(),
+                "/v1/rooms/zz2/publish",
+                Some(&alice),
+                body
+            )
+            .await,
+            (StatusCode::FORBIDDEN, Some("not_member".to_owned()))
+        );
+        let joined = call(
+            &app,
+            post.clone(),
+            "/v1/rooms/zz2/join?device=d",
+            Some(&alice),
+            "",
+        )
+        .await;
+        assert_eq!(joined.0, StatusCode::OK);
+        assert_eq!(
+            call(
+                &app,
+                post.clone(),
+                "/v1/rooms/zz2/publish",
+                Some(&alice),
+                body
+            )
+            .await,
+            (StatusCode::FORBIDDEN, Some("not_member".to_owned())),
+            "another device of the same user has not joined"
+        );
+        assert_eq!(
+            call(
+                &app,
+                post.clone(),
+                "/v1/rooms/zz2/publish?device=d",
+                Some(&alice),
+                body
+            )
+            .await
+            .0,
+            StatusCode::OK
+        );
+        call(
+            &app,
+            post.clone(),
+            "/v1/rooms/zz2/leave?device=d",
+            Some(&alice),
+            "",
+        )
+        .await;
+        assert_eq!(
+            call(
+                &app,
+                post,
+                "/v1/rooms/zz2/publish?device=d",
+                Some(&alice),
+                body
+            )
+            .await
+            .1,
+            Some("not_member".to_owned())
+        );
+    }
+
+    /// Presence is any user's to ask (an app shows who is online); docs/security.md says
+    /// so. Without a token it is refused.
+    #[tokio::test]
+    async fn presence_is_for_any_authenticated_user() {
+        let (app, _, alice) = app(&[]).await;
+        let (status, _) = call(&app, Method::GET, "/v1/presence?uid=bob", Some(&alice), "").await;
+        assert_eq!(status, StatusCode::OK);
+        let (status, code) = call(&app, Method::GET, "/v1/presence?uid=bob", None, "").await;
+        assert_eq!(
+            (status, code.as_deref()),
+            (StatusCode::UNAUTHORIZED, Some("unauthorized"))
+        );
     }
 }

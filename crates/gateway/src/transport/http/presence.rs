@@ -7,14 +7,14 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::Json;
 use imgate_proto::ids::{is_valid_id, ID_PATTERN};
 use imgate_proto::ErrorCode;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::Caller;
+use super::{ApiQuery, Caller};
 use crate::refusal::Refusal;
 use crate::state::Shared;
 
@@ -30,7 +30,7 @@ pub struct PresenceQuery {
 pub async fn presence(
     State(shared): State<Arc<Shared>>,
     Caller(_): Caller,
-    Query(q): Query<PresenceQuery>,
+    ApiQuery(q): ApiQuery<PresenceQuery>,
 ) -> Result<Json<serde_json::Value>, Refusal> {
     let uids: Vec<String> = q.uid.split(',').map(str::to_owned).collect();
     if uids.len() > MAX_UIDS || !uids.iter().all(|u| is_valid_id(u)) {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::extract::{FromRequestParts, Path, State};
 use axum::http::request::Parts;
 use axum::Json;
 use imgate_proto::ids::is_valid_id;
@@ -14,7 +14,7 @@ use imgate_proto::ErrorCode;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{check_http_rate, json_body, Caller};
+use super::{check_http_rate, json_body, ApiQuery, Caller};
 use crate::delivery::{rooms, DEFAULT_DEVICE};
 use crate::refusal::Refusal;
 use crate::state::Shared;
@@ -43,9 +43,7 @@ impl FromRequestParts<Arc<Shared>> for InRoom {
     async fn from_request_parts(parts: &mut Parts, shared: &Arc<Shared>) -> Result<Self, Refusal> {
         let Caller(id) = Caller::from_request_parts(parts, shared).await?;
         let bad = |text: String| Refusal::new(ErrorCode::BadRequest, text);
-        let Query(q) = Query::<RoomQuery>::from_request_parts(parts, shared)
-            .await
-            .map_err(|e| bad(e.body_text()))?;
+        let ApiQuery(q) = ApiQuery::<RoomQuery>::from_request_parts(parts, shared).await?;
         let Path(room) = Path::<String>::from_request_parts(parts, shared)
             .await
             .map_err(|e| bad(e.body_text()))?;
@@ -97,14 +95,21 @@ pub async fn leave(
     Ok(Json(json!({"room": room, "device": device})))
 }
 
-/// `POST /v1/rooms/{id}/publish?device=` `{"body":…}`
+/// `POST /v1/rooms/{id}/publish?device=` `{"body":…}`: only a device that joined the room
+/// on this gateway may publish to it, as on a connection.
 pub async fn publish(
     State(shared): State<Arc<Shared>>,
-    InRoom { uid, room, .. }: InRoom,
+    InRoom { uid, device, room }: InRoom,
     b: Result<Json<PublishBody>, JsonRejection>,
 ) -> Result<Json<Value>, Refusal> {
     let b = json_body(b)?;
     rooms::check_publish(shared.cfg.max_body, &room, &b.body)?;
+    if !shared.hub.in_room(&room, &uid, &device) {
+        return Err(Refusal::new(
+            ErrorCode::NotMember,
+            format!("join {room:?} (POST /v1/rooms/{room}/join?device={device}) before publishing to it"),
+        ));
+    }
     check_http_rate(&shared, &uid)?;
     rooms::publish(shared.bus.as_ref(), &room, &uid, b.body).await?;
     Ok(Json(json!({"room": room})))
