@@ -793,3 +793,84 @@ async fn a_full_disk_fails_readiness_and_the_store_writes_again_once_there_is_ro
         "bob holds what was answered, nothing else"
     );
 }
+
+/// A journal cut in half while the gateway is stopped: the next start is refused, naming
+/// the damage and `--repair`; `--repair` serves what is left under a new epoch, a device
+/// resuming from the old epoch is told of the gap, and the next seq is above every one the
+/// old store made known.
+#[tokio::test]
+async fn a_cut_journal_stops_the_start_and_repair_serves_the_rest_under_a_new_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let ports = fixed_ports();
+    let mut gw = on_dir(dir.path(), &ports, &[]).await;
+    let (alice, _a) = crate::support::connect(&gw, "alice", "laptop", Via::Tcp).await;
+    let mut last = 0;
+    for i in 0..300 {
+        last = alice
+            .send_to("bob", json!({ "i": i, "pad": "x".repeat(100) }))
+            .await
+            .unwrap()
+            .seq;
+    }
+    let old_epoch = curl(&["-H", &auth("bob"), &url(&gw, "/v1/messages?device=x")])
+        .await
+        .json()["epoch"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    drop(alice);
+    gw.signal("TERM").unwrap();
+    gw.wait(WAIT).await.unwrap();
+
+    let jnl = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "jnl"))
+        .expect("a journal");
+    let bytes = std::fs::read(&jnl).unwrap();
+    let written = bytes.iter().rposition(|b| *b != 0).unwrap() as u64 + 1;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&jnl)
+        .unwrap()
+        .set_len(written / 2)
+        .unwrap();
+
+    let out = within(
+        Duration::from_secs(30),
+        "the refused gateway to exit",
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_imgate"))
+            .args(["serve", "--http", "127.0.0.1:0", "--tcp", "127.0.0.1:0"])
+            .args(["--data-dir", dir.path().to_str().unwrap()])
+            .env("RUST_BACKTRACE", "0")
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("lost acknowledged messages"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("seqs up to {last} were made known")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("--repair"), "{stderr}");
+
+    let gw = on_dir(dir.path(), &ports, &["--repair"]).await;
+    let mut raw = RawTcp::connect(&gw).await;
+    raw.send(json!({"type":"login","token":token("bob"),"device":"phone",
+        "resume": last, "epoch": old_epoch}))
+        .await;
+    let w = raw.recv_type("welcome").await;
+    assert_eq!(w["gap"], json!(true), "{w}");
+    assert_ne!(w["epoch"].as_str().unwrap(), old_epoch);
+    let kept = inbox(&gw, "bob").await.len();
+    assert!(kept > 0 && kept < 300, "what is left is served: {kept}");
+    let (alice, _a) = crate::support::connect(&gw, "alice", "laptop", Via::Tcp).await;
+    let next = alice
+        .send_to("bob", json!({"after": "repair"}))
+        .await
+        .unwrap();
+    assert!(next.seq > last, "seq {} is above {last}", next.seq);
+}
