@@ -324,6 +324,11 @@ async fn rooms_over_http_for_sse_and_long_poll(env) {
     let h = bob.clone();
     let lp = tokio::spawn(async move { curl(&["-H", &h, &lp_url]).await });
     tokio::time::sleep(Duration::from_millis(500)).await;
+    // A publisher joins first, as a connection must.
+    let r = post_json(&gw, "/v1/rooms/hall/publish", &auth("ann"), json!({"body": {"text": "too early"}})).await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    let r = post_json(&gw, "/v1/rooms/hall/join", &auth("ann"), json!({})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
     let r = post_json(&gw, "/v1/rooms/hall/publish", &auth("ann"), json!({"body": {"text": "hello hall"}})).await;
     assert_eq!(r.status, 200, "{}", r.body);
     let page = lp.await.unwrap().json();
