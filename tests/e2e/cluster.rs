@@ -1029,3 +1029,92 @@ async fn a_kick_with_revoke_refuses_the_users_older_tokens_on_every_gateway() {
         );
     }
 }
+
+/// Live copies are at most once. A gateway that loses some of them (every third, through a
+/// test-only hook) reads the missing ones back from the stream before it hands over later
+/// ones: each of its devices gets every message once and in order, the last one too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_that_loses_live_copies_still_delivers_each_once_in_order() {
+    let nats = NatsServer::start().await.expect("nats-server starts");
+    let url = nats.url();
+    let a = Gateway::start(&["--nats", &url]).await.unwrap();
+    let b = Gateway::start(&["--nats", &url, "--test-drop-live", "3"])
+        .await
+        .unwrap();
+    let (alice, _a) = connect(&a, "alice", "laptop", Via::Tcp).await;
+    let (_p, mut phone) = connect(&b, "bob", "phone", Via::Tcp).await;
+    let (_w, mut web) = connect(&b, "bob", "web", Via::WsJson).await;
+    const N: usize = 60;
+    for i in 0..N {
+        alice.send_to("bob", json!({ "i": i })).await.unwrap();
+    }
+    for ev in [&mut phone, &mut web] {
+        let (seqs, _) = receive_all(ev, N, Duration::from_secs(30)).await;
+        assert_eq!(seqs.len(), N);
+    }
+    assert!(
+        b.metric("imgate_live_gaps_total").await >= (N / 3) as u64 / 2,
+        "the hook made gaps, and the tail saw them"
+    );
+    assert_eq!(
+        a.metric("imgate_live_gaps_total").await,
+        0,
+        "no loss, no gap"
+    );
+}
+
+/// A gateway stopped (SIGSTOP) until nats-server cuts it off as a slow consumer loses the
+/// copies published meanwhile; once it runs again it reconnects, reads them back from the
+/// stream, and its device gets every message once and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_cut_off_as_a_slow_consumer_catches_up_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("nats.conf");
+    let base =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/nats/nats.conf")).unwrap();
+    // A small per-connection allowance and a short write deadline: a stopped reader is cut
+    // off within seconds.
+    std::fs::write(
+        &conf,
+        format!("{base}\nmax_pending: 1MB\nwrite_deadline: \"2s\"\n"),
+    )
+    .unwrap();
+    let nats = NatsServer::start_from(Some(conf), &[])
+        .await
+        .expect("nats-server starts");
+    let url = nats.url();
+    let a = Gateway::start(&["--nats", &url]).await.unwrap();
+    let b = Gateway::start(&["--nats", &url]).await.unwrap();
+    let (alice, _a) = connect(&a, "alice", "laptop", Via::Tcp).await;
+    let (_p, mut phone) = within(
+        WAIT,
+        "bob connects",
+        builder(&b, "bob", "phone", Via::Tcp)
+            .timeout(Duration::from_secs(60))
+            .connect(),
+    )
+    .await
+    .unwrap();
+    alice.send_to("bob", json!({"i": "before"})).await.unwrap();
+    receive_all(&mut phone, 1, WAIT).await;
+
+    b.signal("STOP").unwrap();
+    // More than the kernel's socket buffers hold, so the server's own queue fills.
+    const N: usize = 400;
+    let pad = "x".repeat(32 * 1024);
+    for i in 0..N {
+        alice
+            .send_to("bob", json!({ "i": i, "pad": pad }))
+            .await
+            .unwrap();
+    }
+    // Past the write deadline: the server has cut the stopped gateway off by now.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    b.signal("CONT").unwrap();
+    let (seqs, _) = receive_all(&mut phone, N, Duration::from_secs(60)).await;
+    assert_eq!(seqs.len(), N);
+    assert!(
+        b.metric("imgate_tail_catch_ups_total").await >= 1,
+        "the copies came back from the stream"
+    );
+}

@@ -95,6 +95,11 @@ pub struct NatsArgs {
     /// sends 20 to 100 times slower in the benchmarks (docs/decisions.md).
     #[arg(long, env = "IMGATE_NATS_PUBLISH", value_enum, default_value_t = NatsPublish::Auto)]
     pub nats_publish: NatsPublish,
+
+    /// For tests only: the tail ignores every Nth live copy, as if the bus had lost it, so
+    /// the recovery from lost copies can be shown. 0 (the default) ignores none.
+    #[arg(long, env = "IMGATE_TEST_DROP_LIVE", default_value_t = 0, hide = true)]
+    pub test_drop_live: u64,
 }
 
 impl NatsArgs {
@@ -160,9 +165,11 @@ pub struct Config {
     #[arg(long, env = "IMGATE_FSYNC", value_enum, default_value_t = Fsync::Batch)]
     pub fsync: Fsync,
 
-    /// Start a disk store that lost acknowledged messages (a damaged or truncated journal,
-    /// removed files) under a new epoch, serving what is left; without it such a store stops
-    /// the start. Devices resuming from the old epoch are told of the gap.
+    /// Start the disk store under a new epoch: once after it lost acknowledged messages (a
+    /// damaged or truncated journal, removed files), which otherwise stops the start, or
+    /// after restoring it from a backup. What is left is served, seqs go on above any it
+    /// issued, and devices resuming from before are told of a gap. Use it once: every start
+    /// with it begins a new epoch.
     #[arg(long, env = "IMGATE_REPAIR")]
     pub repair: bool,
 

@@ -45,6 +45,11 @@ pub struct TailStats {
     pub batched_sends: AtomicU64,
     /// Backlog reads answered from the gateway's memory of recent copies, not NATS.
     pub backlog_hits: AtomicU64,
+    /// Times the tail found live copies missing (a jump in `Nats-Sequence`, or the stream
+    /// ahead of it after a quiet spell).
+    pub live_gaps: AtomicU64,
+    /// Times it read copies back from the stream (gaps, reconnects, full subscriptions).
+    pub catch_ups: AtomicU64,
 }
 
 /// How a client is connected.
@@ -104,6 +109,8 @@ pub struct Metrics {
     tail_decoded: Counter,
     tail_undecodable: Counter,
     tail_restarts: Counter,
+    live_gaps: Counter,
+    catch_ups: Counter,
     nats_batches: Counter,
     nats_batched_sends: Counter,
     backlog_hits: Counter,
@@ -165,6 +172,8 @@ impl Metrics {
             tail_decoded: counter("imgate_tail_decoded_total", vec![]),
             tail_undecodable: counter("imgate_tail_undecodable_total", vec![]),
             tail_restarts: counter("imgate_tail_restarts_total", vec![]),
+            live_gaps: counter("imgate_live_gaps_total", vec![]),
+            catch_ups: counter("imgate_tail_catch_ups_total", vec![]),
             nats_batches: counter("imgate_nats_batches_total", vec![]),
             nats_batched_sends: counter("imgate_nats_batched_sends_total", vec![]),
             backlog_hits: counter("imgate_backlog_cache_hits_total", vec![]),
@@ -265,6 +274,16 @@ impl Metrics {
             "Cluster mode: backlog reads (logins, polls) answered from the copies this gateway's tail saw lately, without asking NATS (--backlog-cache).",
         );
         d(
+            "imgate_live_gaps_total",
+            Unit::Count,
+            "Cluster mode: times live copies were found missing (a jump in Nats-Sequence, or the stream ahead of a quiet tail); each is read back from the stream.",
+        );
+        d(
+            "imgate_tail_catch_ups_total",
+            Unit::Count,
+            "Cluster mode: times the tail read copies back from the stream (gaps, reconnects, a full subscription, its start).",
+        );
+        d(
             "imgate_tail_restarts_total",
             Unit::Count,
             "Cluster mode: times the stream tail was recreated after a failure (from its last seq).",
@@ -311,6 +330,8 @@ impl Metrics {
             self.tail_decoded.absolute(get(&t.decoded));
             self.tail_undecodable.absolute(get(&t.undecodable));
             self.tail_restarts.absolute(get(&t.restarts));
+            self.live_gaps.absolute(get(&t.live_gaps));
+            self.catch_ups.absolute(get(&t.catch_ups));
             self.nats_batches.absolute(get(&t.batches));
             self.nats_batched_sends.absolute(get(&t.batched_sends));
             self.backlog_hits.absolute(get(&t.backlog_hits));

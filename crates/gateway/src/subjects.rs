@@ -49,6 +49,22 @@ impl Names {
         self.last_token(subject, ".u.")
     }
 
+    /// Where the stream republishes every stored copy of `<prefix>.u.<uid>`: the live
+    /// delivery every gateway subscribes to (core NATS, at most once).
+    pub fn live_all(&self) -> String {
+        format!("{}.live.>", self.prefix)
+    }
+
+    /// The republish source of [`Names::live_all`]: every inbox subject.
+    pub fn users_source(&self) -> String {
+        format!("{}.u.>", self.prefix)
+    }
+
+    /// The inbox a republished copy's subject (`<prefix>.live.<uid>`) belongs to.
+    pub fn live_owner<'s>(&self, subject: &'s str) -> Option<&'s str> {
+        self.last_token(subject, ".live.")
+    }
+
     /// `imgate.room.<rid>`: a live room's messages (core NATS, not stored).
     pub fn room(&self, room: &str) -> String {
         format!("{}.room.{room}", self.prefix)
@@ -100,6 +116,16 @@ mod tests {
         assert_eq!(n.owner("imgate.x.bob"), None);
         assert_eq!(n.owner("other.u.bob"), None);
         assert_eq!(n.owner("imgate.u.bob.extra"), None);
+    }
+
+    #[test]
+    fn republished_subjects_name_their_inbox() {
+        let n = Names::new("imgate");
+        assert_eq!(n.live_all(), "imgate.live.>");
+        assert_eq!(n.users_source(), "imgate.u.>");
+        assert_eq!(n.live_owner("imgate.live.bob"), Some("bob"));
+        assert_eq!(n.live_owner("imgate.u.bob"), None);
+        assert_eq!(n.live_owner("imgate.live.a.b"), None);
     }
 
     #[test]

@@ -51,8 +51,9 @@ pub use frames::{Coded, Frames, InError, Incoming};
 
 /// Messages read from the store per backlog page.
 const REPLAY_PAGE: usize = 256;
-/// Sends a connection may have waiting for the store at once; beyond it, its frames are
-/// not read (backpressure instead of buffering).
+/// Answers a connection may have waiting at once (sends waiting for the store, and the
+/// answers queued behind them); beyond it, its frames are not read (backpressure instead
+/// of buffering).
 const MAX_INFLIGHT_SENDS: usize = 64;
 /// Outbox items written before one flush.
 const OUT_BATCH: usize = 64;
@@ -318,7 +319,8 @@ struct Live {
     exp: u64,
     expires: Instant,
     limiter: Option<Box<DefaultDirectRateLimiter>>,
-    /// Sends waiting for the store, answered in order. Made on the first send: an empty
+    /// Answers in the order of their frames: sends waiting for the store, and answers
+    /// ready at once queued behind them ([`reply`]). Made on the first send: an empty
     /// `FuturesOrdered` already allocates and takes 64 bytes here, and most connections
     /// are idle.
     inflight: Option<Box<FuturesOrdered<BoxFuture<'static, Box<ServerFrame>>>>>,

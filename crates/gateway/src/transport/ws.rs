@@ -161,21 +161,26 @@ impl Sink<Message> for Closing {
     }
 
     fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        let code = self.violation.swap(0, Ordering::Relaxed);
+        let code = self.violation.load(Ordering::Relaxed);
         if code != 0 {
-            let reason = if code == 1007 {
-                "text message is not UTF-8"
-            } else {
-                "protocol violation"
-            };
-            let close = Message::Close(Some(CloseFrame {
-                code,
-                reason: reason.into(),
-            }));
-            // Best effort: a socket that cannot take it is closed all the same.
-            if let Poll::Ready(Ok(())) = Pin::new(&mut self.socket).poll_ready(cx) {
-                let _ = Pin::new(&mut self.socket).start_send(close);
+            // Queued once the socket takes it; a socket that fails is closed all the same.
+            match Pin::new(&mut self.socket).poll_ready(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(())) => {
+                    let reason = if code == 1007 {
+                        "text message is not UTF-8"
+                    } else {
+                        "protocol violation"
+                    };
+                    let _ =
+                        Pin::new(&mut self.socket).start_send(Message::Close(Some(CloseFrame {
+                            code,
+                            reason: reason.into(),
+                        })));
+                }
+                Poll::Ready(Err(_)) => {}
             }
+            self.violation.store(0, Ordering::Relaxed);
         }
         Pin::new(&mut self.socket).poll_close(cx)
     }

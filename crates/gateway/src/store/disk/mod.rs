@@ -48,8 +48,10 @@ const MAX_BATCH: usize = 1024;
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
 /// With `--fsync batch`, the longest a written batch waits for its fsync.
 const FSYNC_BATCH_DELAY: Duration = Duration::from_millis(200);
-/// After a failed write, how often the writer tries to open the database again.
+/// After a failed write, how often the writer tries whether the disk takes writes again.
 const REOPEN_EVERY: Duration = Duration::from_secs(1);
+/// What that try writes: about a journal batch of a few sends.
+const PROBE_BYTES: usize = 64 * 1024;
 /// The storage engine's own marker file in a data directory.
 const ENGINE_MARKER: &str = "version";
 
@@ -84,14 +86,16 @@ pub enum OpenError {
     },
     #[error(
         "the data directory {path} holds a damaged store: {what}. Nothing was served; \
-         restore the directory from a backup, or move it aside to start an empty store"
+         restore the directory from a backup and start it once with --repair, or move it \
+         aside to start an empty store"
     )]
     Corrupt { path: PathBuf, what: String },
     #[error(
         "the data directory {path} is damaged and lost acknowledged messages: {what}. \
-         Nothing was served; restore the directory from a backup, or start once with \
-         --repair to serve what is left under a new epoch (resuming devices are told of \
-         the gap)"
+         Nothing was served (the storage engine may already have cut the damaged journal \
+         short); restore the directory from a backup and start it once with --repair, or \
+         start this one once with --repair to serve what is left under a new epoch \
+         (resuming devices are told of the gap)"
     )]
     Damaged { path: PathBuf, what: String },
 }
@@ -115,8 +119,12 @@ pub struct DiskStore {
     /// Set by any failed write until the writer has the database writing again.
     failed: Arc<AtomicBool>,
     writes: flume::Sender<Op>,
-    /// Serialises read-modify-write of cursors and groups.
-    small_writes: Mutex<HashMap<String, Group>>,
+    /// Serialises read-modify-write of cursors and groups; the groups, reloaded by the
+    /// writer when it reopens the database.
+    small_writes: Arc<Mutex<HashMap<String, Group>>>,
+    /// Seqs up to this were lost to damage (`--repair`): a read after an older seq says
+    /// `gap`, in every inbox, since what was lost cannot be named per inbox.
+    lost_upto: u64,
     durability: PersistMode,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -295,12 +303,23 @@ fn set_journals_aside(path: &Path) -> std::io::Result<()> {
         let p = entry?.path();
         if p.extension().is_some_and(|x| x == "jnl") {
             let mut aside = p.clone().into_os_string();
-            aside.push(".damaged");
+            aside.push(format!(".damaged-{}", now_ms()));
             tracing::warn!(journal = %p.display(), "--repair: setting an unreadable journal aside");
             std::fs::rename(&p, aside)?;
         }
     }
     Ok(())
+}
+
+/// Every group the database holds.
+fn load_groups(ks: &Keyspaces) -> Result<HashMap<String, Group>, String> {
+    let mut groups = HashMap::new();
+    for item in ks.groups.iter() {
+        let (k, v) = item.into_inner().map_err(|e| e.to_string())?;
+        let g: Group = serde_json::from_slice(&v).map_err(|e| format!("group record: {e}"))?;
+        groups.insert(String::from_utf8_lossy(&k).into_owned(), g);
+    }
+    Ok(groups)
 }
 
 /// The epoch and highest assigned seq the database records.
@@ -374,9 +393,17 @@ impl DiskStore {
         let probe = path.join(".imgate-write-check");
         std::fs::write(&probe, b"").map_err(open_err)?;
         let _ = std::fs::remove_file(&probe);
-        let sealed = seal::read(path);
+        let sealed = match seal::read(path) {
+            Err(seal::ReadError::Io(e)) => return Err(open_err(e)),
+            Err(seal::ReadError::Invalid(why)) => Err(why),
+            Ok(r) => Ok(r),
+        };
         if !path.join(ENGINE_MARKER).exists() {
-            let empty = std::fs::read_dir(path).map_err(open_err)?.next().is_none();
+            // A fresh filesystem's root holds `lost+found`; anything else is someone's.
+            let empty = std::fs::read_dir(path)
+                .map_err(open_err)?
+                .filter_map(Result::ok)
+                .all(|e| e.file_name() == "lost+found");
             match &sealed {
                 Ok(None) if !empty => return Err(OpenError::Foreign(path.to_owned())),
                 Ok(None) => {}
@@ -410,86 +437,89 @@ impl DiskStore {
             what,
         };
         let (db_epoch, db_last) = recorded(&engine.ks).map_err(corrupt)?;
+        let was_sealed = engine
+            .ks
+            .meta
+            .get("sealed")
+            .map_err(|e| corrupt(e.to_string()))?
+            .is_some();
         let seal_err = |e: std::io::Error| corrupt(format!("writing {}: {e}", seal::FILE));
-        let (epoch, last_seq, seal) = match lost(&sealed, db_epoch.as_deref(), db_last) {
-            Some(what) if !options.repair => {
-                return Err(OpenError::Damaged {
-                    path: path.to_owned(),
-                    what,
-                })
-            }
-            Some(what) => {
-                // Seqs go on above anything either side made known, so none is reused.
-                let sealed_seq = sealed.ok().flatten().map_or(0, |s| s.seq);
+        let mut damage = lost(&sealed, db_epoch.as_deref(), db_last);
+        if damage.is_none() && was_sealed && matches!(sealed, Ok(None)) {
+            damage = Some(format!(
+                "its seal {} is gone, so what the journal lost cannot be told",
+                seal::FILE
+            ));
+        }
+        if let (Some(what), false) = (&damage, options.repair) {
+            return Err(OpenError::Damaged {
+                path: path.to_owned(),
+                what: what.clone(),
+            });
+        }
+        let (epoch, last_seq) = match (db_epoch, options.repair) {
+            (Some(e), false) => (e, db_last),
+            // New, or repaired: a new epoch, and seqs above anything either side made known
+            // (a store restored from a backup too), so none is ever reused.
+            (known, repair) => {
+                let sealed_seq = sealed
+                    .as_ref()
+                    .ok()
+                    .and_then(Option::as_ref)
+                    .map_or(0, |s| s.seq);
                 let last = db_last.max(sealed_seq);
                 let epoch = super::new_epoch();
                 let mut b = engine.db.batch();
                 b.insert(&engine.ks.meta, "epoch", epoch.as_bytes());
                 b.insert(&engine.ks.meta, "last_seq", last.to_be_bytes());
+                if repair && known.is_some() {
+                    // Every read after an older seq says `gap` from now on.
+                    b.insert(&engine.ks.meta, "lost_upto", last.to_be_bytes());
+                    tracing::warn!(
+                        data_dir = %path.display(),
+                        damage = damage.as_deref().unwrap_or("none found"),
+                        new_epoch = %epoch,
+                        next_seq = last + 1,
+                        "--repair: serving what the disk store holds under a new epoch; \
+                         devices resuming from before it are told of a gap"
+                    );
+                }
                 b.commit().map_err(|e| corrupt(e.to_string()))?;
-                engine
-                    .db
-                    .persist(PersistMode::SyncAll)
-                    .map_err(|e| corrupt(e.to_string()))?;
-                let record = seal::Record {
-                    epoch: epoch.clone(),
-                    seq: last,
-                };
-                let seal = seal::create(path, &record).map_err(seal_err)?;
-                tracing::warn!(
-                    data_dir = %path.display(),
-                    damage = %what,
-                    new_epoch = %epoch,
-                    next_seq = last + 1,
-                    "--repair: the disk store lost acknowledged messages; serving what is \
-                     left under a new epoch"
-                );
-                (epoch, last, seal)
+                (epoch, last)
             }
-            None => match db_epoch {
-                Some(e) if matches!(sealed, Ok(Some(_))) => {
-                    let seal = seal::open(path, &e).map_err(seal_err)?;
-                    (e, db_last, seal)
-                }
-                // A store written before seals existed: it gets one now.
-                Some(e) => {
-                    let record = seal::Record {
-                        epoch: e.clone(),
-                        seq: db_last,
-                    };
-                    (e, db_last, seal::create(path, &record).map_err(seal_err)?)
-                }
-                None => {
-                    let e = super::new_epoch();
-                    engine
-                        .ks
-                        .meta
-                        .insert("epoch", e.as_bytes())
-                        .map_err(|e| corrupt(e.to_string()))?;
-                    engine
-                        .db
-                        .persist(PersistMode::SyncAll)
-                        .map_err(|e| corrupt(e.to_string()))?;
-                    let record = seal::Record {
-                        epoch: e.clone(),
-                        seq: db_last,
-                    };
-                    (e, db_last, seal::create(path, &record).map_err(seal_err)?)
-                }
-            },
         };
+        let seal = if matches!(&sealed, Ok(Some(r)) if r.epoch == epoch) {
+            seal::open(path, &epoch).map_err(seal_err)?
+        } else {
+            // A new store, a repaired one, or one written before seals existed.
+            let record = seal::Record {
+                epoch: epoch.clone(),
+                seq: last_seq,
+            };
+            engine
+                .ks
+                .meta
+                .insert("sealed", b"1")
+                .map_err(|e| corrupt(e.to_string()))?;
+            engine
+                .db
+                .persist(PersistMode::SyncAll)
+                .map_err(|e| corrupt(e.to_string()))?;
+            seal::create(path, &record).map_err(seal_err)?
+        };
+        let lost_upto = engine
+            .ks
+            .meta
+            .get("lost_upto")
+            .map_err(|e| corrupt(e.to_string()))?
+            .map_or(0, |v| be_u64(&v));
         let durability = match options.fsync {
             Fsync::Always => PersistMode::SyncData,
             Fsync::Batch | Fsync::Never => PersistMode::Buffer,
         };
-        let mut groups = HashMap::new();
-        for item in engine.ks.groups.iter() {
-            let (k, v) = item.into_inner().map_err(|e| corrupt(e.to_string()))?;
-            let g: Group =
-                serde_json::from_slice(&v).map_err(|e| corrupt(format!("group record: {e}")))?;
-            groups.insert(String::from_utf8_lossy(&k).into_owned(), g);
-        }
+        let groups = load_groups(&engine.ks).map_err(corrupt)?;
         let epoch: Arc<str> = epoch.into();
+        let small_writes = Arc::new(Mutex::new(groups));
         let slot: Slot = Arc::new(RwLock::new(Some(Arc::new(engine))));
         let failed = Arc::new(AtomicBool::new(false));
         let mut writer = Writer {
@@ -508,7 +538,8 @@ impl DiskStore {
             dedupe_order: VecDeque::new(),
             dedupe_window_ms: DEDUPE_WINDOW.as_millis() as u64,
             last_sweep: Instant::now(),
-            last_reopen: Instant::now(),
+            last_probe: Instant::now(),
+            groups: small_writes.clone(),
         };
         writer
             .remember_recent_sends()
@@ -526,7 +557,8 @@ impl DiskStore {
             high,
             failed,
             writes: tx,
-            small_writes: Mutex::new(groups),
+            small_writes,
+            lost_upto,
             durability,
             writer: Mutex::new(Some(handle)),
         })
@@ -539,9 +571,21 @@ impl DiskStore {
     }
 
     fn small(&self) -> MutexGuard<'_, HashMap<String, Group>> {
-        self.small_writes.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.small_writes)
     }
 
+    /// Whether a read after `after` must say `gap` whatever the inbox: seqs up to
+    /// `lost_upto` were lost to damage.
+    fn lost_after(&self, after: u64) -> bool {
+        self.lost_upto > after
+    }
+}
+
+fn lock(groups: &Mutex<HashMap<String, Group>>) -> MutexGuard<'_, HashMap<String, Group>> {
+    groups.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl DiskStore {
     fn dropped_upto(&self, e: &Engine, uid: &str) -> Result<u64, StoreError> {
         Ok(e.ks
             .inbox_meta
@@ -611,7 +655,10 @@ struct Writer {
     dedupe_order: VecDeque<(u64, String, String)>,
     dedupe_window_ms: u64,
     last_sweep: Instant,
-    last_reopen: Instant,
+    /// When the writer last tried whether the disk takes writes again.
+    last_probe: Instant,
+    /// The store's groups (shared with it), reloaded after a reopen.
+    groups: Arc<Mutex<HashMap<String, Group>>>,
 }
 
 /// One inbox copy of a batch, before it is written.
@@ -669,7 +716,7 @@ impl Writer {
                 None => SWEEP_EVERY,
             };
             if self.failed.load(Ordering::Acquire) {
-                wait = wait.min(REOPEN_EVERY.saturating_sub(self.last_reopen.elapsed()));
+                wait = wait.min(REOPEN_EVERY.saturating_sub(self.last_probe.elapsed()));
             }
             let first = match rx.recv_timeout(wait) {
                 Ok(a) => Some(a),
@@ -690,9 +737,11 @@ impl Writer {
                     next = rx.try_recv().ok();
                 }
             }
-            if self.failed.load(Ordering::Acquire) && self.last_reopen.elapsed() >= REOPEN_EVERY {
-                self.last_reopen = Instant::now();
-                self.reopen();
+            if self.failed.load(Ordering::Acquire) && self.last_probe.elapsed() >= REOPEN_EVERY {
+                self.last_probe = Instant::now();
+                if self.disk_takes_writes() {
+                    self.reopen();
+                }
             }
             if !batch.is_empty() {
                 self.commit(batch);
@@ -729,8 +778,27 @@ impl Writer {
         }
     }
 
+    /// Whether the data directory takes a write now: a file of a journal batch's size,
+    /// written and synced, then removed. Until it does the failed database stays in place
+    /// (reads go on) and `/readyz` keeps failing; opening the database writes nothing, so
+    /// it would succeed on a disk that is still full.
+    fn disk_takes_writes(&self) -> bool {
+        let probe = self.path.join(".imgate-write-probe");
+        let wrote = (|| {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&probe)?;
+            f.write_all(&[0u8; PROBE_BYTES])?;
+            f.sync_data()
+        })();
+        let _ = std::fs::remove_file(&probe);
+        if let Err(e) = &wrote {
+            tracing::debug!(error = %e, "disk store: the data directory still refuses writes");
+        }
+        wrote.is_ok()
+    }
+
     /// After a failed write the database refuses every other: drop it, open it again, and
-    /// go on writing once it holds exactly what this writer committed.
+    /// go on writing once it holds what this writer committed.
     fn reopen(&mut self) {
         let old = self.slot.write().unwrap_or_else(|p| p.into_inner()).take();
         let weak = old.as_ref().map(Arc::downgrade);
@@ -751,8 +819,14 @@ impl Writer {
             tracing::error!(error = %e, "disk store: the reopened database does not hold what was committed; still refusing writes");
             return;
         }
-        *self.slot.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(engine));
+        let engine = Arc::new(engine);
+        *self.slot.write().unwrap_or_else(|p| p.into_inner()) = Some(engine.clone());
         self.counts.clear();
+        // A group write answered `unavailable` may have reached the journal after all.
+        match load_groups(&engine.ks) {
+            Ok(g) => *lock(&self.groups) = g,
+            Err(e) => tracing::warn!(error = %e, "disk store: reloading the groups failed"),
+        }
         if let Err(e) = self.remember_recent_sends() {
             tracing::warn!(error = %e, "disk store: reloading the dedupe window failed");
         }
@@ -761,8 +835,10 @@ impl Writer {
     }
 
     /// Checks a reopened database against what this writer committed. A batch that was
-    /// refused can still have reached the journal (the rest of its bytes written later):
-    /// its copies are removed, as its senders heard `unavailable`, but its seqs stay used.
+    /// refused can still have reached the journal (the rest of its bytes written after the
+    /// failure): it is kept, as it is stored with its trims already applied, and handed to
+    /// the fanout now, before anything newer; its senders heard `unavailable`, and their
+    /// retry with the same id is answered with these seqs (the dedupe window is reloaded).
     fn resync(&mut self, e: &Engine) -> Result<(), String> {
         let (epoch, last) = recorded(&e.ks)?;
         if epoch.as_deref() != Some(&*self.epoch) {
@@ -775,24 +851,26 @@ impl Writer {
             ));
         }
         if last > self.last_seq {
-            let mut b = e.db.batch();
-            for item in e.ks.sends.range((self.last_seq + 1).to_be_bytes()..) {
-                let (k, v) = item.into_inner().map_err(|e| e.to_string())?;
-                if let Ok(rec) = rmp_serde::from_slice::<SendRecord>(&v) {
-                    for (uid, seq) in rec.copies {
-                        b.remove(&e.ks.inbox, inbox_key(&uid, seq));
-                    }
-                }
-                b.remove(&e.ks.sends, k);
-            }
-            b.commit().map_err(|e| e.to_string())?;
-            e.db.persist(PersistMode::SyncAll)
-                .map_err(|e| e.to_string())?;
             tracing::warn!(
-                refused_from = self.last_seq + 1,
-                refused_to = last,
-                "disk store: removed copies of refused sends that reached the journal"
+                from = self.last_seq + 1,
+                to = last,
+                "disk store: sends refused during the write failure reached the journal; \
+                 delivering them"
             );
+            let from = self.last_seq + 1;
+            for item in e.ks.sends.range(from.to_be_bytes()..) {
+                let v = item.value().map_err(|e| e.to_string())?;
+                let Ok(rec) = rmp_serde::from_slice::<SendRecord>(&v) else {
+                    continue;
+                };
+                for (uid, seq) in rec.copies {
+                    let Ok(Some(raw)) = e.ks.inbox.get(inbox_key(&uid, seq)) else {
+                        continue;
+                    };
+                    let key = inbox_key(&uid, seq);
+                    self.fanout.deliver(&uid, &mut || decode(&key, &raw).ok());
+                }
+            }
             self.last_seq = last;
             self.high.store(last, Ordering::Release);
             let _ = self.seal.record(last);
@@ -1080,7 +1158,7 @@ impl Store for DiskStore {
         }
         Ok(Page {
             messages,
-            gap: self.dropped_upto(&e, uid)? > after,
+            gap: self.dropped_upto(&e, uid)? > after || self.lost_after(after),
             more,
         })
     }
@@ -1451,7 +1529,8 @@ mod damage_tests {
             assert!(matches!(err, OpenError::Damaged { .. }), "{damage}: {text}");
             assert!(
                 text.contains("seqs up to 600 were made known")
-                    || text.contains("journal cannot be read back"),
+                    || text.contains("journal cannot be read back")
+                    || text.contains("records are gone"),
                 "{text}"
             );
             assert!(text.contains("--repair"), "{text}");
@@ -1576,16 +1655,34 @@ mod damage_tests {
         assert!(page.gap);
     }
 
-    /// A store written before seals existed gets one, and is checked from then on.
+    /// A removed seal is damage (the database records that it had one); `--repair` gives
+    /// the store a new epoch and a new seal, and every read from before it says `gap`.
     #[tokio::test]
-    async fn a_store_without_a_seal_gets_one() {
+    async fn a_removed_seal_is_damage_and_repair_says_gap_to_every_reader() {
         let dir = tempfile::tempdir().unwrap();
         let epoch = filled(dir.path(), 5).await;
         std::fs::remove_file(dir.path().join(seal::FILE)).unwrap();
-        let s = open_with(dir.path(), false).unwrap();
-        assert_eq!(s.epoch(), epoch);
+        let err = open_with(dir.path(), false).err().expect("refused");
+        assert!(err.to_string().contains("imgate.seal is gone"), "{err}");
+        let s = open_with(dir.path(), true).unwrap();
+        assert_ne!(s.epoch(), epoch);
+        let page = s.read("bob", 3, 10).await.unwrap();
+        assert_eq!(
+            page.messages.len(),
+            3,
+            "everything is still there (seqs 5, 7, 9)"
+        );
+        assert!(
+            page.gap,
+            "but a reader from before the repair is told of a gap"
+        );
+        assert!(!s.read("bob", 10, 10).await.unwrap().gap);
+        let repaired = s.epoch();
         drop(s);
         let rec = seal::read(dir.path()).unwrap().unwrap();
-        assert_eq!((rec.epoch.as_str(), rec.seq), (&*epoch, 10));
+        assert_eq!((rec.epoch.as_str(), rec.seq), (&*repaired, 10));
+        let s = open_with(dir.path(), false).unwrap();
+        assert_eq!(s.epoch(), repaired);
+        assert!(s.read("bob", 3, 10).await.unwrap().gap, "the gap is kept");
     }
 }

@@ -5,8 +5,9 @@
 //! on open it keeps every batch up to the first entry it cannot decode, truncates the file
 //! there, and carries on. The seal is how an open notices that acknowledged messages went
 //! with it. The writer records each batch's highest seq here after the batch is in the
-//! journal and before anyone hears of it, so after any crash the seal is at or below what
-//! the journal holds; a seal above it means the journal lost acknowledged data.
+//! journal and before anyone hears of it, so after a crash or SIGKILL of the process the
+//! seal is at or below what the journal holds; a seal above it means the journal lost
+//! acknowledged data (damage, or a power loss before an fsync).
 //!
 //! Layout (text, so an operator can read it): `imgate data directory 1`, `epoch <epoch>`,
 //! `seq <20 digits>`, one per line. The seq is rewritten in place, 20 bytes at a fixed
@@ -48,15 +49,27 @@ fn seq_offset(epoch: &str) -> u64 {
     (MAGIC.len() + "epoch ".len() + epoch.len() + 1 + "seq ".len()) as u64
 }
 
-/// Reads the seal of `dir`: `Ok(None)` when there is none, `Err` (saying why) when the file
-/// is there but is not a seal.
-pub fn read(dir: &Path) -> Result<Option<Record>, String> {
+/// Why a seal could not be read.
+#[derive(Debug)]
+pub enum ReadError {
+    /// The file is there but cannot be read (permissions, I/O).
+    Io(std::io::Error),
+    /// The file is not a seal (damaged): says how.
+    Invalid(String),
+}
+
+/// Reads the seal of `dir`: `Ok(None)` when there is none.
+pub fn read(dir: &Path) -> Result<Option<Record>, ReadError> {
     let text = match std::fs::read(dir.join(FILE)) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(format!("{FILE} cannot be read: {e}")),
+        Err(e) => return Err(ReadError::Io(e)),
     };
-    let bad = || format!("{FILE} is not a seal this gateway wrote (damaged?)");
+    let bad = || {
+        ReadError::Invalid(format!(
+            "{FILE} is not a seal this gateway wrote (damaged?)"
+        ))
+    };
     let text = std::str::from_utf8(&text).map_err(|_| bad())?;
     let rest = text.strip_prefix(MAGIC).ok_or_else(bad)?;
     let mut lines = rest.lines();
@@ -147,7 +160,9 @@ mod tests {
             "imgate data directory 1\nepoch x\nseq 12\n",
         )
         .unwrap();
-        assert!(read(dir.path()).unwrap_err().contains("not a seal"));
+        assert!(
+            matches!(read(dir.path()), Err(ReadError::Invalid(why)) if why.contains("not a seal"))
+        );
         std::fs::write(dir.path().join(FILE), b"\xff\xfe").unwrap();
         assert!(read(dir.path()).is_err());
     }

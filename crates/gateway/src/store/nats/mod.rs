@@ -6,10 +6,13 @@
 //!   <from>:<id>:<uid>`, published as one atomic batch (all or nothing, group-committed) or
 //!   copy by copy ([`publish`], `--nats-publish`). A resend names the original seq.
 //! - Backlog reads are batch direct gets on one user's subject: no consumer per login.
-//! - The tail follows the whole stream with one consumer per gateway and hands each copy to
-//!   the [`Fanout`] with the uid read from the subject; the payload is decoded only when the
-//!   fanout asks (a local connection wants it). After any failure the tail is recreated from
-//!   the last stream seq it saw, so nothing stored meanwhile is skipped.
+//! - The stream republishes every stored copy on `<prefix>.live.<uid>` (core NATS). The tail
+//!   subscribes to all of them and hands each copy to the [`Fanout`] with the uid read from
+//!   the subject; the payload is decoded only when the fanout asks (a local connection wants
+//!   it). Republish is at most once: a jump in `Nats-Sequence`, a reconnect, a full
+//!   subscription or a quiet spell make the tail read the missed copies back from the stream
+//!   (a short-lived consumer) before it goes on, so every copy arrives once and in order.
+//!   After any failure the tail starts again from the last stream seq it handed over.
 //! - While NATS is unreachable every operation fails at once with `Unavailable`.
 //!
 //! This module knows nothing about connections; it talks to NATS and to the `Fanout` trait.
@@ -49,6 +52,17 @@ const TAIL_HEARTBEAT: Duration = Duration::from_secs(2);
 const CONSUMER_INACTIVE: Duration = Duration::from_secs(30);
 /// Longest pause between attempts to recreate the tail.
 const TAIL_MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// A live subscription quiet this long makes the tail ask the stream whether it missed the
+/// last copies: the longest a lost last copy waits.
+const POSITION_CHECK: Duration = Duration::from_secs(2);
+/// How long the tail waits for the stream's position before it starts over.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+/// The most bytes one pull of a catch-up asks for: a burst far below what nats-server lets
+/// a client have pending (`max_pending`) before it cuts the client off as a slow consumer,
+/// which is what a catch-up after such a cut must not cause again.
+const CATCH_UP_BYTES: usize = 512 * 1024;
+/// A catch-up consumer that delivers nothing for this long is checked against the stream.
+const CATCH_UP_IDLE: Duration = Duration::from_secs(3);
 /// The most messages one batch direct get returns (the server's limit).
 const MAX_DIRECT_BATCH: usize = 1000;
 
@@ -73,6 +87,12 @@ pub struct NatsStore {
     tail_last: AtomicU64,
     /// What the tail saw lately, for backlog reads that need not ask NATS.
     recent: Recent,
+    /// Woken when live copies may have been lost: after a reconnect, or when the client
+    /// dropped messages of a full subscription.
+    resync: Arc<tokio::sync::Notify>,
+    /// Test hook (`--test-drop-live`): the tail ignores every Nth live copy, as if the bus
+    /// had lost it. 0 in production.
+    drop_live_every: u64,
     /// The stream's creation time: a recreated stream is a new epoch.
     epoch: std::sync::RwLock<Arc<str>>,
     pub tail_stats: Arc<TailStats>,
@@ -115,7 +135,11 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
 
 /// Decodes a stored payload as the message with stream seq `seq`.
 pub fn decode_payload(payload: &[u8], seq: u64, published_ms: u64) -> Option<Message> {
-    let p: PayloadIn = imgate_proto::decode(payload, imgate_proto::Encoding::Msgpack).ok()?;
+    // Leniently, unlike a client's frame: a backend's payload with bytes after its map is
+    // still delivered.
+    let mut d = rmp_serde::Deserializer::from_read_ref(payload);
+    d.set_max_depth(imgate_proto::encoding::MAX_DEPTH);
+    let p = PayloadIn::deserialize(&mut d).ok()?;
     Some(Message {
         seq,
         id: p.id.unwrap_or_else(|| format!("nats-{seq}")),
@@ -197,6 +221,26 @@ async fn kv_bucket(
     .map_err(|e| anyhow::anyhow!("creating KV bucket {bucket}: {e}"))
 }
 
+/// A decimal header of a republished copy.
+fn header_u64(m: &async_nats::Message, name: async_nats::HeaderName) -> Option<u64> {
+    m.headers.as_ref()?.get(name)?.as_str().parse().ok()
+}
+
+/// When a republished copy was stored (`Nats-Time-Stamp`, RFC 3339), in Unix ms; 0 when it
+/// does not say.
+fn live_time(m: &async_nats::Message) -> u64 {
+    let stamp = m
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(async_nats::header::NATS_TIME_STAMP));
+    stamp
+        .and_then(|v| {
+            time::OffsetDateTime::parse(v.as_str(), &time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .map_or(0, unix_ms)
+}
+
 fn unix_ms(t: time::OffsetDateTime) -> u64 {
     (t.unix_timestamp_nanos() / 1_000_000).max(0) as u64
 }
@@ -237,12 +281,22 @@ impl NatsStore {
         // reports (an authorization violation would otherwise read as a stream timeout).
         let last_error = Arc::new(std::sync::Mutex::new(None::<String>));
         let slot = last_error.clone();
+        let resync = Arc::new(tokio::sync::Notify::new());
+        let lost = resync.clone();
         let opts = Self::options(n)
             .await?
             .retry_on_initial_connect()
             .max_reconnects(None)
             .event_callback(move |event| {
                 let slot = slot.clone();
+                // Live copies are at most once: whatever was published while the connection
+                // was down, or dropped from a full subscription, is read back by the tail.
+                if matches!(
+                    event,
+                    async_nats::Event::Connected | async_nats::Event::SlowConsumer(_)
+                ) {
+                    lost.notify_one();
+                }
                 async move {
                     let mut last = slot.lock().unwrap_or_else(|p| p.into_inner());
                     match &event {
@@ -336,6 +390,8 @@ impl NatsStore {
             max_inbox: cfg.max_inbox,
             tail_last: AtomicU64::new(0),
             recent: Recent::new(n.backlog_cache, cfg.max_inbox, cfg.retention),
+            resync,
+            drop_live_every: n.test_drop_live,
             tail_batch: n.tail_batch as usize,
             tail_stats: stats,
         }))
@@ -357,6 +413,12 @@ impl NatsStore {
             num_replicas: replicas,
             allow_direct: true,
             allow_atomic_publish: true,
+            // Every stored copy is published again on a core subject: the live delivery.
+            republish: Some(stream::Republish {
+                source: names.users_source(),
+                destination: names.live_all(),
+                headers_only: false,
+            }),
             ..Default::default()
         })
         .await
@@ -527,6 +589,14 @@ impl NatsStore {
         }
     }
 
+    /// Follows the live copies the stream republishes, from `last` on. It subscribes before
+    /// it catches up with what the stream stored since `last`, so no copy falls between the
+    /// two; a copy whose `Nats-Sequence` is not the next one means copies were missed on the
+    /// way (republish is at most once), and they are read back from the stream before it is
+    /// handed over, so the order holds. So is everything stored while the connection was
+    /// down or the subscription overflowed ([`NatsStore::resync`]), and a quiet subscription
+    /// makes the tail ask the stream every [`POSITION_CHECK`] whether it missed the last
+    /// copies, which no later copy would reveal.
     async fn tail_once(&self, fanout: &dyn Fanout, last: &mut u64) -> anyhow::Result<()> {
         self.connected()?;
         // A stream deleted and created again starts its seqs over: follow it from its start,
@@ -552,6 +622,109 @@ impl NatsStore {
             self.recent.restart_at(0);
         }
         self.tail_last.fetch_max(*last, Ordering::Relaxed);
+        let mut live = self.client.subscribe(self.names.live_all()).await?;
+        let end = self.stream_last_seq().await?;
+        self.catch_up(fanout, last, end).await?;
+        tracing::debug!(after = *last, "tail following the live copies");
+        let mut seen: u64 = 0;
+        // When the tail last handed a copy over (or checked the stream): copies it skips as
+        // already seen do not count, so a stream recreated under it is noticed too.
+        let mut progress = tokio::time::Instant::now();
+        loop {
+            let m = tokio::select! {
+                biased;
+                () = self.resync.notified() => {
+                    let end = tokio::time::timeout(CHECK_TIMEOUT, self.stream_last_seq()).await??;
+                    self.catch_up(fanout, last, end).await?;
+                    continue;
+                }
+                m = live.next() => m.ok_or_else(|| anyhow::anyhow!("live subscription ended"))?,
+                () = tokio::time::sleep_until(progress + POSITION_CHECK) => {
+                    progress = tokio::time::Instant::now();
+                    self.connected()?;
+                    // A request sent just before the connection turned out dead is lost:
+                    // give up on it soon and start the tail over.
+                    let info = tokio::time::timeout(CHECK_TIMEOUT, stream.info()).await??;
+                    if epoch_of(info) != self.epoch() {
+                        anyhow::bail!("the stream was recreated");
+                    }
+                    let end = info.state.last_sequence;
+                    if end > *last {
+                        self.tail_stats.live_gaps.fetch_add(1, Ordering::Relaxed);
+                        self.catch_up(fanout, last, end).await?;
+                    }
+                    continue;
+                }
+            };
+            let Some(seq) = header_u64(&m, async_nats::header::NATS_SEQUENCE) else {
+                continue;
+            };
+            if seq <= *last {
+                continue;
+            }
+            seen += 1;
+            if self.drop_live_every > 0 && seen.is_multiple_of(self.drop_live_every) {
+                continue;
+            }
+            if seq > *last + 1 {
+                self.tail_stats.live_gaps.fetch_add(1, Ordering::Relaxed);
+                self.catch_up(fanout, last, seq - 1).await?;
+                if seq <= *last {
+                    continue;
+                }
+            }
+            let uid = self.names.live_owner(&m.subject);
+            self.hand_over(fanout, uid, seq, || live_time(&m), &m.payload);
+            *last = seq;
+            self.tail_last.store(seq, Ordering::Relaxed);
+            progress = tokio::time::Instant::now();
+        }
+    }
+
+    /// Hands copy `seq` of `uid`'s inbox to the fanout (and the backlog cache), decoding the
+    /// payload only if the fanout asks for it.
+    fn hand_over(
+        &self,
+        fanout: &dyn Fanout,
+        uid: Option<&str>,
+        seq: u64,
+        published: impl FnOnce() -> u64,
+        payload: &[u8],
+    ) {
+        self.tail_stats.received.fetch_add(1, Ordering::Relaxed);
+        let Some(uid) = uid else {
+            return;
+        };
+        self.tail_stats
+            .received_bytes
+            .fetch_add((uid.len() + payload.len()) as u64, Ordering::Relaxed);
+        let published = published();
+        // Cached before it is handed over: a login that registers in between reads it here
+        // or gets it in its outbox, never neither.
+        self.recent.insert(uid, seq, published, payload);
+        let stats = &self.tail_stats;
+        fanout.deliver(uid, &mut || {
+            stats.decoded.fetch_add(1, Ordering::Relaxed);
+            let msg = decode_payload(payload, seq, published);
+            if msg.is_none() {
+                stats.undecodable.fetch_add(1, Ordering::Relaxed);
+            }
+            msg
+        });
+    }
+
+    /// Reads the stream after `last` up to `end` with a consumer of its own (served by the
+    /// stream's leader, which has every stored copy) and hands each copy over in order.
+    async fn catch_up(&self, fanout: &dyn Fanout, last: &mut u64, end: u64) -> anyhow::Result<()> {
+        if end <= *last {
+            return Ok(());
+        }
+        self.tail_stats.catch_ups.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(
+            after = *last,
+            end,
+            "tail reading missed copies from the stream"
+        );
         let consumer = self
             .stream
             .create_consumer(consumer::pull::Config {
@@ -564,52 +737,54 @@ impl NatsStore {
                 ..Default::default()
             })
             .await?;
-        let mut messages = consumer
-            .stream()
-            .max_messages_per_batch(self.tail_batch)
-            .heartbeat(TAIL_HEARTBEAT)
-            .messages()
-            .await?;
-        tracing::debug!(after = *last, "tail following the stream");
-        let mut consumer_seq = 0;
-        while let Some(m) = messages.next().await {
-            let m = m?;
-            let info = m.info().map_err(|e| anyhow::anyhow!("{e}"))?;
-            if info.consumer_sequence != consumer_seq + 1 {
-                anyhow::bail!(
-                    "tail gap: consumer seq {} after {consumer_seq}",
-                    info.consumer_sequence
-                );
-            }
-            consumer_seq = info.consumer_sequence;
-            let seq = info.stream_sequence;
-            if seq <= *last {
-                continue;
-            }
-            *last = seq;
-            self.tail_stats.received.fetch_add(1, Ordering::Relaxed);
-            self.tail_stats.received_bytes.fetch_add(
-                (m.subject.len() + m.payload.len()) as u64,
-                Ordering::Relaxed,
-            );
-            if let Some(uid) = self.names.owner(&m.subject) {
-                let published = unix_ms(info.published);
-                // Cached before it is handed over: a login that registers in between reads
-                // it here or gets it in its outbox, never neither.
-                self.recent.insert(uid, seq, published, &m.payload);
-                let stats = &self.tail_stats;
-                fanout.deliver(uid, &mut || {
-                    stats.decoded.fetch_add(1, Ordering::Relaxed);
-                    let msg = decode_payload(&m.payload, seq, published);
-                    if msg.is_none() {
-                        stats.undecodable.fetch_add(1, Ordering::Relaxed);
+        let name = consumer.cached_info().name.clone();
+        let read = async {
+            let mut messages = consumer
+                .stream()
+                .max_messages_per_batch(self.tail_batch)
+                .max_bytes_per_batch(CATCH_UP_BYTES)
+                .heartbeat(TAIL_HEARTBEAT)
+                .messages()
+                .await?;
+            while *last < end {
+                let Ok(next) = tokio::time::timeout(CATCH_UP_IDLE, messages.next()).await else {
+                    // Nothing more to read: what is left up to `end` was removed meanwhile.
+                    let now = self.stream_first_and_last().await?;
+                    if now.1 <= *last || now.0 > end {
+                        break;
                     }
-                    msg
-                });
+                    continue;
+                };
+                let m = next.ok_or_else(|| anyhow::anyhow!("catch-up stream ended"))??;
+                let info = m.info().map_err(|e| anyhow::anyhow!("{e}"))?;
+                let seq = info.stream_sequence;
+                if seq <= *last {
+                    continue;
+                }
+                let published = unix_ms(info.published);
+                self.hand_over(
+                    fanout,
+                    self.names.owner(&m.subject),
+                    seq,
+                    || published,
+                    &m.payload,
+                );
+                *last = seq;
+                self.tail_last.store(seq, Ordering::Relaxed);
             }
-            self.tail_last.store(seq, Ordering::Relaxed);
-        }
-        anyhow::bail!("tail stream ended")
+            Ok::<_, anyhow::Error>(())
+        };
+        let r = read.await;
+        let _ = self.stream.delete_consumer(&name).await;
+        r
+    }
+
+    /// The stream's first and last seq now.
+    async fn stream_first_and_last(&self) -> Result<(u64, u64), StoreError> {
+        self.connected()?;
+        let mut s = self.stream.clone();
+        let state = s.info().await.map_err(unavailable)?.state.clone();
+        Ok((state.first_sequence, state.last_sequence))
     }
 
     /// The acceptance time stored with message `seq` (for answering a duplicate send).
