@@ -1118,3 +1118,46 @@ async fn a_gateway_cut_off_as_a_slow_consumer_catches_up_in_order() {
         "the copies came back from the stream"
     );
 }
+
+/// Republish happens on the stream's leader only, so a leader change can lose live copies.
+/// Three replicas, the leader made to step down three times while alice sends: bob, on the
+/// other gateway, still gets every accepted message once and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_leader_changes_under_load_lose_nothing() {
+    const N: u64 = 300;
+    let nats = NatsServer::cluster(3)
+        .await
+        .expect("a nats-server cluster starts");
+    let admin = async_nats::connect(nats[1].url()).await.unwrap();
+    let c = Cluster::with_nats(nats, 2, &["--replicas", "3", "--nats-timeout", "2s"]).await;
+    let (_b, mut bob) = c.client(1, "bob", "phone", Via::Tcp).await;
+    let (alice, _a) = c.client(0, "alice", "laptop", Via::Tcp).await;
+    let sender = tokio::spawn(async move {
+        for i in 0..N {
+            send_until_accepted(&alice, "bob", format!("l-{i}"), i).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    let mut stepped = 0;
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let answer = admin
+            .request("$JS.API.STREAM.LEADER.STEPDOWN.IMGATE", "".into())
+            .await;
+        if let Ok(m) = answer {
+            let v: Value = serde_json::from_slice(&m.payload).unwrap_or_default();
+            if v["success"] == json!(true) {
+                stepped += 1;
+            }
+        }
+    }
+    assert!(
+        stepped >= 2,
+        "the stream's leader stepped down ({stepped} times)"
+    );
+    within(Duration::from_secs(120), "sender", sender)
+        .await
+        .unwrap();
+    receive_all(&mut bob, N as usize, Duration::from_secs(60)).await;
+    no_message(&mut bob, Duration::from_millis(500)).await;
+}
