@@ -6,8 +6,10 @@
 //! - [`ws`]: WebSocket, JSON text or msgpack binary frames.
 //! - [`sse`]: Server-Sent Events, a push-only session.
 //! - [`http`]: the HTTP router, with sending, polling, history, groups, rooms and presence.
+//! - [`extract`]: the caller's identity and query strings, shared by every HTTP handler.
 //! - [`per_ip`]: the per-address connection limit both listeners apply at accept.
 
+pub mod extract;
 pub mod http;
 pub mod per_ip;
 pub mod sse;

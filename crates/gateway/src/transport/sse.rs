@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::PollSender;
 
-use super::http::{ApiQuery, Caller};
+use super::extract::{ApiQuery, Caller};
 use crate::delivery::outbox::ToClient;
 use crate::refusal::Refusal;
 use crate::session::{self, InError, Incoming, Preauth, Profile, Start};

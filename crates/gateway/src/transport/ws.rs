@@ -21,7 +21,7 @@ use futures::{future, Sink, Stream};
 use imgate_proto::{decode, ClientFrame, Encoding, ErrorCode};
 use serde::Deserialize;
 
-use super::http::{bearer, ApiQuery};
+use super::extract::{bearer, ApiQuery};
 use crate::delivery::outbox::ToClient;
 use crate::refusal::Refusal;
 use crate::session::{self, Coded, Frames, InError, Incoming, Preauth, Profile, Start};

@@ -1,5 +1,6 @@
-//! The HTTP listener: its router, and the helpers every handler shares (authentication,
-//! JSON bodies, the HTTP send rate, refusals as HTTP answers).
+//! The HTTP listener: its router, and the helpers every handler shares (JSON bodies, the
+//! HTTP send rate, refusals as HTTP answers); authentication and query strings are
+//! [`crate::transport::extract`]'s, re-exported here.
 //!
 //! Handlers translate between HTTP and the gateway and decide nothing themselves:
 //! [`messages`] (send, poll, history), [`groups`], [`rooms`] and [`presence`], with the
@@ -12,8 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, FromRequestParts, Query, Request, State};
-use axum::http::request::Parts;
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
@@ -26,9 +26,10 @@ use serde_json::json;
 
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
-use crate::auth::{AuthError, Identity};
 use crate::refusal::Refusal;
 use crate::state::Shared;
+
+pub use super::extract::{bearer, ApiQuery, Caller};
 
 pub mod admin;
 pub mod groups;
@@ -80,24 +81,6 @@ pub fn with_status(status: StatusCode, r: Refusal) -> Response {
     response
 }
 
-/// A query string as the handler's type, or the API error (`bad_request`, JSON) saying
-/// what is wrong with it; axum's own `Query` answers such errors in plain text.
-pub struct ApiQuery<T>(pub T);
-
-impl<T, S> FromRequestParts<S> for ApiQuery<T>
-where
-    T: serde::de::DeserializeOwned,
-    S: Send + Sync,
-{
-    type Rejection = Refusal;
-
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Refusal> {
-        Query::<T>::try_from_uri(&parts.uri)
-            .map(|Query(q)| ApiQuery(q))
-            .map_err(|e| Refusal::new(ErrorCode::BadRequest, e.body_text()))
-    }
-}
-
 /// 404 for a path no route has, as every API error: JSON `{code, message}`.
 async fn no_route(uri: axum::http::Uri) -> Refusal {
     Refusal::new(ErrorCode::NotFound, format!("no endpoint {}", uri.path()))
@@ -110,12 +93,6 @@ async fn wrong_method(method: Method, uri: axum::http::Uri) -> Response {
         format!("{} does not take {method}", uri.path()),
     );
     with_status(StatusCode::METHOD_NOT_ALLOWED, r)
-}
-
-/// The `?token=` of any query; the other parameters are the handler's.
-#[derive(Debug, Deserialize)]
-struct TokenQuery {
-    token: Option<String>,
 }
 
 /// A JSON request body, or the API error for it (413 when above the body limit).
@@ -145,38 +122,6 @@ async fn count_errors(State(shared): State<Arc<Shared>>, req: Request, next: Nex
         shared.metrics.error(*code).increment(1);
     }
     r
-}
-
-/// The token of an `Authorization: Bearer …` header.
-pub fn bearer(headers: &HeaderMap) -> Option<String> {
-    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let t = v
-        .strip_prefix("Bearer ")
-        .or_else(|| v.strip_prefix("bearer "))?;
-    Some(t.trim().to_owned())
-}
-
-/// The verified caller of an HTTP endpoint, from `Authorization: Bearer` or `?token=`
-/// (the header wins). Every authenticated handler takes it, so a token is checked in one
-/// place.
-pub struct Caller(pub Identity);
-
-impl FromRequestParts<Arc<Shared>> for Caller {
-    type Rejection = Refusal;
-
-    async fn from_request_parts(parts: &mut Parts, shared: &Arc<Shared>) -> Result<Self, Refusal> {
-        // A query that does not parse has no token here; the handler's own extractor
-        // answers what is wrong with it.
-        let query_token = || Query::<TokenQuery>::try_from_uri(&parts.uri).ok()?.0.token;
-        let token = bearer(&parts.headers)
-            .or_else(query_token)
-            .ok_or_else(|| Refusal::new(ErrorCode::Unauthorized, AuthError::Missing.to_string()))?;
-        shared
-            .auth
-            .verify(&token)
-            .map(Caller)
-            .map_err(|e| Refusal::new(ErrorCode::Unauthorized, e.to_string()))
-    }
 }
 
 /// `GET /metrics` alone, for `--metrics-listen`.
