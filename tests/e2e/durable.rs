@@ -848,20 +848,7 @@ async fn a_cut_journal_stops_the_start_and_repair_serves_the_rest_under_a_new_ep
         .set_len(written / 2)
         .unwrap();
 
-    let out = within(
-        Duration::from_secs(30),
-        "the refused gateway to exit",
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_imgate"))
-            .args(["serve", "--http", "127.0.0.1:0", "--tcp", "127.0.0.1:0"])
-            .args(["--data-dir", dir.path().to_str().unwrap()])
-            .env("RUST_BACKTRACE", "0")
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
+    let stderr = crate::support::serve_refused(&["--data-dir", dir.path().to_str().unwrap()]).await;
     assert!(stderr.contains("lost acknowledged messages"), "{stderr}");
     assert!(
         stderr.contains(&format!("seqs up to {last} were made known")),

@@ -406,26 +406,31 @@ impl TestCa {
 /// `imgate serve` with `args` on free ports and the memory store, expected to exit with a
 /// failure within 20 s; its stderr.
 pub(crate) async fn serve_fails(args: &[&str]) -> String {
+    let mut all = vec!["--store", "memory"];
+    all.extend_from_slice(args);
+    serve_refused(&all).await
+}
+
+/// `imgate serve` with `args` on free ports, expected to exit with a failure within 20 s
+/// without ever listening; its stderr.
+pub(crate) async fn serve_refused(args: &[&str]) -> String {
     let out = within(
         Duration::from_secs(20),
         "imgate serve to exit",
         tokio::process::Command::new(imgate_harness::binaries::imgate().unwrap())
-            .args([
-                "serve",
-                "--http",
-                "127.0.0.1:0",
-                "--tcp",
-                "127.0.0.1:0",
-                "--store",
-                "memory",
-            ])
+            .args(["serve", "--http", "127.0.0.1:0", "--tcp", "127.0.0.1:0"])
             .args(args)
+            .env("RUST_BACKTRACE", "0")
             .kill_on_drop(true)
             .output(),
     )
     .await
     .unwrap();
     assert!(!out.status.success(), "started with {args:?}");
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("listening"),
+        "never serves"
+    );
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
