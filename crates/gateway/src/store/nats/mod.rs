@@ -53,8 +53,9 @@ const CONSUMER_INACTIVE: Duration = Duration::from_secs(30);
 /// Longest pause between attempts to recreate the tail.
 const TAIL_MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// A live subscription quiet this long makes the tail ask the stream whether it missed the
-/// last copies: the longest a lost last copy waits.
-const POSITION_CHECK: Duration = Duration::from_secs(2);
+/// last copies (one request); checked this often, so a lost last copy waits at most twice
+/// this.
+const POSITION_CHECK: Duration = Duration::from_secs(1);
 /// How long the tail waits for the stream's position before it starts over.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 /// The most bytes one pull of a catch-up asks for: a burst far below what nats-server lets
@@ -594,8 +595,8 @@ impl NatsStore {
     /// two; a copy whose `Nats-Sequence` is not the next one means copies were missed on the
     /// way (republish is at most once), and they are read back from the stream before it is
     /// handed over, so the order holds. So is everything stored while the connection was
-    /// down or the subscription overflowed ([`NatsStore::resync`]), and a quiet subscription
-    /// makes the tail ask the stream every [`POSITION_CHECK`] whether it missed the last
+    /// down or the subscription overflowed ([`NatsStore::resync`]), and a subscription quiet
+    /// for [`POSITION_CHECK`] makes the tail ask the stream whether it missed the last
     /// copies, which no later copy would reveal.
     async fn tail_once(&self, fanout: &dyn Fanout, last: &mut u64) -> anyhow::Result<()> {
         self.connected()?;
@@ -630,6 +631,9 @@ impl NatsStore {
         // When the tail last handed a copy over (or checked the stream): copies it skips as
         // already seen do not count, so a stream recreated under it is noticed too.
         let mut progress = tokio::time::Instant::now();
+        // One timer for the whole loop, not one per copy: it fires every POSITION_CHECK,
+        // and the check runs when nothing was handed over for that long.
+        let mut check = std::pin::pin!(tokio::time::sleep(POSITION_CHECK));
         loop {
             let m = tokio::select! {
                 biased;
@@ -639,7 +643,11 @@ impl NatsStore {
                     continue;
                 }
                 m = live.next() => m.ok_or_else(|| anyhow::anyhow!("live subscription ended"))?,
-                () = tokio::time::sleep_until(progress + POSITION_CHECK) => {
+                () = &mut check => {
+                    check.as_mut().reset(tokio::time::Instant::now() + POSITION_CHECK);
+                    if progress.elapsed() < POSITION_CHECK {
+                        continue;
+                    }
                     progress = tokio::time::Instant::now();
                     self.connected()?;
                     // A request sent just before the connection turned out dead is lost:
