@@ -662,8 +662,8 @@ struct Writer {
 }
 
 /// One inbox copy of a batch, before it is written.
-struct Copy {
-    uid: String,
+struct Copy<'a> {
+    uid: &'a str,
     seq: u64,
     value: fjall::Slice,
 }
@@ -937,7 +937,7 @@ impl Writer {
             for uid in &s.inboxes {
                 seq += 1;
                 copies.push(Copy {
-                    uid: uid.clone(),
+                    uid,
                     seq,
                     value: value.clone(),
                 });
@@ -970,7 +970,7 @@ impl Writer {
             }
         };
         for c in copies {
-            batch.insert(&engine.ks.inbox, inbox_key(&c.uid, c.seq), c.value);
+            batch.insert(&engine.ks.inbox, inbox_key(c.uid, c.seq), c.value);
         }
         batch.insert(&engine.ks.meta, "last_seq", seq.to_be_bytes());
         if let Err(e) = batch.commit() {
@@ -1032,11 +1032,11 @@ impl Writer {
         &self,
         e: &Engine,
         batch: &mut fjall::OwnedWriteBatch,
-        copies: &mut Vec<Copy>,
+        copies: &mut Vec<Copy<'_>>,
     ) -> Result<HashMap<String, usize>, fjall::Error> {
         let mut added: HashMap<&str, usize> = HashMap::new();
         for c in copies.iter() {
-            *added.entry(c.uid.as_str()).or_default() += 1;
+            *added.entry(c.uid).or_default() += 1;
         }
         let max = self.limits.max_inbox;
         let mut counts = HashMap::with_capacity(added.len());
