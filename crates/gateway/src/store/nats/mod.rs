@@ -681,31 +681,32 @@ impl NatsStore {
                     continue;
                 }
             }
-            let uid = self.names.live_owner(&m.subject);
-            self.hand_over(fanout, uid, seq, || live_time(&m), &m.payload);
+            self.hand_over(fanout, &m.subject, seq, || live_time(&m), &m.payload);
             *last = seq;
             self.tail_last.store(seq, Ordering::Relaxed);
             progress = tokio::time::Instant::now();
         }
     }
 
-    /// Hands copy `seq` of `uid`'s inbox to the fanout (and the backlog cache), decoding the
-    /// payload only if the fanout asks for it.
+    /// Hands copy `seq`, received on `subject` (republished `<prefix>.live.<uid>`, or the
+    /// stored `<prefix>.u.<uid>` when read back), to the fanout and the backlog cache,
+    /// decoding the payload only if the fanout asks for it.
     fn hand_over(
         &self,
         fanout: &dyn Fanout,
-        uid: Option<&str>,
+        subject: &str,
         seq: u64,
         published: impl FnOnce() -> u64,
         payload: &[u8],
     ) {
         self.tail_stats.received.fetch_add(1, Ordering::Relaxed);
-        let Some(uid) = uid else {
-            return;
-        };
         self.tail_stats
             .received_bytes
-            .fetch_add((uid.len() + payload.len()) as u64, Ordering::Relaxed);
+            .fetch_add((subject.len() + payload.len()) as u64, Ordering::Relaxed);
+        let names = &self.names;
+        let Some(uid) = names.live_owner(subject).or_else(|| names.owner(subject)) else {
+            return;
+        };
         let published = published();
         // Cached before it is handed over: a login that registers in between reads it here
         // or gets it in its outbox, never neither.
@@ -770,13 +771,7 @@ impl NatsStore {
                     continue;
                 }
                 let published = unix_ms(info.published);
-                self.hand_over(
-                    fanout,
-                    self.names.owner(&m.subject),
-                    seq,
-                    || published,
-                    &m.payload,
-                );
+                self.hand_over(fanout, &m.subject, seq, || published, &m.payload);
                 *last = seq;
                 self.tail_last.store(seq, Ordering::Relaxed);
             }
