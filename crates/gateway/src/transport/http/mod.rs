@@ -550,71 +550,30 @@ mod tests {
     #[tokio::test]
     async fn http_room_publish_needs_a_join() {
         let (app, _, alice) = app(&[]).await;
-        let post = Method::POST;
         let body = r#"{"body":{"text":"hi"}}"#;
+        let post = |uri: &'static str, body: &'static str| {
+            let (app, alice) = (app.clone(), alice.clone());
+            async move { call(&app, Method::POST, uri, Some(&alice), body).await }
+        };
+        let not_member = (StatusCode::FORBIDDEN, Some("not_member".to_owned()));
+        assert_eq!(post("/v1/rooms/zz2/publish", body).await, not_member);
         assert_eq!(
-            call(
-                &app,
-                post.clone(),
-                "/v1/rooms/zz2/publish",
-                Some(&alice),
-                body
-            )
-            .await,
-            (StatusCode::FORBIDDEN, Some("not_member".to_owned()))
+            post("/v1/rooms/zz2/join?device=d", "").await.0,
+            StatusCode::OK
         );
-        let joined = call(
-            &app,
-            post.clone(),
-            "/v1/rooms/zz2/join?device=d",
-            Some(&alice),
-            "",
-        )
-        .await;
-        assert_eq!(joined.0, StatusCode::OK);
         assert_eq!(
-            call(
-                &app,
-                post.clone(),
-                "/v1/rooms/zz2/publish",
-                Some(&alice),
-                body
-            )
-            .await,
-            (StatusCode::FORBIDDEN, Some("not_member".to_owned())),
+            post("/v1/rooms/zz2/publish", body).await,
+            not_member,
             "another device of the same user has not joined"
         );
         assert_eq!(
-            call(
-                &app,
-                post.clone(),
-                "/v1/rooms/zz2/publish?device=d",
-                Some(&alice),
-                body
-            )
-            .await
-            .0,
+            post("/v1/rooms/zz2/publish?device=d", body).await.0,
             StatusCode::OK
         );
-        call(
-            &app,
-            post.clone(),
-            "/v1/rooms/zz2/leave?device=d",
-            Some(&alice),
-            "",
-        )
-        .await;
+        post("/v1/rooms/zz2/leave?device=d", "").await;
         assert_eq!(
-            call(
-                &app,
-                post,
-                "/v1/rooms/zz2/publish?device=d",
-                Some(&alice),
-                body
-            )
-            .await
-            .1,
-            Some("not_member".to_owned())
+            post("/v1/rooms/zz2/publish?device=d", body).await,
+            not_member
         );
     }
 
