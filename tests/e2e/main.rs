@@ -14,6 +14,7 @@ mod durable;
 mod expiry;
 mod groups;
 mod http;
+mod interest;
 mod keys;
 mod lifecycle;
 mod python;

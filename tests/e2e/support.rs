@@ -283,6 +283,13 @@ pub(crate) enum Mode {
     Cluster,
 }
 
+/// Whether cluster gateways route copies by interest: `IMGATE_FANOUT=interest` in the
+/// environment reaches every gateway a test starts (`tests/run` runs the cluster tests
+/// once more that way); otherwise they broadcast, the default.
+pub(crate) fn interest_fanout() -> bool {
+    std::env::var("IMGATE_FANOUT").is_ok_and(|m| m == "interest")
+}
+
 /// A test's world: in cluster mode, its NATS server.
 pub(crate) struct Env {
     pub(crate) nats: Option<NatsServer>,

@@ -96,10 +96,24 @@ pub struct NatsArgs {
     #[arg(long, env = "IMGATE_NATS_PUBLISH", value_enum, default_value_t = NatsPublish::Auto)]
     pub nats_publish: NatsPublish,
 
+    /// How stored copies reach the gateways: `broadcast` (every gateway receives every copy
+    /// and drops those for users it holds no connection of) or `interest` (a gateway
+    /// subscribes to the live subject of each user it holds a connection of, so NATS
+    /// routes each copy only to gateways that want it). docs/architecture.md says which
+    /// costs less where.
+    #[arg(long, env = "IMGATE_FANOUT", value_enum, default_value_t = Fanout::Broadcast)]
+    pub fanout: Fanout,
+
     /// For tests only: the tail ignores every Nth live copy, as if the bus had lost it, so
     /// the recovery from lost copies can be shown. 0 (the default) ignores none.
     #[arg(long, env = "IMGATE_TEST_DROP_LIVE", default_value_t = 0, hide = true)]
     pub test_drop_live: u64,
+
+    /// For tests only: in interest mode, how long a login waits between subscribing to its
+    /// inbox and reading its backlog, so a test can store messages in between. 0 (the
+    /// default) waits not at all.
+    #[arg(long, env = "IMGATE_TEST_FOLLOW_DELAY", default_value = "0s", value_parser = humantime::parse_duration, hide = true)]
+    pub test_follow_delay: Duration,
 }
 
 impl NatsArgs {
@@ -122,6 +136,16 @@ pub enum NatsPublish {
     Atomic,
     /// One publish per copy, all acknowledged before `sent`.
     Separate,
+}
+
+/// How stored copies reach the gateways in cluster mode (`--fanout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Fanout {
+    /// Every gateway receives every copy on `<prefix>.live.>` and drops what it does not
+    /// hold.
+    Broadcast,
+    /// A gateway subscribes to `<prefix>.live.<uid>` while it holds a connection of uid.
+    Interest,
 }
 
 /// Which store standalone mode keeps its state in.
@@ -489,6 +513,13 @@ mod tests {
         assert_eq!(mode(&["--nats-publish", "atomic"]), NatsPublish::Atomic);
         let both = ["--replicas", "3", "--nats-publish", "separate"];
         assert_eq!(mode(&both), NatsPublish::Separate);
+    }
+
+    #[test]
+    fn fanout_defaults_to_broadcast() {
+        assert_eq!(parse_for_test(&[]).nats.fanout, Fanout::Broadcast);
+        let interest = parse_for_test(&["--fanout", "interest"]);
+        assert_eq!(interest.nats.fanout, Fanout::Interest);
     }
 
     #[test]

@@ -50,6 +50,8 @@ pub struct TailStats {
     pub live_gaps: AtomicU64,
     /// Times it read copies back from the stream (gaps, reconnects, full subscriptions).
     pub catch_ups: AtomicU64,
+    /// Inboxes this gateway subscribes to now (interest mode; 0 in broadcast mode).
+    pub followed: AtomicU64,
 }
 
 /// How a client is connected.
@@ -111,6 +113,7 @@ pub struct Metrics {
     tail_restarts: Counter,
     live_gaps: Counter,
     catch_ups: Counter,
+    followed: Gauge,
     nats_batches: Counter,
     nats_batched_sends: Counter,
     backlog_hits: Counter,
@@ -174,6 +177,7 @@ impl Metrics {
             tail_restarts: counter("imgate_tail_restarts_total", vec![]),
             live_gaps: counter("imgate_live_gaps_total", vec![]),
             catch_ups: counter("imgate_tail_catch_ups_total", vec![]),
+            followed: gauge("imgate_live_subscriptions", vec![]),
             nats_batches: counter("imgate_nats_batches_total", vec![]),
             nats_batched_sends: counter("imgate_nats_batched_sends_total", vec![]),
             backlog_hits: counter("imgate_backlog_cache_hits_total", vec![]),
@@ -276,12 +280,17 @@ impl Metrics {
         d(
             "imgate_live_gaps_total",
             Unit::Count,
-            "Cluster mode: times live copies were found missing (a jump in Nats-Sequence, or the stream ahead of a quiet tail); each is read back from the stream.",
+            "Cluster mode: times live copies were found missing (a jump in Nats-Sequence; in interest mode a Nats-Last-Sequence above what was handed over; or a position check); each is read back from the stream.",
         );
         d(
             "imgate_tail_catch_ups_total",
             Unit::Count,
             "Cluster mode: times the tail read copies back from the stream (gaps, reconnects, a full subscription, its start).",
+        );
+        d(
+            "imgate_live_subscriptions",
+            Unit::Count,
+            "Cluster mode with --fanout interest: inboxes whose live subject this gateway subscribes to now (one per user it holds a connection or long poll of).",
         );
         d(
             "imgate_tail_restarts_total",
@@ -332,6 +341,7 @@ impl Metrics {
             self.tail_restarts.absolute(get(&t.restarts));
             self.live_gaps.absolute(get(&t.live_gaps));
             self.catch_ups.absolute(get(&t.catch_ups));
+            self.followed.set(get(&t.followed) as f64);
             self.nats_batches.absolute(get(&t.batches));
             self.nats_batched_sends.absolute(get(&t.batched_sends));
             self.backlog_hits.absolute(get(&t.backlog_hits));

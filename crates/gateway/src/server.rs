@@ -19,8 +19,8 @@ use crate::auth::{Auth, KeySources};
 use crate::bus::local::LocalBus;
 use crate::bus::nats::NatsBus;
 use crate::bus::Bus;
-use crate::config::Config;
 use crate::config::StoreKind;
+use crate::config::{Config, Fanout};
 use crate::delivery::cursors::Cursors;
 use crate::delivery::hub::Hub;
 use crate::delivery::send::send_quota;
@@ -156,7 +156,17 @@ impl Gateway {
             let nats = NatsStore::connect(&cfg).await?;
             // Deliver-new from an exact seq: everything stored from now on reaches us.
             let after = nats.stream_last_seq().await?;
-            tokio::spawn(nats.clone().run_tail(hub.clone(), after, tail_stop.clone()));
+            match cfg.nats.fanout {
+                Fanout::Broadcast => {
+                    tokio::spawn(nats.clone().run_tail(hub.clone(), after, tail_stop.clone()));
+                }
+                Fanout::Interest => {
+                    tokio::spawn(
+                        nats.clone()
+                            .run_interest_tail(hub.clone(), tail_stop.clone()),
+                    );
+                }
+            }
             let (groups_ready, loaded) = tokio::sync::oneshot::channel();
             tokio::spawn(
                 nats.clone()
@@ -183,6 +193,7 @@ impl Gateway {
                 servers = ?cfg.nats.nats,
                 stream = %nats.names().stream,
                 after,
+                fanout = ?cfg.nats.fanout,
                 "cluster mode: following the stream"
             );
             (nats as Arc<dyn Store>, bus as Arc<dyn Bus>)

@@ -55,6 +55,12 @@ impl Names {
         format!("{}.live.>", self.prefix)
     }
 
+    /// `imgate.live.<uid>`: where the stream republishes `uid`'s stored copies, which a
+    /// gateway in interest mode subscribes to while it holds a connection of uid.
+    pub fn live_subject(&self, uid: &str) -> String {
+        format!("{}.live.{uid}", self.prefix)
+    }
+
     /// The republish source of [`Names::live_all`]: every inbox subject.
     pub fn users_source(&self) -> String {
         format!("{}.u.>", self.prefix)
@@ -80,12 +86,13 @@ impl Names {
         self.last_token(subject, ".room.")
     }
 
-    /// `imgate.ctl.presence`: presence queries, answered by every gateway.
-    /// Kick requests: every gateway closes the named user's connections and answers.
+    /// `imgate.ctl.kick`: kick requests; every gateway closes the named user's
+    /// connections and answers.
     pub fn kick(&self) -> String {
         format!("{}.ctl.kick", self.prefix)
     }
 
+    /// `imgate.ctl.presence`: presence queries, answered by every gateway.
     pub fn presence(&self) -> String {
         format!("{}.ctl.presence", self.prefix)
     }
@@ -124,6 +131,7 @@ mod tests {
         assert_eq!(n.live_all(), "imgate.live.>");
         assert_eq!(n.users_source(), "imgate.u.>");
         assert_eq!(n.live_owner("imgate.live.bob"), Some("bob"));
+        assert_eq!(n.live_owner(&n.live_subject("carol")), Some("carol"));
         assert_eq!(n.live_owner("imgate.u.bob"), None);
         assert_eq!(n.live_owner("imgate.live.a.b"), None);
     }

@@ -19,33 +19,37 @@ use tokio_util::sync::CancellationToken;
 use super::cursors::{CursorHandle, Cursors};
 use super::hub::{Hub, Kick, Registration};
 use super::outbox::OutboxItem;
+use crate::store::Following;
 
 /// How long an answered long poll's waiter stays registered for the device's next poll.
 pub const PARK_FOR: Duration = Duration::from_secs(10);
 
-/// A long poll's registration in the hub, with the device's cursor slot.
+/// A long poll's registration in the hub, with the device's cursor slot and the store's
+/// promise to hand the inbox's copies to the hub.
 pub struct Waiter {
     reg: Registration,
     kick: Arc<Kick>,
     pub cursor: CursorHandle,
+    _following: Following,
 }
 
 impl Waiter {
     /// Registers a waiter of `(uid, device)` for at most `limit` deliveries, its cursor
-    /// stored up to `after`.
+    /// stored up to `after`, holding `following` (the inbox followed by the store).
     pub fn register(
         hub: &Arc<Hub>,
         cursors: &Arc<Cursors>,
-        uid: &str,
-        device: &str,
+        (uid, device): (&str, &str),
         after: u64,
         limit: usize,
+        following: Following,
     ) -> Self {
         let kick = Arc::new(Kick::default());
         Waiter {
             reg: hub.wait(uid, device, kick.clone(), limit),
             kick,
             cursor: cursors.open(uid, device, after, after),
+            _following: following,
         }
     }
 

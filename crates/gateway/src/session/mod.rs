@@ -44,6 +44,7 @@ use crate::logging::Labels;
 use crate::metrics::Transport;
 use crate::refusal::Refusal;
 use crate::state::Shared;
+use crate::store::Following;
 
 pub mod frames;
 
@@ -347,10 +348,12 @@ impl Live {
     }
 }
 
-/// A logged-in connection: its session state and its place in the hub.
+/// A logged-in connection: its session state, its place in the hub, and the store's
+/// promise to hand its inbox's copies to the hub.
 struct Conn {
     live: Live,
     reg: Registration,
+    _following: Following,
 }
 
 /// Registers a logged-in connection, then sends `welcome` and its backlog.
@@ -368,6 +371,12 @@ where
         .hub
         .register(&uid, &device, io.kick.clone(), cfg.outbox, cfg.max_devices);
     io.labels.set(reg.id, &uid, &device);
+    // Registered first, then followed, then read: every copy is in a backlog page or
+    // reaches the outbox.
+    let following = match shared.store.follow(&uid).await {
+        Ok(f) => f,
+        Err(e) => return Err(refuse(e.into())),
+    };
 
     let point = Box::pin(resume_point(
         shared.store.as_ref(),
@@ -400,11 +409,17 @@ where
         inflight: None,
     };
 
-    if let Err(end) = replay(shared, io, &mut live, &mut reg.rx, &device, resume, reset).await {
-        close(shared, Box::new(Conn { live, reg })).await;
+    let replayed = replay(shared, io, &mut live, &mut reg.rx, &device, resume, reset).await;
+    let conn = Conn {
+        live,
+        reg,
+        _following: following,
+    };
+    if let Err(end) = replayed {
+        close(shared, Box::new(conn)).await;
         return Err(end);
     }
-    Ok(Conn { live, reg })
+    Ok(conn)
 }
 
 /// Logs in (unless the transport did) and opens the session; a session that opens counts
@@ -440,7 +455,7 @@ where
 
 /// Ends a session's place in the hub and writes its cursor.
 async fn close(shared: &Shared, conn: Box<Conn>) {
-    let Conn { live, reg } = *conn;
+    let Conn { live, reg, .. } = *conn;
     for room in &live.rooms {
         shared
             .hub

@@ -177,6 +177,30 @@ pub trait Fanout: Send + Sync + 'static {
     fn deliver(&self, uid: &str, build: &mut dyn FnMut() -> Option<Message>);
 }
 
+/// Keeps a store handing one inbox's stored copies to this gateway's [`Fanout`] for as
+/// long as it lives ([`Store::follow`]). Dropping the last one of an inbox lets the store
+/// stop.
+#[must_use = "the inbox is followed only while this lives"]
+pub struct Following(#[allow(dead_code)] Option<Box<dyn Send + Sync>>);
+
+impl Following {
+    /// For a store that hands every inbox's copies over anyway.
+    pub fn always() -> Self {
+        Following(None)
+    }
+
+    /// Follows until `guard` is dropped.
+    pub fn until_dropped(guard: impl Send + Sync + 'static) -> Self {
+        Following(Some(Box::new(guard)))
+    }
+}
+
+impl std::fmt::Debug for Following {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Following")
+    }
+}
+
 /// Inboxes and cursors. Every method is safe to call concurrently.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -184,6 +208,16 @@ pub trait Store: Send + Sync + 'static {
     /// view: `Ok` only once every copy is durable. A repeat of the same `(from, id)` within
     /// the dedupe window stores nothing and returns the original seqs.
     async fn append(&self, draft: Draft, inboxes: &[String]) -> Result<Appended, StoreError>;
+
+    /// Makes sure every copy stored in `uid`'s inbox from now on reaches the fanout, for as
+    /// long as the returned guard lives. A connection calls it after it registers and
+    /// before it reads its backlog, so each copy is in the read or in its outbox. Stores
+    /// that hand over every inbox's copies anyway (standalone, cluster broadcast) return
+    /// at once; cluster interest subscribes to the inbox's live subject and returns once
+    /// the subscription is in place.
+    async fn follow(&self, _uid: &str) -> Result<Following, StoreError> {
+        Ok(Following::always())
+    }
 
     /// Up to `limit` messages of `uid`'s inbox with seq above `after`.
     async fn read(&self, uid: &str, after: u64, limit: usize) -> Result<Page, StoreError>;

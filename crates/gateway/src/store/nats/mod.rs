@@ -28,6 +28,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::future::try_join_all;
 
+mod interest;
 mod publish;
 mod recent;
 use futures::StreamExt;
@@ -39,10 +40,10 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Appended, ChangeError, CursorWrite, Draft, Fanout, Group, GroupChange, History, Older, Page,
-    Store, StoreError, DEDUPE_WINDOW,
+    Appended, ChangeError, CursorWrite, Draft, Fanout, Following, Group, GroupChange, History,
+    Older, Page, Store, StoreError, DEDUPE_WINDOW,
 };
-use crate::config::Config;
+use crate::config::{Config, Fanout as FanoutMode};
 use crate::metrics::TailStats;
 use crate::subjects::Names;
 
@@ -86,8 +87,17 @@ pub struct NatsStore {
     tail_batch: usize,
     /// The last stream seq the tail handed to the fanout: the live tail for a new device.
     tail_last: AtomicU64,
-    /// What the tail saw lately, for backlog reads that need not ask NATS.
-    recent: Recent,
+    /// What the tail saw lately, for backlog reads that need not ask NATS (broadcast mode
+    /// only: in interest mode the tail sees only the inboxes already held here).
+    recent: Option<Recent>,
+    /// The inboxes followed in interest mode (`--fanout interest`); `None` in broadcast
+    /// mode, where the tail follows every inbox.
+    interest: Option<Arc<interest::Interest>>,
+    /// Time allowed for one NATS request (`--nats-timeout`).
+    timeout: Duration,
+    /// Test hook (`--test-follow-delay`): how long `follow` waits after subscribing. 0 in
+    /// production.
+    follow_delay: Duration,
     /// Woken when live copies may have been lost: after a reconnect, or when the client
     /// dropped messages of a full subscription.
     resync: Arc<tokio::sync::Notify>,
@@ -390,7 +400,12 @@ impl NatsStore {
             names,
             max_inbox: cfg.max_inbox,
             tail_last: AtomicU64::new(0),
-            recent: Recent::new(n.backlog_cache, cfg.max_inbox, cfg.retention),
+            recent: (n.fanout == FanoutMode::Broadcast)
+                .then(|| Recent::new(n.backlog_cache, cfg.max_inbox, cfg.retention)),
+            interest: (n.fanout == FanoutMode::Interest)
+                .then(|| interest::Interest::new(stats.clone())),
+            timeout: n.nats_timeout,
+            follow_delay: n.test_follow_delay,
             resync,
             drop_live_every: n.test_drop_live,
             tail_batch: n.tail_batch as usize,
@@ -571,7 +586,9 @@ impl NatsStore {
         stop: CancellationToken,
     ) {
         let mut last = after;
-        self.recent.restart_at(after);
+        if let Some(recent) = &self.recent {
+            recent.restart_at(after);
+        }
         let mut backoff = Duration::from_millis(50);
         loop {
             let r = tokio::select! {
@@ -600,27 +617,13 @@ impl NatsStore {
     /// copies, which no later copy would reveal.
     async fn tail_once(&self, fanout: &dyn Fanout, last: &mut u64) -> anyhow::Result<()> {
         self.connected()?;
-        // A stream deleted and created again starts its seqs over: follow it from its start,
-        // and resumes from the old one become resets (a new epoch).
         let mut stream = self.stream.clone();
-        let epoch = epoch_of(stream.info().await?);
-        if epoch != self.epoch() {
-            tracing::warn!(old = %self.epoch(), new = %epoch, "the stream was recreated: new epoch, following it from its start");
-            *self.epoch.write().unwrap_or_else(|p| p.into_inner()) = epoch;
-            // Cursors are seqs of the old stream: a cursor above the new stream's seqs would
-            // never move (cursors only rise). Every gateway that sees the change purges;
-            // purging twice is harmless.
-            let kv = self.names.cursors_stream();
-            let purged = async {
-                let s = self.js.get_stream(&kv).await.map_err(|e| e.to_string())?;
-                s.purge().await.map_err(|e| e.to_string())
-            };
-            if let Err(e) = purged.await {
-                tracing::warn!(error = %e, "purging the old epoch's cursors failed");
-            }
+        if self.adopt_new_epoch().await? {
             *last = 0;
             self.tail_last.store(0, Ordering::Relaxed);
-            self.recent.restart_at(0);
+            if let Some(recent) = &self.recent {
+                recent.restart_at(0);
+            }
         }
         self.tail_last.fetch_max(*last, Ordering::Relaxed);
         let mut live = self.client.subscribe(self.names.live_all()).await?;
@@ -688,6 +691,32 @@ impl NatsStore {
         }
     }
 
+    /// Whether the stream was deleted and created again since this gateway last looked
+    /// (one stream info). A new stream starts its seqs over: its creation time becomes the
+    /// epoch, so resumes from the old one become resets, and the old epoch's cursors are
+    /// purged. The caller follows the new stream from its start.
+    async fn adopt_new_epoch(&self) -> anyhow::Result<bool> {
+        let mut stream = self.stream.clone();
+        let epoch = epoch_of(stream.info().await?);
+        if epoch == self.epoch() {
+            return Ok(false);
+        }
+        tracing::warn!(old = %self.epoch(), new = %epoch, "the stream was recreated: new epoch, following it from its start");
+        *self.epoch.write().unwrap_or_else(|p| p.into_inner()) = epoch;
+        // Cursors are seqs of the old stream: a cursor above the new stream's seqs would
+        // never move (cursors only rise). Every gateway that sees the change purges;
+        // purging twice is harmless.
+        let kv = self.names.cursors_stream();
+        let purged = async {
+            let s = self.js.get_stream(&kv).await.map_err(|e| e.to_string())?;
+            s.purge().await.map_err(|e| e.to_string())
+        };
+        if let Err(e) = purged.await {
+            tracing::warn!(error = %e, "purging the old epoch's cursors failed");
+        }
+        Ok(true)
+    }
+
     /// Hands copy `seq`, received on `subject` (republished `<prefix>.live.<uid>`, or the
     /// stored `<prefix>.u.<uid>` when read back), to the fanout and the backlog cache,
     /// decoding the payload only if the fanout asks for it.
@@ -710,7 +739,9 @@ impl NatsStore {
         let published = published();
         // Cached before it is handed over: a login that registers in between reads it here
         // or gets it in its outbox, never neither.
-        self.recent.insert(uid, seq, published, payload);
+        if let Some(recent) = &self.recent {
+            recent.insert(uid, seq, published, payload);
+        }
         let stats = &self.tail_stats;
         fanout.deliver(uid, &mut || {
             stats.decoded.fetch_add(1, Ordering::Relaxed);
@@ -835,10 +866,11 @@ impl Store for NatsStore {
     async fn read(&self, uid: &str, after: u64, limit: usize) -> Result<Page, StoreError> {
         // Everything after `after` that the tail has seen is cached; what it has not seen
         // yet reaches a registered connection through the tail.
-        if let Some(page) = self
+        let cached = self
             .recent
-            .read(uid, after, limit.clamp(1, MAX_DIRECT_BATCH))
-        {
+            .as_ref()
+            .and_then(|recent| recent.read(uid, after, limit.clamp(1, MAX_DIRECT_BATCH)));
+        if let Some(page) = cached {
             self.tail_stats.backlog_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(page);
         }
@@ -869,10 +901,26 @@ impl Store for NatsStore {
         Ok(batch.page(after, stream_first, self.max_inbox))
     }
 
-    async fn last_seq(&self, _uid: &str) -> Result<u64, StoreError> {
-        // Everything after the tail's position reaches this gateway's connections through
-        // the tail, so it is a live tail for every inbox at once, with no request.
-        Ok(self.tail_last.load(Ordering::Relaxed))
+    async fn follow(&self, uid: &str) -> Result<Following, StoreError> {
+        match &self.interest {
+            Some(interest) => self.follow_interest(interest, uid).await,
+            None => Ok(Following::always()),
+        }
+    }
+
+    async fn last_seq(&self, uid: &str) -> Result<u64, StoreError> {
+        let Some(interest) = &self.interest else {
+            // Everything after the tail's position reaches this gateway's connections
+            // through the tail, so it is a live tail for every inbox at once, with no
+            // request.
+            return Ok(self.tail_last.load(Ordering::Relaxed));
+        };
+        // A followed inbox: everything after what the tail handed over arrives through
+        // it. Otherwise the inbox's newest copy, from the stream.
+        match interest.delivered(uid) {
+            Some(seq) => Ok(seq),
+            None => self.inbox_last(uid).await,
+        }
     }
 
     fn epoch(&self) -> Arc<str> {

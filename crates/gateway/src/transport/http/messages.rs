@@ -149,10 +149,23 @@ pub async fn poll(
         }
     };
 
-    // Register before reading, so nothing stored between the read and the wait is missed.
-    // The cursor is stored up to `after` (acked just above, or the resume point).
-    let waiter = (!wait.is_zero())
-        .then(|| Waiter::register(&shared.hub, &shared.cursors, &uid, &device, after, limit));
+    // Follow the inbox and register before reading, so nothing stored between the read and
+    // the wait is missed. The cursor is stored up to `after` (acked just above, or the
+    // resume point).
+    let waiter = if wait.is_zero() {
+        None
+    } else {
+        let following = shared.store.follow(&uid).await?;
+        let (hub, cursors) = (&shared.hub, &shared.cursors);
+        Some(Waiter::register(
+            hub,
+            cursors,
+            (&uid, &device),
+            after,
+            limit,
+            following,
+        ))
+    };
     let mut page = shared.store.read(&uid, after, limit).await?;
     page.gap |= reset;
     let Some(waiter) = waiter else {
