@@ -319,3 +319,9 @@ pub(crate) fn percentiles_ms(h: &Histogram<u64>) -> Value {
         "max": ms(h.max()),
     })
 }
+
+/// The gateways' `--fanout`, which they read from the `IMGATE_FANOUT` they inherit from
+/// the generator (the default: broadcast).
+pub(crate) fn fanout() -> String {
+    std::env::var("IMGATE_FANOUT").unwrap_or_else(|_| "broadcast".into())
+}

@@ -112,7 +112,9 @@ impl Setup {
             all.extend(["--worker-threads".into(), self.gateway_threads.to_string()]);
         }
         all.extend_from_slice(args);
-        Gateway::start_binary(binary, &all, "error").await
+        // Gateways log errors only, unless IMGATE_BENCH_LOG names another filter.
+        let log = std::env::var("IMGATE_BENCH_LOG").unwrap_or_else(|_| "error".into());
+        Gateway::start_binary(binary, &all, &log).await
     }
 }
 

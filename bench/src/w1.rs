@@ -127,10 +127,7 @@ async fn connect_http(
 
 pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     let gateways = if a.standalone { 1 } else { a.gateways };
-    anyhow::ensure!(
-        a.standalone || gateways >= 2,
-        "W1 needs two gateways, or --standalone"
-    );
+    anyhow::ensure!(gateways >= 1, "W1 needs a gateway");
     let cluster = start(&a.setup, gateways, a.standalone).await?;
     let (nats, gws) = (&cluster, &cluster.gateways);
     eprintln!(
@@ -200,7 +197,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             let from = rng.random_range(0..a.users);
             // A recipient on another gateway: same index modulo g is the same gateway.
             let to = if g == 1 {
-                // Standalone: anyone else.
+                // One gateway: anyone else.
                 (from + rng.random_range(1..a.users)) % a.users
             } else {
                 let shift = rng.random_range(1..g);
@@ -260,14 +257,18 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             "cpu_seconds": round(after[i].cpu_seconds - before[i].cpu_seconds),
             "peak_rss_kib": after[i].peak_rss_kib,
             "tail_received": gw.metric("imgate_tail_received_total").await,
+            "bus_bytes": gw.metric("imgate_tail_received_bytes_total").await,
             "tail_decoded": gw.metric("imgate_tail_decoded_total").await,
             "dropped_not_local": gw.metric("imgate_fanout_dropped_not_local_total").await,
+            "live_gaps": gw.metric("imgate_live_gaps_total").await,
+            "catch_ups": gw.metric("imgate_tail_catch_ups_total").await,
         }));
     }
     let report = json!({
         "scenario": "W1",
         "gateways": gateways,
         "standalone": a.standalone,
+        "fanout": crate::common::fanout(),
         "transport": format!("{:?}", a.transport),
         "users": a.users,
         "offered_rate": a.rate,
@@ -324,12 +325,14 @@ fn print_table(r: &serde_json::Value) {
     for g in r["gateway_processes"].as_array().into_iter().flatten() {
         let label = format!("gateway {} cpu s / peak RSS", g["gateway"]);
         println!(
-            "{label:<34} {} / {} KiB (tail received {}, decoded {}, dropped {})",
+            "{label:<34} {} / {} KiB (tail received {}, decoded {}, dropped {}, gaps {}, read back {})",
             g["cpu_seconds"],
             g["peak_rss_kib"],
             g["tail_received"],
             g["tail_decoded"],
-            g["dropped_not_local"]
+            g["dropped_not_local"],
+            g["live_gaps"],
+            g["catch_ups"]
         );
     }
     println!(

@@ -49,7 +49,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     let md = table(&a, &rows);
     std::fs::write(a.out.join("w3.md"), &md)?;
     plot(&rows, &a.out.join("w3.svg"))?;
-    let report = json!({"scenario": "W3", "rate": a.rate, "users": a.users, "duration_s": a.duration.as_secs_f64(), "runs": rows});
+    let report = json!({"scenario": "W3", "fanout": crate::common::fanout(), "rate": a.rate, "users": a.users, "duration_s": a.duration.as_secs_f64(), "runs": rows});
     if a.setup.json {
         crate::print(&a.setup, &report);
     } else {
@@ -106,11 +106,17 @@ async fn one(a: &Args, g: usize) -> anyhow::Result<Value> {
         });
     })
     .await;
-    // Wait until every gateway has seen every copy (or 10 s).
+    // Wait until every gateway has seen every copy (or 10 s); with interest routing only
+    // gateway 0, which holds every user, gets any.
     let deadline = Instant::now() + Duration::from_secs(10);
+    let expecting = if crate::common::fanout() == "interest" {
+        1
+    } else {
+        gws.len()
+    };
     loop {
         let mut done = true;
-        for (gw, (r0, _)) in gws.iter().zip(&base) {
+        for (gw, (r0, _)) in gws.iter().zip(&base).take(expecting) {
             done &=
                 gw.metric("imgate_tail_received_total").await - r0 >= sent * 2 - (sent * 2) / 100;
         }
@@ -134,7 +140,7 @@ async fn one(a: &Args, g: usize) -> anyhow::Result<Value> {
             "dropped": recv.saturating_sub(decoded),
             "cpu_seconds": round(cpu),
             "bus_bytes": bytes,
-            "cpu_us_per_received": if recv > 0 { round(cpu * 1e6 / recv as f64) } else { 0.0 },
+            "cpu_us_per_received": if recv > 0 { json!(round(cpu * 1e6 / recv as f64)) } else { Value::Null },
         }));
     }
     drop(clients);
@@ -160,9 +166,10 @@ fn drop_cost(row: &Value) -> Option<f64> {
 
 fn table(a: &Args, rows: &[Value]) -> String {
     let mut s = format!(
-        "W3: {} msg/s in total for {} s, {} users all on gateway 0 (gateways 1..G hold nobody)\n\n\
-         | G | gateway 0 CPU s | other gateways' CPU s (mean) | CPU µs per dropped copy | bus MB per gateway | bus MB in total | nats-server CPU s |\n\
-         | --- | --- | --- | --- | --- | --- | --- |\n",
+        "W3 (--fanout {}): {} msg/s in total for {} s, {} users all on gateway 0 (gateways 1..G hold nobody)\n\n\
+         | G | gateway 0 CPU s | other gateways' CPU s (mean) | copies received by the others (mean) | CPU µs per dropped copy | bus MB per gateway | bus MB in total | nats-server CPU s |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+        crate::common::fanout(),
         a.rate,
         a.duration.as_secs(),
         a.users
@@ -187,9 +194,19 @@ fn table(a: &Args, rows: &[Value]) -> String {
         let per_gw = bytes.first().copied().unwrap_or(0) as f64 / 1e6;
         let total = bytes.iter().sum::<u64>() as f64 / 1e6;
         let cost = drop_cost(r).map_or("–".into(), |c| format!("{c:.1}"));
+        let received: Vec<u64> = gw
+            .iter()
+            .skip(1)
+            .filter_map(|g| g["received"].as_u64())
+            .collect();
+        let mean_received = if received.is_empty() {
+            "–".into()
+        } else {
+            format!("{}", received.iter().sum::<u64>() / received.len() as u64)
+        };
         s += &format!(
-            "| {} | {:.2} | {} | {} | {:.1} | {:.1} | {} |\n",
-            r["g"], cpu0, mean_other, cost, per_gw, total, r["nats_cpu_seconds"]
+            "| {} | {:.2} | {} | {} | {} | {:.1} | {:.1} | {} |\n",
+            r["g"], cpu0, mean_other, mean_received, cost, per_gw, total, r["nats_cpu_seconds"]
         );
     }
     s

@@ -139,6 +139,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         .sum();
     let report = json!({
         "scenario": "W7",
+        "fanout": crate::common::fanout(),
         "devices": a.devices,
         "waiting_per_device": a.waiting,
         "drained": drained,

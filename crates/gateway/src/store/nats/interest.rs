@@ -7,24 +7,29 @@
 //!   until the server has the subscription (a flush), then reads the inbox's last seq:
 //!   every copy after it arrives on the subscription, and every copy up to it is in the
 //!   backlog the connection reads next. The last holder to go unsubscribes.
-//! - The tail ([`NatsStore::run_interest_tail`]) owns every subscription and hands copies
-//!   over in seq order per inbox. Republish is at most once: a copy whose
+//! - Each followed inbox has a task of its own that reads its subscription and hands its
+//!   copies over in seq order. Republish is at most once: a copy whose
 //!   `Nats-Last-Sequence` (the previous seq of the same inbox) is above the last seq handed
-//!   over for that inbox means copies were lost on the way, and they are read back from
-//!   the stream (batch direct get) before it. After a reconnect, a slow-consumer cut or a
-//!   stream leader change every followed inbox is checked against the stream, and a few
-//!   inboxes more each [`POSITION_CHECK`], so a lost last copy, which no later copy reveals,
-//!   is found within `ceil(inboxes / CHECK_CHUNK)` checks.
+//!   over means copies were lost on the way, and they are read back from the stream
+//!   (batch direct get) before it.
+//! - The checker ([`NatsStore::run_interest_tail`]) compares followed inboxes with the
+//!   stream (multi-last batch direct gets) and asks an inbox's task to read back what it
+//!   lacks; the task first takes everything its subscription already received, so only
+//!   what is really missing is read. After a reconnect, a slow-consumer cut or a stream
+//!   leader election every followed inbox is checked at once. Otherwise [`CHECK_CHUNK`]
+//!   inboxes are checked each [`POSITION_CHECK`], and an inbox found behind is read back
+//!   only if it is behind still a check interval later (its copy may have been on its
+//!   way): a lost last copy, which no later copy reveals, arrives within
+//!   `ceil(inboxes / CHECK_CHUNK) + 1` intervals.
 //!
 //! It knows nothing about connections: copies go to the [`Fanout`].
 
-use std::collections::{HashMap, VecDeque};
-use std::pin::Pin;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
-use futures::stream::{AbortHandle, Abortable, SelectAll};
-use futures::{Stream, StreamExt};
+use futures::{FutureExt, Stream, StreamExt};
+use imgate_proto::Message;
 use tokio::sync::{mpsc, OnceCell};
 use tokio_util::sync::CancellationToken;
 
@@ -33,16 +38,21 @@ use crate::metrics::TailStats;
 use crate::store::{Fanout, Following, StoreError};
 
 /// Inboxes checked against the stream in one request (a multi-last batch direct get).
-pub(super) const CHECK_CHUNK: usize = 256;
+/// nats-server resolves each subject's last message through the block that holds it, so a
+/// check costs it about as much per inbox as a direct get; W1 with 256 per second per
+/// gateway doubled nats-server's CPU.
+pub(super) const CHECK_CHUNK: usize = 64;
 
-/// The followed inboxes of this gateway, shared by the sessions and the tail.
+/// The followed inboxes of this gateway, shared by the sessions, the inboxes' tasks and
+/// the checker.
 pub(super) struct Interest {
     followed: Mutex<HashMap<Arc<str>, Holders>>,
     next_gen: AtomicU64,
-    to_tail: mpsc::UnboundedSender<Command>,
     stats: Arc<TailStats>,
-    /// The tail's end of `to_tail`, taken when it starts.
-    tail_rx: Mutex<Option<mpsc::UnboundedReceiver<Command>>>,
+    /// Where the inboxes' tasks hand copies to; set when the checker starts.
+    fanout: OnceLock<Arc<dyn Fanout>>,
+    /// Live copies received, for the test hook that drops every Nth.
+    seen: AtomicU64,
 }
 
 struct Holders {
@@ -54,21 +64,30 @@ struct Holders {
 pub(super) struct Inbox {
     /// Tells one following of the inbox from the next, after everyone let go in between.
     gen: u64,
-    /// Set once the subscription is in place.
+    /// Set once the subscription is in place and its task runs.
     subscribed: OnceCell<()>,
     /// The last seq handed over (or known to be in every holder's backlog read).
     delivered: AtomicU64,
+    /// Ends the inbox's task, and with it the subscription, when the last holder goes.
+    stop: CancellationToken,
+    /// Asks the inbox's task to read back up to a seq the stream holds.
+    checks: OnceLock<mpsc::UnboundedSender<u64>>,
 }
 
-enum Command {
-    /// A subscription in place, for the tail to read.
-    Add {
-        uid: Arc<str>,
-        inbox: Arc<Inbox>,
-        sub: async_nats::Subscriber,
-    },
-    /// Nobody holds the inbox any more.
-    Remove { uid: Arc<str>, gen: u64 },
+impl Inbox {
+    /// Asks the inbox's task to hand over everything up to `newest`.
+    fn check(&self, newest: u64) {
+        if let Some(tx) = self.checks.get() {
+            let _ = tx.send(newest);
+        }
+    }
+}
+
+/// An inbox a check found behind the stream: its newest seq then, and when.
+struct Suspect {
+    gen: u64,
+    seq: u64,
+    since: tokio::time::Instant,
 }
 
 /// Lets go of an inbox when dropped (inside a [`Following`]).
@@ -89,25 +108,21 @@ impl Drop for Release {
         }
         h.count -= 1;
         if h.count == 0 {
+            h.inbox.stop.cancel();
             followed.remove(&self.uid);
             self.interest.stats.followed.fetch_sub(1, Ordering::Relaxed);
-            let _ = self.interest.to_tail.send(Command::Remove {
-                uid: self.uid.clone(),
-                gen: self.gen,
-            });
         }
     }
 }
 
 impl Interest {
     pub(super) fn new(stats: Arc<TailStats>) -> Arc<Self> {
-        let (to_tail, rx) = mpsc::unbounded_channel();
         Arc::new(Interest {
             followed: Mutex::new(HashMap::new()),
             next_gen: AtomicU64::new(1),
-            to_tail,
             stats,
-            tail_rx: Mutex::new(Some(rx)),
+            fanout: OnceLock::new(),
+            seen: AtomicU64::new(0),
         })
     }
 
@@ -118,12 +133,8 @@ impl Interest {
     /// One more holder of `uid`'s inbox.
     fn hold(self: &Arc<Self>, uid: &str) -> (Arc<Inbox>, Release) {
         let mut followed = self.lock();
-        let (uid, h) = match followed.get_key_value(uid) {
-            Some((k, _)) => {
-                let k = k.clone();
-                let h = followed.get_mut(&k).expect("just found");
-                (k, h)
-            }
+        let key: Arc<str> = match followed.get_key_value(uid) {
+            Some((k, _)) => k.clone(),
             None => {
                 let k: Arc<str> = uid.into();
                 self.stats.followed.fetch_add(1, Ordering::Relaxed);
@@ -131,19 +142,20 @@ impl Interest {
                     gen: self.next_gen.fetch_add(1, Ordering::Relaxed),
                     subscribed: OnceCell::new(),
                     delivered: AtomicU64::new(0),
+                    stop: CancellationToken::new(),
+                    checks: OnceLock::new(),
                 });
-                let h = followed
-                    .entry(k.clone())
-                    .or_insert(Holders { count: 0, inbox });
-                (k, h)
+                followed.insert(k.clone(), Holders { count: 0, inbox });
+                k
             }
         };
+        let h = followed.get_mut(&key).expect("just found or inserted");
         h.count += 1;
         let inbox = h.inbox.clone();
         let release = Release {
             interest: self.clone(),
             gen: inbox.gen,
-            uid,
+            uid: key,
         };
         (inbox, release)
     }
@@ -158,30 +170,17 @@ impl Interest {
             .then(|| h.inbox.delivered.load(Ordering::Relaxed))
     }
 
-    /// Whether `gen` is still how `uid` is followed.
-    fn current(&self, uid: &str, gen: u64) -> bool {
-        self.lock().get(uid).is_some_and(|h| h.inbox.gen == gen)
-    }
-
-    /// Every followed inbox now.
+    /// Every followed inbox whose subscription is in place, oldest following first.
     fn all(&self) -> Vec<(Arc<str>, Arc<Inbox>)> {
-        self.lock()
+        let mut all: Vec<_> = self
+            .lock()
             .iter()
             .filter(|(_, h)| h.inbox.subscribed.initialized())
             .map(|(k, h)| (k.clone(), h.inbox.clone()))
-            .collect()
+            .collect();
+        all.sort_unstable_by_key(|(_, inbox)| inbox.gen);
+        all
     }
-}
-
-type Copies = Pin<Box<dyn Stream<Item = (Arc<str>, Arc<Inbox>, async_nats::Message)> + Send>>;
-
-/// What the tail holds: every subscription, merged into one stream.
-struct Subscriptions {
-    live: SelectAll<Abortable<Copies>>,
-    handles: HashMap<Arc<str>, (u64, AbortHandle)>,
-    /// Followed inboxes, with the generation they were added as, in the order the position
-    /// check visits them.
-    rota: VecDeque<(Arc<str>, u64)>,
 }
 
 impl NatsStore {
@@ -209,6 +208,11 @@ impl NatsStore {
         inbox: &Arc<Inbox>,
     ) -> Result<(), StoreError> {
         self.connected()?;
+        let (Some(fanout), Some(me)) = (interest.fanout.get(), self.me.upgrade()) else {
+            return Err(StoreError::Unavailable(
+                "the gateway is not following the stream yet".into(),
+            ));
+        };
         let subscribing = async {
             let sub = self
                 .client
@@ -224,11 +228,10 @@ impl NatsStore {
             .map_err(|_| StoreError::Unavailable("subscribing to NATS timed out".into()))??;
         let last = self.inbox_last(uid).await?;
         inbox.delivered.fetch_max(last, Ordering::Relaxed);
-        let _ = interest.to_tail.send(Command::Add {
-            uid: uid.clone(),
-            inbox: inbox.clone(),
-            sub,
-        });
+        let (tx, checks) = mpsc::unbounded_channel();
+        let _ = inbox.checks.set(tx);
+        let task = me.follow_live(fanout.clone(), uid.clone(), inbox.clone(), sub, checks);
+        tokio::spawn(task);
         Ok(())
     }
 
@@ -248,75 +251,40 @@ impl NatsStore {
         }
     }
 
-    /// Hands the copies of followed inboxes over until `stop`.
-    pub async fn run_interest_tail(
+    /// One followed inbox's task: hands over its live copies in order, and reads back
+    /// what the checker finds missing, until the last holder goes (dropping `sub`
+    /// unsubscribes).
+    async fn follow_live(
         self: Arc<Self>,
         fanout: Arc<dyn Fanout>,
-        stop: CancellationToken,
+        uid: Arc<str>,
+        inbox: Arc<Inbox>,
+        mut sub: async_nats::Subscriber,
+        mut checks: mpsc::UnboundedReceiver<u64>,
     ) {
-        let interest = self.interest.clone().expect("interest mode");
-        let Some(mut commands) = interest
-            .tail_rx
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        else {
-            tracing::error!("the interest tail was started twice");
-            return;
-        };
-        let mut subs = Subscriptions {
-            live: SelectAll::new(),
-            handles: HashMap::new(),
-            rota: VecDeque::new(),
-        };
-        let leaders = self.leader_changes().await;
-        let mut leaders = std::pin::pin!(leaders);
-        // A failed read back leaves inboxes behind: every one is checked again until a
-        // check succeeds.
-        let mut behind = false;
-        let mut seen: u64 = 0;
-        let mut check = tokio::time::interval(POSITION_CHECK);
-        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let fanout = &*fanout;
         loop {
-            tokio::select! {
+            let m = tokio::select! {
                 biased;
-                _ = stop.cancelled() => return,
-                () = self.resync.notified() => behind = true,
-                Some(()) = leaders.next() => behind = true,
-                Some(c) = commands.recv() => subs.apply(&interest, c),
-                Some((uid, inbox, m)) = subs.live.next(), if !subs.live.is_empty() => {
-                    if !interest.current(&uid, inbox.gen) {
-                        continue;
+                () = inbox.stop.cancelled() => return,
+                Some(newest) = checks.recv() => {
+                    // What the subscription received already first: only what is still
+                    // missing after it is read back.
+                    while let Some(Some(m)) = sub.next().now_or_never() {
+                        self.live_copy(fanout, &uid, &inbox, &m).await;
                     }
-                    seen += 1;
-                    if self.drop_live_every > 0 && seen.is_multiple_of(self.drop_live_every) {
-                        continue;
-                    }
-                    if let Err(e) = self.live_copy(&*fanout, &uid, &inbox, &m).await {
-                        tracing::warn!(error = %e, uid = %uid, "reading missed copies back failed; checking again soon");
-                        behind = true;
+                    if newest > inbox.delivered.load(Ordering::Relaxed) {
+                        self.tail_stats.live_gaps.fetch_add(1, Ordering::Relaxed);
+                        self.read_back_logged(fanout, &uid, &inbox).await;
                     }
                     continue;
                 }
-                _ = check.tick() => {}
-            }
-            // A check: every followed inbox after a possible loss, else the next few.
-            let inboxes = if behind {
-                interest.all()
-            } else {
-                subs.next_in_rota(&interest)
+                m = sub.next() => match m {
+                    Some(m) => m,
+                    None => return,
+                },
             };
-            if inboxes.is_empty() {
-                behind = false;
-                continue;
-            }
-            match self.check_inboxes(&*fanout, &inboxes, behind).await {
-                Ok(()) => behind = false,
-                Err(e) => {
-                    tracing::warn!(error = %e, "checking followed inboxes against the stream failed; trying again");
-                    behind = true;
-                }
-            }
+            self.live_copy(fanout, &uid, &inbox, &m).await;
         }
     }
 
@@ -327,25 +295,44 @@ impl NatsStore {
         uid: &str,
         inbox: &Inbox,
         m: &async_nats::Message,
-    ) -> Result<(), StoreError> {
+    ) {
+        let Some(interest) = &self.interest else {
+            return;
+        };
+        let seen = interest.seen.fetch_add(1, Ordering::Relaxed) + 1;
+        if self.drop_live_every > 0 && seen.is_multiple_of(self.drop_live_every) {
+            return;
+        }
         let Some(seq) = header_u64(m, async_nats::header::NATS_SEQUENCE) else {
-            return Ok(());
+            return;
         };
         let delivered = inbox.delivered.load(Ordering::Relaxed);
         if seq <= delivered {
-            return Ok(());
+            return;
         }
         let previous = header_u64(m, async_nats::header::NATS_LAST_SEQUENCE).unwrap_or(0);
         if previous > delivered {
             self.tail_stats.live_gaps.fetch_add(1, Ordering::Relaxed);
-            self.read_back(fanout, uid, inbox).await?;
+            self.read_back_logged(fanout, uid, inbox).await;
             if seq <= inbox.delivered.load(Ordering::Relaxed) {
-                return Ok(());
+                return;
+            }
+            if previous > inbox.delivered.load(Ordering::Relaxed) {
+                // Not read back (NATS is failing): handing this one over would skip the
+                // missing ones for good. The checker reads them all back later.
+                return;
             }
         }
         self.hand_over(fanout, &m.subject, seq, || live_time(m), &m.payload);
         inbox.delivered.store(seq, Ordering::Relaxed);
-        Ok(())
+    }
+
+    /// [`NatsStore::read_back`], logging a failure (the checker finds the inbox behind
+    /// again and asks once more).
+    async fn read_back_logged(&self, fanout: &dyn Fanout, uid: &str, inbox: &Inbox) {
+        if let Err(e) = self.read_back(fanout, uid, inbox).await {
+            tracing::warn!(error = %e, uid, "reading missed copies back failed; checking again soon");
+        }
     }
 
     /// Hands over everything stored in `uid`'s inbox after its delivered seq, in order.
@@ -373,15 +360,81 @@ impl NatsStore {
         }
     }
 
+    /// Checks the followed inboxes against the stream until `stop` (see the module doc);
+    /// from its start on, inboxes can be followed.
+    pub async fn run_interest_tail(
+        self: Arc<Self>,
+        fanout: Arc<dyn Fanout>,
+        stop: CancellationToken,
+    ) {
+        let interest = self.interest.clone().expect("interest mode");
+        if interest.fanout.set(fanout).is_err() {
+            tracing::error!("the interest tail was started twice");
+            return;
+        }
+        let leaders = self.leader_changes().await;
+        let mut leaders = std::pin::pin!(leaders);
+        // A failed check leaves inboxes unchecked: every one is checked at the next.
+        let mut behind = false;
+        let mut suspects: HashMap<Arc<str>, Suspect> = HashMap::new();
+        // The following generation the rota checked last.
+        let mut rota = 0;
+        let mut tick = tokio::time::interval(POSITION_CHECK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => return,
+                () = self.resync.notified() => behind = true,
+                Some(()) = leaders.next() => behind = true,
+                _ = tick.tick() => {}
+            }
+            let all = interest.all();
+            let inboxes: Vec<_> = if behind {
+                all
+            } else {
+                // The next few in following order (wrapping around), and the suspects.
+                let start = all.partition_point(|(_, inbox)| inbox.gen <= rota);
+                let next = all
+                    .iter()
+                    .cycle()
+                    .skip(start)
+                    .take(CHECK_CHUNK.min(all.len()));
+                let next: Vec<_> = next.cloned().collect();
+                rota = next.last().map_or(0, |(_, inbox)| inbox.gen);
+                let suspected = all.iter().filter(|(uid, inbox)| {
+                    suspects.get(uid).is_some_and(|s| s.gen == inbox.gen)
+                        && !next.iter().any(|(u, _)| u == uid)
+                });
+                next.iter().chain(suspected).cloned().collect()
+            };
+            suspects.retain(|uid, s| inboxes.iter().any(|(u, i)| u == uid && i.gen == s.gen));
+            if inboxes.is_empty() {
+                behind = false;
+                continue;
+            }
+            match self.check_inboxes(&inboxes, behind, &mut suspects).await {
+                Ok(()) => behind = false,
+                Err(e) => {
+                    tracing::warn!(error = %e, "checking followed inboxes against the stream failed; trying again");
+                    behind = true;
+                }
+            }
+        }
+    }
+
     /// Compares `inboxes` with the stream (one multi-last batch direct get per
-    /// [`CHECK_CHUNK`]) and reads back every one that is behind.
-    /// `after_loss` (a reconnect, a cut, a leader change, a failed check) also asks whether
-    /// the stream was recreated meanwhile.
+    /// [`CHECK_CHUNK`]) and asks the task of each one behind to read back. After a possible
+    /// loss (`after_loss`: a reconnect, a cut, a leader change, a failed check) it asks at
+    /// once, and first whether the stream was recreated. Otherwise it asks only for an
+    /// inbox found behind by an earlier check at least [`POSITION_CHECK`] ago and behind
+    /// that copy still; under load most inboxes found behind have a copy on its way.
+    /// `suspects` holds the inboxes found behind and not yet asked about.
     async fn check_inboxes(
         &self,
-        fanout: &dyn Fanout,
         inboxes: &[(Arc<str>, Arc<Inbox>)],
         after_loss: bool,
+        suspects: &mut HashMap<Arc<str>, Suspect>,
     ) -> anyhow::Result<()> {
         use jetstream_extra::batch_fetch::{BatchFetchErrorKind, BatchFetchExt};
         self.connected()?;
@@ -419,11 +472,20 @@ impl NatsStore {
                 if seq < delivered {
                     // An inbox's newest seq never falls, unless the stream is new.
                     self.follow_new_epoch().await?;
-                    anyhow::bail!("the stream was recreated: reading every followed inbox again");
+                    anyhow::bail!("the stream was recreated: checking every followed inbox");
                 }
-                if seq > delivered {
-                    self.tail_stats.live_gaps.fetch_add(1, Ordering::Relaxed);
-                    self.read_back(fanout, uid, inbox).await?;
+                let earlier = suspects.get(&**uid).filter(|s| s.gen == inbox.gen);
+                let still = earlier
+                    .is_some_and(|s| s.seq > delivered && s.since.elapsed() >= POSITION_CHECK);
+                if seq == delivered {
+                    suspects.remove(&**uid);
+                } else if after_loss || still {
+                    suspects.remove(&**uid);
+                    inbox.check(seq);
+                } else if earlier.is_none_or(|s| s.seq <= delivered) {
+                    let since = tokio::time::Instant::now();
+                    let gen = inbox.gen;
+                    suspects.insert(uid.clone(), Suspect { gen, seq, since });
                 }
             }
         }
@@ -459,63 +521,6 @@ impl NatsStore {
     }
 }
 
-use imgate_proto::Message;
-
-impl Subscriptions {
-    fn apply(&mut self, interest: &Interest, c: Command) {
-        match c {
-            Command::Add { uid, inbox, sub } => {
-                // Let go of meanwhile (or followed again since): dropping `sub` unsubscribes.
-                if !interest.current(&uid, inbox.gen) {
-                    return;
-                }
-                let (handle, registration) = AbortHandle::new_pair();
-                if let Some((_, old)) = self.handles.insert(uid.clone(), (inbox.gen, handle)) {
-                    old.abort();
-                }
-                self.rota.push_back((uid.clone(), inbox.gen));
-                let copies: Copies = Box::pin(sub.map(move |m| (uid.clone(), inbox.clone(), m)));
-                self.live.push(Abortable::new(copies, registration));
-            }
-            Command::Remove { uid, gen } => {
-                if self.handles.get(&uid).is_some_and(|(g, _)| *g == gen) {
-                    let (_, (_, handle)) = self.handles.remove_entry(&uid).expect("just found");
-                    handle.abort();
-                }
-            }
-        }
-    }
-
-    /// The next [`CHECK_CHUNK`] followed inboxes of the position check's rota.
-    fn next_in_rota(&mut self, interest: &Interest) -> Vec<(Arc<str>, Arc<Inbox>)> {
-        let mut out = Vec::new();
-        let mut visited = 0;
-        let n = self.rota.len();
-        while out.len() < CHECK_CHUNK && visited < n {
-            let Some((uid, gen)) = self.rota.pop_front() else {
-                break;
-            };
-            visited += 1;
-            // Let go of, or followed again (and so in the rota again) since.
-            if self.handles.get(&uid).is_none_or(|(g, _)| *g != gen) {
-                continue;
-            }
-            let inbox = {
-                let followed = interest.lock();
-                followed
-                    .get(&uid)
-                    .filter(|h| h.inbox.gen == gen)
-                    .map(|h| h.inbox.clone())
-            };
-            if let Some(inbox) = inbox {
-                out.push((uid.clone(), inbox));
-                self.rota.push_back((uid, gen));
-            }
-        }
-        out
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -524,23 +529,21 @@ mod tests {
     fn the_last_holder_to_go_unsubscribes_and_the_next_follow_is_a_new_generation() {
         let stats = Arc::new(TailStats::default());
         let interest = Interest::new(stats.clone());
-        let mut tail = interest.tail_rx.lock().unwrap().take().unwrap();
         let (first, a) = interest.hold("bob");
         let (same, b) = interest.hold("bob");
         assert_eq!(first.gen, same.gen, "two holders share one subscription");
         assert_eq!(stats.followed.load(Ordering::Relaxed), 1);
         drop(a);
-        assert!(tail.try_recv().is_err(), "one holder is left");
-        assert!(interest.current("bob", first.gen));
+        assert!(!first.stop.is_cancelled(), "one holder is left");
         drop(b);
-        match tail.try_recv() {
-            Ok(Command::Remove { uid, gen }) => assert_eq!((&*uid, gen), ("bob", first.gen)),
-            _ => panic!("the last holder's going is sent to the tail"),
-        }
+        assert!(
+            first.stop.is_cancelled(),
+            "the last holder's going ends the task"
+        );
         assert_eq!(stats.followed.load(Ordering::Relaxed), 0);
-        assert!(!interest.current("bob", first.gen));
         let (again, _c) = interest.hold("bob");
         assert_ne!(again.gen, first.gen, "followed again: a new generation");
+        assert!(!again.stop.is_cancelled());
         // Not subscribed yet: nothing handed over is promised for it.
         assert_eq!(interest.delivered("bob"), None);
     }

@@ -70,6 +70,8 @@ const MAX_DIRECT_BATCH: usize = 1000;
 
 /// The JetStream-backed store.
 pub struct NatsStore {
+    /// This store, for the tasks it starts (one per followed inbox in interest mode).
+    me: std::sync::Weak<NatsStore>,
     client: async_nats::Client,
     js: jetstream::Context,
     stream: stream::Stream,
@@ -387,7 +389,8 @@ impl NatsStore {
             "sends are published to JetStream this way (--nats-publish)"
         );
         let publisher = Publisher::start(client.clone(), n.nats_timeout, mode, stats.clone());
-        Ok(Arc::new(NatsStore {
+        Ok(Arc::new_cyclic(|me| NatsStore {
+            me: me.clone(),
             epoch: std::sync::RwLock::new(epoch),
             publisher,
             client,
