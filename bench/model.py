@@ -11,10 +11,12 @@ nobody (D), and the CPU seconds of nats-server and of the gateways over W wall s
 The model is linear in those counts:
 
   nats-server CPU = a * stored copies (2M) + b * copies delivered to gateways (R)
+                    + e_mode * gateway-seconds (G*W)
   gateways' CPU   = c * messages (M)       + d * dropped copies (D) + f_mode * gateway-seconds (G*W)
 
 a is what storing and acknowledging a copy costs nats-server, b what handing one copy to
-one subscribing gateway costs it, c what a message costs the gateways that accept and
+one subscribing gateway costs it, e what each connected gateway costs it per second
+(in interest mode that includes the gateway's position checks), c what a message costs the gateways that accept and
 deliver it (the send, two deliveries, acks), d what a gateway pays for a copy it drops, and
 f what a gateway costs per second whatever it does (timers; in interest mode also the
 position checks), fitted per mode. The fit
@@ -65,7 +67,8 @@ def counts(r):
 
 
 def nats_row(c):
-    return [2 * c["m"], c["received"]]
+    gs = c["g"] * c["wall"]
+    return [2 * c["m"], c["received"], gs if c["mode"] == "broadcast" else 0, gs if c["mode"] == "interest" else 0]
 
 
 def gw_row(c):
@@ -86,7 +89,8 @@ def main():
     fit = [c for c in runs if not (c["mode"] == mode and c["g"] == int(g))]
     if not held or len(fit) < 3:
         raise SystemExit(f"need the held-out run {a.hold_out} and at least three others in {a.runs}")
-    na, nb = solve([nats_row(c) for c in fit], [c["nats_cpu"] for c in fit])
+    na, nb, eb, ei = solve([nats_row(c) for c in fit], [c["nats_cpu"] for c in fit])
+    e = {"broadcast": eb, "interest": ei}
     gc, gd, fb, fi = solve([gw_row(c) for c in fit], [c["gw_cpu"] for c in fit])
     f = {"broadcast": fb, "interest": fi}
     out = []
@@ -96,6 +100,8 @@ def main():
     p("| --- | --- | --- |")
     p(f"| a | nats-server, per stored copy | {na * 1e6:.2f} µs |")
     p(f"| b | nats-server, per copy delivered to a gateway | {nb * 1e6:.2f} µs |")
+    p(f"| e (broadcast) | nats-server, per gateway per second | {eb * 1e3:.2f} ms |")
+    p(f"| e (interest) | the same, with the gateway's position checks | {ei * 1e3:.2f} ms |")
     p(f"| c | gateways, per message (send, two deliveries, acks) | {gc * 1e6:.2f} µs |")
     p(f"| d | a gateway, per copy it drops | {gd * 1e6:.2f} µs |")
     p(f"| f (broadcast) | a gateway, per second whatever it does | {fb * 1e3:.2f} ms |")
@@ -105,14 +111,14 @@ def main():
     p("| mode | G | messages | copies to gateways | dropped | nats-server measured / model | gateways measured / model |")
     p("| --- | --- | --- | --- | --- | --- | --- |")
     for c in sorted(runs, key=lambda c: (c["mode"], c["g"])):
-        nm = na * 2 * c["m"] + nb * c["received"]
+        nm = na * 2 * c["m"] + nb * c["received"] + e[c["mode"]] * c["g"] * c["wall"]
         gm = gc * c["m"] + gd * c["dropped"] + f[c["mode"]] * c["g"] * c["wall"]
         tag = " (held out)" if c in held else ""
         p(f"| {c['mode']}{tag} | {c['g']} | {c['m']} | {c['received']} | {c['dropped']} | "
           f"{c['nats_cpu']:.2f} / {nm:.2f} | {c['gw_cpu']:.2f} / {gm:.2f} |")
     h = held[0]
     measured = (h["nats_cpu"] + h["gw_cpu"]) / h["m"] * 1e6
-    model = (na * 2 * h["m"] + nb * h["received"] + gc * h["m"] + gd * h["dropped"]
+    model = (na * 2 * h["m"] + nb * h["received"] + e[h["mode"]] * h["g"] * h["wall"] + gc * h["m"] + gd * h["dropped"]
              + f[h["mode"]] * h["g"] * h["wall"]) / h["m"] * 1e6
     p("")
     p(f"Held-out run ({a.hold_out}): {measured:.1f} µs of CPU per delivered message measured, "
@@ -125,9 +131,9 @@ def main():
     p("| --- | --- | --- | --- | --- |")
     crossover = None
     for g in [1, 2, 4, 8, 16, 32, 64, 128, 256]:
-        bn = na * 2 * m + nb * 2 * m * g
+        bn = na * 2 * m + nb * 2 * m * g + eb * g
         bg = gc * m + gd * 2 * m * (g - 1) + fb * g
-        inn = na * 2 * m + nb * 2 * m
+        inn = na * 2 * m + nb * 2 * m + ei * g
         ing = gc * m + fi * g
         b, i = (bn + bg) / m * 1e6, (inn + ing) / m * 1e6
         if crossover is None and i < b:

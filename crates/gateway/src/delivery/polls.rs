@@ -35,22 +35,27 @@ pub struct Waiter {
 
 impl Waiter {
     /// Registers a waiter of `(uid, device)` for at most `limit` deliveries, its cursor
-    /// stored up to `after`, holding `following` (the inbox followed by the store).
+    /// stored up to `after`. It holds no [`Following`] yet: see [`Waiter::holding`].
     pub fn register(
         hub: &Arc<Hub>,
         cursors: &Arc<Cursors>,
         (uid, device): (&str, &str),
         after: u64,
         limit: usize,
-        following: Following,
     ) -> Self {
         let kick = Arc::new(Kick::default());
         Waiter {
             reg: hub.wait(uid, device, kick.clone(), limit),
             kick,
             cursor: cursors.open(uid, device, after, after),
-            _following: following,
+            _following: Following::always(),
         }
+    }
+
+    /// The waiter, keeping the store following its inbox while it lives.
+    pub fn holding(mut self, following: Following) -> Self {
+        self._following = following;
+        self
     }
 
     /// Waits up to `wait` for deliveries above `after` and takes them (at most `limit`; the
@@ -64,6 +69,9 @@ impl Waiter {
     ) -> Collected {
         let deadline = tokio::time::Instant::now() + wait;
         let mut got = Collected::default();
+        // A delivery at or below one taken already (two deliveries of a copy, as when an
+        // inbox is followed again while its old follow still hands over) is skipped.
+        let mut last = after;
         // Deliveries at or below `after` (possible when a client names an `after` beyond its
         // inbox's newest message, or for copies the store read returned too) do not answer
         // the poll; it waits on.
@@ -81,7 +89,8 @@ impl Waiter {
             }
             while let Some(out) = next {
                 match out {
-                    OutboxItem::Msg(d) if d.seq() > after => {
+                    OutboxItem::Msg(d) if d.seq() > last => {
+                        last = d.seq();
                         got.messages.push((d.seq(), d.encoded(Encoding::Json)))
                     }
                     OutboxItem::Msg(_) => {}

@@ -479,9 +479,16 @@ where
     T: Frames,
 {
     let mut welcomed = false;
+    // Copies queued while the pages are read. Every one is stored already, so a page read
+    // after it normally returns it too; they are kept anyway and the ones above the last
+    // page sent go out after it, because a replica answering the read may lag the copy.
+    let mut queued: VecDeque<Arc<SharedFrame>> = VecDeque::new();
     loop {
-        // Everything queued so far is stored already, so the read below returns it.
-        while rx.try_recv().is_ok() {}
+        while let Ok(item) = rx.try_recv() {
+            if let OutboxItem::Msg(d) = item {
+                queued.push_back(d);
+            }
+        }
         let page = shared
             .store
             .read(live.uid(), live.last_sent, REPLAY_PAGE)
@@ -507,10 +514,18 @@ where
             io.write(ToClient::Shared(Arc::new(d)), false).await?;
             live.sent(seq, now);
         }
-        io.flush().await?;
+        queued.retain(|d| d.seq() > live.last_sent);
         if !more {
+            let now = Instant::now();
+            for d in queued {
+                let seq = d.seq();
+                io.write(ToClient::Shared(d), false).await?;
+                live.sent(seq, now);
+            }
+            io.flush().await?;
             return Ok(());
         }
+        io.flush().await?;
     }
 }
 

@@ -3,10 +3,13 @@
 //! copy only to the gateways that hold its recipient. NATS's subject interest is the
 //! registry; this file keeps only the subscriptions of this gateway.
 //!
-//! - [`NatsStore::follow`] counts the holders of an inbox. The first one subscribes, waits
-//!   until the server has the subscription (a flush), then reads the inbox's last seq:
-//!   every copy after it arrives on the subscription, and every copy up to it is in the
-//!   backlog the connection reads next. The last holder to go unsubscribes.
+//! - [`NatsStore::follow`] counts the holders of an inbox. The first one subscribes, then
+//!   reads the inbox's last seq with a direct get on the same connection, which the server
+//!   handles after the subscription: every copy stored after that seq is republished to
+//!   the subscription (on one NATS server at once; across a NATS cluster the interest
+//!   reaches the stream's server a moment later, and a copy lost in that moment is found
+//!   like any lost copy), and every copy up to it is in the backlog the connection reads
+//!   next. The last holder to go unsubscribes.
 //! - Each followed inbox has a task of its own that reads its subscription and hands its
 //!   copies over in seq order. Republish is at most once: a copy whose
 //!   `Nats-Last-Sequence` (the previous seq of the same inbox) is above the last seq handed
@@ -18,9 +21,10 @@
 //!   what is really missing is read. After a reconnect, a slow-consumer cut or a stream
 //!   leader election every followed inbox is checked at once. Otherwise [`CHECK_CHUNK`]
 //!   inboxes are checked each [`POSITION_CHECK`], and an inbox found behind is read back
-//!   only if it is behind still a check interval later (its copy may have been on its
+//!   only if it is behind that copy still at a later check (the copy may have been on its
 //!   way): a lost last copy, which no later copy reveals, arrives within
-//!   `ceil(inboxes / CHECK_CHUNK) + 1` intervals.
+//!   `ceil(inboxes / CHECK_CHUNK) + 1` intervals. Every [`EPOCH_CHECK`] intervals the
+//!   checker also asks whether the stream was recreated.
 //!
 //! It knows nothing about connections: copies go to the [`Fanout`].
 
@@ -42,6 +46,23 @@ use crate::store::{Fanout, Following, StoreError};
 /// check costs it about as much per inbox as a direct get; W1 with 256 per second per
 /// gateway doubled nats-server's CPU.
 pub(super) const CHECK_CHUNK: usize = 64;
+
+/// Every this many position checks, the checker asks whether the stream was recreated
+/// (one stream info, a JetStream API request).
+const EPOCH_CHECK: u64 = 5;
+
+/// How often an inbox's task reads back before it leaves a gap to the checker: a replica
+/// answering a direct get may lag the leader that republished the copy.
+const READ_BACK_TRIES: u32 = 3;
+
+/// What the checker asks of an inbox's task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Check {
+    /// Hand over everything up to this seq, which the stream holds.
+    UpTo(u64),
+    /// The stream was recreated: follow the new one from its start.
+    NewEpoch,
+}
 
 /// The followed inboxes of this gateway, shared by the sessions, the inboxes' tasks and
 /// the checker.
@@ -70,24 +91,23 @@ pub(super) struct Inbox {
     delivered: AtomicU64,
     /// Ends the inbox's task, and with it the subscription, when the last holder goes.
     stop: CancellationToken,
-    /// Asks the inbox's task to read back up to a seq the stream holds.
-    checks: OnceLock<mpsc::UnboundedSender<u64>>,
+    /// What the checker asks of the inbox's task.
+    checks: OnceLock<mpsc::UnboundedSender<Check>>,
 }
 
 impl Inbox {
-    /// Asks the inbox's task to hand over everything up to `newest`.
-    fn check(&self, newest: u64) {
+    fn check(&self, check: Check) {
         if let Some(tx) = self.checks.get() {
-            let _ = tx.send(newest);
+            let _ = tx.send(check);
         }
     }
 }
 
-/// An inbox a check found behind the stream: its newest seq then, and when.
+/// An inbox a check found behind the stream: its newest seq then, and the check's number.
 struct Suspect {
     gen: u64,
     seq: u64,
-    since: tokio::time::Instant,
+    check: u64,
 }
 
 /// Lets go of an inbox when dropped (inside a [`Following`]).
@@ -170,6 +190,16 @@ impl Interest {
             .then(|| h.inbox.delivered.load(Ordering::Relaxed))
     }
 
+    /// Drops `uid`'s inbox of generation `gen`, whose subscription ended by itself: its
+    /// holders' releases find nothing, and the next follow subscribes again.
+    fn forget(&self, uid: &str, gen: u64) {
+        let mut followed = self.lock();
+        if followed.get(uid).is_some_and(|h| h.inbox.gen == gen) {
+            followed.remove(uid);
+            self.stats.followed.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
     /// Every followed inbox whose subscription is in place, oldest following first.
     fn all(&self) -> Vec<(Arc<str>, Arc<Inbox>)> {
         let mut all: Vec<_> = self
@@ -219,7 +249,7 @@ impl NatsStore {
                 .subscribe(self.names.live_subject(uid))
                 .await
                 .map_err(unavailable)?;
-            // The server has the subscription once it answered a ping sent after it.
+            // Out now; the server handles it before the direct get below.
             self.client.flush().await.map_err(unavailable)?;
             Ok::<_, StoreError>(sub)
         };
@@ -260,20 +290,27 @@ impl NatsStore {
         uid: Arc<str>,
         inbox: Arc<Inbox>,
         mut sub: async_nats::Subscriber,
-        mut checks: mpsc::UnboundedReceiver<u64>,
+        mut checks: mpsc::UnboundedReceiver<Check>,
     ) {
         let fanout = &*fanout;
         loop {
             let m = tokio::select! {
                 biased;
                 () = inbox.stop.cancelled() => return,
-                Some(newest) = checks.recv() => {
+                Some(check) = checks.recv() => {
+                    let upto = match check {
+                        Check::UpTo(seq) => seq,
+                        Check::NewEpoch => {
+                            inbox.delivered.store(0, Ordering::Relaxed);
+                            u64::MAX
+                        }
+                    };
                     // What the subscription received already first: only what is still
                     // missing after it is read back.
                     while let Some(Some(m)) = sub.next().now_or_never() {
                         self.live_copy(fanout, &uid, &inbox, &m).await;
                     }
-                    if newest > inbox.delivered.load(Ordering::Relaxed) {
+                    if upto > inbox.delivered.load(Ordering::Relaxed) {
                         self.tail_stats.live_gaps.fetch_add(1, Ordering::Relaxed);
                         self.read_back_logged(fanout, &uid, &inbox).await;
                     }
@@ -281,10 +318,15 @@ impl NatsStore {
                 }
                 m = sub.next() => match m {
                     Some(m) => m,
-                    None => return,
+                    None => break,
                 },
             };
             self.live_copy(fanout, &uid, &inbox, &m).await;
+        }
+        // The subscription ended by itself (the client closed): let the next follow of
+        // the inbox subscribe again.
+        if let Some(interest) = &self.interest {
+            interest.forget(&uid, inbox.gen);
         }
     }
 
@@ -299,6 +341,9 @@ impl NatsStore {
         let Some(interest) = &self.interest else {
             return;
         };
+        if inbox.stop.is_cancelled() {
+            return;
+        }
         let seen = interest.seen.fetch_add(1, Ordering::Relaxed) + 1;
         if self.drop_live_every > 0 && seen.is_multiple_of(self.drop_live_every) {
             return;
@@ -313,13 +358,21 @@ impl NatsStore {
         let previous = header_u64(m, async_nats::header::NATS_LAST_SEQUENCE).unwrap_or(0);
         if previous > delivered {
             self.tail_stats.live_gaps.fetch_add(1, Ordering::Relaxed);
-            self.read_back_logged(fanout, uid, inbox).await;
+            for attempt in 1..=READ_BACK_TRIES {
+                self.read_back_logged(fanout, uid, inbox).await;
+                let done = previous <= inbox.delivered.load(Ordering::Relaxed);
+                if done || inbox.stop.is_cancelled() || attempt == READ_BACK_TRIES {
+                    break;
+                }
+                let pause = std::time::Duration::from_millis(20 * u64::from(attempt));
+                tokio::time::sleep(pause).await;
+            }
             if seq <= inbox.delivered.load(Ordering::Relaxed) {
                 return;
             }
             if previous > inbox.delivered.load(Ordering::Relaxed) {
-                // Not read back (NATS is failing): handing this one over would skip the
-                // missing ones for good. The checker reads them all back later.
+                // Not read back (NATS is failing, or its replica lags): handing this one
+                // over would skip the missing ones for good. The checker asks again.
                 return;
             }
         }
@@ -349,12 +402,18 @@ impl NatsStore {
                 .direct_batch(self.names.user_subject(uid), after, MAX_DIRECT_BATCH)
                 .await?;
             for msg in batch.messages {
-                let seq = msg.seq;
+                if inbox.stop.is_cancelled() {
+                    return Ok(());
+                }
                 self.tail_stats.received.fetch_add(1, Ordering::Relaxed);
                 fanout.deliver(uid, &mut || Some(Message::clone(&msg)));
-                inbox.delivered.store(seq, Ordering::Relaxed);
+                inbox.delivered.store(msg.seq, Ordering::Relaxed);
             }
-            if !batch.more {
+            // Past copies that do not decode too, so they are not asked for again.
+            if batch.last > after {
+                inbox.delivered.fetch_max(batch.last, Ordering::Relaxed);
+            }
+            if !batch.more || batch.last <= after {
                 return Ok(());
             }
         }
@@ -379,6 +438,8 @@ impl NatsStore {
         let mut suspects: HashMap<Arc<str>, Suspect> = HashMap::new();
         // The following generation the rota checked last.
         let mut rota = 0;
+        // Checks made, for the suspects' age and the epoch check.
+        let mut checks: u64 = 0;
         let mut tick = tokio::time::interval(POSITION_CHECK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
@@ -409,11 +470,29 @@ impl NatsStore {
                 next.iter().chain(suspected).cloned().collect()
             };
             suspects.retain(|uid, s| inboxes.iter().any(|(u, i)| u == uid && i.gen == s.gen));
+            checks += 1;
+            if behind || checks.is_multiple_of(EPOCH_CHECK) {
+                match self.adopt_new_epoch().await {
+                    Ok(false) => {}
+                    Ok(true) => {
+                        suspects.clear();
+                        for (_, inbox) in interest.all() {
+                            inbox.check(Check::NewEpoch);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "asking the stream for its epoch failed; trying again");
+                        behind = true;
+                        continue;
+                    }
+                }
+            }
             if inboxes.is_empty() {
                 behind = false;
                 continue;
             }
-            match self.check_inboxes(&inboxes, behind, &mut suspects).await {
+            let checked = self.check_inboxes(&inboxes, behind, checks, &mut suspects);
+            match checked.await {
                 Ok(()) => behind = false,
                 Err(e) => {
                     tracing::warn!(error = %e, "checking followed inboxes against the stream failed; trying again");
@@ -426,21 +505,19 @@ impl NatsStore {
     /// Compares `inboxes` with the stream (one multi-last batch direct get per
     /// [`CHECK_CHUNK`]) and asks the task of each one behind to read back. After a possible
     /// loss (`after_loss`: a reconnect, a cut, a leader change, a failed check) it asks at
-    /// once, and first whether the stream was recreated. Otherwise it asks only for an
-    /// inbox found behind by an earlier check at least [`POSITION_CHECK`] ago and behind
-    /// that copy still; under load most inboxes found behind have a copy on its way.
-    /// `suspects` holds the inboxes found behind and not yet asked about.
+    /// once. Otherwise it asks only for an inbox an earlier check (before check number
+    /// `check`) found behind, and that is behind that copy still; under load most inboxes
+    /// found behind have a copy on its way. `suspects` holds the inboxes found behind and
+    /// not yet asked about.
     async fn check_inboxes(
         &self,
         inboxes: &[(Arc<str>, Arc<Inbox>)],
         after_loss: bool,
+        check: u64,
         suspects: &mut HashMap<Arc<str>, Suspect>,
     ) -> anyhow::Result<()> {
         use jetstream_extra::batch_fetch::{BatchFetchErrorKind, BatchFetchExt};
         self.connected()?;
-        if after_loss {
-            self.follow_new_epoch().await?;
-        }
         for chunk in inboxes.chunks(CHECK_CHUNK) {
             let subjects = chunk
                 .iter()
@@ -468,36 +545,25 @@ impl NatsStore {
                 let Some(&seq) = last.get(&**uid) else {
                     continue;
                 };
+                // Read after the answer: the inbox's task may have handed over more since
+                // (or a lagging replica answered), so a seq below it is no news.
                 let delivered = inbox.delivered.load(Ordering::Relaxed);
-                if seq < delivered {
-                    // An inbox's newest seq never falls, unless the stream is new.
-                    self.follow_new_epoch().await?;
-                    anyhow::bail!("the stream was recreated: checking every followed inbox");
-                }
                 let earlier = suspects.get(&**uid).filter(|s| s.gen == inbox.gen);
                 let still = earlier
-                    .is_some_and(|s| s.seq > delivered && s.since.elapsed() >= POSITION_CHECK);
-                if seq == delivered {
+                    .filter(|s| s.seq > delivered && s.check < check)
+                    .map(|s| s.seq);
+                if seq <= delivered {
                     suspects.remove(&**uid);
-                } else if after_loss || still {
+                } else if after_loss {
                     suspects.remove(&**uid);
-                    inbox.check(seq);
+                    inbox.check(Check::UpTo(seq));
+                } else if let Some(lost) = still {
+                    suspects.remove(&**uid);
+                    inbox.check(Check::UpTo(lost));
                 } else if earlier.is_none_or(|s| s.seq <= delivered) {
-                    let since = tokio::time::Instant::now();
                     let gen = inbox.gen;
-                    suspects.insert(uid.clone(), Suspect { gen, seq, since });
+                    suspects.insert(uid.clone(), Suspect { gen, seq, check });
                 }
-            }
-        }
-        Ok(())
-    }
-
-    /// If the stream was recreated, follows every inbox of the new one from its start (the
-    /// next check reads them).
-    async fn follow_new_epoch(&self) -> anyhow::Result<()> {
-        if self.adopt_new_epoch().await? {
-            for (_, inbox) in self.interest.as_ref().map(|i| i.all()).unwrap_or_default() {
-                inbox.delivered.store(0, Ordering::Relaxed);
             }
         }
         Ok(())

@@ -899,8 +899,13 @@ impl Store for NatsStore {
             self.direct_batch(self.names.user_subject(uid), after, limit),
             first,
         )?;
-        // An empty stream kept nothing up to where the tail is.
-        let stream_first = first.unwrap_or_else(|| self.tail_last.load(Ordering::Relaxed) + 1);
+        // An empty stream kept nothing up to where it ends (in broadcast mode the tail's
+        // position; in interest mode the tail has none, so the stream is asked).
+        let stream_first = match first {
+            Some(first) => first,
+            None if self.interest.is_some() => self.stream_last_seq().await? + 1,
+            None => self.tail_last.load(Ordering::Relaxed) + 1,
+        };
         Ok(batch.page(after, stream_first, self.max_inbox))
     }
 
@@ -1107,6 +1112,8 @@ struct Batch {
     total: u64,
     /// The filter has messages after the last one returned.
     more: bool,
+    /// The seq of the last message returned, decoded or not (0 if none).
+    last: u64,
 }
 
 impl Batch {
@@ -1156,6 +1163,7 @@ impl NatsStore {
                 batch.total = pending + 1;
             }
             batch.more = pending > 0;
+            batch.last = m.sequence;
             match decode_payload(&m.payload, m.sequence, unix_ms(m.time)) {
                 Some(msg) => batch.messages.push(Arc::new(msg)),
                 None => tracing::warn!(
@@ -1240,6 +1248,7 @@ mod tests {
             messages: seqs.iter().copied().map(msg).collect(),
             total,
             more,
+            last: seqs.last().copied().unwrap_or(0),
         }
     }
 

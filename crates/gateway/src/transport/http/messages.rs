@@ -149,22 +149,15 @@ pub async fn poll(
         }
     };
 
-    // Follow the inbox and register before reading, so nothing stored between the read and
-    // the wait is missed. The cursor is stored up to `after` (acked just above, or the
-    // resume point).
+    // Register, then follow the inbox, then read, so nothing stored between the read and
+    // the wait is missed (as a session does). The cursor is stored up to `after` (acked
+    // just above, or the resume point).
     let waiter = if wait.is_zero() {
         None
     } else {
-        let following = shared.store.follow(&uid).await?;
         let (hub, cursors) = (&shared.hub, &shared.cursors);
-        Some(Waiter::register(
-            hub,
-            cursors,
-            (&uid, &device),
-            after,
-            limit,
-            following,
-        ))
+        let waiter = Waiter::register(hub, cursors, (&uid, &device), after, limit);
+        Some(waiter.holding(shared.store.follow(&uid).await?))
     };
     let mut page = shared.store.read(&uid, after, limit).await?;
     page.gap |= reset;
