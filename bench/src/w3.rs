@@ -180,36 +180,30 @@ fn table(a: &Args, rows: &[Value]) -> String {
             .first()
             .and_then(|g| g["cpu_seconds"].as_f64())
             .unwrap_or(0.0);
-        let others: Vec<f64> = gw
-            .iter()
-            .skip(1)
-            .filter_map(|g| g["cpu_seconds"].as_f64())
-            .collect();
-        let mean_other = if others.is_empty() {
-            "–".into()
-        } else {
-            format!("{:.2}", others.iter().sum::<f64>() / others.len() as f64)
-        };
+        let mean_other =
+            mean_of_others(&gw, "cpu_seconds").map_or("–".into(), |m| format!("{m:.2}"));
         let bytes: Vec<u64> = gw.iter().filter_map(|g| g["bus_bytes"].as_u64()).collect();
         let per_gw = bytes.first().copied().unwrap_or(0) as f64 / 1e6;
         let total = bytes.iter().sum::<u64>() as f64 / 1e6;
         let cost = drop_cost(r).map_or("–".into(), |c| format!("{c:.1}"));
-        let received: Vec<u64> = gw
-            .iter()
-            .skip(1)
-            .filter_map(|g| g["received"].as_u64())
-            .collect();
-        let mean_received = if received.is_empty() {
-            "–".into()
-        } else {
-            format!("{}", received.iter().sum::<u64>() / received.len() as u64)
-        };
+        let mean_received =
+            mean_of_others(&gw, "received").map_or("–".into(), |m| format!("{m:.0}"));
         s += &format!(
             "| {} | {:.2} | {} | {} | {} | {:.1} | {:.1} | {} |\n",
             r["g"], cpu0, mean_other, mean_received, cost, per_gw, total, r["nats_cpu_seconds"]
         );
     }
     s
+}
+
+/// The mean of `field` over gateways 1..G (those that hold nobody), if there are any.
+fn mean_of_others(gateways: &[Value], field: &str) -> Option<f64> {
+    let values: Vec<f64> = gateways
+        .iter()
+        .skip(1)
+        .filter_map(|g| g[field].as_f64())
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
 }
 
 fn plot(rows: &[Value], path: &std::path::Path) -> anyhow::Result<()> {

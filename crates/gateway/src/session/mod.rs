@@ -5,16 +5,19 @@
 //! States:
 //!
 //! ```text
-//! login ──▶ register in hub ──▶ welcome + backlog replay ──▶ live ──▶ bye / close
-//!  │ (token checked,           (outbox drained and dropped    (select: kick (shutdown
-//!  │  device chosen)            before each page read; the     too), outbox, finished sends,
-//!  └─ refused: error, close     read covers what it dropped)   client frames, timers)
+//! login ──▶ register in hub ──▶ follow ──▶ welcome + backlog replay ──▶ live ──▶ bye / close
+//!  │ (token checked,         (the store   (outbox drained before     (select: kick (shutdown
+//!  │  device chosen)          hands the    each page read; what it   too), outbox, finished
+//!  └─ refused: error, close   inbox over)  held above the last page  sends, client frames,
+//!                                          goes out after it)        timers)
 //! ```
 //!
-//! Gap-free hand-over: the connection is registered *before* the resume point is read, and
-//! every stored copy reaches the outbox only after it is readable. So each message is either
-//! in a backlog page or in the outbox after the last page; anything at or below the last seq
-//! sent is skipped. The session never touches a socket: of its transport it knows only the
+//! Gap-free hand-over: the connection is registered, and its inbox followed
+//! ([`crate::store::Store::follow`]), *before* the resume point is read, and every stored
+//! copy reaches the outbox only after it is readable. So each message is either in a
+//! backlog page or in the outbox; what the outbox held while the pages were read is sent
+//! after the last page if that page did not cover it, and anything at or below the last
+//! seq sent is skipped. The session never touches a socket: of its transport it knows only the
 //! [`Profile`] (whether the client acks, and the name metrics count it under).
 
 use std::collections::VecDeque;
