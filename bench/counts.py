@@ -10,7 +10,11 @@ nats-server in cluster mode, where every gateway both sends and receives). perf 
 over `--window` seconds of the load phase, starting 3 s into it; the messages in the
 window are the offered rate times the window (the runs sustain it: each report's
 `delivered_per_second` is printed beside). Needs a release build and Debian's
-linux-perf; IMGATE_BIN measures another imgate build. Appends its rows to
+linux-perf; IMGATE_BIN measures another imgate build. With a build that counts its
+allocations (`cargo build --release -p imgate --features alloc-stats`, copied aside and
+named by IMGATE_BIN) it also reports allocations and allocated bytes per message, from
+the gateways' /metrics before and after the window; that build allocates from the system
+allocator, so its CPU figures are not comparable. Appends its rows to
 bench/results/counts-<date>.jsonl.
 """
 import argparse
@@ -20,6 +24,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -34,8 +39,29 @@ EVENTS = ["task-clock", "context-switches", "raw_syscalls:sys_enter"]
 
 
 def gateway_pids(parent):
-    out = subprocess.run(["pgrep", "-P", str(parent), "-f", "imgate serve"], capture_output=True, text=True).stdout
+    out = subprocess.run(["pgrep", "-P", str(parent), "-f", "imgate[^ ]* serve"], capture_output=True, text=True).stdout
     return [int(p) for p in out.split()]
+
+
+def allocations(pids):
+    """(allocations, bytes) summed over the gateways' /metrics, or None if they count none."""
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout
+    total, found = [0, 0], False
+    for pid in pids:
+        ports = [line.split()[3].rsplit(":", 1)[1] for line in out.splitlines() if f"pid={pid}," in line]
+        for port in ports:
+            try:
+                text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+            except Exception:
+                continue
+            for line in text.splitlines():
+                if line.startswith("imgate_allocations_total "):
+                    total[0] += int(float(line.split()[1]))
+                    found = True
+                elif line.startswith("imgate_allocated_bytes_total "):
+                    total[1] += int(float(line.split()[1]))
+            break
+    return total if found else None
 
 
 def one(path, args, rate, window, extra):
@@ -49,8 +75,10 @@ def one(path, args, rate, window, extra):
             break
     time.sleep(3)
     pids = gateway_pids(proc.pid)
+    allocs_before = allocations(pids)
     stat = subprocess.run(["perf", "stat", "-x", ",", "-e", ",".join(EVENTS), "-p", ",".join(map(str, pids)),
                            "--", "sleep", str(window)], capture_output=True, text=True).stderr
+    allocs_after = allocations(pids)
     counts = {}
     for line in stat.splitlines():
         parts = line.split(",")
@@ -75,6 +103,10 @@ def one(path, args, rate, window, extra):
         "context_switches_per_message": counts["context-switches"] / messages
         if counts.get("context-switches") is not None else None,
         "imgate": os.environ.get("IMGATE_BIN", "release build"),
+        "allocations_per_message": (allocs_after[0] - allocs_before[0]) / messages
+        if allocs_before and allocs_after else None,
+        "allocated_bytes_per_message": (allocs_after[1] - allocs_before[1]) / messages
+        if allocs_before and allocs_after else None,
     }
     return row
 
@@ -102,8 +134,10 @@ def main():
           f"message, {a.rate} msg/s, {a.window} s window)")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
+        allocs = (f" {r['allocations_per_message']:.1f} allocations, {r['allocated_bytes_per_message']:,.0f} B |"
+                  if r["allocations_per_message"] is not None else "")
         print(f"| {r['path']} | {r['delivered_per_second']:,.0f} | {r['p99_ms']} | {r['cpu_us_per_message']:.1f} | "
-              f"{r['syscalls_per_message']:.2f} | {r['context_switches_per_message']:.2f} |")
+              f"{r['syscalls_per_message']:.2f} | {r['context_switches_per_message']:.2f} |{allocs}")
 
 
 if __name__ == "__main__":

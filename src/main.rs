@@ -15,8 +15,22 @@ use imgate_gateway::{Config, Gateway, Listeners};
 
 /// mimalloc instead of glibc's allocator: allocation was about an eighth of a gateway's CPU
 /// under W1 (perf), and a gateway allocates per message and per connection.
+#[cfg(not(feature = "alloc-stats"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// With `--features alloc-stats` (benchmarks only): the system allocator, counted, the
+/// counts in /metrics. What is allocated does not depend on who serves it; the CPU of such
+/// a build is not comparable (stats_alloc can wrap mimalloc only in a constant on nightly).
+#[cfg(feature = "alloc-stats")]
+#[global_allocator]
+static GLOBAL: &stats_alloc::StatsAlloc<std::alloc::System> = &stats_alloc::INSTRUMENTED_SYSTEM;
+
+#[cfg(feature = "alloc-stats")]
+fn allocations() -> (u64, u64) {
+    let s = GLOBAL.stats();
+    (s.allocations as u64, s.bytes_allocated as u64)
+}
 
 #[derive(Parser)]
 #[command(name = "imgate", version, about = "Instant-messaging delivery gateway")]
@@ -164,6 +178,8 @@ struct ListenArgs {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    #[cfg(feature = "alloc-stats")]
+    imgate_gateway::metrics::count_allocations(allocations);
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     rt.enable_all();
     if let Cmd::Serve(cfg) = &cli.cmd {

@@ -356,8 +356,26 @@ impl Metrics {
             .absolute(hub.room_delivered.load(Ordering::Relaxed));
         self.room_dropped
             .absolute(hub.room_dropped.load(Ordering::Relaxed));
-        self.handle.render()
+        let mut text = self.handle.render();
+        if let Some(count) = ALLOCATIONS.get() {
+            let (calls, bytes) = count();
+            text.push_str(&format!(
+                "# TYPE imgate_allocations_total counter\nimgate_allocations_total {calls}\n\
+                 # TYPE imgate_allocated_bytes_total counter\nimgate_allocated_bytes_total {bytes}\n"
+            ));
+        }
+        text
     }
+}
+
+/// The allocator's counts (calls, bytes), when the binary counts them: only a benchmark
+/// build does (`imgate --features alloc-stats`).
+static ALLOCATIONS: std::sync::OnceLock<fn() -> (u64, u64)> = std::sync::OnceLock::new();
+
+/// Shows the allocator's counts in /metrics as `imgate_allocations_total` and
+/// `imgate_allocated_bytes_total`, read from `count` at each scrape.
+pub fn count_allocations(count: fn() -> (u64, u64)) {
+    let _ = ALLOCATIONS.set(count);
 }
 
 impl Default for Metrics {
