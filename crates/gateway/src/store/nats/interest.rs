@@ -33,7 +33,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use futures::{FutureExt, Stream, StreamExt};
-use imgate_proto::Message;
 use tokio::sync::{mpsc, OnceCell};
 use tokio_util::sync::CancellationToken;
 
@@ -72,7 +71,7 @@ pub(super) struct Interest {
     stats: Arc<TailStats>,
     /// Where the inboxes' tasks hand copies to; set when the checker starts.
     fanout: OnceLock<Arc<dyn Fanout>>,
-    /// Live copies received, for the test hook that drops every Nth.
+    /// Live copies received, counted only for the test hook that drops every Nth.
     seen: AtomicU64,
 }
 
@@ -338,15 +337,14 @@ impl NatsStore {
         inbox: &Inbox,
         m: &async_nats::Message,
     ) {
-        let Some(interest) = &self.interest else {
-            return;
-        };
         if inbox.stop.is_cancelled() {
             return;
         }
-        let seen = interest.seen.fetch_add(1, Ordering::Relaxed) + 1;
-        if self.drop_live_every > 0 && seen.is_multiple_of(self.drop_live_every) {
-            return;
+        // The test hook's count, shared by every inbox's task: kept only when it is on.
+        if let (n @ 1.., Some(interest)) = (self.drop_live_every, &self.interest) {
+            if (interest.seen.fetch_add(1, Ordering::Relaxed) + 1).is_multiple_of(n) {
+                return;
+            }
         }
         let Some(seq) = header_u64(m, async_nats::header::NATS_SEQUENCE) else {
             return;
@@ -406,8 +404,10 @@ impl NatsStore {
                     return Ok(());
                 }
                 self.tail_stats.received.fetch_add(1, Ordering::Relaxed);
-                fanout.deliver(uid, &mut || Some(Message::clone(&msg)));
-                inbox.delivered.store(msg.seq, Ordering::Relaxed);
+                let seq = msg.seq;
+                let mut msg = Some(msg);
+                fanout.deliver(uid, &mut || msg.take().map(Arc::unwrap_or_clone));
+                inbox.delivered.store(seq, Ordering::Relaxed);
             }
             // Past copies that do not decode too, so they are not asked for again.
             if batch.last > after {
