@@ -49,6 +49,10 @@ pub(crate) struct Args {
     /// Size of each message body, JSON-encoded.
     #[arg(long, default_value_t = 200)]
     body: usize,
+    /// Every sender on gateway 0 and every recipient on another gateway, so that gateway
+    /// 0's costs are a message's sending side and the others' its receiving side.
+    #[arg(long)]
+    one_way: bool,
     #[command(flatten)]
     setup: Setup,
 }
@@ -194,7 +198,11 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     let sent = pace(a.rate, a.duration, |id| {
         let (from, to) = {
             let mut rng = rand::rng();
-            let from = rng.random_range(0..a.users);
+            let from = if a.one_way && g > 1 {
+                rng.random_range(0..a.users / g) * g
+            } else {
+                rng.random_range(0..a.users)
+            };
             // A recipient on another gateway: same index modulo g is the same gateway.
             let to = if g == 1 {
                 // One gateway: anyone else.
@@ -268,6 +276,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         "scenario": "W1",
         "gateways": gateways,
         "standalone": a.standalone,
+        "one_way": a.one_way,
         "fanout": crate::common::fanout(),
         "transport": format!("{:?}", a.transport),
         "users": a.users,

@@ -364,8 +364,32 @@ impl Metrics {
                  # TYPE imgate_allocated_bytes_total counter\nimgate_allocated_bytes_total {bytes}\n"
             ));
         }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            text.push_str(&runtime_text(&rt.metrics()));
+        }
         text
     }
+}
+
+/// The runtime's own counts, summed over its worker threads: how often a worker parked
+/// (went to sleep for lack of work, so each park is followed by a wake-up) and how long
+/// workers were busy. What a message costs in thread wake-ups is read from these.
+fn runtime_text(rt: &tokio::runtime::RuntimeMetrics) -> String {
+    let workers = rt.num_workers();
+    let parks: u64 = (0..workers).map(|w| rt.worker_park_count(w)).sum();
+    let busy: f64 = (0..workers)
+        .map(|w| rt.worker_total_busy_duration(w).as_secs_f64())
+        .sum();
+    format!(
+        "# HELP imgate_runtime_worker_parks_total Times a runtime worker thread went to sleep \
+         for lack of work (each is followed by a wake-up).\n\
+         # TYPE imgate_runtime_worker_parks_total counter\n\
+         imgate_runtime_worker_parks_total {parks}\n\
+         # HELP imgate_runtime_worker_busy_seconds_total Time runtime worker threads spent \
+         running tasks.\n\
+         # TYPE imgate_runtime_worker_busy_seconds_total counter\n\
+         imgate_runtime_worker_busy_seconds_total {busy}\n"
+    )
 }
 
 /// The allocator's counts (calls, bytes), when the binary counts them: only a benchmark

@@ -3,6 +3,13 @@
 //! A thin wrapper over tokio-util's `LengthDelimitedCodec`, which reads the length and
 //! compares it with the limit before it reserves anything. This module only delimits;
 //! turning the bytes into frames is [`crate::encoding`]'s job.
+//!
+//! The read buffer: after each frame the inner codec keeps room for the next length only,
+//! so a connection reads each frame in two system calls (its length, then the rest). Once
+//! a connection has sent a frame after its first, the codec keeps room for a frame as
+//! large as its last one instead (up to [`READ_AHEAD_MAX`]), and a frame of that size
+//! arrives in one read. The first frame (a TCP login) does not count, so a connection
+//! that only logged in, as most idle ones did, keeps the small buffer.
 
 use bytes::{Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec, LengthDelimitedCodecError};
@@ -26,7 +33,12 @@ pub struct FrameCodec {
     max: usize,
     /// The limit after the first frame.
     later: usize,
+    /// Frames decoded so far, up to 2 (only whether a frame came after the first counts).
+    frames: u8,
 }
+
+/// The most room kept for the next frame (bytes, with its length prefix).
+pub const READ_AHEAD_MAX: usize = 4096;
 
 impl FrameCodec {
     pub fn new(max_frame: usize) -> Self {
@@ -47,6 +59,7 @@ impl FrameCodec {
             inner,
             max: first,
             later: max_frame,
+            frames: 0,
         }
     }
 }
@@ -57,9 +70,15 @@ impl Decoder for FrameCodec {
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<BytesMut>, FrameError> {
         let frame = self.inner.decode(src).map_err(|e| self.map_err(e))?;
-        if frame.is_some() && self.max != self.later {
-            self.max = self.later;
-            self.inner.set_max_frame_length(self.later);
+        if let Some(f) = &frame {
+            if self.max != self.later {
+                self.max = self.later;
+                self.inner.set_max_frame_length(self.later);
+            }
+            if self.frames >= 1 {
+                src.reserve((f.len() + 4).min(READ_AHEAD_MAX));
+            }
+            self.frames = self.frames.saturating_add(1).min(2);
         }
         Ok(frame)
     }
@@ -143,6 +162,30 @@ mod tests {
             cap_before,
             "nothing reserved for the bogus frame"
         );
+    }
+
+    #[test]
+    fn after_the_first_frame_room_is_kept_for_one_as_large_as_the_last() {
+        let mut codec = FrameCodec::new(64 * 1024);
+        let framed = |len: usize| {
+            let mut b = BytesMut::new();
+            FrameCodec::new(64 * 1024)
+                .encode(Bytes::from(vec![7u8; len]), &mut b)
+                .unwrap();
+            b
+        };
+        // The login: afterwards only the next length prefix has room.
+        let mut buf = framed(300);
+        assert_eq!(codec.decode(&mut buf).unwrap().unwrap().len(), 300);
+        assert!(buf.is_empty() && buf.capacity() < 300, "{}", buf.capacity());
+        // A later frame: room for one of its size, its prefix included.
+        buf.extend_from_slice(&framed(200));
+        assert_eq!(codec.decode(&mut buf).unwrap().unwrap().len(), 200);
+        assert!(buf.capacity() >= 204, "{}", buf.capacity());
+        // A large one: room up to the cap.
+        buf.extend_from_slice(&framed(10_000));
+        assert_eq!(codec.decode(&mut buf).unwrap().unwrap().len(), 10_000);
+        assert!(buf.capacity() >= READ_AHEAD_MAX, "{}", buf.capacity());
     }
 
     #[test]
