@@ -1,11 +1,16 @@
 //! The disk store of standalone mode: inboxes, cursors, groups and the dedupe window in an
 //! embedded LSM database (fjall) in `--data-dir`, so a restart or a SIGKILL loses nothing.
 //!
-//! One writer thread owns every message write. Sends that arrive while it commits queue up
-//! and go into its next batch (group commit): one journal write, and with `--fsync always`
-//! one fsync, for many sends. A batch is in the operating system (or on the device) before
-//! any of its senders hears `sent`, and its copies reach the [`Fanout`] after that, in seq
-//! order. Reads go to the database directly, from any task; they never load an inbox whole,
+//! One writer at a time commits message writes, from a queue: sends that arrive while it
+//! commits queue up and go into its next batch (group commit): one journal write, and with
+//! `--fsync always` one fsync, for many sends. With `--fsync batch` or `never` the writer is
+//! the task of a send that finds nobody committing: it commits what is queued, its own send
+//! among it, without handing anything to another thread (each such hand-over cost a thread
+//! wake-up per send, and another for the answer). With `--fsync always`, whose fsync would
+//! stall a runtime thread, the writer thread commits. That thread also syncs `--fsync
+//! batch` writes, drops what `--retention` expired, and reopens the database after a
+//! failed write. A batch is in the operating system (or on the device) before any of its
+//! senders hears `sent`, and its copies reach the [`Fanout`] after that, in seq order. Reads go to the database directly, from any task; they never load an inbox whole,
 //! so opening a large store costs nothing per stored message.
 //!
 //! Keys (`uid` and ids match `[A-Za-z0-9_-]`, so the `0` byte separates fields):
@@ -118,7 +123,15 @@ pub struct DiskStore {
     high: Arc<AtomicU64>,
     /// Set by any failed write until the writer has the database writing again.
     failed: Arc<AtomicBool>,
-    writes: flume::Sender<Op>,
+    /// Sends waiting for a writer, in the order they came.
+    queue: flume::Sender<Append>,
+    queued: flume::Receiver<Append>,
+    /// Rings the writer thread; disconnected once it stopped.
+    thread: flume::Sender<Ring>,
+    /// The writer's state: whoever holds it commits the queue.
+    state: Arc<Mutex<Writer>>,
+    /// Whether a send's own task commits (`--fsync batch` or `never`).
+    inline: bool,
     /// Serialises read-modify-write of cursors and groups; the groups, reloaded by the
     /// writer when it reopens the database.
     small_writes: Arc<Mutex<HashMap<String, Group>>>,
@@ -141,10 +154,11 @@ struct Keyspaces {
     meta: Keyspace,
 }
 
-/// What the writer is asked to do.
-enum Op {
-    Append(Append),
-    /// Commit what came before, fsync, answer, and stop.
+/// What the writer thread is woken for.
+enum Ring {
+    /// Sends are queued (`--fsync always`), or a `--fsync batch` write waits for its sync.
+    Work,
+    /// Commit what is queued, fsync, answer, and stop.
     Close(flume::Sender<()>),
 }
 
@@ -522,6 +536,7 @@ impl DiskStore {
         let small_writes = Arc::new(Mutex::new(groups));
         let slot: Slot = Arc::new(RwLock::new(Some(Arc::new(engine))));
         let failed = Arc::new(AtomicBool::new(false));
+        let (thread, rings) = flume::unbounded();
         let mut writer = Writer {
             path: path.to_owned(),
             slot: slot.clone(),
@@ -540,23 +555,35 @@ impl DiskStore {
             last_sweep: Instant::now(),
             last_probe: Instant::now(),
             groups: small_writes.clone(),
+            background_fsync: options.fsync == Fsync::Batch,
+            unsynced_since: None,
+            ring: thread.clone(),
         };
         writer
             .remember_recent_sends()
             .map_err(|e| corrupt(e.to_string()))?;
+        // A store opened after a long stop drops what expired meanwhile before anything else.
+        if let Err(e) = writer.sweep_by_time() {
+            tracing::warn!(error = %e, "disk store: retention sweep failed");
+        }
         let high = writer.high.clone();
-        let (tx, rx) = flume::unbounded();
-        let background_fsync = options.fsync == Fsync::Batch;
+        let (queue, queued) = flume::unbounded();
+        let state = Arc::new(Mutex::new(writer));
+        let (for_thread, queued_for_thread) = (state.clone(), queued.clone());
         let handle = std::thread::Builder::new()
             .name("imgate-disk-writer".into())
-            .spawn(move || writer.run(rx, background_fsync))
+            .spawn(move || run(&for_thread, &queued_for_thread, &rings))
             .map_err(open_err)?;
         Ok(DiskStore {
             engine: slot,
             epoch,
             high,
             failed,
-            writes: tx,
+            queue,
+            queued,
+            thread,
+            state,
+            inline: options.fsync != Fsync::Always,
             small_writes,
             lost_upto,
             durability,
@@ -610,12 +637,12 @@ impl DiskStore {
     /// Stops the writer after the sends queued so far and forces everything to the device.
     pub fn close(&self) {
         let (done, wait) = flume::bounded(1);
-        if self.writes.send(Op::Close(done)).is_ok() {
+        if self.thread.send(Ring::Close(done)).is_ok() {
             // A writer that died (a panic) after the send leaves the request queued in a
             // channel nobody reads: stop waiting once it is gone.
             loop {
                 match wait.recv_timeout(Duration::from_millis(50)) {
-                    Err(flume::RecvTimeoutError::Timeout) if !self.writes.is_disconnected() => {}
+                    Err(flume::RecvTimeoutError::Timeout) if !self.thread.is_disconnected() => {}
                     _ => break,
                 }
             }
@@ -629,6 +656,52 @@ impl DiskStore {
 
 fn current(slot: &Slot) -> Option<Arc<Engine>> {
     slot.read().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+fn lock_writer(state: &Mutex<Writer>) -> MutexGuard<'_, Writer> {
+    state.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Commits the queue unless a writer is at it already: that one commits what this caller
+/// queued, as it commits until the queue is empty. A send queued between a writer's last
+/// look and its release is seen by the look after the release.
+fn commit_queued(state: &Mutex<Writer>, queued: &flume::Receiver<Append>) {
+    loop {
+        let mut writer = match state.try_lock() {
+            Ok(w) => w,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return,
+        };
+        writer.commit_queue(queued);
+        drop(writer);
+        if queued.is_empty() {
+            return;
+        }
+    }
+}
+
+/// The writer thread: commits the queue when rung (`--fsync always`), and does the
+/// writer's rounds ([`Writer::housekeeping`]) when they are due, until the store closes.
+fn run(state: &Mutex<Writer>, queued: &flume::Receiver<Append>, rings: &flume::Receiver<Ring>) {
+    loop {
+        let wait = lock_writer(state).next_wait();
+        let closing = match rings.recv_timeout(wait) {
+            Ok(Ring::Close(done)) => Some(done),
+            Ok(Ring::Work) | Err(flume::RecvTimeoutError::Timeout) => None,
+            Err(flume::RecvTimeoutError::Disconnected) => return,
+        };
+        {
+            let mut writer = lock_writer(state);
+            writer.housekeeping();
+            writer.commit_queue(queued);
+            if let Some(done) = closing {
+                writer.sync_all();
+                let _ = done.send(());
+                return;
+            }
+        }
+        commit_queued(state, queued);
+    }
 }
 
 impl Drop for DiskStore {
@@ -659,6 +732,12 @@ struct Writer {
     last_probe: Instant,
     /// The store's groups (shared with it), reloaded after a reopen.
     groups: Arc<Mutex<HashMap<String, Group>>>,
+    /// `--fsync batch`: the writer thread syncs what was written within FSYNC_BATCH_DELAY.
+    background_fsync: bool,
+    /// The first write not synced yet (`--fsync batch`).
+    unsynced_since: Option<Instant>,
+    /// Wakes the writer thread.
+    ring: flume::Sender<Ring>,
 }
 
 /// One inbox copy of a batch, before it is written.
@@ -703,68 +782,65 @@ impl Writer {
         Ok(())
     }
 
-    fn run(mut self, rx: flume::Receiver<Op>, background_fsync: bool) {
-        // A store opened after a long stop drops what expired meanwhile before anything else.
-        if let Err(e) = self.sweep_by_time() {
-            tracing::warn!(error = %e, "disk store: retention sweep failed");
-        }
-        let mut unsynced_since: Option<Instant> = None;
-        let mut closed = None;
-        while closed.is_none() {
-            let mut wait = match unsynced_since {
-                Some(t) => FSYNC_BATCH_DELAY.saturating_sub(t.elapsed()),
-                None => SWEEP_EVERY,
-            };
-            if self.failed.load(Ordering::Acquire) {
-                wait = wait.min(REOPEN_EVERY.saturating_sub(self.last_probe.elapsed()));
+    /// Commits every queued send, in batches of at most MAX_BATCH.
+    fn commit_queue(&mut self, queued: &flume::Receiver<Append>) {
+        loop {
+            let batch: Vec<Append> = queued.try_iter().take(MAX_BATCH).collect();
+            if batch.is_empty() {
+                return;
             }
-            let first = match rx.recv_timeout(wait) {
-                Ok(a) => Some(a),
-                Err(flume::RecvTimeoutError::Timeout) => None,
-                Err(flume::RecvTimeoutError::Disconnected) => break,
-            };
-            let mut batch = Vec::new();
-            let mut next = first;
-            while let Some(op) = next.take() {
-                match op {
-                    Op::Append(a) => batch.push(a),
-                    Op::Close(done) => {
-                        closed = Some(done);
-                        break;
-                    }
-                }
-                if batch.len() < MAX_BATCH {
-                    next = rx.try_recv().ok();
-                }
-            }
-            if self.failed.load(Ordering::Acquire) && self.last_probe.elapsed() >= REOPEN_EVERY {
-                self.last_probe = Instant::now();
-                if self.disk_takes_writes() {
-                    self.reopen();
-                }
-            }
-            if !batch.is_empty() {
-                self.commit(batch);
-                if background_fsync && unsynced_since.is_none() {
-                    unsynced_since = Some(Instant::now());
-                }
-            }
-            if unsynced_since.is_some_and(|t| t.elapsed() >= FSYNC_BATCH_DELAY) {
-                if let Some(e) = current(&self.slot) {
-                    if let Err(err) = e.db.persist(PersistMode::SyncData) {
-                        tracing::error!(error = %err, "disk store: fsync failed");
-                        self.failed.store(true, Ordering::Release);
-                    }
-                }
-                unsynced_since = None;
-            }
-            if self.last_sweep.elapsed() >= SWEEP_EVERY {
-                self.last_sweep = Instant::now();
-                if let Err(e) = self.sweep_by_time() {
-                    tracing::warn!(error = %e, "disk store: retention sweep failed");
-                }
+            self.commit(batch);
+            if self.background_fsync && self.unsynced_since.is_none() {
+                self.unsynced_since = Some(Instant::now());
+                // The thread may be asleep until the next sweep: it has a sync to do now.
+                let _ = self.ring.send(Ring::Work);
             }
         }
+    }
+
+    /// How long the writer thread may sleep before it has something to do.
+    fn next_wait(&self) -> Duration {
+        let mut wait = match self.unsynced_since {
+            Some(t) => FSYNC_BATCH_DELAY.saturating_sub(t.elapsed()),
+            None => SWEEP_EVERY.saturating_sub(self.last_sweep.elapsed()),
+        };
+        if self.failed.load(Ordering::Acquire) {
+            wait = wait.min(REOPEN_EVERY.saturating_sub(self.last_probe.elapsed()));
+        }
+        wait
+    }
+
+    /// The writer thread's rounds: reopening after a failed write, syncing `--fsync batch`
+    /// writes, and the retention sweep, each when it is due.
+    fn housekeeping(&mut self) {
+        if self.failed.load(Ordering::Acquire) && self.last_probe.elapsed() >= REOPEN_EVERY {
+            self.last_probe = Instant::now();
+            if self.disk_takes_writes() {
+                self.reopen();
+            }
+        }
+        if self
+            .unsynced_since
+            .is_some_and(|t| t.elapsed() >= FSYNC_BATCH_DELAY)
+        {
+            if let Some(e) = current(&self.slot) {
+                if let Err(err) = e.db.persist(PersistMode::SyncData) {
+                    tracing::error!(error = %err, "disk store: fsync failed");
+                    self.failed.store(true, Ordering::Release);
+                }
+            }
+            self.unsynced_since = None;
+        }
+        if self.last_sweep.elapsed() >= SWEEP_EVERY {
+            self.last_sweep = Instant::now();
+            if let Err(e) = self.sweep_by_time() {
+                tracing::warn!(error = %e, "disk store: retention sweep failed");
+            }
+        }
+    }
+
+    /// Forces everything to the device (closing).
+    fn sync_all(&mut self) {
         if let Some(e) = current(&self.slot) {
             if let Err(err) = e.db.persist(PersistMode::SyncAll) {
                 tracing::error!(error = %err, "disk store: final fsync failed");
@@ -772,9 +848,6 @@ impl Writer {
         }
         if let Err(e) = self.seal.sync() {
             tracing::error!(error = %e, "disk store: syncing the seal failed");
-        }
-        if let Some(done) = closed {
-            let _ = done.send(());
         }
     }
 
@@ -1129,14 +1202,21 @@ impl Writer {
 #[async_trait]
 impl Store for DiskStore {
     async fn append(&self, draft: Draft, inboxes: &[String]) -> Result<Appended, StoreError> {
+        if self.thread.is_disconnected() {
+            return Err(unavailable("the store is closing"));
+        }
         let (reply, answer) = tokio::sync::oneshot::channel();
-        self.writes
-            .send(Op::Append(Append {
+        self.queue
+            .send(Append {
                 draft,
                 inboxes: inboxes.to_vec(),
                 reply,
-            }))
+            })
             .map_err(|_| unavailable("the store is closing"))?;
+        // A writer thread that stopped meanwhile (the store closing) leaves it to this task.
+        if self.inline || self.thread.send(Ring::Work).is_err() {
+            commit_queued(&self.state, &self.queued);
+        }
         answer
             .await
             .map_err(|_| unavailable("the writer stopped before answering"))?
@@ -1232,7 +1312,7 @@ impl Store for DiskStore {
     }
 
     async fn ready(&self) -> bool {
-        !self.writes.is_disconnected() && !self.failed.load(Ordering::Acquire)
+        !self.thread.is_disconnected() && !self.failed.load(Ordering::Acquire)
     }
 
     async fn create_group(&self, id: &str, group: &Group) -> Result<bool, StoreError> {
@@ -1644,8 +1724,11 @@ mod damage_tests {
         {
             let crash = Arc::new(CrashAt(4.into()));
             let s = DiskStore::open(dir.path(), limits, options, crash).unwrap();
+            let bob = ["bob".to_owned()];
             for i in 0..4 {
-                let _ = s.append(draft(i), &["bob".to_owned()]).await;
+                // The send's own task commits, so the crash is this task's.
+                let append = std::panic::AssertUnwindSafe(s.append(draft(i), &bob));
+                let _ = futures::FutureExt::catch_unwind(append).await;
             }
         }
         let s = DiskStore::open(dir.path(), limits, options, Arc::new(Nobody)).unwrap();
