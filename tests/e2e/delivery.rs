@@ -229,3 +229,83 @@ async fn hand_over_under_load_loses_nothing(env) {
     assert_eq!(stored, seqs);
 }
 }
+
+/// Batching keeps order: one connection writes 1,000 sends in one burst, and the recipient
+/// reads slowly (a pause every 25 frames) while they arrive. On both standalone stores
+/// (the disk store commits on the sender's task, several sends per batch) the sender is
+/// answered send by send with rising seqs, and the recipient gets every message once, in
+/// the order it was sent, with the seqs the answers named.
+#[tokio::test]
+async fn a_burst_of_sends_reaches_a_slow_reader_once_each_in_order() {
+    const N: usize = 1_000;
+    let stores: [&[&str]; 2] = [
+        &["--store", "memory", "--send-rate", "0"],
+        &["--send-rate", "0"],
+    ];
+    for store in stores {
+        let gw = Gateway::start(store).await.unwrap();
+        let mut bob = RawTcp::connect(&gw).await;
+        bob.login(&token("bob"), "phone").await;
+        let mut alice = RawTcp::connect(&gw).await;
+        alice.login(&token("alice"), "laptop").await;
+        let mut burst = Vec::new();
+        for i in 0..N {
+            let f = json!({"type": "send", "id": format!("b{i}"), "to": "bob", "body": {"i": i}});
+            let payload = rmp_serde::to_vec_named(&f).unwrap();
+            burst.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+            burst.extend_from_slice(&payload);
+        }
+        alice.write(&burst).await;
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            while got.len() < N {
+                let f = bob.recv().await.expect("bob's connection stays open");
+                assert_eq!(f["type"], "msg", "{f}");
+                got.push((
+                    f["body"]["i"].as_u64().unwrap() as usize,
+                    f["seq"].as_u64().unwrap(),
+                ));
+                if got.len() % 25 == 0 {
+                    bob.send(json!({"type": "ack", "seq": f["seq"]})).await;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+            got
+        });
+        let mut answers = Vec::new();
+        within(WAIT, "every send answered", async {
+            while answers.len() < N {
+                let f = alice.recv().await.expect("an answer");
+                if f["type"] == "msg" {
+                    continue;
+                }
+                assert_eq!(f["type"], "sent", "{f}");
+                answers.push((
+                    f["id"].as_str().unwrap().to_owned(),
+                    f["seq"].as_u64().unwrap(),
+                ));
+            }
+        })
+        .await;
+        let ids: Vec<String> = (0..N).map(|i| format!("b{i}")).collect();
+        assert_eq!(
+            answers.iter().map(|(id, _)| id.clone()).collect::<Vec<_>>(),
+            ids,
+            "{store:?}: answers in the order of the sends"
+        );
+        assert!(
+            answers.windows(2).all(|w| w[0].1 < w[1].1),
+            "{store:?}: seqs rise with the order of the sends"
+        );
+        let got = within(WAIT, "bob read everything", reader).await.unwrap();
+        assert_eq!(
+            got.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+            (0..N).collect::<Vec<_>>(),
+            "{store:?}: every message once, in order"
+        );
+        assert!(
+            got.windows(2).all(|w| w[0].1 < w[1].1),
+            "{store:?}: bob's seqs rise too"
+        );
+    }
+}

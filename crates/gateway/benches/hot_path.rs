@@ -1,6 +1,8 @@
 //! Criterion benchmarks of the delivery hot path, without sockets:
-//! - `drop_non_local`: what a gateway does with a stream message for a user it does not hold
-//!   (read the uid from the subject, look it up, drop without decoding);
+//! - `tail_copy_dropped`: the tail's own hand-over (`store::nats::hand_over`, in broadcast
+//!   mode with its backlog cache) of a live copy for a user this gateway does not hold;
+//! - `tail_copy_delivered`: the same hand-over of a copy for a user held here by one
+//!   connection, which then takes the encoded frame from its outbox;
 //! - `deliver_to_k`: decode a stored payload once, encode it once per wire format, and hand
 //!   it to k local connections' outboxes.
 //!
@@ -15,9 +17,11 @@ use std::sync::Arc;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use imgate_gateway::delivery::hub::{Hub, Kick};
 use imgate_gateway::delivery::outbox::OutboxItem;
+use imgate_gateway::metrics::TailStats;
 use imgate_gateway::store::memory::{Limits, MemoryStore};
-use imgate_gateway::store::nats::decode_payload;
+use imgate_gateway::store::nats::{decode_payload, hand_over, Recent, Tail};
 use imgate_gateway::store::{Draft, Fanout, Store};
+use imgate_gateway::subjects::Names;
 use imgate_proto::Encoding;
 use serde_json::json;
 
@@ -32,26 +36,83 @@ fn payload(size: usize) -> Vec<u8> {
     .unwrap()
 }
 
-fn drop_non_local(c: &mut Criterion) {
+/// The broadcast tail's parts: subject names, a backlog cache of the default size, counters.
+fn tail_parts() -> (Names, Recent, TailStats) {
+    let recent = Recent::new(64 << 20, 10_000, std::time::Duration::from_secs(3600));
+    (Names::new("imgate"), recent, TailStats::default())
+}
+
+fn tail_copy_dropped(c: &mut Criterion) {
     let hub = Hub::new();
     // Some users are held here, just not the recipient.
     let regs: Vec<_> = (0..1000)
         .map(|i| hub.register(&format!("local{i}"), "d", Arc::new(Kick::default()), 16, 16))
         .collect();
-    let mut g = c.benchmark_group("drop_non_local");
+    let (names, recent, stats) = tail_parts();
+    let tail = Tail {
+        names: &names,
+        recent: Some(&recent),
+        stats: &stats,
+    };
+    let mut g = c.benchmark_group("tail_copy_dropped");
     g.throughput(Throughput::Elements(1));
     for (name, size) in SIZES {
         let p = payload(size);
-        let subject = "imgate.u.remote-user-4711";
+        let mut seq = 0;
         g.bench_with_input(BenchmarkId::from_parameter(name), &p, |b, p| {
             b.iter(|| {
-                let uid = black_box(subject).rsplit('.').next().unwrap();
-                hub.deliver(uid, &mut || decode_payload(black_box(p), 42, 0));
+                seq += 1;
+                let subject = black_box("imgate.live.remote-user-4711");
+                hand_over(
+                    &tail,
+                    &*hub,
+                    subject,
+                    seq,
+                    || 1_764_190_000_123,
+                    black_box(p),
+                );
             })
         });
     }
     g.finish();
     drop(regs);
+}
+
+fn tail_copy_delivered(c: &mut Criterion) {
+    let hub = Hub::new();
+    let bob = hub.register("bob", "d", Arc::new(Kick::default()), 1024, 16);
+    let (names, recent, stats) = tail_parts();
+    let tail = Tail {
+        names: &names,
+        recent: Some(&recent),
+        stats: &stats,
+    };
+    let mut g = c.benchmark_group("tail_copy_delivered");
+    g.throughput(Throughput::Elements(1));
+    for (name, size) in SIZES {
+        let p = payload(size);
+        let mut seq = 0;
+        g.bench_with_input(BenchmarkId::from_parameter(name), &p, |b, p| {
+            b.iter(|| {
+                seq += 1;
+                hand_over(
+                    &tail,
+                    &*hub,
+                    "imgate.live.bob",
+                    seq,
+                    || 1_764_190_000_123,
+                    black_box(p),
+                );
+                // What the connection's writer does: take the shared msgpack encoding.
+                if let Ok(OutboxItem::Msg(d)) = bob.rx.try_recv() {
+                    black_box(d.encoded(Encoding::Msgpack));
+                }
+            })
+        });
+    }
+    g.finish();
+    assert!(bob.rx.is_empty());
+    drop(bob);
 }
 
 fn deliver_to_k(c: &mut Criterion) {
@@ -138,5 +199,11 @@ fn standalone_send(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, drop_non_local, deliver_to_k, standalone_send);
+criterion_group!(
+    benches,
+    tail_copy_dropped,
+    tail_copy_delivered,
+    deliver_to_k,
+    standalone_send
+);
 criterion_main!(benches);

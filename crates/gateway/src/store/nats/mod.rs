@@ -31,10 +31,11 @@ use futures::future::try_join_all;
 mod interest;
 mod publish;
 mod recent;
+
 use futures::StreamExt;
 use imgate_proto::Message;
 use publish::{Copy, Publisher};
-use recent::Recent;
+pub use recent::Recent;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -144,6 +145,51 @@ struct PayloadIn {
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
+}
+
+/// What the tail hands a copy to: the subject names, the backlog cache (broadcast mode) and
+/// the counters.
+pub struct Tail<'a> {
+    pub names: &'a Names,
+    pub recent: Option<&'a Recent>,
+    pub stats: &'a TailStats,
+}
+
+/// Hands copy `seq`, received on `subject` (republished `<prefix>.live.<uid>`, or the
+/// stored `<prefix>.u.<uid>` when read back), to the fanout and the backlog cache,
+/// decoding the payload only if the fanout asks for it. Public so that the hot-path
+/// benchmarks run this very code.
+pub fn hand_over(
+    tail: &Tail<'_>,
+    fanout: &dyn Fanout,
+    subject: &str,
+    seq: u64,
+    published: impl FnOnce() -> u64,
+    payload: &[u8],
+) {
+    let stats = tail.stats;
+    stats.received.fetch_add(1, Ordering::Relaxed);
+    stats
+        .received_bytes
+        .fetch_add((subject.len() + payload.len()) as u64, Ordering::Relaxed);
+    let names = tail.names;
+    let Some(uid) = names.live_owner(subject).or_else(|| names.owner(subject)) else {
+        return;
+    };
+    let published = published();
+    // Cached before it is handed over: a login that registers in between reads it here
+    // or gets it in its outbox, never neither.
+    if let Some(recent) = tail.recent {
+        recent.insert(uid, seq, published, payload);
+    }
+    fanout.deliver(uid, &mut || {
+        stats.decoded.fetch_add(1, Ordering::Relaxed);
+        let msg = decode_payload(payload, seq, published);
+        if msg.is_none() {
+            stats.undecodable.fetch_add(1, Ordering::Relaxed);
+        }
+        msg
+    });
 }
 
 /// Decodes a stored payload as the message with stream seq `seq`.
@@ -720,9 +766,7 @@ impl NatsStore {
         Ok(true)
     }
 
-    /// Hands copy `seq`, received on `subject` (republished `<prefix>.live.<uid>`, or the
-    /// stored `<prefix>.u.<uid>` when read back), to the fanout and the backlog cache,
-    /// decoding the payload only if the fanout asks for it.
+    /// Hands copy `seq`, received on `subject`, over ([`hand_over`]).
     fn hand_over(
         &self,
         fanout: &dyn Fanout,
@@ -731,29 +775,12 @@ impl NatsStore {
         published: impl FnOnce() -> u64,
         payload: &[u8],
     ) {
-        self.tail_stats.received.fetch_add(1, Ordering::Relaxed);
-        self.tail_stats
-            .received_bytes
-            .fetch_add((subject.len() + payload.len()) as u64, Ordering::Relaxed);
-        let names = &self.names;
-        let Some(uid) = names.live_owner(subject).or_else(|| names.owner(subject)) else {
-            return;
+        let tail = Tail {
+            names: &self.names,
+            recent: self.recent.as_ref(),
+            stats: &self.tail_stats,
         };
-        let published = published();
-        // Cached before it is handed over: a login that registers in between reads it here
-        // or gets it in its outbox, never neither.
-        if let Some(recent) = &self.recent {
-            recent.insert(uid, seq, published, payload);
-        }
-        let stats = &self.tail_stats;
-        fanout.deliver(uid, &mut || {
-            stats.decoded.fetch_add(1, Ordering::Relaxed);
-            let msg = decode_payload(payload, seq, published);
-            if msg.is_none() {
-                stats.undecodable.fetch_add(1, Ordering::Relaxed);
-            }
-            msg
-        });
+        hand_over(&tail, fanout, subject, seq, published, payload);
     }
 
     /// Reads the stream after `last` up to `end` with a consumer of its own (served by the

@@ -33,7 +33,7 @@ struct Cached {
 }
 
 /// Recently stored inbox copies, per user, within a byte budget.
-pub(super) struct Recent {
+pub struct Recent {
     budget: usize,
     /// The stream's limits: at most this many copies per user, none older than this.
     max_inbox: usize,
@@ -63,7 +63,7 @@ struct Inner {
 impl Recent {
     /// A cache of at most `budget` bytes (0 keeps nothing: every read goes to NATS) for a
     /// stream of these limits.
-    pub(super) fn new(budget: usize, max_inbox: usize, retention: Duration) -> Self {
+    pub fn new(budget: usize, max_inbox: usize, retention: Duration) -> Self {
         Recent {
             budget,
             max_inbox: max_inbox.max(1),
