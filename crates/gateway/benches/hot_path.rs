@@ -36,10 +36,45 @@ fn payload(size: usize) -> Vec<u8> {
     .unwrap()
 }
 
-/// The broadcast tail's parts: subject names, a backlog cache of the default size, counters.
-fn tail_parts() -> (Names, Recent, TailStats) {
+/// A benchmark group `name` of the broadcast tail's hand-over (subject names, a backlog
+/// cache of the default size, counters) of copies on `subject` to `hub`; `after` runs
+/// after each hand-over (what the receiving connection does).
+fn bench_hand_over(
+    c: &mut Criterion,
+    name: &str,
+    hub: &Hub,
+    subject: &str,
+    mut after: impl FnMut(),
+) {
+    let names = Names::new("imgate");
     let recent = Recent::new(64 << 20, 10_000, std::time::Duration::from_secs(3600));
-    (Names::new("imgate"), recent, TailStats::default())
+    let stats = TailStats::default();
+    let tail = Tail {
+        names: &names,
+        recent: Some(&recent),
+        stats: &stats,
+    };
+    let mut g = c.benchmark_group(name);
+    g.throughput(Throughput::Elements(1));
+    for (size_name, size) in SIZES {
+        let p = payload(size);
+        let mut seq = 0;
+        g.bench_with_input(BenchmarkId::from_parameter(size_name), &p, |b, p| {
+            b.iter(|| {
+                seq += 1;
+                hand_over(
+                    &tail,
+                    hub,
+                    black_box(subject),
+                    seq,
+                    || 1_764_190_000_123,
+                    black_box(p),
+                );
+                after();
+            })
+        });
+    }
+    g.finish();
 }
 
 fn tail_copy_dropped(c: &mut Criterion) {
@@ -48,69 +83,25 @@ fn tail_copy_dropped(c: &mut Criterion) {
     let regs: Vec<_> = (0..1000)
         .map(|i| hub.register(&format!("local{i}"), "d", Arc::new(Kick::default()), 16, 16))
         .collect();
-    let (names, recent, stats) = tail_parts();
-    let tail = Tail {
-        names: &names,
-        recent: Some(&recent),
-        stats: &stats,
-    };
-    let mut g = c.benchmark_group("tail_copy_dropped");
-    g.throughput(Throughput::Elements(1));
-    for (name, size) in SIZES {
-        let p = payload(size);
-        let mut seq = 0;
-        g.bench_with_input(BenchmarkId::from_parameter(name), &p, |b, p| {
-            b.iter(|| {
-                seq += 1;
-                let subject = black_box("imgate.live.remote-user-4711");
-                hand_over(
-                    &tail,
-                    &*hub,
-                    subject,
-                    seq,
-                    || 1_764_190_000_123,
-                    black_box(p),
-                );
-            })
-        });
-    }
-    g.finish();
+    bench_hand_over(
+        c,
+        "tail_copy_dropped",
+        &hub,
+        "imgate.live.remote-user-4711",
+        || {},
+    );
     drop(regs);
 }
 
 fn tail_copy_delivered(c: &mut Criterion) {
     let hub = Hub::new();
     let bob = hub.register("bob", "d", Arc::new(Kick::default()), 1024, 16);
-    let (names, recent, stats) = tail_parts();
-    let tail = Tail {
-        names: &names,
-        recent: Some(&recent),
-        stats: &stats,
-    };
-    let mut g = c.benchmark_group("tail_copy_delivered");
-    g.throughput(Throughput::Elements(1));
-    for (name, size) in SIZES {
-        let p = payload(size);
-        let mut seq = 0;
-        g.bench_with_input(BenchmarkId::from_parameter(name), &p, |b, p| {
-            b.iter(|| {
-                seq += 1;
-                hand_over(
-                    &tail,
-                    &*hub,
-                    "imgate.live.bob",
-                    seq,
-                    || 1_764_190_000_123,
-                    black_box(p),
-                );
-                // What the connection's writer does: take the shared msgpack encoding.
-                if let Ok(OutboxItem::Msg(d)) = bob.rx.try_recv() {
-                    black_box(d.encoded(Encoding::Msgpack));
-                }
-            })
-        });
-    }
-    g.finish();
+    bench_hand_over(c, "tail_copy_delivered", &hub, "imgate.live.bob", || {
+        // What the connection's writer does: take the shared msgpack encoding.
+        if let Ok(OutboxItem::Msg(d)) = bob.rx.try_recv() {
+            black_box(d.encoded(Encoding::Msgpack));
+        }
+    });
     assert!(bob.rx.is_empty());
     drop(bob);
 }
