@@ -38,7 +38,7 @@ pub(crate) async fn exchange_with(
     let (mut out, mut child) = python_child(script_name, args).await;
     let got = messages(&mut ev, 1).await;
     assert_eq!(got[0].from, "pyuser");
-    assert_eq!(got[0].body, json!({"text": "hello from python"}));
+    assert_eq!(*got[0].body, json!({"text": "hello from python"}));
     rust.send_to("pyuser", json!({"text": "hello from rust"}))
         .await
         .unwrap();

@@ -750,7 +750,7 @@ mod tests {
             to: Some("alice".into()),
             group: None,
             ts: 1,
-            body: serde_json::json!({"n": seq}),
+            body: serde_json::json!({"n": seq}).into(),
         })
     }
 

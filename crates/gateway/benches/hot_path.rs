@@ -173,7 +173,7 @@ fn standalone_send(c: &mut Criterion) {
                         to: Some("bob".into()),
                         group: None,
                         ts: 1_764_190_000_123,
-                        body: body.clone(),
+                        body: Arc::new(body.clone()),
                     };
                     let appended = futures::executor::block_on(store.append(draft, &inboxes));
                     black_box(appended.unwrap());

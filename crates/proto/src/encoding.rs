@@ -170,7 +170,7 @@ mod tests {
                     to,
                     group,
                     ts,
-                    body,
+                    body: body.into(),
                 })
             });
         prop_oneof![
@@ -269,7 +269,7 @@ mod tests {
             to: Some("bob".into()),
             group: None,
             ts: 1764190000123,
-            body: json!({"text":"hi"}),
+            body: json!({"text":"hi"}).into(),
         });
         assert_eq!(
             serde_json::to_value(&msg).unwrap(),

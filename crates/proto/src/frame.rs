@@ -4,6 +4,8 @@
 //! field name with a `type` tag. Validation of ids and sizes lives with the caller (the
 //! gateway), not here.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -73,7 +75,8 @@ pub struct Message {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
     pub ts: u64,
-    pub body: Value,
+    /// Shared by every inbox copy of one send, so a copy costs no deep clone of the body.
+    pub body: Arc<Value>,
 }
 
 /// A frame sent by the server.

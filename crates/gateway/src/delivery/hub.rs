@@ -372,7 +372,7 @@ mod tests {
             to: Some("bob".into()),
             group: None,
             ts: 1,
-            body: json!({"text": "hi"}),
+            body: json!({"text": "hi"}).into(),
         }
     }
 

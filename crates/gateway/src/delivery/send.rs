@@ -7,6 +7,7 @@
 
 use imgate_proto::ids::{is_valid_id, is_valid_message_id};
 use std::num::NonZeroU32;
+use std::sync::Arc;
 
 use governor::Quota;
 use imgate_proto::{ErrorCode, Send};
@@ -74,7 +75,7 @@ pub fn prepare(cfg: &Config, from: &str, send: Send) -> Result<Prepared, Refusal
             to,
             group,
             ts: now_ms(),
-            body: send.body,
+            body: Arc::new(send.body),
         },
         member_only: true,
     })

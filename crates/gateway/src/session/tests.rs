@@ -172,7 +172,7 @@ async fn store_for_alice(shared: &Shared, id: &str) {
         to: Some("alice".into()),
         group: None,
         ts: 0,
-        body: json!({"text": id}),
+        body: json!({"text": id}).into(),
     };
     shared.store.append(draft, &["alice".into()]).await.unwrap();
 }

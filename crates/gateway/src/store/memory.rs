@@ -329,7 +329,7 @@ mod tests {
             to: Some(to.into()),
             group: None,
             ts: now_ms(),
-            body: json!({"text": id}),
+            body: json!({"text": id}).into(),
         }
     }
 

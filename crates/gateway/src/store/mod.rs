@@ -43,7 +43,8 @@ pub struct Draft {
     pub group: Option<String>,
     /// Acceptance time, Unix milliseconds.
     pub ts: u64,
-    pub body: Value,
+    /// Shared with every inbox copy made from it.
+    pub body: Arc<Value>,
 }
 
 impl Draft {

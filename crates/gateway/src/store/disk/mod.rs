@@ -260,7 +260,7 @@ fn decode(key: &[u8], value: &[u8]) -> Result<Message, StoreError> {
         to: s.to,
         group: s.group,
         ts: s.ts,
-        body: s.body,
+        body: Arc::new(s.body),
     })
 }
 
@@ -1398,7 +1398,7 @@ mod tests {
             to: Some("bob".into()),
             group: None,
             ts: now_ms(),
-            body: json!({ "id": id }),
+            body: json!({ "id": id }).into(),
         }
     }
 
@@ -1440,7 +1440,7 @@ mod tests {
         );
         let bob = s.read("bob", 0, 10).await.unwrap();
         assert_eq!(seqs(&bob.messages), vec![1, 3]);
-        assert_eq!(bob.messages[1].body, json!({"id": "y"}));
+        assert_eq!(*bob.messages[1].body, json!({"id": "y"}));
         assert!(!bob.gap && !bob.more);
     }
 
@@ -1535,7 +1535,7 @@ mod damage_tests {
             to: Some("bob".into()),
             group: None,
             ts: now_ms(),
-            body: json!({ "i": i, "pad": "x".repeat(200) }),
+            body: json!({ "i": i, "pad": "x".repeat(200) }).into(),
         }
     }
 

@@ -206,7 +206,7 @@ pub fn decode_payload(payload: &[u8], seq: u64, published_ms: u64) -> Option<Mes
         to: p.to,
         group: p.group,
         ts: p.ts.unwrap_or(published_ms),
-        body: p.body,
+        body: Arc::new(p.body),
     })
 }
 
@@ -1266,7 +1266,7 @@ mod tests {
             to: Some("b".into()),
             group: None,
             ts: 0,
-            body: Value::Null,
+            body: Value::Null.into(),
         })
     }
 
