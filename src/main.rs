@@ -337,6 +337,7 @@ async fn listen(a: ListenArgs) -> anyhow::Result<()> {
                 eprintln!("imgate: disconnected ({reason:?}), reconnecting")
             }
             Event::Error { code, message } => eprintln!("imgate: error {code}: {message}"),
+            Event::Read { seq } => eprintln!("imgate: read up to {seq} on another device"),
             Event::Room { .. } => {}
         }
     }

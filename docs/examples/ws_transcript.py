@@ -45,6 +45,18 @@ async def main(base):
         ack = {"type": "ack", "seq": msg["seq"]}
         print("bob   >", json.dumps(ack), "  (no answer: acks are silent)")
         await b.send(json.dumps(ack))
+        # Bob's second device is welcomed with his read position and unread count; reading
+        # on the phone tells it.
+        async with websockets.connect(f"ws://{base}/v1/ws?token={bob}&device=laptop", subprotocols=["imgate.json"]) as b2:
+            print("bob2  <", await b2.recv())
+            read = {"type": "read", "seq": msg["seq"]}
+            print("bob   >", json.dumps(read), "  (no answer: his other connections are told)")
+            await b.send(json.dumps(read))
+            print("bob2  <", await b2.recv())
+            read = {"type": "read", "seq": 99}
+            print("bob   >", json.dumps(read))
+            await b.send(json.dumps(read))
+            print("bob   <", await b.recv())
 
 
 asyncio.run(main(sys.argv[1]))

@@ -82,9 +82,15 @@ export class ImgateError extends Error {
   constructor(code: string, message?: string);
 }
 
+/** The user's read position rose (on another device or tab, or over HTTP). */
+export interface ReadEvent {
+  seq: number;
+}
+
 export interface EventMap {
   message: Message;
   room: RoomMessage;
+  read: ReadEvent;
   state: StateEvent;
   gap: GapEvent;
   error: ImgateError;
@@ -102,6 +108,10 @@ export class Imgate {
   /** The highest seq handed over, and its store epoch: where a resume goes on from. */
   readonly lastSeq: number | null;
   readonly epoch: string | null;
+  /** The user's read position, as last heard. */
+  readonly readSeq: number;
+  /** Unread messages when the connection opened (counted up to 1,000). */
+  readonly unread: number;
 
   /** Subscribes; returns a function that unsubscribes. */
   on<K extends keyof EventMap>(event: K, fn: (value: EventMap[K]) => void): () => void;
@@ -114,6 +124,10 @@ export class Imgate {
   leave(room: string): Promise<void>;
   publish(room: string, body: unknown): Promise<void>;
   history(page?: { before?: number; limit?: number }): Promise<HistoryPage>;
+  /** Marks everything up to `seq` read for the user, on every device. */
+  read(seq: number): Promise<void>;
+  /** The read position and unread count, asked of the gateway. */
+  readState(): Promise<{ read: number; unread: number }>;
   close(): void;
 }
 

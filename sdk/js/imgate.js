@@ -68,11 +68,14 @@ export class Imgate {
     this._closed = true;
     this._run_id = 0; // a connection loop runs while its id is the latest
     this._wake = null; // ends a backoff pause early (close)
+    this.readSeq = 0; // the user's read position, as last heard
+    this.unread = 0; // unread messages when the connection opened (counted up to 1,000)
   }
 
   /**
-   * `message`, `room`, `state`, `gap`, `error`, or `wire` ({transport, requests, bytes}:
-   * what each transport costs); returns a function that unsubscribes.
+   * `message`, `room`, `read` ({seq}: the user's read position rose, on another device or
+   * tab), `state`, `gap`, `error`, or `wire` ({transport, requests, bytes}: what each
+   * transport costs); returns a function that unsubscribes.
    */
   on(event, fn) {
     if (!this._handlers.has(event)) this._handlers.set(event, new Set());
@@ -145,6 +148,25 @@ export class Imgate {
   async publish(room, body) {
     if (!this._conn) throw new ImgateError("unavailable", "not connected");
     await this._conn.room("publish", room, body);
+  }
+
+  /**
+   * Marks everything up to `seq` (a seq this client handed over) as read by the user: the
+   * user's other devices and tabs get a `read` event. A lower seq than the stored read
+   * position changes nothing.
+   */
+  async read(seq) {
+    if (seq <= this.readSeq) return;
+    if (this._conn?.read) this._conn.read(seq);
+    else await this._post("/v1/read", { seq });
+    this.readSeq = Math.max(this.readSeq, seq);
+  }
+
+  /** The user's read position and unread count, asked of the gateway: `{read, unread}`. */
+  async readState() {
+    const r = await this._fetchJson("/v1/read");
+    this._raiseRead(r.read);
+    return r;
   }
 
   /** Older messages, newest first: `{messages, next, epoch}`; pass `next` as `before`. */
@@ -265,6 +287,15 @@ export class Imgate {
     if (w.gap) this._emit("gap", w);
   }
 
+  /** The read position from a welcome (with the unread count) or a `read` frame. */
+  _raiseRead(seq, unread) {
+    if (unread !== undefined) this.unread = unread;
+    if (seq > this.readSeq) {
+      this.readSeq = seq;
+      this._emit("read", { seq });
+    }
+  }
+
   /** A stored message: handed over once, in seq order. */
   _message(m) {
     if (this.lastSeq !== null && m.seq <= this.lastSeq) return false;
@@ -377,6 +408,7 @@ function wsTransport(im) {
     switch (f.type) {
       case "welcome":
         im._welcome(f);
+        im._raiseRead(f.read ?? 0, f.unread ?? 0);
         acked = im.lastSeq ?? 0;
         c.open(f);
         im._scheduleRefresh(c);
@@ -396,6 +428,9 @@ function wsTransport(im) {
         break;
       case "room":
         im._emit("room", { room: f.room, from: f.from, ts: f.ts, body: f.body });
+        break;
+      case "read":
+        im._raiseRead(f.seq);
         break;
       case "bye":
         c.finish(f.reason);
@@ -417,6 +452,7 @@ function wsTransport(im) {
   };
   c.room = async (op, room, body) => write(op === "publish" ? { type: op, room, body } : { type: op, room });
   c.refreshed = (token) => write({ type: "refresh", token });
+  c.read = (seq) => write({ type: "read", seq });
   c.close = () => {
     ack();
     if (ackTimer) clearTimeout(ackTimer);
@@ -495,7 +531,8 @@ function sseTransport(im) {
     im._wire("sse", 0, e.data.length);
     fn(JSON.parse(e.data));
   });
-  on("welcome", (w) => { im._welcome(w); c.open(w); im._scheduleRefresh(c); });
+  on("welcome", (w) => { im._welcome(w); im._raiseRead(w.read ?? 0, w.unread ?? 0); c.open(w); im._scheduleRefresh(c); });
+  on("read", (f) => im._raiseRead(f.seq));
   on("msg", (m) => im._message(m));
   on("room", (f) => im._emit("room", { room: f.room, from: f.from, ts: f.ts, body: f.body }));
   on("problem", (f) => im._emit("error", new ImgateError(f.code, f.message)));
@@ -528,8 +565,12 @@ function pollTransport(im, name) {
         // A device's first poll resumes from its stored cursor; later ones go on from here.
         if (im.lastSeq === null && page.cursor) im.lastSeq = page.cursor;
         for (const r of page.rooms || []) im._emit("room", { room: r.room, from: r.from, ts: r.ts, body: r.body });
+        if (page.read !== undefined) im._raiseRead(page.read);
         if (first) {
           first = false;
+          // A poll carries no welcome: the read position and unread count are asked for.
+          const r = await im._fetchJson("/v1/read", {}, ctl.signal);
+          im._raiseRead(r.read, r.unread);
           c.open(page);
           im._scheduleRefresh(c);
         }

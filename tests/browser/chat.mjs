@@ -1,6 +1,7 @@
 // Drives the chat page in headless Chromium: alice (desktop window) and bob (phone-sized
 // window) exchange messages over each transport the page offers, and each side sees both
-// messages exactly once. Saves a screenshot of bob's page.
+// messages exactly once; then a group, a room, history, and unread counts across two of
+// bob's tabs. Saves a screenshot of bob's page.
 //
 // Usage: node tests/browser/chat.mjs <base-url> <screenshot.png>
 // Chromium comes from CHROMIUM or /usr/bin/chromium (Debian's package).
@@ -123,8 +124,23 @@ try {
   await seqsAreUnique(bob2);
   console.log("ok: history");
 
+  // Unread counts: bob's two tabs show the gateway's count for bob; reading in one
+  // clears it in the other, and a new message counts in both.
+  const unreadIs = (p, want) => p.waitForFunction((w) => document.querySelector("[data-testid=unread]").textContent === w, want);
+  await bob.waitForFunction(() => Number(document.querySelector("[data-testid=unread]").textContent) > 0);
+  await bob2.click("[data-testid=mark-read]");
+  await unreadIs(bob, "0");
+  await unreadIs(bob2, "0");
+  await say(alice, "one more for the crew");
+  await sees(bob, "one more for the crew");
+  await unreadIs(bob, "1");
+  await unreadIs(bob2, "1");
+  await bob.click("[data-testid=mark-read]");
+  await unreadIs(bob2, "0");
+  console.log("ok: unread counts across tabs");
+
   await bob.screenshot({ path: screenshot, fullPage: true });
-  console.log(`browser test passed: 4 transports, 8 messages on each page, a group, a room, history, screenshot ${screenshot}`);
+  console.log(`browser test passed: 4 transports, 8 messages on each page, a group, a room, history, unread counts, screenshot ${screenshot}`);
 } catch (e) {
   console.error(`browser test failed: ${e.stack || e}`);
   for (const [who, p] of Object.entries(pages)) {

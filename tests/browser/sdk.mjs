@@ -176,6 +176,8 @@ async function openPage(origin, initScript) {
       im.on("state", (s) => c.states.push({ ...s, at: performance.now() }));
       im.on("gap", () => { c.gaps++; });
       im.on("room", (r) => c.rooms.push(r));
+      c.reads = [];
+      im.on("read", (r) => c.reads.push(r.seq));
       window.clients[name] = c;
       await im.connect();
       return im.transport;
@@ -386,6 +388,40 @@ const scenarios = {
     if (pages[0].length !== 50) fail(`the first page has ${pages[0].length}`);
     if (JSON.stringify(all) !== JSON.stringify(texts("h", 120).reverse())) fail(`history: ${all}`);
     return { pages: pages.length };
+  },
+
+  // Two tabs of one user (separate browser contexts, each its own device) and a third
+  // device that opens later on long polls: reading in one tab clears the unread count in
+  // the other, and reaches the long-polling device too.
+  async read() {
+    const gw = await gateway(["--store", "memory"]);
+    const [tab1, tab2] = [await openPage(gw.origin), await openPage(gw.origin)];
+    await make(tab1, "alice", "alice");
+    await make(tab1, "bob1", "bob");
+    await make(tab2, "bob2", "bob", { transports: ["sse"] });
+    await sendAll(tab1, "alice", "bob", texts("r", 3));
+    await receivedInOrder(tab1, "bob1", "alice", texts("r", 3));
+    await receivedInOrder(tab2, "bob2", "alice", texts("r", 3));
+    // A device that opens now is told how much is unread.
+    await make(tab2, "bob3", "bob", { transports: ["longpoll"] });
+    const opened = await tab2.evaluate(() => ({ unread: window.clients.bob3.im.unread, read: window.clients.bob3.im.readSeq }));
+    if (opened.unread !== 3 || opened.read !== 0) fail(`a new device opened with ${JSON.stringify(opened)}, want 3 unread above 0`);
+    const unreadOf = (page, name) => page.evaluate(async (n) => (await window.clients[n].im.readState()).unread, name);
+    if (await unreadOf(tab2, "bob2") !== 3) fail("bob2 does not count 3 unread");
+    // Tab 1 reads the first two (over its WebSocket).
+    const second = await tab1.evaluate(async () => { const c = window.clients.bob1; await c.im.read(c.messages[1].seq); return c.messages[1].seq; });
+    await until("tab 2's read event", () => tab2.evaluate((s) => window.clients.bob2.reads.includes(s), second));
+    await until("the long-polling device's read event", () => tab2.evaluate((s) => window.clients.bob3.reads.includes(s), second));
+    if (await unreadOf(tab2, "bob2") !== 1) fail("after tab 1 read two, tab 2 does not count 1 unread");
+    if (await tab1.evaluate(() => window.clients.bob1.reads.length) !== 0) fail("the tab that read was told of its own read");
+    // Tab 2 reads the rest (over HTTP, as SSE has no frames upstream); tab 1 hears it.
+    const third = await tab2.evaluate(async () => { const c = window.clients.bob2; await c.im.read(c.messages[2].seq); return c.messages[2].seq; });
+    await until("tab 1's read event", () => tab1.evaluate((s) => window.clients.bob1.reads.includes(s), third));
+    if (await unreadOf(tab1, "bob1") !== 0) fail("after both reads, tab 1 still counts unread");
+    // A lower read changes nothing.
+    await tab1.evaluate(async () => window.clients.bob1.im._post("/v1/read", { seq: 1 }));
+    if ((await tab1.evaluate(async () => (await window.clients.bob1.im.readState()).read)) !== third) fail("the read position went down");
+    return { unread_on_open: opened.unread };
   },
 
   async epoch() {

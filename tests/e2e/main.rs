@@ -18,6 +18,7 @@ mod interest;
 mod keys;
 mod lifecycle;
 mod python;
+mod reads;
 mod resume;
 mod sdk;
 mod tls;

@@ -1,7 +1,7 @@
 //! The browser SDK (`sdk/js/imgate.js`) in headless Chromium, one test per scenario of
 //! `tests/browser/sdk.mjs`: normal use, WebSocket blocked, WebSocket and SSE blocked, a
 //! buffering proxy, a gateway restart under load, a cluster failover, token refresh,
-//! history paging, and a store reset. The script starts its own gateways (this binary),
+//! history paging, a store reset, and read positions across two tabs. The script starts its own gateways (this binary),
 //! NATS servers and proxies, and prints what it measured.
 
 use std::time::Duration;
@@ -63,4 +63,9 @@ async fn history_pages_come_newest_first_and_next_chains() {
 #[tokio::test]
 async fn a_store_reset_fires_the_gap_event() {
     scenario("epoch").await;
+}
+
+#[tokio::test]
+async fn reading_in_one_tab_clears_the_unread_count_in_the_other() {
+    scenario("read").await;
 }

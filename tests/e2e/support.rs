@@ -117,12 +117,20 @@ pub(crate) async fn no_message(events: &mut Events, d: Duration) {
     }
 }
 
-/// Waits for the first `Welcome` event and returns its gap flag.
+/// Waits for the first `Welcome` event and returns its resume point and gap flag.
 pub(crate) async fn welcome(events: &mut Events) -> (u64, bool) {
+    match welcome_event(events).await {
+        Event::Welcome { resume, gap, .. } => (resume, gap),
+        _ => unreachable!("welcome_event returns a welcome"),
+    }
+}
+
+/// Waits for the first `Welcome` event, skipping others.
+pub(crate) async fn welcome_event(events: &mut Events) -> Event {
     within(WAIT, "welcome", async {
         loop {
             match events.recv().await {
-                Some(Event::Welcome { resume, gap, .. }) => return (resume, gap),
+                Some(w @ Event::Welcome { .. }) => return w,
                 Some(_) => {}
                 None => panic!("client ended before welcome"),
             }

@@ -79,9 +79,14 @@ pub enum Event {
         epoch: String,
         /// Expiry of the token in force (Unix seconds).
         exp: u64,
+        /// The user's read position, and the messages above it the user did not send.
+        read: u64,
+        unread: u64,
     },
     /// A stored message, in seq order, never twice.
     Msg(Message),
+    /// The user's read position rose (set on another device, or over HTTP).
+    Read { seq: u64 },
     /// A room message.
     Room {
         room: String,
@@ -270,6 +275,8 @@ impl ClientBuilder {
                     gap,
                     epoch,
                     exp,
+                    read,
+                    unread,
                     ..
                 })) => Ok((
                     conn,
@@ -278,6 +285,8 @@ impl ClientBuilder {
                         gap,
                         epoch,
                         exp: exp.unwrap_or(0),
+                        read,
+                        unread,
                     },
                 )),
                 Some(Ok(ServerFrame::Error { code, message, .. })) => {
@@ -336,6 +345,13 @@ impl Client {
             .await
             .map_err(|_| Error::closed())?;
         rx.await.map_err(|_| Error::closed())?
+    }
+
+    /// Tells the gateway the user has read everything up to `seq` (a seq this connection
+    /// received). The user's other connections get [`Event::Read`]; a lower `seq` than the
+    /// stored position changes nothing.
+    pub async fn read(&self, seq: u64) -> Result<(), Error> {
+        self.frame(ClientFrame::Read { seq }).await
     }
 
     /// Sends a raw frame (join, leave, publish, ping, a manual ack).
@@ -572,6 +588,8 @@ impl Actor {
                 gap,
                 epoch,
                 exp,
+                read,
+                unread,
                 ..
             } => {
                 let exp = exp.unwrap_or(0);
@@ -580,7 +598,12 @@ impl Actor {
                     gap,
                     epoch,
                     exp,
+                    read,
+                    unread,
                 });
+            }
+            ServerFrame::Read { seq } => {
+                let _ = self.events.send(Event::Read { seq });
             }
             ServerFrame::Room {
                 room, from, body, ..
@@ -770,6 +793,8 @@ mod tests {
                 gap: false,
                 epoch: "e1".into(),
                 exp: None,
+                read: 0,
+                unread: 0,
             };
             to_client(&mut s, welcome).await;
             s

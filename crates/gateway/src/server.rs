@@ -185,6 +185,7 @@ impl Gateway {
                 nats.clone()
                     .run_revocation_watch(auth.revocations().clone(), tail_stop.clone()),
             );
+            tokio::spawn(nats.clone().run_read_watch(hub.clone(), tail_stop.clone()));
             tokio::spawn({
                 let (bus, stop) = (bus.clone(), tail_stop.clone());
                 async move { bus.serve(stop).await }

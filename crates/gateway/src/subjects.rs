@@ -16,6 +16,8 @@ pub struct Names {
     pub groups: String,
     /// `imgate_revocations`
     pub revocations: String,
+    /// `imgate_reads`
+    pub reads: String,
 }
 
 impl Names {
@@ -26,6 +28,7 @@ impl Names {
             cursors: format!("{prefix}_cursors"),
             groups: format!("{prefix}_groups"),
             revocations: format!("{prefix}_revocations"),
+            reads: format!("{prefix}_reads"),
         }
     }
 

@@ -3,7 +3,9 @@
 // fall back; the others force one) to see each at work. Everything that touches the
 // messaging protocol (resume, dedupe, acks, retries, fallback) is the SDK's; this file only
 // draws, and creates groups with one plain REST call. Scrolling to the top of the
-// conversation loads older messages through the SDK's history.
+// conversation loads older messages through the SDK's history. The unread count is the
+// gateway's (the user's, across devices and tabs): asked again when a message from
+// someone else arrives or the read position rises elsewhere, and cleared by "Mark all read".
 import { Imgate } from "/v1/sdk/imgate.js";
 
 const $ = (id) => document.getElementById(id);
@@ -14,6 +16,7 @@ let token = null, uid = null, device = null;
 let im = null;             // the SDK client; a new one when the transport choice changes
 let resume = null;         // where the next client resumes: {lastSeq, epoch} of the last one
 let oldestSeq = null;      // lowest seq shown; history loads below it
+let newestSeq = 0;         // highest seq shown: "Mark all read" reads up to it
 let historyDone = false;   // the oldest retained message is shown
 let room = null;           // the live room this page is in
 
@@ -43,14 +46,33 @@ function messageItem(msg, via) {
   return li;
 }
 
+// The count is asked of the gateway, once for a burst of events.
+let unreadTimer = null;
+function refreshUnread() {
+  clearTimeout(unreadTimer);
+  unreadTimer = setTimeout(async () => {
+    try { $("unread").textContent = (await im.readState()).unread; } catch { /* next event asks again */ }
+  }, 100);
+}
+
+async function markRead() {
+  if (!im || !newestSeq) return;
+  try {
+    await im.read(newestSeq);
+    refreshUnread();
+  } catch (e) { setStatus(`not marked read: ${e.message}`); }
+}
+
 function show(msg) {
   if (oldestSeq === null) oldestSeq = msg.seq;
+  newestSeq = Math.max(newestSeq, msg.seq);
   if (msg.group) addGroup(msg.group);
   if (stats[im.transport]) stats[im.transport].messages++;
   const li = messageItem(msg, im.transport);
   $("messages").append(li);
   li.scrollIntoView({ block: "end" });
   renderStats();
+  if (msg.from !== uid) refreshUnread();
 }
 
 // Older messages, newest first from history, go above the oldest shown.
@@ -68,6 +90,7 @@ async function loadOlder() {
       if (oldestSeq !== null && m.seq >= oldestSeq) continue;
       list.prepend(messageItem(m, null));
       oldestSeq = m.seq;
+      newestSeq = Math.max(newestSeq, m.seq);
     }
     if (page.next === undefined) historyDone = true;
     list.scrollTop += list.scrollHeight - height; // keep the view where it was
@@ -92,6 +115,7 @@ function connect() {
   });
   im.on("message", show);
   im.on("room", showRoom);
+  im.on("read", refreshUnread);
   im.on("wire", ({ transport, requests, bytes }) => {
     stats[transport].requests += requests;
     stats[transport].bytes += bytes;
@@ -100,6 +124,7 @@ function connect() {
   im.on("state", ({ state, transport }) => {
     if (state === "open") {
       setStatus(`connected via ${LABELS[transport]}`, true);
+      $("unread").textContent = im.unread;
       // A page that shows nothing yet (a new device starts at the live tail) fills its
       // view with the newest history.
       if (!$("messages").children.length) loadOlder();
@@ -203,6 +228,7 @@ $("dev-form").onsubmit = async (e) => {
 
 $("token-form").onsubmit = (e) => { e.preventDefault(); start($("token").value.trim()); };
 $("transport").onchange = connect;
+$("mark-read").onclick = markRead;
 $("composer").onsubmit = async (e) => {
   e.preventDefault();
   const input = $("text");

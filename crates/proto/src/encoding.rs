@@ -140,6 +140,7 @@ mod tests {
                     body
                 })),
             any::<u64>().prop_map(|seq| ClientFrame::Ack { seq }),
+            any::<u64>().prop_map(|seq| ClientFrame::Read { seq }),
             arb_id().prop_map(|room| ClientFrame::Join { room }),
             arb_id().prop_map(|room| ClientFrame::Leave { room }),
             (arb_id(), arb_body()).prop_map(|(room, body)| ClientFrame::Publish { room, body }),
@@ -176,19 +177,25 @@ mod tests {
         prop_oneof![
             (
                 (arb_id(), arb_id(), any::<u64>(), any::<bool>()),
-                (arb_id(), proptest::option::of(any::<u64>()))
+                (arb_id(), proptest::option::of(any::<u64>())),
+                (any::<u64>(), any::<u64>())
             )
-                .prop_map(|((uid, device, resume, gap), (epoch, exp))| {
-                    ServerFrame::Welcome {
-                        uid,
-                        device,
-                        resume,
-                        gap,
-                        epoch,
-                        exp,
+                .prop_map(
+                    |((uid, device, resume, gap), (epoch, exp), (read, unread))| {
+                        ServerFrame::Welcome {
+                            uid,
+                            device,
+                            resume,
+                            gap,
+                            epoch,
+                            exp,
+                            read,
+                            unread,
+                        }
                     }
-                }),
+                ),
             any::<u64>().prop_map(|exp| ServerFrame::Refreshed { exp }),
+            any::<u64>().prop_map(|seq| ServerFrame::Read { seq }),
             msg,
             (arb_id(), any::<u64>(), any::<u64>()).prop_map(|(id, seq, ts)| ServerFrame::Sent {
                 id,

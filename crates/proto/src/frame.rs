@@ -9,6 +9,9 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+/// Unread messages are counted up to this many.
+pub const MAX_UNREAD: u64 = 1000;
+
 /// A frame sent by a client.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -16,6 +19,10 @@ pub enum ClientFrame {
     Login(Login),
     Send(Send),
     Ack {
+        seq: u64,
+    },
+    /// The user has read everything up to `seq` (on any device): the read position rises.
+    Read {
         seq: u64,
     },
     Join {
@@ -95,8 +102,19 @@ pub enum ServerFrame {
         /// `bye expired` then, unless a `refresh` came first.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         exp: Option<u64>,
+        /// The user's read position (0: nothing read yet).
+        #[serde(default)]
+        read: u64,
+        /// Messages of the inbox above `read` that the user did not send, counted up to
+        /// [`MAX_UNREAD`].
+        #[serde(default)]
+        unread: u64,
     },
     Msg(Message),
+    /// The user's read position rose, set by another connection or over HTTP.
+    Read {
+        seq: u64,
+    },
     Sent {
         id: String,
         seq: u64,

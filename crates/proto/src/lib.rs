@@ -18,7 +18,7 @@ pub mod ids;
 
 pub use codec::{FrameCodec, FrameError};
 pub use encoding::{decode, encode, DecodeError, Encoding};
-pub use frame::{ByeReason, ClientFrame, ErrorCode, Login, Message, Send, ServerFrame};
+pub use frame::{ByeReason, ClientFrame, ErrorCode, Login, Message, Send, ServerFrame, MAX_UNREAD};
 
 /// Default `--max-frame`: the largest TCP or WebSocket frame a peer may send.
 pub const DEFAULT_MAX_FRAME: usize = 256 * 1024;

@@ -224,6 +224,7 @@ mod tests {
 
     struct Nobody;
     impl Fanout for Nobody {
+        fn read(&self, _: &str, _: u64, _: u64) {}
         fn deliver(&self, _: &str, _: &mut dyn FnMut() -> Option<imgate_proto::Message>) {}
     }
 

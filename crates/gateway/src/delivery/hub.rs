@@ -356,6 +356,19 @@ impl Fanout for Hub {
             }
         }
     }
+
+    fn read(&self, uid: &str, seq: u64, except: u64) {
+        let Some(conns) = self.users.get(uid) else {
+            return;
+        };
+        for c in conns.iter().filter(|c| c.id != except) {
+            // A full outbox closes the connection as a stored message would: its next
+            // `welcome` carries the read position, so nothing is lost.
+            if let Err(flume::TrySendError::Full(_)) = c.tx.try_send(OutboxItem::Read(seq)) {
+                c.kick.kick(ByeReason::SlowConsumer);
+            }
+        }
+    }
 }
 
 #[cfg(test)]

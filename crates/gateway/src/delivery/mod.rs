@@ -10,6 +10,7 @@
 //! - [`groups`]: the membership rules.
 //! - [`rooms`]: checking and publishing live room messages through the bus.
 //! - [`polls`]: long-poll waiters kept between a device's polls.
+//! - [`reads`]: read positions: checking a `read`, and the unread count.
 //!
 //! Functions here take the parts they use (`&dyn Store`, `&Hub`, `&dyn Bus`, `&Config`);
 //! nothing imports the session or a transport.
@@ -19,6 +20,7 @@ pub mod groups;
 pub mod hub;
 pub mod outbox;
 pub mod polls;
+pub mod reads;
 pub mod resume;
 pub mod rooms;
 pub mod send;

@@ -82,6 +82,8 @@ pub enum OutboxItem {
     Msg(Arc<SharedFrame>),
     /// A room message: dropped, and counted, when the outbox is more than three quarters full.
     Room(Arc<SharedFrame>),
+    /// The user's read position rose to this seq.
+    Read(u64),
 }
 
 /// A frame on its way to one client; its transport encodes it.

@@ -59,7 +59,8 @@ impl Waiter {
     }
 
     /// Waits up to `wait` for deliveries above `after` and takes them (at most `limit`; the
-    /// rest stay queued), each as its `msg` or `room` frame in JSON.
+    /// rest stay queued), each as its `msg` or `room` frame in JSON, and the read position
+    /// if it rose meanwhile.
     pub async fn collect(
         &self,
         after: u64,
@@ -75,7 +76,7 @@ impl Waiter {
         // Deliveries at or below `after` (possible when a client names an `after` beyond its
         // inbox's newest message, or for copies the store read returned too) do not answer
         // the poll; it waits on.
-        while got.messages.is_empty() && got.rooms.is_empty() {
+        while got.messages.is_empty() && got.rooms.is_empty() && got.read.is_none() {
             // Queued deliveries first: a kicked waiter still answers what it holds.
             let mut next = tokio::select! {
                 biased;
@@ -95,6 +96,7 @@ impl Waiter {
                     }
                     OutboxItem::Msg(_) => {}
                     OutboxItem::Room(d) => got.rooms.push(d.encoded(Encoding::Json)),
+                    OutboxItem::Read(seq) => got.read = got.read.max(Some(seq)),
                 }
                 next = if got.messages.len() + got.rooms.len() < limit {
                     self.reg.rx.try_recv().ok()
@@ -114,6 +116,8 @@ pub struct Collected {
     pub messages: Vec<(u64, Bytes)>,
     /// Room frames as JSON.
     pub rooms: Vec<Bytes>,
+    /// The user's read position, when it rose while the poll waited.
+    pub read: Option<u64>,
 }
 
 /// Long-poll waiters kept registered for [`PARK_FOR`] after their poll is answered, keyed

@@ -42,12 +42,12 @@ use crate::delivery::hub::{Kick, Registration};
 use crate::delivery::outbox::{OutboxItem, SharedFrame, ToClient};
 use crate::delivery::resume::{resume_point, ResumePoint};
 use crate::delivery::send::{self, send_quota};
-use crate::delivery::{rooms, DEFAULT_DEVICE};
+use crate::delivery::{reads, rooms, DEFAULT_DEVICE};
 use crate::logging::Labels;
 use crate::metrics::Transport;
 use crate::refusal::Refusal;
 use crate::state::Shared;
-use crate::store::Following;
+use crate::store::{Following, Page, StoreError};
 
 pub mod frames;
 
@@ -486,10 +486,16 @@ where
     // after it normally returns it too; they are kept anyway and the ones above the last
     // page sent go out after it, because a replica answering the read may lag the copy.
     let mut queued: VecDeque<Arc<SharedFrame>> = VecDeque::new();
+    // A rise of the read position told while the pages are read; sent after them when
+    // above what `welcome` said.
+    let mut read_rose = 0;
+    let mut told_read = 0;
     loop {
         while let Ok(item) = rx.try_recv() {
-            if let OutboxItem::Msg(d) = item {
-                queued.push_back(d);
+            match item {
+                OutboxItem::Msg(d) => queued.push_back(d),
+                OutboxItem::Read(seq) => read_rose = read_rose.max(seq),
+                OutboxItem::Room(_) => {}
             }
         }
         let page = shared
@@ -498,6 +504,9 @@ where
             .await
             .map_err(|e| refuse(e.into()))?;
         if !welcomed {
+            let (read, unread) = read_and_unread(shared, live.uid(), live.last_sent, &page)
+                .await
+                .map_err(|e| refuse(e.into()))?;
             let welcome = ServerFrame::Welcome {
                 uid: live.uid().to_owned(),
                 device: device.to_owned(),
@@ -505,9 +514,12 @@ where
                 gap: page.gap || reset,
                 epoch: shared.store.epoch().to_string(),
                 exp: Some(live.exp),
+                read,
+                unread,
             };
             io.write(ToClient::Frame(welcome), false).await?;
             welcomed = true;
+            told_read = read;
         }
         let more = page.more;
         let now = Instant::now();
@@ -525,11 +537,34 @@ where
                 io.write(ToClient::Shared(d), false).await?;
                 live.sent(seq, now);
             }
+            if read_rose > told_read {
+                let read = ServerFrame::Read { seq: read_rose };
+                io.write(ToClient::Frame(read), false).await?;
+            }
             io.flush().await?;
             return Ok(());
         }
         io.flush().await?;
     }
+}
+
+/// The user's read position and unread count for `welcome`. The unread messages are
+/// counted from the first backlog `page` when it holds all of them (the read position is
+/// at or above the resume point, and nothing follows the page); otherwise read again.
+async fn read_and_unread(
+    shared: &Shared,
+    uid: &str,
+    resume: u64,
+    page: &Page,
+) -> Result<(u64, u64), StoreError> {
+    let store = shared.store.as_ref();
+    let read = store.read_position(uid).await?;
+    let unread = if read >= resume && !page.more {
+        reads::count(page, uid, read)
+    } else {
+        reads::unread(store, uid, read).await?
+    };
+    Ok((read, unread.min(imgate_proto::MAX_UNREAD)))
 }
 
 async fn live_loop<T>(
@@ -650,6 +685,10 @@ where
                 }
             }
             OutboxItem::Room(d) => io.write(ToClient::Shared(d), false).await?,
+            OutboxItem::Read(seq) => {
+                let read = ServerFrame::Read { seq };
+                io.write(ToClient::Frame(read), false).await?
+            }
         }
         n += 1;
         next = if n < OUT_BATCH {
@@ -682,6 +721,20 @@ where
                 shared.metrics.acks.increment(1);
                 live.acked(seq);
                 return Ok(());
+            }
+        }
+        ClientFrame::Read { seq } => {
+            let raised = match reads::check(seq, live.last_sent) {
+                Ok(()) => shared
+                    .store
+                    .set_read(live.uid(), seq, live.conn_id)
+                    .await
+                    .map_err(Refusal::from),
+                Err(r) => Err(r),
+            };
+            match raised {
+                Ok(_) => return Ok(()),
+                Err(r) => r.into(),
             }
         }
         ClientFrame::Send(send) => match accept_send(shared, live, send) {

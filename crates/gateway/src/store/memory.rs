@@ -51,6 +51,8 @@ struct Inner {
     cursors: HashMap<(String, String), u64>,
     groups: HashMap<String, Group>,
     revocations: HashMap<String, u64>,
+    /// uid -> read position.
+    reads: HashMap<String, u64>,
 }
 
 /// A send within the dedupe window and what it returned.
@@ -264,6 +266,22 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    async fn read_position(&self, uid: &str) -> Result<u64, StoreError> {
+        Ok(self.lock().reads.get(uid).copied().unwrap_or(0))
+    }
+
+    async fn set_read(&self, uid: &str, seq: u64, by: u64) -> Result<u64, StoreError> {
+        let mut inner = self.lock();
+        let slot = inner.reads.entry(uid.to_owned()).or_insert(0);
+        if seq <= *slot {
+            return Ok(*slot);
+        }
+        *slot = seq;
+        // Under the lock, so two rises reach connections in the order they were stored.
+        self.fanout.read(uid, seq, by);
+        Ok(seq)
+    }
+
     async fn ready(&self) -> bool {
         true
     }
@@ -316,6 +334,7 @@ mod tests {
     struct Recorder(Mutex<Vec<(String, u64)>>);
 
     impl Fanout for Recorder {
+        fn read(&self, _: &str, _: u64, _: u64) {}
         fn deliver(&self, uid: &str, build: &mut dyn FnMut() -> Option<Message>) {
             let m = build().unwrap();
             self.0.lock().unwrap().push((uid.to_owned(), m.seq));

@@ -176,6 +176,10 @@ pub trait Fanout: Send + Sync + 'static {
     /// One stored copy for inbox `uid`. `build` makes the message; call it only when a local
     /// connection wants it (this is where "filter before decode" happens).
     fn deliver(&self, uid: &str, build: &mut dyn FnMut() -> Option<Message>);
+
+    /// `uid`'s read position rose to `seq`. `except` is this gateway's connection that set
+    /// it (0: none here), which is not told.
+    fn read(&self, uid: &str, seq: u64, except: u64);
 }
 
 /// Keeps a store handing one inbox's stored copies to this gateway's [`Fanout`] for as
@@ -242,6 +246,16 @@ pub trait Store: Send + Sync + 'static {
     /// Stores cursors; a cursor never moves backwards. Each write's `version` is updated to
     /// the version the store now holds (a store without versions leaves it).
     async fn save_cursors(&self, cursors: &mut [CursorWrite]) -> Result<(), StoreError>;
+
+    /// `uid`'s read position (0 if never set). In cluster mode, from this gateway's watched
+    /// copy of the reads bucket.
+    async fn read_position(&self, uid: &str) -> Result<u64, StoreError>;
+
+    /// Raises `uid`'s read position to `seq` (a lower one changes nothing) and returns the
+    /// stored position, once durable. When it rose, the store makes [`Fanout::read`] reach
+    /// every gateway: at once here, through the bucket's watch in cluster mode. `by` is the
+    /// connection that set it on this gateway (0 over HTTP).
+    async fn set_read(&self, uid: &str, seq: u64, by: u64) -> Result<u64, StoreError>;
 
     /// Whether the store can take writes now (for `/readyz`).
     async fn ready(&self) -> bool;

@@ -178,6 +178,7 @@ fn frame_type(f: &ServerFrame) -> &'static str {
         ServerFrame::Error { .. } => "problem",
         ServerFrame::Pong => "pong",
         ServerFrame::Refreshed { .. } => "refreshed",
+        ServerFrame::Read { .. } => "read",
         ServerFrame::Bye { .. } => "bye",
     }
 }

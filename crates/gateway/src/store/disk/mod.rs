@@ -140,6 +140,8 @@ pub struct DiskStore {
     lost_upto: u64,
     durability: PersistMode,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Where a rise of a read position is told (stored messages go through the writer's).
+    fanout: Arc<dyn Fanout>,
 }
 
 #[derive(Clone)]
@@ -151,6 +153,8 @@ struct Keyspaces {
     groups: Keyspace,
     /// uid -> the revocation time, big-endian Unix seconds.
     revocations: Keyspace,
+    /// uid -> the read position, big-endian.
+    reads: Keyspace,
     meta: Keyspace,
 }
 
@@ -304,6 +308,7 @@ fn open_engine(path: &Path) -> Result<Engine, OpenError> {
         cursors: space("cursors")?,
         groups: space("groups")?,
         revocations: space("revocations")?,
+        reads: space("reads")?,
         meta: space("meta")?,
     };
     Ok(Engine { db, ks })
@@ -545,7 +550,7 @@ impl DiskStore {
             epoch: epoch.clone(),
             limits,
             durability,
-            fanout,
+            fanout: fanout.clone(),
             last_seq,
             high: Arc::new(last_seq.into()),
             counts: HashMap::new(),
@@ -588,6 +593,7 @@ impl DiskStore {
             lost_upto,
             durability,
             writer: Mutex::new(Some(handle)),
+            fanout,
         })
     }
 
@@ -617,6 +623,16 @@ impl DiskStore {
         Ok(e.ks
             .inbox_meta
             .get(uid)
+            .map_err(internal)?
+            .map_or(0, |v| be_u64(&v)))
+    }
+
+    fn stored_read(&self, uid: &str) -> Result<u64, StoreError> {
+        Ok(self
+            .engine()?
+            .ks
+            .reads
+            .get(uid.as_bytes())
             .map_err(internal)?
             .map_or(0, |v| be_u64(&v)))
     }
@@ -1311,6 +1327,22 @@ impl Store for DiskStore {
         })
     }
 
+    async fn read_position(&self, uid: &str) -> Result<u64, StoreError> {
+        self.stored_read(uid)
+    }
+
+    async fn set_read(&self, uid: &str, seq: u64, by: u64) -> Result<u64, StoreError> {
+        let _serial = self.small();
+        let stored = self.stored_read(uid)?;
+        if seq <= stored {
+            return Ok(stored);
+        }
+        self.commit_small(|ks, b| b.insert(&ks.reads, uid.as_bytes(), seq.to_be_bytes()))?;
+        // Still serialised, so two rises reach connections in the order they were stored.
+        self.fanout.read(uid, seq, by);
+        Ok(seq)
+    }
+
     async fn ready(&self) -> bool {
         !self.thread.is_disconnected() && !self.failed.load(Ordering::Acquire)
     }
@@ -1367,6 +1399,7 @@ mod tests {
 
     struct Nobody;
     impl Fanout for Nobody {
+        fn read(&self, _: &str, _: u64, _: u64) {}
         fn deliver(&self, _: &str, _: &mut dyn FnMut() -> Option<Message>) {}
     }
 
@@ -1513,6 +1546,7 @@ mod damage_tests {
 
     struct Nobody;
     impl Fanout for Nobody {
+        fn read(&self, _: &str, _: u64, _: u64) {}
         fn deliver(&self, _: &str, _: &mut dyn FnMut() -> Option<Message>) {}
     }
 
@@ -1701,6 +1735,7 @@ mod damage_tests {
     /// Dies at the `n`th copy it is handed: a crash right after a batch was written.
     struct CrashAt(std::sync::atomic::AtomicUsize);
     impl Fanout for CrashAt {
+        fn read(&self, _: &str, _: u64, _: u64) {}
         fn deliver(&self, _: &str, _: &mut dyn FnMut() -> Option<Message>) {
             if self.0.fetch_sub(1, Ordering::SeqCst) == 1 {
                 panic!("crash after the write");

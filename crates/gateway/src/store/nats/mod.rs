@@ -80,6 +80,10 @@ pub struct NatsStore {
     groups: kv::Store,
     /// uid -> the revocation time (decimal Unix seconds), watched by every gateway.
     revocations: kv::Store,
+    /// uid -> [`ReadValue`], watched by every gateway.
+    reads: kv::Store,
+    /// This process among the gateways: names the raiser of a read position.
+    instance: String,
     /// Every group, kept current by a watch on the groups bucket.
     group_cache: dashmap::DashMap<String, Group>,
     names: Names,
@@ -110,6 +114,26 @@ pub struct NatsStore {
     /// The stream's creation time: a recreated stream is a new epoch.
     epoch: std::sync::RwLock<Arc<str>>,
     pub tail_stats: Arc<TailStats>,
+}
+
+/// The stream and the buckets, once created or updated.
+struct Provisioned {
+    stream: stream::Stream,
+    cursors: kv::Store,
+    groups: kv::Store,
+    revocations: kv::Store,
+    reads: kv::Store,
+}
+
+/// A value of the reads bucket: the position, and the connection that raised it (so its
+/// own gateway does not tell it).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct ReadValue {
+    seq: u64,
+    /// The raising gateway's [`NatsStore::instance`].
+    gw: String,
+    /// Its connection id there (0: over HTTP).
+    conn: u64,
 }
 
 /// The epoch of a stream: its creation time, the same on every gateway.
@@ -280,6 +304,11 @@ async fn kv_bucket(
     .map_err(|e| anyhow::anyhow!("creating KV bucket {bucket}: {e}"))
 }
 
+/// The position in a value of the reads bucket (0 if it does not parse).
+fn read_seq(value: &[u8]) -> u64 {
+    serde_json::from_slice::<ReadValue>(value).map_or(0, |v| v.seq)
+}
+
 /// A decimal header of a republished copy.
 fn header_u64(m: &async_nats::Message, name: async_nats::HeaderName) -> Option<u64> {
     m.headers.as_ref()?.get(name)?.as_str().parse().ok()
@@ -381,7 +410,13 @@ impl NatsStore {
 
         // NATS may still be starting (compose, a restart): keep trying for a while.
         let deadline = tokio::time::Instant::now() + n.nats_startup_timeout;
-        let (stream, cursors, groups, revocations) = loop {
+        let Provisioned {
+            stream,
+            cursors,
+            groups,
+            revocations,
+            reads,
+        } = loop {
             let connection = || {
                 let last = last_error.lock().unwrap_or_else(|p| p.into_inner());
                 last.clone()
@@ -445,6 +480,8 @@ impl NatsStore {
             cursors,
             groups,
             revocations,
+            reads,
+            instance: super::new_epoch(),
             group_cache: dashmap::DashMap::new(),
             names,
             max_inbox: cfg.max_inbox,
@@ -466,7 +503,7 @@ impl NatsStore {
         js: &jetstream::Context,
         names: &Names,
         cfg: &Config,
-    ) -> anyhow::Result<(stream::Stream, kv::Store, kv::Store, kv::Store)> {
+    ) -> anyhow::Result<Provisioned> {
         let replicas = cfg.nats.replicas;
         js.create_or_update_stream(stream::Config {
             name: names.stream.clone(),
@@ -510,7 +547,20 @@ impl NatsStore {
             replicas,
         )
         .await?;
-        Ok((stream, cursors, groups, revocations))
+        let reads = kv_bucket(
+            js,
+            &names.reads,
+            "imgate read positions: <uid> -> JSON {seq, gw, conn} (who raised it last)",
+            replicas,
+        )
+        .await?;
+        Ok(Provisioned {
+            stream,
+            cursors,
+            groups,
+            revocations,
+            reads,
+        })
     }
 
     /// Raises `into` from the revocations bucket until `stop`: every stored value first, then
@@ -537,6 +587,39 @@ impl NatsStore {
                 }
             }
             anyhow::bail!("revocation watch ended")
+        })
+        .await
+    }
+
+    /// Tells `fanout` of every rise of a read position, made by any gateway, until `stop`;
+    /// after a failure it watches again from the revision after the last one seen, so no
+    /// rise is missed.
+    pub async fn run_read_watch(self: Arc<Self>, fanout: Arc<dyn Fanout>, stop: CancellationToken) {
+        let next = AtomicU64::new(0);
+        let (this, fanout, next) = (&self, &fanout, &next);
+        keep_watching("read watch", &stop, || async move {
+            this.connected()?;
+            let mut watch = match next.load(Ordering::Relaxed) {
+                0 => this.reads.watch_all().await?,
+                from => this.reads.watch_all_from_revision(from).await?,
+            };
+            while let Some(e) = watch.next().await {
+                let e = e?;
+                next.store(e.revision + 1, Ordering::Relaxed);
+                if e.operation != kv::Operation::Put {
+                    continue;
+                }
+                match serde_json::from_slice::<ReadValue>(&e.value) {
+                    Ok(v) => {
+                        let except = if v.gw == this.instance { v.conn } else { 0 };
+                        fanout.read(&e.key, v.seq, except);
+                    }
+                    Err(err) => {
+                        tracing::warn!(key = e.key, error = %err, "ignoring a read position that does not parse")
+                    }
+                }
+            }
+            anyhow::bail!("read watch ended")
         })
         .await
     }
@@ -1027,6 +1110,47 @@ impl Store for NatsStore {
 
     async fn ready(&self) -> bool {
         self.connected().is_ok()
+    }
+
+    async fn read_position(&self, uid: &str) -> Result<u64, StoreError> {
+        self.connected()?;
+        let v = self.reads.get(uid).await.map_err(unavailable)?;
+        Ok(v.as_deref().map_or(0, read_seq))
+    }
+
+    async fn set_read(&self, uid: &str, seq: u64, by: u64) -> Result<u64, StoreError> {
+        self.connected()?;
+        let value = ReadValue {
+            seq,
+            gw: self.instance.clone(),
+            conn: by,
+        };
+        let value = Bytes::from(
+            serde_json::to_vec(&value).map_err(|e| StoreError::Internal(e.to_string()))?,
+        );
+        // Compare-and-set, so two devices reading at once never lower it.
+        for _ in 0..5 {
+            let entry = self.reads.entry(uid).await.map_err(unavailable)?;
+            let written = match entry.filter(|e| e.operation == kv::Operation::Put) {
+                Some(e) => {
+                    let stored = read_seq(&e.value);
+                    if stored >= seq {
+                        return Ok(stored);
+                    }
+                    self.reads
+                        .update(uid, value.clone(), e.revision)
+                        .await
+                        .is_ok()
+                }
+                None => self.reads.create(uid, value.clone()).await.is_ok(),
+            };
+            if written {
+                return Ok(seq);
+            }
+        }
+        Err(StoreError::Unavailable(format!(
+            "the read position of {uid} kept changing under us"
+        )))
     }
 
     async fn revoke(&self, uid: &str, before: u64) -> Result<(), StoreError> {

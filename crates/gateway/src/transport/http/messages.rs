@@ -229,7 +229,7 @@ fn answer_page(shared: &Shared, transport: Transport, page: Page, after: u64) ->
         .metrics
         .delivered(transport)
         .increment(encoded.len() as u64);
-    answer(&shared.store.epoch(), &encoded, &[], after, page.gap)
+    answer(&shared.store.epoch(), &encoded, &[], None, after, page.gap)
 }
 
 /// Waits up to `wait` for deliveries above `after` and answers with them (at most `limit`;
@@ -255,6 +255,7 @@ async fn wait_for_messages(
         &shared.store.epoch(),
         &got.messages,
         &got.rooms,
+        got.read,
         after,
         false,
     );
@@ -266,11 +267,13 @@ async fn wait_for_messages(
 }
 
 /// `{"messages":[…],"cursor":M,"gap":…,"epoch":"…"}` built from messages already encoded as
-/// JSON, with `"rooms":[…]` when room messages arrived while the poll waited.
+/// JSON, with `"rooms":[…]` when room messages arrived while the poll waited, and
+/// `"read":N` when the read position rose meanwhile.
 fn answer(
     epoch: &str,
     messages: &[(u64, Bytes)],
     rooms: &[Bytes],
+    read: Option<u64>,
     after: u64,
     gap: bool,
 ) -> Response {
@@ -292,9 +295,13 @@ fn answer(
         body.put_slice(b"],\"rooms\":[");
         list(&mut body, &mut rooms.iter());
     }
+    body.put_u8(b']');
+    if let Some(read) = read {
+        body.put_slice(format!(",\"read\":{read}").as_bytes());
+    }
     // The epoch is `[A-Za-z0-9_-]`: nothing to escape.
     body.put_slice(
-        format!("],\"cursor\":{cursor},\"gap\":{gap},\"epoch\":\"{epoch}\"}}").as_bytes(),
+        format!(",\"cursor\":{cursor},\"gap\":{gap},\"epoch\":\"{epoch}\"}}").as_bytes(),
     );
     ([(header::CONTENT_TYPE, "application/json")], body.freeze()).into_response()
 }

@@ -3,7 +3,7 @@
 //! [`crate::transport::extract`]'s, re-exported here.
 //!
 //! Handlers translate between HTTP and the gateway and decide nothing themselves:
-//! [`messages`] (send, poll, history), [`groups`], [`rooms`] and [`presence`], with the
+//! [`messages`] (send, poll, history), [`groups`], [`rooms`], [`presence`] and [`reads`], with the
 //! WebSocket upgrade and SSE in the sibling transports. A [`Refusal`] answers as the HTTP
 //! status of its code plus `{"code":…,"message":…}` (DESIGN section 4). Health, metrics,
 //! development tokens, CORS and the chat page are here. Tokens in query strings are never
@@ -36,6 +36,7 @@ pub mod groups;
 pub mod listener;
 pub mod messages;
 pub mod presence;
+pub mod reads;
 pub mod rooms;
 
 /// Lifetime of a token from `POST /v1/dev/token`.
@@ -150,6 +151,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         )
         .route("/v1/events", get(super::sse::events))
         .route("/v1/presence", get(presence::presence))
+        .route("/v1/read", post(reads::set).get(reads::get))
         .route("/v1/admin/messages", post(messages::admin_message))
         .route("/v1/admin/kick", post(admin::kick))
         .route("/v1/rooms/{id}/join", post(rooms::join))
