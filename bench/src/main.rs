@@ -13,6 +13,7 @@
 mod common;
 mod group;
 mod http_user;
+mod notify;
 mod w1;
 mod w2;
 mod w3;
@@ -55,6 +56,8 @@ enum Scenario {
     W7(w7::Args),
     /// A message to a large group: time to `sent` and to the last member.
     Group(group::Args),
+    /// Offline notifications: every recipient offline, each window sends one.
+    Notify(notify::Args),
 }
 
 /// Where the binaries and configs are.
@@ -89,6 +92,10 @@ pub(crate) struct Setup {
     /// With `--store disk`: `imgate serve --fsync`.
     #[arg(long, default_value = "batch")]
     pub(crate) fsync: String,
+    /// One more argument for every gateway's `imgate serve` (repeatable, in order), as
+    /// `--gateway-arg=--notify-url --gateway-arg=http://…`.
+    #[arg(long, allow_hyphen_values = true)]
+    pub(crate) gateway_arg: Vec<String>,
 }
 
 impl Setup {
@@ -112,6 +119,7 @@ impl Setup {
             all.extend(["--worker-threads".into(), self.gateway_threads.to_string()]);
         }
         all.extend_from_slice(args);
+        all.extend_from_slice(&self.gateway_arg);
         // Gateways log errors only, unless IMGATE_BENCH_LOG names another filter.
         let log = std::env::var("IMGATE_BENCH_LOG").unwrap_or_else(|_| "error".into());
         Gateway::start_binary(binary, &all, &log).await
@@ -129,6 +137,7 @@ fn main() -> anyhow::Result<()> {
         Scenario::W4(a) => rt.block_on(w4::run(a)),
         Scenario::W7(a) => rt.block_on(w7::run(a)),
         Scenario::Group(a) => rt.block_on(group::run(a)),
+        Scenario::Notify(a) => rt.block_on(notify::run(a)),
     }
 }
 

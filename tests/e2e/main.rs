@@ -17,6 +17,7 @@ mod http;
 mod interest;
 mod keys;
 mod lifecycle;
+mod notify;
 mod python;
 mod reads;
 mod resume;

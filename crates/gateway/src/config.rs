@@ -170,11 +170,46 @@ pub enum Fsync {
     Never,
 }
 
+/// Offline notifications: a webhook told of messages no device took in time.
+#[derive(Debug, Clone, clap::Args)]
+pub struct NotifyArgs {
+    /// Where to POST notifications of stored messages that no device of their user acked
+    /// or read within --notify-after. Absent: no notifications.
+    #[arg(long, env = "IMGATE_NOTIFY_URL")]
+    pub notify_url: Option<reqwest::Url>,
+
+    /// How long after a message is stored it is reported, if still unacked and unread; also
+    /// the shortest time between two notifications of one user.
+    #[arg(long, env = "IMGATE_NOTIFY_AFTER", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub notify_after: Duration,
+
+    /// A file holding the secret that signs each notification (X-Imgate-Signature:
+    /// sha256=<hex HMAC-SHA256 of the body>).
+    #[arg(long, env = "IMGATE_NOTIFY_SECRET_FILE")]
+    pub notify_secret_file: Option<PathBuf>,
+
+    /// List each message's body in notifications (off: bodies stay out of push payloads).
+    #[arg(long, env = "IMGATE_NOTIFY_BODY")]
+    pub notify_body: bool,
+
+    /// How long a notification the webhook does not take (network error, timeout, 429,
+    /// 5xx) is tried again, with jittered exponential backoff from 1 s to 5 min.
+    #[arg(long, env = "IMGATE_NOTIFY_RETRY_FOR", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub notify_retry_for: Duration,
+
+    /// Also publish each notification on NATS subject <prefix>.notify.<uid> (cluster mode).
+    #[arg(long, env = "IMGATE_NOTIFY_NATS")]
+    pub notify_nats: bool,
+}
+
 /// `imgate serve` flags. Each one is also an `IMGATE_*` environment variable.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Config {
     #[command(flatten)]
     pub nats: NatsArgs,
+
+    #[command(flatten)]
+    pub notify: NotifyArgs,
 
     /// Standalone mode's store: `disk` (in --data-dir) or `memory` (lost at exit).
     #[arg(long, env = "IMGATE_STORE", value_enum, default_value_t = StoreKind::Disk)]

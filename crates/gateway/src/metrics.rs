@@ -54,6 +54,17 @@ pub struct TailStats {
     pub followed: AtomicU64,
 }
 
+/// What offline notifications count: sent (the webhook took it), tries again, given up,
+/// and windows with nothing to report because a device acked or the user read in time.
+#[derive(Clone)]
+pub struct NotifyCounters {
+    pub sent: Counter,
+    pub retried: Counter,
+    pub given_up: Counter,
+    pub suppressed_acked: Counter,
+    pub suppressed_read: Counter,
+}
+
 /// How a client is connected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
@@ -103,6 +114,7 @@ pub struct Metrics {
     pub long_polls_waiting: Gauge,
     /// Long polls that took over the waiter of the device's previous poll (no store read).
     pub long_polls_resumed: Counter,
+    pub notify: NotifyCounters,
     dropped_not_local: Counter,
     dispatched: Counter,
     slow_consumers: Counter,
@@ -167,6 +179,25 @@ impl Metrics {
             acks: counter("imgate_acks_total", vec![]),
             long_polls_waiting: gauge("imgate_long_polls_waiting", vec![]),
             long_polls_resumed: counter("imgate_long_polls_resumed_total", vec![]),
+            notify: NotifyCounters {
+                sent: counter(
+                    "imgate_notifications_total",
+                    vec![Label::new("outcome", "sent")],
+                ),
+                retried: counter("imgate_notification_retries_total", vec![]),
+                given_up: counter(
+                    "imgate_notifications_total",
+                    vec![Label::new("outcome", "given_up")],
+                ),
+                suppressed_acked: counter(
+                    "imgate_notifications_suppressed_total",
+                    vec![Label::new("reason", "acked")],
+                ),
+                suppressed_read: counter(
+                    "imgate_notifications_suppressed_total",
+                    vec![Label::new("reason", "read")],
+                ),
+            },
             dropped_not_local: counter("imgate_fanout_dropped_not_local_total", vec![]),
             dispatched: counter("imgate_fanout_dispatched_total", vec![]),
             slow_consumers: counter("imgate_slow_consumers_total", vec![]),
@@ -206,6 +237,21 @@ impl Metrics {
         g(
             "imgate_long_polls_waiting",
             "Long polls held open waiting for a message.",
+        );
+        d(
+            "imgate_notifications_total",
+            Unit::Count,
+            "Offline notifications by outcome: sent (the webhook answered 2xx), given_up (refused, or retries ran out).",
+        );
+        d(
+            "imgate_notification_retries_total",
+            Unit::Count,
+            "Notification attempts tried again after a network error, a timeout, 429 or 5xx.",
+        );
+        d(
+            "imgate_notifications_suppressed_total",
+            Unit::Count,
+            "Windows that fell due with nothing to report because a device acked (reason=acked) or the user read (reason=read) their messages in time.",
         );
         d(
             "imgate_long_polls_resumed_total",

@@ -23,13 +23,14 @@ use crate::config::StoreKind;
 use crate::config::{Config, Fanout};
 use crate::delivery::cursors::Cursors;
 use crate::delivery::hub::Hub;
+use crate::delivery::notify::Notifier;
 use crate::delivery::send::send_quota;
 use crate::metrics::Metrics;
 use crate::state::Shared;
 use crate::store::disk::{self, DiskStore};
 use crate::store::memory::{Limits, MemoryStore};
 use crate::store::nats::NatsStore;
-use crate::store::Store;
+use crate::store::{NotifyState, Store};
 use crate::tls::Tls;
 use crate::transport::per_ip::PerIp;
 use governor::RateLimiter;
@@ -115,7 +116,12 @@ impl Gateway {
         let hub = Hub::new();
         let tail_stop = CancellationToken::new();
         let mut disk = None;
+        let mut notify_state: Option<Arc<dyn NotifyState>> = None;
         let (store, bus): (Arc<dyn Store>, Arc<dyn Bus>) = if cfg.nats.nats.is_empty() {
+            anyhow::ensure!(
+                !cfg.notify.notify_nats,
+                "--notify-nats publishes notifications on NATS: it needs --nats (cluster mode)"
+            );
             let limits = Limits {
                 retention: cfg.retention,
                 max_inbox: cfg.max_inbox,
@@ -126,7 +132,9 @@ impl Gateway {
                         "standalone mode: in-memory store (nothing survives a restart), \
                          in-process bus"
                     );
-                    Arc::new(MemoryStore::new(limits, hub.clone()))
+                    let m = Arc::new(MemoryStore::new(limits, hub.clone()));
+                    notify_state = Some(m.clone());
+                    m
                 }
                 StoreKind::Disk => {
                     let dir = cfg.data_dir();
@@ -148,11 +156,17 @@ impl Gateway {
                         "standalone mode: disk store, in-process bus"
                     );
                     disk = Some(d.clone());
+                    notify_state = Some(d.clone());
                     d
                 }
             };
             (store, Arc::new(LocalBus::new(hub.clone())))
         } else {
+            anyhow::ensure!(
+                cfg.notify.notify_url.is_none() && !cfg.notify.notify_nats,
+                "--notify-url, --notify-nats: offline notifications are built for standalone \
+                 mode only so far; a cluster of gateways cannot send them yet"
+            );
             let nats = NatsStore::connect(&cfg).await?;
             // Deliver-new from an exact seq: everything stored from now on reaches us.
             let after = nats.stream_last_seq().await?;
@@ -204,10 +218,23 @@ impl Gateway {
             auth.revocations().raise(&uid, before);
         }
         let http_limiter = send_quota(&cfg).map(RateLimiter::keyed);
+        let cursors = Cursors::new(store.clone(), cfg.cursor_interval);
+        let metrics = Metrics::new();
+        let notifier = match notify_state {
+            Some(state) => {
+                let counters = metrics.notify.clone();
+                let (store, cursors, hub) = (store.clone(), cursors.clone(), hub.clone());
+                Notifier::open(&cfg.notify, store, state, cursors, hub, counters).await?
+            }
+            None => None,
+        };
+        if let Some(url) = &cfg.notify.notify_url {
+            tracing::info!(%url, after = ?cfg.notify.notify_after, "offline notifications on");
+        }
         let shared = Arc::new(Shared {
             permits: Arc::new(Semaphore::new(cfg.max_connections)),
             per_ip: PerIp::new(cfg.max_connections_per_ip),
-            cursors: Cursors::new(store.clone(), cfg.cursor_interval),
+            cursors,
             polls: Default::default(),
             cfg,
             auth,
@@ -216,9 +243,10 @@ impl Gateway {
             hub,
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
-            metrics: Metrics::new(),
+            metrics,
             tls,
             http_limiter,
+            notifier,
         });
         Ok(Gateway {
             shared,
@@ -244,6 +272,11 @@ impl Gateway {
             let (shared, stop) = (shared.clone(), flusher_stop.clone());
             tokio::spawn(async move { shared.polls.run_sweeper(stop).await })
         };
+        // Stopped with the connections: a notification the webhook has not taken stays
+        // pending in the store and is sent after the next start.
+        if let Some(n) = &shared.notifier {
+            tokio::spawn(n.clone().run(stop.clone()));
+        }
         let tcp = tokio::spawn(crate::transport::tcp::serve(
             listeners.tcp,
             shared.clone(),

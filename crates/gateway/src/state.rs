@@ -17,6 +17,7 @@ use crate::bus::Bus;
 use crate::config::Config;
 use crate::delivery::cursors::Cursors;
 use crate::delivery::hub::Hub;
+use crate::delivery::notify::Notifier;
 use crate::delivery::polls::ParkedPolls;
 use crate::metrics::Metrics;
 use crate::store::Store;
@@ -48,4 +49,6 @@ pub struct Shared {
     pub tls: Option<Arc<Tls>>,
     /// Sends per second per uid over `POST /v1/messages` (`--send-rate`, `None` = unlimited).
     pub http_limiter: Option<DefaultKeyedRateLimiter<String>>,
+    /// Offline notifications (`--notify-url`); `None` when off.
+    pub notifier: Option<Arc<Notifier>>,
 }

@@ -68,6 +68,17 @@ impl Cursors {
         Ok(live.max(stored))
     }
 
+    /// The highest seq acked by these live devices of `uid` here, written to the store or
+    /// not (0 for a device with no live slot).
+    pub fn acked_here<'a>(&self, uid: &str, devices: impl IntoIterator<Item = &'a str>) -> u64 {
+        devices
+            .into_iter()
+            .filter_map(|d| self.slots.get(&(uid.to_owned(), d.to_owned())))
+            .map(|s| s.acked.load(Ordering::Relaxed))
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Stores an ack at once (a poll naming `after`), and raises the live slot if any.
     pub async fn ack_now(&self, uid: &str, device: &str, seq: u64) -> Result<(), StoreError> {
         if let Some(slot) = self.slots.get(&(uid.to_owned(), device.to_owned())) {

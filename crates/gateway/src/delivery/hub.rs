@@ -302,6 +302,13 @@ impl Hub {
         }
     }
 
+    /// The devices of `uid` with a connection (or a waiting long poll) here.
+    pub fn devices_of(&self, uid: &str) -> Vec<Arc<str>> {
+        self.users
+            .get(uid)
+            .map_or_else(Vec::new, |c| c.iter().map(|c| c.device.clone()).collect())
+    }
+
     /// Number of connections of `uid` on this gateway.
     pub fn connections_of(&self, uid: &str) -> usize {
         self.users.get(uid).map_or(0, |c| c.len())

@@ -11,6 +11,8 @@
 //! - [`rooms`]: checking and publishing live room messages through the bus.
 //! - [`polls`]: long-poll waiters kept between a device's polls.
 //! - [`reads`]: read positions: checking a `read`, and the unread count.
+//! - [`notify`]: offline notifications: which messages to report, and when; [`webhook`]
+//!   carries them.
 //!
 //! Functions here take the parts they use (`&dyn Store`, `&Hub`, `&dyn Bus`, `&Config`);
 //! nothing imports the session or a transport.
@@ -18,12 +20,14 @@
 pub mod cursors;
 pub mod groups;
 pub mod hub;
+pub mod notify;
 pub mod outbox;
 pub mod polls;
 pub mod reads;
 pub mod resume;
 pub mod rooms;
 pub mod send;
+pub mod webhook;
 
 /// Device id used when a login or request names none.
 pub const DEFAULT_DEVICE: &str = "default";

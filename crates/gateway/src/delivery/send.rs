@@ -13,6 +13,7 @@ use governor::Quota;
 use imgate_proto::{ErrorCode, Send};
 use serde_json::Value;
 
+use super::notify::Notifier;
 use crate::auth::SYSTEM;
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -121,12 +122,23 @@ async fn inboxes(store: &dyn Store, p: &Prepared) -> Result<Vec<String>, Refusal
     Ok(members)
 }
 
-/// Resolves and stores a prepared send; `Ok` once every inbox copy is durable.
-pub async fn commit(store: &dyn Store, metrics: &Metrics, p: Prepared) -> Result<Stored, Refusal> {
+/// Resolves and stores a prepared send; `Ok` once every inbox copy is durable, and each
+/// recipient's notification window (with `notify`) is kept.
+pub async fn commit(
+    store: &dyn Store,
+    metrics: &Metrics,
+    notify: Option<&Notifier>,
+    p: Prepared,
+) -> Result<Stored, Refusal> {
     let id = p.draft.id.clone();
+    let from = p.draft.from.clone();
     let stored = async {
         let inboxes = inboxes(store, &p).await?;
-        Ok::<_, Refusal>(store.append(p.draft, &inboxes).await?)
+        let appended = store.append(p.draft, &inboxes).await?;
+        if let Some(n) = notify {
+            n.stored(&inboxes, &from).await;
+        }
+        Ok::<_, Refusal>(appended)
     };
     match stored.await {
         Ok(a) => {

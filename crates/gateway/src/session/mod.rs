@@ -851,7 +851,13 @@ fn accept_send(
     }
     let shared = shared.clone();
     Ok(async move {
-        let stored = send::commit(shared.store.as_ref(), &shared.metrics, prepared).await;
+        let stored = send::commit(
+            shared.store.as_ref(),
+            &shared.metrics,
+            shared.notifier.as_deref(),
+            prepared,
+        )
+        .await;
         Box::new(match stored {
             Ok(s) => ServerFrame::Sent {
                 id: s.id,

@@ -9,7 +9,7 @@
 //! read or delivered.
 //! Nothing here survives a restart of the process: each start is a new epoch.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -18,8 +18,8 @@ use async_trait::async_trait;
 use hashbrown::HashTable;
 
 use super::{
-    now_ms, Appended, ChangeError, CursorWrite, Draft, Fanout, Group, GroupChange, History, Older,
-    Page, Store, StoreError, DEDUPE_WINDOW,
+    now_ms, Appended, ChangeError, CursorWrite, Draft, Fanout, Group, GroupChange, History,
+    NotifyRecord, NotifyState, Older, Page, Store, StoreError, DEDUPE_WINDOW,
 };
 
 /// Retention limits of an inbox.
@@ -48,11 +48,13 @@ struct Inner {
     /// Insertion order of `dedupe`, to expire it; the same keys, shared.
     dedupe_order: VecDeque<(Instant, SendKey)>,
     dedupe_hasher: RandomState,
-    cursors: HashMap<(String, String), u64>,
+    /// (uid, device) -> cursor, in order so a user's devices are one range.
+    cursors: BTreeMap<(String, String), u64>,
     groups: HashMap<String, Group>,
     revocations: HashMap<String, u64>,
     /// uid -> read position.
     reads: HashMap<String, u64>,
+    notify: HashMap<String, NotifyRecord>,
 }
 
 /// A send within the dedupe window and what it returned.
@@ -321,6 +323,39 @@ impl Store for MemoryStore {
             .iter()
             .map(|(u, b)| (u.clone(), *b))
             .collect())
+    }
+}
+
+#[async_trait]
+impl NotifyState for MemoryStore {
+    async fn notify_records(&self) -> Result<Vec<(String, NotifyRecord)>, StoreError> {
+        Ok(self
+            .lock()
+            .notify
+            .iter()
+            .map(|(u, r)| (u.clone(), *r))
+            .collect())
+    }
+
+    async fn notify_record(&self, uid: &str) -> Result<NotifyRecord, StoreError> {
+        Ok(self.lock().notify.get(uid).copied().unwrap_or_default())
+    }
+
+    async fn save_notify(&self, uid: &str, record: NotifyRecord) -> Result<(), StoreError> {
+        self.lock().notify.insert(uid.to_owned(), record);
+        Ok(())
+    }
+
+    async fn acked_by_any_device(&self, uid: &str) -> Result<u64, StoreError> {
+        let inner = self.lock();
+        let from = (uid.to_owned(), String::new());
+        Ok(inner
+            .cursors
+            .range(from..)
+            .take_while(|((u, _), _)| u == uid)
+            .map(|(_, seq)| *seq)
+            .max()
+            .unwrap_or(0))
     }
 }
 

@@ -206,6 +206,34 @@ impl std::fmt::Debug for Following {
     }
 }
 
+/// A user's offline-notification state: when the pending window falls due, and the highest
+/// seq a notification listed already.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NotifyRecord {
+    /// Unix milliseconds at which the user's window falls due; 0 when none is pending.
+    pub due_ms: u64,
+    /// The highest seq an earlier notification listed, or that was found acked or read.
+    pub upto: u64,
+}
+
+/// Where a standalone store keeps notification state. Each store that keeps messages on
+/// this machine implements it; what it keeps must survive a restart exactly when the
+/// messages do.
+#[async_trait]
+pub trait NotifyState: Send + Sync + 'static {
+    /// Every user with a record: the pending windows to resume after a start.
+    async fn notify_records(&self) -> Result<Vec<(String, NotifyRecord)>, StoreError>;
+
+    /// `uid`'s record (the default one if none was saved).
+    async fn notify_record(&self, uid: &str) -> Result<NotifyRecord, StoreError>;
+
+    /// Stores `uid`'s record, once durable.
+    async fn save_notify(&self, uid: &str, record: NotifyRecord) -> Result<(), StoreError>;
+
+    /// The highest seq any device of `uid` has acked (its highest stored cursor; 0 if none).
+    async fn acked_by_any_device(&self, uid: &str) -> Result<u64, StoreError>;
+}
+
 /// Inboxes and cursors. Every method is safe to call concurrently.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {

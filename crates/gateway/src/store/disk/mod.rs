@@ -38,8 +38,8 @@ use serde_json::Value;
 
 use super::memory::Limits;
 use super::{
-    now_ms, Appended, ChangeError, CursorWrite, Draft, Fanout, Group, GroupChange, History, Older,
-    Page, Store, StoreError, DEDUPE_WINDOW,
+    now_ms, Appended, ChangeError, CursorWrite, Draft, Fanout, Group, GroupChange, History,
+    NotifyRecord, NotifyState, Older, Page, Store, StoreError, DEDUPE_WINDOW,
 };
 use crate::config::Fsync;
 
@@ -155,6 +155,8 @@ struct Keyspaces {
     revocations: Keyspace,
     /// uid -> the read position, big-endian.
     reads: Keyspace,
+    /// uid -> the notification record: due time (Unix ms) and listed-up-to seq, big-endian.
+    notify: Keyspace,
     meta: Keyspace,
 }
 
@@ -309,6 +311,7 @@ fn open_engine(path: &Path) -> Result<Engine, OpenError> {
         groups: space("groups")?,
         revocations: space("revocations")?,
         reads: space("reads")?,
+        notify: space("notify")?,
         meta: space("meta")?,
     };
     Ok(Engine { db, ks })
@@ -1389,6 +1392,60 @@ impl Store for DiskStore {
             all.push((String::from_utf8_lossy(&k).into_owned(), be_u64(&v)));
         }
         Ok(all)
+    }
+}
+
+fn notify_record_of(v: &[u8]) -> NotifyRecord {
+    NotifyRecord {
+        due_ms: be_u64(&v[..8]),
+        upto: be_u64(&v[8..]),
+    }
+}
+
+#[async_trait]
+impl NotifyState for DiskStore {
+    async fn notify_records(&self) -> Result<Vec<(String, NotifyRecord)>, StoreError> {
+        let e = self.engine()?;
+        let mut all = Vec::new();
+        for item in e.ks.notify.iter() {
+            let (k, v) = item.into_inner().map_err(internal)?;
+            if v.len() == 16 {
+                all.push((
+                    String::from_utf8_lossy(&k).into_owned(),
+                    notify_record_of(&v),
+                ));
+            }
+        }
+        Ok(all)
+    }
+
+    async fn notify_record(&self, uid: &str) -> Result<NotifyRecord, StoreError> {
+        Ok(self
+            .engine()?
+            .ks
+            .notify
+            .get(uid.as_bytes())
+            .map_err(internal)?
+            .filter(|v| v.len() == 16)
+            .map_or_else(NotifyRecord::default, |v| notify_record_of(&v)))
+    }
+
+    async fn save_notify(&self, uid: &str, record: NotifyRecord) -> Result<(), StoreError> {
+        let mut v = [0u8; 16];
+        v[..8].copy_from_slice(&record.due_ms.to_be_bytes());
+        v[8..].copy_from_slice(&record.upto.to_be_bytes());
+        let _serial = self.small();
+        self.commit_small(|ks, b| b.insert(&ks.notify, uid.as_bytes(), v))
+    }
+
+    async fn acked_by_any_device(&self, uid: &str) -> Result<u64, StoreError> {
+        let e = self.engine()?;
+        let mut max = 0;
+        for item in e.ks.cursors.prefix(pair_key(uid, "")) {
+            let (_, v) = item.into_inner().map_err(internal)?;
+            max = max.max(be_u64(&v));
+        }
+        Ok(max)
     }
 }
 

@@ -25,7 +25,7 @@ use crate::auth::SYSTEM;
 use crate::delivery::outbox::SharedFrame;
 use crate::delivery::polls::Waiter;
 use crate::delivery::resume::{is_reset, resume_point};
-use crate::delivery::send::{self, Stored};
+use crate::delivery::send::{self, Prepared};
 use crate::delivery::DEFAULT_DEVICE;
 use crate::metrics::Transport;
 use crate::refusal::Refusal;
@@ -49,12 +49,13 @@ pub async fn post_message(
 ) -> Result<Json<serde_json::Value>, Refusal> {
     let prepared = send::prepare(&shared.cfg, &id.uid, json_body(body)?)?;
     check_http_rate(&shared, &id.uid)?;
-    stored(send::commit(shared.store.as_ref(), &shared.metrics, prepared).await)
+    store(&shared, prepared).await
 }
 
-/// `{"seq":…,"id":…,"ts":…}` for a durable send.
-fn stored(r: Result<Stored, Refusal>) -> Result<Json<serde_json::Value>, Refusal> {
-    let s = r?;
+/// Stores a prepared send: `{"seq":…,"id":…,"ts":…}` once durable.
+async fn store(shared: &Shared, p: Prepared) -> Result<Json<serde_json::Value>, Refusal> {
+    let notify = shared.notifier.as_deref();
+    let s = send::commit(shared.store.as_ref(), &shared.metrics, notify, p).await?;
     Ok(Json(json!({"seq": s.seq, "id": s.id, "ts": s.ts})))
 }
 
@@ -70,10 +71,7 @@ pub async fn admin_message(
     }
     let mut prepared = send::prepare(&shared.cfg, SYSTEM, json_body(body)?)?;
     prepared.member_only = false;
-    Ok(
-        stored(send::commit(shared.store.as_ref(), &shared.metrics, prepared).await)
-            .into_response(),
-    )
+    Ok(store(&shared, prepared).await.into_response())
 }
 
 #[derive(Debug, Deserialize)]

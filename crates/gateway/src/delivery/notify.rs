@@ -1,0 +1,391 @@
+//! Offline notifications (`--notify-url`), standalone mode: a user's stored messages that
+//! no device acked and that are above the user's read position, `--notify-after` after they
+//! were stored, are reported to the webhook, at most once per user per window.
+//!
+//! A send marks each recipient's window as pending ([`Notifier::stored`]: nothing more per
+//! message while one is pending); the window's record (due time, and the highest seq
+//! already settled) is kept by the store, so a window pending at a restart fires after it.
+//! When a window falls due and a device acked (or the user read) the inbox's newest
+//! message, the window closes without reading the inbox: what an online user costs is a
+//! few lookups per window, not per message. Otherwise the inbox above the settled seq is
+//! read once: the user's own sends are skipped, what a device acked or the user read is
+//! passed over, and what is old enough is listed (at most [`MAX_LISTED`], oldest first).
+//! What is not yet old enough, did not fit, or came while the window was handled opens the
+//! next window. This module decides what to report and when; [`super::webhook`] carries it.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde_json::{json, Value};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use super::cursors::Cursors;
+use super::hub::Hub;
+use super::reads;
+use super::webhook::{Outcome, Webhook};
+use crate::config::NotifyArgs;
+use crate::metrics::NotifyCounters;
+use crate::store::{now_ms, NotifyRecord, NotifyState, Store, StoreError};
+
+/// Messages one notification lists at most.
+pub const MAX_LISTED: usize = 20;
+/// Messages of an inbox read per window.
+const WINDOW_READ: usize = 1000;
+/// Windows handled at once.
+const CONCURRENT: usize = 64;
+
+/// A pending window (its due time is in [`Pending::order`]).
+struct Window {
+    /// A message for the user was stored while the window was pending or being handled.
+    touched: bool,
+}
+
+/// Pending windows, and what is known of each user's record.
+#[derive(Default)]
+struct Pending {
+    windows: HashMap<String, Window>,
+    /// The windows by due time.
+    order: BTreeSet<(u64, String)>,
+    /// Users whose stored record has a due time: a window opened for them needs no write,
+    /// since after a restart that record fires at once anyway.
+    armed: HashSet<String>,
+    /// Each user's settled seq as last known here (at least the stored one).
+    settled: HashMap<String, u64>,
+}
+
+/// What opening a window did.
+#[derive(Debug, PartialEq, Eq)]
+enum Opened {
+    /// One was open already (now marked touched).
+    Already,
+    /// Opened; the stored record already has a due time.
+    Armed,
+    /// Opened; the record must be written for the window to survive a restart.
+    Write,
+}
+
+impl Pending {
+    /// Opens `uid`'s window due at `due_ms`, unless one is open.
+    fn open(&mut self, uid: &str, due_ms: u64) -> Opened {
+        if let Some(w) = self.windows.get_mut(uid) {
+            w.touched = true;
+            return Opened::Already;
+        }
+        let touched = false;
+        self.windows.insert(uid.to_owned(), Window { touched });
+        self.order.insert((due_ms, uid.to_owned()));
+        match self.armed.insert(uid.to_owned()) {
+            true => Opened::Write,
+            false => Opened::Armed,
+        }
+    }
+}
+
+/// How a due window ended.
+struct Settled {
+    /// Everything up to this seq is listed, acked, read, or the user's own.
+    upto: u64,
+    /// Messages from others wait above `upto` (not yet due, or more than one notification
+    /// lists).
+    more: bool,
+    /// A notification was sent or given up: its messages must never be listed again.
+    reported: bool,
+}
+
+/// The notifier of one standalone gateway.
+pub struct Notifier {
+    after: Duration,
+    body: bool,
+    store: Arc<dyn Store>,
+    state: Arc<dyn NotifyState>,
+    cursors: Arc<Cursors>,
+    /// Which of a user's devices are connected here, for their acks not yet stored.
+    hub: Arc<Hub>,
+    hook: Webhook,
+    pending: Mutex<Pending>,
+    /// Serialises each read-modify-write of a record (a window opened by a send, and the
+    /// end of a window), which are once per user per window.
+    records: tokio::sync::Mutex<()>,
+    wake: tokio::sync::Notify,
+    counters: NotifyCounters,
+}
+
+impl Notifier {
+    /// Reads the signing secret and the windows left pending by the last run.
+    pub async fn open(
+        args: &NotifyArgs,
+        store: Arc<dyn Store>,
+        state: Arc<dyn NotifyState>,
+        cursors: Arc<Cursors>,
+        hub: Arc<Hub>,
+        counters: NotifyCounters,
+    ) -> anyhow::Result<Option<Arc<Self>>> {
+        let Some(url) = args.notify_url.clone() else {
+            return Ok(None);
+        };
+        let secret = match &args.notify_secret_file {
+            None => None,
+            Some(path) => Some(std::fs::read(path).map_err(|e| {
+                anyhow::anyhow!("reading --notify-secret-file {}: {e}", path.display())
+            })?),
+        };
+        let hook = Webhook::new(url, secret, args.notify_retry_for, counters.retried.clone())?;
+        let mut pending = Pending::default();
+        for (uid, r) in state.notify_records().await? {
+            if r.due_ms > 0 {
+                pending.open(&uid, r.due_ms);
+            }
+            pending.settled.insert(uid, r.upto);
+        }
+        if !pending.windows.is_empty() {
+            tracing::info!(
+                pending = pending.windows.len(),
+                "notifications pending from the last run"
+            );
+        }
+        Ok(Some(Arc::new(Notifier {
+            after: args.notify_after,
+            body: args.notify_body,
+            store,
+            state,
+            cursors,
+            hub,
+            hook,
+            pending: Mutex::new(pending),
+            records: tokio::sync::Mutex::new(()),
+            wake: tokio::sync::Notify::new(),
+            counters,
+        })))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn next_due(&self) -> u64 {
+        now_ms() + self.after.as_millis() as u64
+    }
+
+    /// A message from `from` was stored in these inboxes: each recipient without a pending
+    /// window gets one, durable before this returns.
+    pub async fn stored(&self, inboxes: &[String], from: &str) {
+        for uid in inboxes.iter().filter(|u| *u != from) {
+            let due_ms = self.next_due();
+            let opened = self.lock().open(uid, due_ms);
+            if opened == Opened::Already {
+                continue;
+            }
+            self.wake.notify_one();
+            if opened == Opened::Write {
+                if let Err(e) = self.save(uid, |r| NotifyRecord { due_ms, ..r }).await {
+                    tracing::warn!(uid, error = %e, "could not keep a notification window");
+                }
+            }
+        }
+    }
+
+    /// Rewrites `uid`'s record with `change`.
+    async fn save(
+        &self,
+        uid: &str,
+        change: impl FnOnce(NotifyRecord) -> NotifyRecord,
+    ) -> Result<(), StoreError> {
+        let _one = self.records.lock().await;
+        let record = self.state.notify_record(uid).await?;
+        self.state.save_notify(uid, change(record)).await
+    }
+
+    /// Fires windows as they fall due, until `stop`.
+    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+        let slots = Arc::new(Semaphore::new(CONCURRENT));
+        loop {
+            let now = now_ms();
+            let (due, next) = {
+                let mut p = self.lock();
+                let mut due = Vec::new();
+                while let Some((at, _)) = p.order.first() {
+                    if *at > now {
+                        break;
+                    }
+                    let uid = p.order.pop_first().expect("first exists").1;
+                    if let Some(w) = p.windows.get_mut(&uid) {
+                        w.touched = false;
+                    }
+                    due.push(uid);
+                }
+                (due, p.order.first().map(|(at, _)| *at))
+            };
+            for uid in due {
+                let Ok(slot) = slots.clone().acquire_owned().await else {
+                    return;
+                };
+                let (this, stop) = (self.clone(), stop.clone());
+                tokio::spawn(async move {
+                    this.fire(&uid, &stop).await;
+                    drop(slot);
+                });
+            }
+            let sleep = next.map_or(Duration::from_secs(3600), |at| {
+                Duration::from_millis(at.saturating_sub(now_ms()))
+            });
+            tokio::select! {
+                _ = tokio::time::sleep(sleep) => {}
+                _ = self.wake.notified() => {}
+                _ = stop.cancelled() => return,
+            }
+        }
+    }
+
+    /// Handles `uid`'s due window. The record is written only when the window reported
+    /// something (so it is never listed again) or when a window opens on a record without a
+    /// due time: an online user's windows write nothing. A store failure tries again a
+    /// window later; a stop (shutdown) while the webhook is tried leaves the window pending
+    /// in the store.
+    async fn fire(&self, uid: &str, stop: &CancellationToken) {
+        let settled = match self.settle(uid, stop).await {
+            Ok(Some(s)) => Some(s),
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(uid, error = %e, "notification window failed; trying again");
+                None
+            }
+        };
+        let reopen = settled.as_ref().is_none_or(|s| s.more);
+        let reported = settled.as_ref().is_some_and(|s| s.reported);
+        let (due_ms, opened) = {
+            let mut p = self.lock();
+            let touched = p.windows.remove(uid).is_some_and(|w| w.touched);
+            if let Some(s) = &settled {
+                let known = p.settled.entry(uid.to_owned()).or_default();
+                *known = (*known).max(s.upto);
+            }
+            if reopen || touched {
+                let due_ms = self.next_due();
+                (due_ms, p.open(uid, due_ms))
+            } else {
+                if reported {
+                    p.armed.remove(uid);
+                }
+                (0, Opened::Already)
+            }
+        };
+        if due_ms > 0 {
+            self.wake.notify_one();
+        }
+        if !(reported || opened == Opened::Write) {
+            return;
+        }
+        let upto = settled.map(|s| s.upto);
+        let saved = self
+            .save(uid, |r| NotifyRecord {
+                due_ms,
+                upto: upto.unwrap_or(r.upto).max(r.upto),
+            })
+            .await;
+        if let Err(e) = saved {
+            tracing::warn!(uid, error = %e, "notification window not recorded");
+        }
+    }
+
+    /// Lists and reports what is due; `None` if stopped while the webhook was tried.
+    async fn settle(
+        &self,
+        uid: &str,
+        stop: &CancellationToken,
+    ) -> Result<Option<Settled>, StoreError> {
+        let known = self.lock().settled.get(uid).copied();
+        let upto = match known {
+            Some(upto) => upto,
+            None => self.state.notify_record(uid).await?.upto,
+        };
+        let read = self.store.read_position(uid).await?;
+        let newest = self.store.last_seq(uid).await?;
+        // Acks of devices connected here may not be stored yet (`--cursor-interval`).
+        let devices = self.hub.devices_of(uid);
+        let live_ack = self.cursors.acked_here(uid, devices.iter().map(|d| &**d));
+        let acked = self.state.acked_by_any_device(uid).await?.max(live_ack);
+        let done = |upto| Settled {
+            upto,
+            more: false,
+            reported: false,
+        };
+        if newest <= upto {
+            return Ok(Some(done(upto)));
+        }
+        if acked.max(read) >= newest {
+            // Everything was taken in time: the common case of an online user.
+            self.suppressed(acked >= newest);
+            return Ok(Some(done(newest)));
+        }
+        let old_enough = now_ms().saturating_sub(self.after.as_millis() as u64);
+        let page = self.store.read(uid, upto, WINDOW_READ).await?;
+        let mut settled = Settled {
+            more: page.more,
+            ..done(upto)
+        };
+        let (mut listed, mut passed_over, mut newest_acked) = (Vec::new(), false, false);
+        for m in &page.messages {
+            // The user's own sends settle without a word.
+            if m.from != uid {
+                if m.seq <= acked || m.seq <= read {
+                    passed_over = true;
+                    newest_acked = m.seq <= acked;
+                } else if m.ts <= old_enough && listed.len() < MAX_LISTED {
+                    listed.push(self.listed(m));
+                } else {
+                    settled.more = true;
+                    break;
+                }
+            }
+            settled.upto = m.seq;
+        }
+        let (Some(first), Some(last)) = (listed.first(), listed.last()) else {
+            if passed_over {
+                self.suppressed(newest_acked);
+            }
+            return Ok(Some(settled));
+        };
+        let unread = reads::unread(self.store.as_ref(), uid, read).await?;
+        let id = format!(
+            "{}.{uid}.{}.{}",
+            self.store.epoch(),
+            first["seq"],
+            last["seq"]
+        );
+        let body = json!({"uid": uid, "unread": unread, "messages": listed});
+        let body = Bytes::from(serde_json::to_vec(&body).expect("JSON always encodes"));
+        match self.hook.deliver(&id, body, stop).await {
+            None => return Ok(None),
+            Some(Outcome::Sent) => self.counters.sent.increment(1),
+            Some(Outcome::GaveUp(why)) => {
+                tracing::warn!(uid, id, %why, "notification given up");
+                self.counters.given_up.increment(1);
+            }
+        }
+        settled.reported = true;
+        Ok(Some(settled))
+    }
+
+    /// A window whose messages were all acked or read before it fell due.
+    fn suppressed(&self, acked: bool) {
+        match acked {
+            true => self.counters.suppressed_acked.increment(1),
+            false => self.counters.suppressed_read.increment(1),
+        }
+    }
+
+    /// One message as a notification lists it.
+    fn listed(&self, m: &imgate_proto::Message) -> Value {
+        let mut v = json!({"seq": m.seq, "id": m.id, "from": m.from, "ts": m.ts});
+        if let Some(g) = &m.group {
+            v["group"] = g.as_str().into();
+        }
+        if self.body {
+            v["body"] = (*m.body).clone();
+        }
+        v
+    }
+}
