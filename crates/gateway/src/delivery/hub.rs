@@ -1,5 +1,5 @@
 //! The local registry: uid → this gateway's connections of that uid, and the fanout that
-//! hands each stored message to them.
+//! hands each stored message, and each rise of the user's read position, to them.
 //!
 //! Like async-nats feeds its subscribers, the fanout only ever `try_send`s into a
 //! connection's bounded outbox and never waits on a client. A full outbox means the

@@ -2,7 +2,8 @@
 //!
 //! - [`SharedFrame`]: a stored message (or a room message) on its way to many connections,
 //!   encoded at most once per wire format however many connections take it.
-//! - [`OutboxItem`]: what the registry puts in a connection's outbox.
+//! - [`OutboxItem`]: what the registry puts in a connection's outbox (a stored message, a
+//!   room message, a rise of the read position).
 //! - [`ToClient`]: what a session writes; its transport only picks the encoding
 //!   ([`ToClient::encode`] for bytes, [`ToClient::text`] for WebSocket text and SSE).
 //!
@@ -89,7 +90,7 @@ pub enum OutboxItem {
 /// A frame on its way to one client; its transport encodes it.
 #[derive(Debug, Clone)]
 pub enum ToClient {
-    /// A frame for this client alone (`welcome`, `sent`, `error`, `pong`, `bye`).
+    /// A frame for this client alone (`welcome`, `sent`, `error`, `pong`, `read`, `bye`).
     Frame(ServerFrame),
     /// A stored or room message shared with other connections.
     Shared(Arc<SharedFrame>),

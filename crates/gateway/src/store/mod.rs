@@ -1,12 +1,13 @@
-//! The store seam: where inboxes, cursors and groups live, and how stored messages reach
-//! the delivery registry.
+//! The store seam: where inboxes, cursors, read positions and groups live, and how stored
+//! messages and read positions reach the delivery registry.
 //!
 //! [`Store`] is implemented by [`disk::DiskStore`] (standalone mode, the default),
 //! [`memory::MemoryStore`] (standalone with `--store memory`, and tests) and
 //! [`nats::NatsStore`] (cluster mode, on JetStream). A store calls its [`Fanout`] once per
-//! stored inbox copy, in seq order per inbox, after the copy is readable. The store is the
-//! bottom layer: it imports nothing above it and knows nothing about connections or
-//! transports.
+//! stored inbox copy, in seq order per inbox, after the copy is readable, and once per rise
+//! of a user's read position. The standalone stores also keep offline-notification state
+//! ([`NotifyState`]). The store is the bottom layer: it imports nothing above it and knows
+//! nothing about connections or transports.
 
 pub mod disk;
 pub mod memory;
