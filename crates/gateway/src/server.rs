@@ -313,6 +313,9 @@ impl Gateway {
         {
             tracing::warn!("drain timeout passed with connections still open");
         }
+        if let Some(n) = &shared.notifier {
+            n.stopped(drain_timeout).await;
+        }
         let _ = tokio::time::timeout(drain_timeout, http).await;
         let _ = tcp.await;
         flusher_stop.cancel();

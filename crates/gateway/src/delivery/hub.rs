@@ -370,7 +370,8 @@ impl Fanout for Hub {
         };
         for c in conns.iter().filter(|c| c.id != except) {
             // A full outbox closes the connection as a stored message would: its next
-            // `welcome` carries the read position, so nothing is lost.
+            // `welcome` carries the read position. A long poll's full waiter is dropped; a
+            // poll learns the position from `GET /v1/read`.
             if let Err(flume::TrySendError::Full(_)) = c.tx.try_send(OutboxItem::Read(seq)) {
                 c.kick.kick(ByeReason::SlowConsumer);
             }

@@ -21,6 +21,7 @@ use bytes::Bytes;
 use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::cursors::Cursors;
 use super::hub::Hub;
@@ -110,6 +111,8 @@ pub struct Notifier {
     /// end of a window), which are once per user per window.
     records: tokio::sync::Mutex<()>,
     wake: tokio::sync::Notify,
+    /// Windows being handled, so shutdown can let them record what they sent.
+    tasks: TaskTracker,
     counters: NotifyCounters,
 }
 
@@ -157,6 +160,7 @@ impl Notifier {
             pending: Mutex::new(pending),
             records: tokio::sync::Mutex::new(()),
             wake: tokio::sync::Notify::new(),
+            tasks: TaskTracker::new(),
             counters,
         })))
     }
@@ -172,28 +176,34 @@ impl Notifier {
     /// A message from `from` was stored in these inboxes: each recipient without a pending
     /// window gets one, durable before this returns.
     pub async fn stored(&self, inboxes: &[String], from: &str) {
-        for uid in inboxes.iter().filter(|u| *u != from) {
-            let due_ms = self.next_due();
-            let opened = self.lock().open(uid, due_ms);
-            if opened == Opened::Already {
-                continue;
-            }
-            self.wake.notify_one();
-            if opened == Opened::Write {
-                if let Err(e) = self.save(uid, |r| NotifyRecord { due_ms, ..r }).await {
-                    tracing::warn!(uid, error = %e, "could not keep a notification window");
-                }
+        // Every window in memory first, then the writes, so each is opened even if a write
+        // fails.
+        let due_ms = self.next_due();
+        let to_write: Vec<&String> = {
+            let mut p = self.lock();
+            inboxes
+                .iter()
+                .filter(|u| *u != from)
+                .filter(|u| p.open(u, due_ms) == Opened::Write)
+                .collect()
+        };
+        self.wake.notify_one();
+        for uid in to_write {
+            let _one = self.records.lock().await;
+            if let Err(e) = self.save(uid, |r| NotifyRecord { due_ms, ..r }).await {
+                tracing::warn!(uid, error = %e, "could not keep a notification window");
+                // The next window tries the write again.
+                self.lock().armed.remove(uid.as_str());
             }
         }
     }
 
-    /// Rewrites `uid`'s record with `change`.
+    /// Rewrites `uid`'s record with `change`; the caller holds `records`.
     async fn save(
         &self,
         uid: &str,
         change: impl FnOnce(NotifyRecord) -> NotifyRecord,
     ) -> Result<(), StoreError> {
-        let _one = self.records.lock().await;
         let record = self.state.notify_record(uid).await?;
         self.state.save_notify(uid, change(record)).await
     }
@@ -219,11 +229,12 @@ impl Notifier {
                 (due, p.order.first().map(|(at, _)| *at))
             };
             for uid in due {
-                let Ok(slot) = slots.clone().acquire_owned().await else {
-                    return;
+                let slot = tokio::select! {
+                    s = slots.clone().acquire_owned() => s.expect("the semaphore is never closed"),
+                    _ = stop.cancelled() => return,
                 };
                 let (this, stop) = (self.clone(), stop.clone());
-                tokio::spawn(async move {
+                self.tasks.spawn(async move {
                     this.fire(&uid, &stop).await;
                     drop(slot);
                 });
@@ -236,6 +247,19 @@ impl Notifier {
                 _ = self.wake.notified() => {}
                 _ = stop.cancelled() => return,
             }
+        }
+    }
+
+    /// After `run` stopped: waits up to `limit` for the windows being handled to record
+    /// their outcome (a notification sent and not recorded would be sent again after the
+    /// restart).
+    pub async fn stopped(&self, limit: Duration) {
+        self.tasks.close();
+        if tokio::time::timeout(limit, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("notification windows still being handled at exit");
         }
     }
 
@@ -255,6 +279,9 @@ impl Notifier {
         };
         let reopen = settled.as_ref().is_none_or(|s| s.more);
         let reported = settled.as_ref().is_some_and(|s| s.reported);
+        // Held from the decision to the write, so a window a send opens meanwhile is
+        // written after this one's record, never overwritten by it.
+        let _one = self.records.lock().await;
         let (due_ms, opened) = {
             let mut p = self.lock();
             let touched = p.windows.remove(uid).is_some_and(|w| w.touched);
@@ -287,6 +314,7 @@ impl Notifier {
             .await;
         if let Err(e) = saved {
             tracing::warn!(uid, error = %e, "notification window not recorded");
+            self.lock().armed.remove(uid);
         }
     }
 

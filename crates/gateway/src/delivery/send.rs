@@ -18,7 +18,7 @@ use crate::auth::SYSTEM;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::refusal::Refusal;
-use crate::store::{now_ms, Draft, Store};
+use crate::store::{now_ms, Draft, Store, StoreError};
 
 /// A send that passed every check that needs no store, ready to resolve and store.
 #[derive(Debug)]
@@ -125,20 +125,29 @@ async fn inboxes(store: &dyn Store, p: &Prepared) -> Result<Vec<String>, Refusal
 /// Resolves and stores a prepared send; `Ok` once every inbox copy is durable, and each
 /// recipient's notification window (with `notify`) is kept.
 pub async fn commit(
-    store: &dyn Store,
+    store: &Arc<dyn Store>,
     metrics: &Metrics,
-    notify: Option<&Notifier>,
+    notify: Option<&Arc<Notifier>>,
     p: Prepared,
 ) -> Result<Stored, Refusal> {
     let id = p.draft.id.clone();
-    let from = p.draft.from.clone();
     let stored = async {
-        let inboxes = inboxes(store, &p).await?;
-        let appended = store.append(p.draft, &inboxes).await?;
-        if let Some(n) = notify {
+        let inboxes = inboxes(store.as_ref(), &p).await?;
+        let Some(n) = notify else {
+            return Ok::<_, Refusal>(store.append(p.draft, &inboxes).await?);
+        };
+        // A task of its own: a caller dropped while the store works (a connection that
+        // closed mid-send) must not leave a stored message without its windows.
+        let (store, n, from) = (store.clone(), n.clone(), p.draft.from.clone());
+        let task = tokio::spawn(async move {
+            let appended = store.append(p.draft, &inboxes).await?;
             n.stored(&inboxes, &from).await;
-        }
-        Ok::<_, Refusal>(appended)
+            Ok::<_, StoreError>(appended)
+        });
+        let appended = task
+            .await
+            .map_err(|e| Refusal::new(ErrorCode::Internal, format!("storing the send: {e}")))??;
+        Ok(appended)
     };
     match stored.await {
         Ok(a) => {

@@ -46,7 +46,10 @@ impl Webhook {
         retry_for: Duration,
         retried: Counter,
     ) -> anyhow::Result<Self> {
+        // A redirect would turn the POST into a bodiless GET elsewhere, and take the
+        // signature with it: a 3xx ends the notification like any other refusal.
         let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(ATTEMPT_TIMEOUT)
             .user_agent(concat!("imgate/", env!("CARGO_PKG_VERSION")))
             .build()?;

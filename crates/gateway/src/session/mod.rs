@@ -316,6 +316,9 @@ struct Live {
     cursor: CursorHandle,
     /// Highest seq written to this connection; anything at or below it is not sent again.
     last_sent: u64,
+    /// The user's read position as last told to this connection (in `welcome` or a `read`
+    /// frame): a rise told late, at or below it, is not sent.
+    read_told: u64,
     /// `(highest seq, first send time)` per bucket of unacked messages, oldest first.
     unacked: VecDeque<(u64, Instant)>,
     last_activity: Instant,
@@ -404,6 +407,7 @@ where
         client_acks: io.profile.client_acks,
         cursor: shared.cursors.open(&uid, &device, start, start),
         last_sent: resume,
+        read_told: 0,
         unacked: VecDeque::new(),
         last_activity: Instant::now(),
         exp: pre.identity.exp,
@@ -489,7 +493,6 @@ where
     // A rise of the read position told while the pages are read; sent after them when
     // above what `welcome` said.
     let mut read_rose = 0;
-    let mut told_read = 0;
     loop {
         while let Ok(item) = rx.try_recv() {
             match item {
@@ -519,7 +522,7 @@ where
             };
             io.write(ToClient::Frame(welcome), false).await?;
             welcomed = true;
-            told_read = read;
+            live.read_told = read;
         }
         let more = page.more;
         let now = Instant::now();
@@ -537,7 +540,8 @@ where
                 io.write(ToClient::Shared(d), false).await?;
                 live.sent(seq, now);
             }
-            if read_rose > told_read {
+            if read_rose > live.read_told {
+                live.read_told = read_rose;
                 let read = ServerFrame::Read { seq: read_rose };
                 io.write(ToClient::Frame(read), false).await?;
             }
@@ -685,10 +689,12 @@ where
                 }
             }
             OutboxItem::Room(d) => io.write(ToClient::Shared(d), false).await?,
-            OutboxItem::Read(seq) => {
+            OutboxItem::Read(seq) if seq > live.read_told => {
+                live.read_told = seq;
                 let read = ServerFrame::Read { seq };
                 io.write(ToClient::Frame(read), false).await?
             }
+            OutboxItem::Read(_) => {}
         }
         n += 1;
         next = if n < OUT_BATCH {
@@ -723,6 +729,8 @@ where
                 return Ok(());
             }
         }
+        // A read is a store write like a send: under the same quota.
+        ClientFrame::Read { .. } if live.over_quota(&shared.cfg) => Refusal::rate_limited().into(),
         ClientFrame::Read { seq } => {
             let raised = match reads::check(seq, live.last_sent) {
                 Ok(()) => shared
@@ -851,13 +859,8 @@ fn accept_send(
     }
     let shared = shared.clone();
     Ok(async move {
-        let stored = send::commit(
-            shared.store.as_ref(),
-            &shared.metrics,
-            shared.notifier.as_deref(),
-            prepared,
-        )
-        .await;
+        let notify = shared.notifier.as_ref();
+        let stored = send::commit(&shared.store, &shared.metrics, notify, prepared).await;
         Box::new(match stored {
             Ok(s) => ServerFrame::Sent {
                 id: s.id,

@@ -276,8 +276,7 @@ pub trait Store: Send + Sync + 'static {
     /// the version the store now holds (a store without versions leaves it).
     async fn save_cursors(&self, cursors: &mut [CursorWrite]) -> Result<(), StoreError>;
 
-    /// `uid`'s read position (0 if never set). In cluster mode, from this gateway's watched
-    /// copy of the reads bucket.
+    /// `uid`'s read position (0 if never set).
     async fn read_position(&self, uid: &str) -> Result<u64, StoreError>;
 
     /// Raises `uid`'s read position to `seq` (a lower one changes nothing) and returns the

@@ -599,10 +599,15 @@ impl NatsStore {
         let (this, fanout, next) = (&self, &fanout, &next);
         keep_watching("read watch", &stop, || async move {
             this.connected()?;
-            let mut watch = match next.load(Ordering::Relaxed) {
-                0 => this.reads.watch_all().await?,
-                from => this.reads.watch_all_from_revision(from).await?,
-            };
+            if next.load(Ordering::Relaxed) == 0 {
+                // From the bucket's end at the first watch, so a watch made again after
+                // an early failure still starts where the first one would have.
+                let mut bucket = this.js.get_stream(format!("KV_{}", this.names.reads)).await?;
+                let last = bucket.info().await?.state.last_sequence;
+                next.store(last + 1, Ordering::Relaxed);
+            }
+            let from = next.load(Ordering::Relaxed);
+            let mut watch = this.reads.watch_all_from_revision(from).await?;
             while let Some(e) = watch.next().await {
                 let e = e?;
                 next.store(e.revision + 1, Ordering::Relaxed);
@@ -835,16 +840,20 @@ impl NatsStore {
         }
         tracing::warn!(old = %self.epoch(), new = %epoch, "the stream was recreated: new epoch, following it from its start");
         *self.epoch.write().unwrap_or_else(|p| p.into_inner()) = epoch;
-        // Cursors are seqs of the old stream: a cursor above the new stream's seqs would
-        // never move (cursors only rise). Every gateway that sees the change purges;
-        // purging twice is harmless.
-        let kv = self.names.cursors_stream();
-        let purged = async {
-            let s = self.js.get_stream(&kv).await.map_err(|e| e.to_string())?;
-            s.purge().await.map_err(|e| e.to_string())
-        };
-        if let Err(e) = purged.await {
-            tracing::warn!(error = %e, "purging the old epoch's cursors failed");
+        // Cursors and read positions are seqs of the old stream: one above the new
+        // stream's seqs would never move (both only rise). Every gateway that sees the
+        // change purges; purging twice is harmless.
+        for kv in [
+            self.names.cursors_stream(),
+            format!("KV_{}", self.names.reads),
+        ] {
+            let purged = async {
+                let s = self.js.get_stream(&kv).await.map_err(|e| e.to_string())?;
+                s.purge().await.map_err(|e| e.to_string())
+            };
+            if let Err(e) = purged.await {
+                tracing::warn!(error = %e, stream = kv, "purging the old epoch's seqs failed");
+            }
         }
         Ok(true)
     }

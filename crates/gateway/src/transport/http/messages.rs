@@ -54,8 +54,8 @@ pub async fn post_message(
 
 /// Stores a prepared send: `{"seq":…,"id":…,"ts":…}` once durable.
 async fn store(shared: &Shared, p: Prepared) -> Result<Json<serde_json::Value>, Refusal> {
-    let notify = shared.notifier.as_deref();
-    let s = send::commit(shared.store.as_ref(), &shared.metrics, notify, p).await?;
+    let notify = shared.notifier.as_ref();
+    let s = send::commit(&shared.store, &shared.metrics, notify, p).await?;
     Ok(Json(json!({"seq": s.seq, "id": s.id, "ts": s.ts})))
 }
 
