@@ -2,8 +2,8 @@
 //! no device acked and that are above the user's read position, `--notify-after` after they
 //! were stored, are reported to the webhook, at most once per user per window.
 //!
-//! A send marks each recipient's window as pending ([`Notifier::stored`]: nothing more per
-//! message while one is pending); the window's record (due time, and the highest seq
+//! A send marks each recipient's window as pending ([`Notifier::open_windows`]: nothing more
+//! per message while one is pending); the window's record (due time, and the highest seq
 //! already settled) is kept by the store, so a window pending at a restart fires after it.
 //! When a window falls due and a device acked (or the user read) the inbox's newest
 //! message, the window closes without reading the inbox: what an online user costs is a
@@ -83,6 +83,12 @@ impl Pending {
             false => Opened::Armed,
         }
     }
+}
+
+/// Windows a send opened: their due time, and the users whose records must be written.
+pub struct Opening {
+    due_ms: u64,
+    to_write: Vec<String>,
 }
 
 /// How a due window ended.
@@ -173,27 +179,34 @@ impl Notifier {
         now_ms() + self.after.as_millis() as u64
     }
 
-    /// A message from `from` was stored in these inboxes: each recipient without a pending
-    /// window gets one, durable before this returns.
-    pub async fn stored(&self, inboxes: &[String], from: &str) {
-        // Every window in memory first, then the writes, so each is opened even if a write
-        // fails.
+    /// A message from `from` is being stored in these inboxes: each recipient without a
+    /// pending window gets one, in memory. Returns the windows whose records must be
+    /// written ([`Self::record_windows`], once the message is stored).
+    pub fn open_windows(&self, inboxes: &[String], from: &str) -> Opening {
         let due_ms = self.next_due();
-        let to_write: Vec<&String> = {
+        let to_write = {
             let mut p = self.lock();
             inboxes
                 .iter()
                 .filter(|u| *u != from)
                 .filter(|u| p.open(u, due_ms) == Opened::Write)
+                .cloned()
                 .collect()
         };
         self.wake.notify_one();
-        for uid in to_write {
+        Opening { due_ms, to_write }
+    }
+
+    /// Writes the records of windows [`Self::open_windows`] opened, so they survive a
+    /// restart.
+    pub async fn record_windows(&self, opening: Opening) {
+        let due_ms = opening.due_ms;
+        for uid in opening.to_write {
             let _one = self.records.lock().await;
-            if let Err(e) = self.save(uid, |r| NotifyRecord { due_ms, ..r }).await {
+            if let Err(e) = self.save(&uid, |r| NotifyRecord { due_ms, ..r }).await {
                 tracing::warn!(uid, error = %e, "could not keep a notification window");
                 // The next window tries the write again.
-                self.lock().armed.remove(uid.as_str());
+                self.lock().armed.remove(&uid);
             }
         }
     }

@@ -18,7 +18,7 @@ use crate::auth::SYSTEM;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::refusal::Refusal;
-use crate::store::{now_ms, Draft, Store, StoreError};
+use crate::store::{now_ms, Draft, Store};
 
 /// A send that passed every check that needs no store, ready to resolve and store.
 #[derive(Debug)]
@@ -133,21 +133,15 @@ pub async fn commit(
     let id = p.draft.id.clone();
     let stored = async {
         let inboxes = inboxes(store.as_ref(), &p).await?;
-        let Some(n) = notify else {
-            return Ok::<_, Refusal>(store.append(p.draft, &inboxes).await?);
-        };
-        // A task of its own: a caller dropped while the store works (a connection that
-        // closed mid-send) must not leave a stored message without its windows.
-        let (store, n, from) = (store.clone(), n.clone(), p.draft.from.clone());
-        let task = tokio::spawn(async move {
-            let appended = store.append(p.draft, &inboxes).await?;
-            n.stored(&inboxes, &from).await;
-            Ok::<_, StoreError>(appended)
-        });
-        let appended = task
-            .await
-            .map_err(|e| Refusal::new(ErrorCode::Internal, format!("storing the send: {e}")))??;
-        Ok(appended)
+        // Windows open in memory before the append, so a caller dropped while the store
+        // works (a connection that closed mid-send) cannot leave a stored message without
+        // them; a window for a send that then fails finds nothing to report.
+        let opened = notify.map(|n| n.open_windows(&inboxes, &p.draft.from));
+        let appended = store.append(p.draft, &inboxes).await?;
+        if let (Some(n), Some(opened)) = (notify, opened) {
+            n.record_windows(opened).await;
+        }
+        Ok::<_, Refusal>(appended)
     };
     match stored.await {
         Ok(a) => {
