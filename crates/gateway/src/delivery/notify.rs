@@ -184,16 +184,22 @@ impl Notifier {
     /// written ([`Self::record_windows`], once the message is stored).
     pub fn open_windows(&self, inboxes: &[String], from: &str) -> Opening {
         let due_ms = self.next_due();
-        let to_write = {
+        let mut opened = false;
+        let mut to_write = Vec::new();
+        {
             let mut p = self.lock();
-            inboxes
-                .iter()
-                .filter(|u| *u != from)
-                .filter(|u| p.open(u, due_ms) == Opened::Write)
-                .cloned()
-                .collect()
-        };
-        self.wake.notify_one();
+            for uid in inboxes.iter().filter(|u| *u != from) {
+                match p.open(uid, due_ms) {
+                    Opened::Already => {}
+                    Opened::Armed => opened = true,
+                    Opened::Write => to_write.push(uid.clone()),
+                }
+            }
+        }
+        // The run loop wakes only for a new window, not for every message.
+        if opened || !to_write.is_empty() {
+            self.wake.notify_one();
+        }
         Opening { due_ms, to_write }
     }
 
