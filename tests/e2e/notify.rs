@@ -1,8 +1,10 @@
 //! Offline notifications (`--notify-url`) of a standalone gateway, received by a webhook
 //! inside each test: one signed notification per user per window listing every due message
 //! in order; nothing for the user's own sends, for what a device acked, or for what the
-//! user read; retries under one delivery id on 5xx, none on other 4xx; and windows pending
-//! at SIGTERM or SIGKILL sent after the restart.
+//! user read; retries under one delivery id on 5xx, none on other 4xx; windows pending
+//! at SIGTERM or SIGKILL sent after the restart. In a cluster of two: each notification
+//! sent once (and published on NATS), one whose gateway was SIGKILLed sent by the other,
+//! and ones due while NATS was stopped sent once it is back.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -14,6 +16,9 @@ use bytes::Bytes;
 use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
 use sha2::Sha256;
+
+use futures::StreamExt;
+use imgate_harness::NatsServer;
 
 use crate::support::*;
 
@@ -343,7 +348,7 @@ async fn a_notification_pending_at_sigterm_or_sigkill_is_sent_after_the_restart(
 }
 
 /// What cannot work is refused at start, naming why: a secret file that cannot be read,
-/// `--notify-nats` without a cluster, and notifications in cluster mode (not built yet).
+/// and `--notify-nats` without a cluster.
 #[tokio::test]
 async fn settings_that_cannot_work_stop_the_start() {
     let err = serve_fails(&[
@@ -362,12 +367,184 @@ async fn settings_that_cannot_work_stop_the_start() {
         err.contains("--notify-nats") && err.contains("--nats"),
         "{err}"
     );
-    let cluster = [
+}
+
+/// Two gateways on one NATS, each with `--notify-url` and `--notify-nats`.
+async fn cluster_of_two(nats: &NatsServer, hook: &Hook, after: &str) -> Vec<Gateway> {
+    let url = nats.url();
+    let args = [
         "--nats",
-        "nats://127.0.0.1:9",
+        &url,
         "--notify-url",
-        "http://127.0.0.1:9/hook",
+        &hook.url,
+        "--notify-after",
+        after,
+        "--notify-nats",
     ];
-    let err = crate::support::serve_refused(&cluster).await;
-    assert!(err.contains("standalone mode only"), "{err}");
+    let mut gws = Vec::new();
+    for _ in 0..2 {
+        gws.push(Gateway::start(&args).await.unwrap());
+    }
+    gws
+}
+
+/// Every seq listed by the notifications so far, each user's in order.
+fn listed_by_user(got: &[Got]) -> std::collections::BTreeMap<String, Vec<u64>> {
+    let mut by = std::collections::BTreeMap::<String, Vec<u64>>::new();
+    for g in got {
+        let uid = g.body["uid"].as_str().unwrap().to_owned();
+        by.entry(uid).or_default().extend(listed_seqs(g));
+    }
+    by
+}
+
+/// Senders on both gateways write to four offline users, in two rounds a window apart:
+/// each message is listed once by one notification, not once per gateway; the ones
+/// published on NATS (`--notify-nats`) are the same notifications.
+#[tokio::test]
+async fn in_a_cluster_each_notification_is_sent_once_not_once_per_gateway() {
+    let hook = hook(&[]).await;
+    let nats = NatsServer::start().await.unwrap();
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let mut on_nats = client.subscribe("imgate.notify.*").await.unwrap();
+    client.flush().await.unwrap();
+    let gws = cluster_of_two(&nats, &hook, "1s").await;
+    let (alice, _a) = connect(&gws[0], "alice", "desk", Via::Tcp).await;
+    let (carol, _c) = connect(&gws[1], "carol", "desk", Via::Tcp).await;
+    let users = ["bob", "dave", "erin", "frank"];
+    for round in 0..2 {
+        for u in users {
+            alice.send_to(u, json!({"round": round})).await.unwrap();
+            carol.send_to(u, json!({"round": round})).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+    let mut want = std::collections::BTreeMap::new();
+    for u in users {
+        want.insert(u.to_owned(), inbox_seqs(&gws[0], u).await);
+    }
+    let total: usize = want.values().map(Vec::len).sum();
+    assert_eq!(total, 16);
+    within(WAIT, "every message listed", async {
+        while hook.got().iter().flat_map(listed_seqs).count() < total {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    // Two more windows' time for a second sender to show itself.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let got = hook.got();
+    assert_eq!(listed_by_user(&got), want, "each message once: {got:?}");
+    let ids: std::collections::HashSet<_> = got.iter().map(|g| g.delivery.clone()).collect();
+    assert_eq!(ids.len(), got.len(), "a delivery id per notification");
+    let mut sent = 0;
+    for gw in &gws {
+        sent += gw
+            .metric("imgate_notifications_total{outcome=\"sent\"}")
+            .await;
+    }
+    assert_eq!(sent as usize, got.len());
+    let mut published = Vec::new();
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(200), on_nats.next()).await {
+        let uid = m.subject.as_str().rsplit('.').next().unwrap().to_owned();
+        let body: Value = serde_json::from_slice(&m.payload).unwrap();
+        assert_eq!(body["uid"], uid.as_str());
+        published.push(body);
+    }
+    let mut hooked: Vec<Value> = got.iter().map(|g| g.body.clone()).collect();
+    let key = |v: &Value| v["messages"][0]["seq"].as_u64();
+    hooked.sort_by_key(key);
+    published.sort_by_key(key);
+    assert_eq!(published, hooked, "the same notifications on NATS");
+}
+
+/// The gateway that took the message is SIGKILLed before its window falls due: the other
+/// gateway sends the notification, once.
+#[tokio::test]
+async fn a_notification_comes_after_the_gateway_that_took_the_message_is_sigkilled() {
+    let hook = hook(&[]).await;
+    let nats = NatsServer::start().await.unwrap();
+    let mut gws = cluster_of_two(&nats, &hook, "2s").await;
+    let (alice, _a) = connect(&gws[0], "alice", "desk", Via::Tcp).await;
+    alice.send_to("bob", json!({"text": "hi"})).await.unwrap();
+    gws[0].signal("KILL").unwrap();
+    gws[0].wait(WAIT).await.unwrap();
+    let seqs = inbox_seqs(&gws[1], "bob").await;
+    let got = hook.wait_listing(0, &seqs).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(hook.got().len(), got.len(), "{:?}", hook.got());
+    assert_eq!(listed_seqs(&got[0]), seqs);
+    assert_eq!(
+        gws[1]
+            .metric("imgate_notifications_total{outcome=\"sent\"}")
+            .await,
+        1
+    );
+}
+
+/// NATS stops for 5 s while a window is pending: the notification comes, once, when it
+/// is back.
+#[tokio::test]
+async fn notifications_due_while_nats_is_stopped_come_once_it_is_back() {
+    let hook = hook(&[]).await;
+    let mut nats = NatsServer::start().await.unwrap();
+    let gws = cluster_of_two(&nats, &hook, "2s").await;
+    let (alice, _a) = connect(&gws[0], "alice", "desk", Via::Tcp).await;
+    alice.send_to("bob", json!({"text": "one"})).await.unwrap();
+    alice.send_to("bob", json!({"text": "two"})).await.unwrap();
+    let seqs = inbox_seqs(&gws[1], "bob").await;
+    assert_eq!(seqs.len(), 2);
+    nats.stop(false).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(hook.got().is_empty(), "{:?}", hook.got());
+    nats.restart().await.unwrap();
+    let got = hook.wait_listing(0, &seqs).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(hook.got().len(), got.len(), "{:?}", hook.got());
+    let listed: Vec<u64> = got.iter().flat_map(listed_seqs).collect();
+    assert_eq!(listed, seqs);
+}
+
+/// The gateway sending a notification is SIGKILLed while the webhook fails: once NATS's
+/// ack wait passes, the other gateway sends the same notification, under the same
+/// delivery id, listing the same message.
+#[tokio::test]
+async fn a_notification_whose_sender_is_sigkilled_mid_retry_is_sent_by_the_other_gateway() {
+    let hook = hook(&[500, 500, 500]).await;
+    let nats = NatsServer::start().await.unwrap();
+    let mut gws = cluster_of_two(&nats, &hook, "1s").await;
+    let (alice, _a) = connect(&gws[0], "alice", "desk", Via::Tcp).await;
+    alice.send_to("bob", json!({"text": "hi"})).await.unwrap();
+    let seqs = inbox_seqs(&gws[0], "bob").await;
+    drop(alice);
+    hook.wait_for(2, WAIT).await;
+    let retries = "imgate_notification_retries_total";
+    let sender = if gws[0].metric(retries).await > 0 {
+        0
+    } else {
+        1
+    };
+    assert!(gws[sender].metric(retries).await > 0, "one gateway retries");
+    gws[sender].signal("KILL").unwrap();
+    gws[sender].wait(WAIT).await.unwrap();
+    let other = &gws[1 - sender];
+    within(
+        Duration::from_secs(60),
+        "the other gateway sends it",
+        async {
+            loop {
+                let sent = other
+                    .metric("imgate_notifications_total{outcome=\"sent\"}")
+                    .await;
+                if sent > 0 {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        },
+    )
+    .await;
+    let got = hook.got();
+    assert!(got.iter().all(|g| g.delivery == got[0].delivery), "{got:?}");
+    assert!(got.iter().all(|g| listed_seqs(g) == seqs), "{got:?}");
 }

@@ -197,8 +197,8 @@ pub struct NotifyArgs {
     #[arg(long, env = "IMGATE_NOTIFY_RETRY_FOR", default_value = "1h", value_parser = humantime::parse_duration)]
     pub notify_retry_for: Duration,
 
-    /// Also publish each notification on NATS subject <prefix>.notify.<uid>. Cluster mode
-    /// only, where notifications are not built yet: refused at start for now.
+    /// Also publish each notification on NATS subject <prefix>.notify.<uid> (core NATS, at
+    /// most once), with or without --notify-url. Cluster mode only.
     #[arg(long, env = "IMGATE_NOTIFY_NATS")]
     pub notify_nats: bool,
 }

@@ -23,7 +23,7 @@ use crate::config::StoreKind;
 use crate::config::{Config, Fanout};
 use crate::delivery::cursors::Cursors;
 use crate::delivery::hub::Hub;
-use crate::delivery::notify::Notifier;
+use crate::delivery::notify::{cluster, standalone, Notifier, Reporter};
 use crate::delivery::send::send_quota;
 use crate::metrics::Metrics;
 use crate::state::Shared;
@@ -117,6 +117,7 @@ impl Gateway {
         let tail_stop = CancellationToken::new();
         let mut disk = None;
         let mut notify_state: Option<Arc<dyn NotifyState>> = None;
+        let mut notify_windows = None;
         let (store, bus): (Arc<dyn Store>, Arc<dyn Bus>) = if cfg.nats.nats.is_empty() {
             anyhow::ensure!(
                 !cfg.notify.notify_nats,
@@ -162,12 +163,11 @@ impl Gateway {
             };
             (store, Arc::new(LocalBus::new(hub.clone())))
         } else {
-            anyhow::ensure!(
-                cfg.notify.notify_url.is_none() && !cfg.notify.notify_nats,
-                "--notify-url, --notify-nats: offline notifications are built for standalone \
-                 mode only so far; a cluster of gateways cannot send them yet"
-            );
             let nats = NatsStore::connect(&cfg).await?;
+            if cfg.notify.notify_url.is_some() || cfg.notify.notify_nats {
+                let windows = nats.notify_windows(cfg.nats.replicas).await?;
+                notify_windows = Some(Arc::new(windows));
+            }
             // Deliver-new from an exact seq: everything stored from now on reaches us.
             let after = nats.stream_last_seq().await?;
             match cfg.nats.fanout {
@@ -220,17 +220,34 @@ impl Gateway {
         let http_limiter = send_quota(&cfg).map(RateLimiter::keyed);
         let cursors = Cursors::new(store.clone(), cfg.cursor_interval);
         let metrics = Metrics::new();
-        let notifier = match notify_state {
-            Some(state) => {
-                let counters = metrics.notify.clone();
-                let (store, cursors, hub) = (store.clone(), cursors.clone(), hub.clone());
-                Notifier::open(&cfg.notify, store, state, cursors, hub, counters).await?
-            }
-            None => None,
+        let notifier = if cfg.notify.notify_url.is_some() || cfg.notify.notify_nats {
+            let reporter = Reporter::new(
+                &cfg.notify,
+                store.clone(),
+                cursors.clone(),
+                hub.clone(),
+                notify_windows.clone().filter(|_| cfg.notify.notify_nats),
+                metrics.notify.clone(),
+            )?;
+            let notifier = match (notify_state, notify_windows) {
+                (Some(state), _) => {
+                    Notifier::Standalone(standalone::Notifier::open(reporter, state).await?)
+                }
+                (None, Some(windows)) => {
+                    Notifier::Cluster(cluster::Notifier::new(reporter, windows))
+                }
+                (None, None) => unreachable!("every store keeps notification windows"),
+            };
+            tracing::info!(
+                url = ?cfg.notify.notify_url.as_ref().map(|u| u.as_str()),
+                nats = cfg.notify.notify_nats,
+                after = ?cfg.notify.notify_after,
+                "offline notifications on"
+            );
+            Some(Arc::new(notifier))
+        } else {
+            None
         };
-        if let Some(url) = &cfg.notify.notify_url {
-            tracing::info!(%url, after = ?cfg.notify.notify_after, "offline notifications on");
-        }
         let shared = Arc::new(Shared {
             permits: Arc::new(Semaphore::new(cfg.max_connections)),
             per_ip: PerIp::new(cfg.max_connections_per_ip),
@@ -273,9 +290,11 @@ impl Gateway {
             tokio::spawn(async move { shared.polls.run_sweeper(stop).await })
         };
         // Stopped with the connections: a notification the webhook has not taken stays
-        // pending in the store and is sent after the next start.
-        if let Some(n) = &shared.notifier {
-            tokio::spawn(n.clone().run(stop.clone()));
+        // pending, in the store (sent after the next start) or in NATS (sent by another
+        // gateway once its ack wait passes).
+        if let Some(n) = shared.notifier.clone() {
+            let stop = stop.clone();
+            tokio::spawn(async move { n.run(stop).await });
         }
         let tcp = tokio::spawn(crate::transport::tcp::serve(
             listeners.tcp,

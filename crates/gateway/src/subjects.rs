@@ -18,6 +18,11 @@ pub struct Names {
     pub revocations: String,
     /// `imgate_reads`
     pub reads: String,
+    /// `IMGATE_NOTIFY`: offline-notification windows (schedules, and the windows they make
+    /// due).
+    pub notify_stream: String,
+    /// `imgate_notify`: what each user's notifications listed, and the one being sent.
+    pub notify_records: String,
 }
 
 impl Names {
@@ -29,6 +34,8 @@ impl Names {
             groups: format!("{prefix}_groups"),
             revocations: format!("{prefix}_revocations"),
             reads: format!("{prefix}_reads"),
+            notify_stream: format!("{}_NOTIFY", prefix.to_uppercase().replace(['.', '-'], "_")),
+            notify_records: format!("{prefix}_notify"),
         }
     }
 
@@ -100,6 +107,37 @@ impl Names {
         format!("{}.ctl.presence", self.prefix)
     }
 
+    /// `imgate.nq.>`: the subjects of the notification stream.
+    pub fn windows_all(&self) -> String {
+        format!("{}.nq.>", self.prefix)
+    }
+
+    /// `imgate.nq.sched.<uid>`: `uid`'s pending notification window, a message schedule
+    /// (one at most).
+    pub fn window_schedule(&self, uid: &str) -> String {
+        format!("{}.nq.sched.{uid}", self.prefix)
+    }
+
+    /// `imgate.nq.due.<uid>`: where `uid`'s window schedule puts the window once due.
+    pub fn window_due(&self, uid: &str) -> String {
+        format!("{}.nq.due.{uid}", self.prefix)
+    }
+
+    /// `imgate.nq.due.*`: every due window, which the gateways share.
+    pub fn windows_due(&self) -> String {
+        format!("{}.nq.due.*", self.prefix)
+    }
+
+    /// The user a due window's subject (`<prefix>.nq.due.<uid>`) belongs to.
+    pub fn window_owner<'s>(&self, subject: &'s str) -> Option<&'s str> {
+        self.last_token(subject, ".nq.due.")
+    }
+
+    /// `imgate.notify.<uid>`: where `--notify-nats` publishes `uid`'s notifications.
+    pub fn notice(&self, uid: &str) -> String {
+        format!("{}.notify.{uid}", self.prefix)
+    }
+
     /// `KV_imgate_cursors`: the stream behind the cursor bucket.
     pub fn cursors_stream(&self) -> String {
         format!("KV_{}", self.cursors)
@@ -146,5 +184,14 @@ mod tests {
         assert_eq!(n.room_of("imgate.u.lobby"), None);
         assert_eq!(n.room_of("imgate.room."), None);
         assert_eq!(Names::new("a-b.c").stream, "A_B_C");
+    }
+
+    #[test]
+    fn notification_subjects_name_their_user() {
+        let n = Names::new("a-b");
+        assert_eq!(n.notify_stream, "A_B_NOTIFY");
+        assert_eq!(n.window_owner(&n.window_due("bob")), Some("bob"));
+        assert_eq!(n.window_owner(&n.window_schedule("bob")), None);
+        assert_eq!(n.notice("bob"), "a-b.notify.bob");
     }
 }

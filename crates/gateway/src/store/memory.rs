@@ -145,6 +145,18 @@ impl MemoryStore {
 
 #[async_trait]
 impl Store for MemoryStore {
+    async fn acked_by_any_device(&self, uid: &str) -> Result<u64, StoreError> {
+        let inner = self.lock();
+        let from = (uid.to_owned(), String::new());
+        Ok(inner
+            .cursors
+            .range(from..)
+            .take_while(|((u, _), _)| u == uid)
+            .map(|(_, seq)| *seq)
+            .max()
+            .unwrap_or(0))
+    }
+
     async fn append(&self, draft: Draft, inboxes: &[String]) -> Result<Appended, StoreError> {
         let mut inner = self.lock();
         let now = Instant::now();
@@ -344,18 +356,6 @@ impl NotifyState for MemoryStore {
     async fn save_notify(&self, uid: &str, record: NotifyRecord) -> Result<(), StoreError> {
         self.lock().notify.insert(uid.to_owned(), record);
         Ok(())
-    }
-
-    async fn acked_by_any_device(&self, uid: &str) -> Result<u64, StoreError> {
-        let inner = self.lock();
-        let from = (uid.to_owned(), String::new());
-        Ok(inner
-            .cursors
-            .range(from..)
-            .take_while(|((u, _), _)| u == uid)
-            .map(|(_, seq)| *seq)
-            .max()
-            .unwrap_or(0))
     }
 }
 

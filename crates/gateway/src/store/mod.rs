@@ -230,9 +230,6 @@ pub trait NotifyState: Send + Sync + 'static {
 
     /// Stores `uid`'s record, once durable.
     async fn save_notify(&self, uid: &str, record: NotifyRecord) -> Result<(), StoreError>;
-
-    /// The highest seq any device of `uid` has acked (its highest stored cursor; 0 if none).
-    async fn acked_by_any_device(&self, uid: &str) -> Result<u64, StoreError>;
 }
 
 /// Inboxes and cursors. Every method is safe to call concurrently.
@@ -258,6 +255,16 @@ pub trait Store: Send + Sync + 'static {
 
     /// The seq of the newest message of `uid`'s inbox ever stored (0 if none): the live tail.
     async fn last_seq(&self, uid: &str) -> Result<u64, StoreError>;
+
+    /// The seq of the newest message stored in `uid`'s inbox (0 if none), asked of the
+    /// store itself (where [`Store::last_seq`] may answer with a later seq that is a live
+    /// tail for every inbox).
+    async fn inbox_newest(&self, uid: &str) -> Result<u64, StoreError> {
+        self.last_seq(uid).await
+    }
+
+    /// The highest seq any device of `uid` has acked (its highest stored cursor; 0 if none).
+    async fn acked_by_any_device(&self, uid: &str) -> Result<u64, StoreError>;
 
     /// The store's epoch: fixed when the store was created, new when it is reset.
     fn epoch(&self) -> Arc<str>;

@@ -1220,6 +1220,16 @@ impl Writer {
 
 #[async_trait]
 impl Store for DiskStore {
+    async fn acked_by_any_device(&self, uid: &str) -> Result<u64, StoreError> {
+        let e = self.engine()?;
+        let mut max = 0;
+        for item in e.ks.cursors.prefix(pair_key(uid, "")) {
+            let (_, v) = item.into_inner().map_err(internal)?;
+            max = max.max(be_u64(&v));
+        }
+        Ok(max)
+    }
+
     async fn append(&self, draft: Draft, inboxes: &[String]) -> Result<Appended, StoreError> {
         if self.thread.is_disconnected() {
             return Err(unavailable("the store is closing"));
@@ -1436,16 +1446,6 @@ impl NotifyState for DiskStore {
         v[8..].copy_from_slice(&record.upto.to_be_bytes());
         let _serial = self.small();
         self.commit_small(|ks, b| b.insert(&ks.notify, uid.as_bytes(), v))
-    }
-
-    async fn acked_by_any_device(&self, uid: &str) -> Result<u64, StoreError> {
-        let e = self.engine()?;
-        let mut max = 0;
-        for item in e.ks.cursors.prefix(pair_key(uid, "")) {
-            let (_, v) = item.into_inner().map_err(internal)?;
-            max = max.max(be_u64(&v));
-        }
-        Ok(max)
     }
 }
 

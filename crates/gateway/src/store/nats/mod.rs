@@ -31,6 +31,7 @@ use futures::future::try_join_all;
 mod interest;
 mod publish;
 mod recent;
+mod windows;
 
 use futures::StreamExt;
 use imgate_proto::Message;
@@ -39,6 +40,7 @@ pub use recent::Recent;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
+pub use windows::{DueWindow, NotifyWindows, Record as NotifyRecord, Scheduled, Sending};
 
 use super::{
     Appended, ChangeError, CursorWrite, Draft, Fanout, Following, Group, GroupChange, History,
@@ -1033,6 +1035,39 @@ impl Store for NatsStore {
             Some(interest) => self.follow_interest(interest, uid).await,
             None => Ok(Following::always()),
         }
+    }
+
+    async fn inbox_newest(&self, uid: &str) -> Result<u64, StoreError> {
+        self.inbox_last(uid).await
+    }
+
+    async fn acked_by_any_device(&self, uid: &str) -> Result<u64, StoreError> {
+        use jetstream_extra::batch_fetch::{BatchFetchErrorKind, BatchFetchExt};
+        self.connected()?;
+        // The last value of every `<uid>.<device>` key: one multi-last batch direct get.
+        let keys = format!("$KV.{}.{uid}.*", self.names.cursors);
+        let mut replies = self
+            .js
+            .get_last_messages_for(&self.names.cursors_stream())
+            .subjects(vec![keys])
+            .batch(MAX_DIRECT_BATCH)
+            .send()
+            .await
+            .map_err(unavailable)?;
+        let mut max = 0;
+        while let Some(m) = replies.next().await {
+            match m {
+                Ok(m) => {
+                    let seq = std::str::from_utf8(&m.payload)
+                        .ok()
+                        .and_then(|v| v.parse().ok());
+                    max = max.max(seq.unwrap_or(0));
+                }
+                Err(e) if e.kind() == BatchFetchErrorKind::NoMessages => break,
+                Err(e) => return Err(unavailable(e)),
+            }
+        }
+        Ok(max)
     }
 
     async fn last_seq(&self, uid: &str) -> Result<u64, StoreError> {

@@ -1,42 +1,22 @@
-//! Offline notifications (`--notify-url`), standalone mode: a user's stored messages that
-//! no device acked and that are above the user's read position, `--notify-after` after they
-//! were stored, are reported to the webhook, at most once per user per window.
+//! Notification windows of a standalone gateway: kept in memory, and in the store so a
+//! window pending at a restart fires after it.
 //!
 //! A send marks each recipient's window as pending ([`Notifier::open_windows`]: nothing more
 //! per message while one is pending); the window's record (due time, and the highest seq
-//! already settled) is kept by the store, so a window pending at a restart fires after it.
-//! When a window falls due and a device acked (or the user read) the inbox's newest
-//! message, the window closes without reading the inbox: what an online user costs is a
-//! few lookups per window, not per message. Otherwise the inbox above the settled seq is
-//! read once: the user's own sends are skipped, what a device acked or the user read is
-//! passed over, and what is old enough is listed (at most [`MAX_LISTED`], oldest first).
-//! What is not yet old enough, did not fit, or came while the window was handled opens the
-//! next window. This module decides what to report and when; [`super::webhook`] carries it.
+//! already settled) is kept by the store's [`NotifyState`]. What a due window reports is
+//! [`Reporter`]'s decision. What is not yet old enough, did not fit, or came while the
+//! window was handled opens the next window.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
-use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::cursors::Cursors;
-use super::hub::Hub;
-use super::reads;
-use super::webhook::{Outcome, Webhook};
-use crate::config::NotifyArgs;
-use crate::metrics::NotifyCounters;
-use crate::store::{now_ms, NotifyRecord, NotifyState, Store, StoreError};
-
-/// Messages one notification lists at most.
-pub const MAX_LISTED: usize = 20;
-/// Messages of an inbox read per window.
-const WINDOW_READ: usize = 1000;
-/// Windows handled at once.
-const CONCURRENT: usize = 64;
+use super::{Reporter, CONCURRENT};
+use crate::store::{now_ms, NotifyRecord, NotifyState, StoreError};
 
 /// A pending window (its due time is in [`Pending::order`]).
 struct Window {
@@ -105,13 +85,8 @@ struct Settled {
 /// The notifier of one standalone gateway.
 pub struct Notifier {
     after: Duration,
-    body: bool,
-    store: Arc<dyn Store>,
+    reporter: Reporter,
     state: Arc<dyn NotifyState>,
-    cursors: Arc<Cursors>,
-    /// Which of a user's devices are connected here, for their acks not yet stored.
-    hub: Arc<Hub>,
-    hook: Webhook,
     pending: Mutex<Pending>,
     /// Serialises each read-modify-write of a record (a window opened by a send, and the
     /// end of a window), which are once per user per window.
@@ -119,29 +94,14 @@ pub struct Notifier {
     wake: tokio::sync::Notify,
     /// Windows being handled, so shutdown can let them record what they sent.
     tasks: TaskTracker,
-    counters: NotifyCounters,
 }
 
 impl Notifier {
-    /// Reads the signing secret and the windows left pending by the last run.
+    /// Reads the windows left pending by the last run.
     pub async fn open(
-        args: &NotifyArgs,
-        store: Arc<dyn Store>,
+        reporter: Reporter,
         state: Arc<dyn NotifyState>,
-        cursors: Arc<Cursors>,
-        hub: Arc<Hub>,
-        counters: NotifyCounters,
-    ) -> anyhow::Result<Option<Arc<Self>>> {
-        let Some(url) = args.notify_url.clone() else {
-            return Ok(None);
-        };
-        let secret = match &args.notify_secret_file {
-            None => None,
-            Some(path) => Some(std::fs::read(path).map_err(|e| {
-                anyhow::anyhow!("reading --notify-secret-file {}: {e}", path.display())
-            })?),
-        };
-        let hook = Webhook::new(url, secret, args.notify_retry_for, counters.retried.clone())?;
+    ) -> anyhow::Result<Arc<Self>> {
         let mut pending = Pending::default();
         for (uid, r) in state.notify_records().await? {
             if r.due_ms > 0 {
@@ -155,20 +115,19 @@ impl Notifier {
                 "notifications pending from the last run"
             );
         }
-        Ok(Some(Arc::new(Notifier {
-            after: args.notify_after,
-            body: args.notify_body,
-            store,
+        Ok(Arc::new(Notifier {
+            after: reporter.after,
+            reporter,
             state,
-            cursors,
-            hub,
-            hook,
             pending: Mutex::new(pending),
             records: tokio::sync::Mutex::new(()),
             wake: tokio::sync::Notify::new(),
             tasks: TaskTracker::new(),
-            counters,
-        })))
+        }))
+    }
+
+    pub(super) fn tasks(&self) -> &TaskTracker {
+        &self.tasks
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
@@ -269,19 +228,6 @@ impl Notifier {
         }
     }
 
-    /// After `run` stopped: waits up to `limit` for the windows being handled to record
-    /// their outcome (a notification sent and not recorded would be sent again after the
-    /// restart).
-    pub async fn stopped(&self, limit: Duration) {
-        self.tasks.close();
-        if tokio::time::timeout(limit, self.tasks.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!("notification windows still being handled at exit");
-        }
-    }
-
     /// Handles `uid`'s due window. The record is written only when the window reported
     /// something (so it is never listed again) or when a window opens on a record without a
     /// due time: an online user's windows write nothing. A store failure tries again a
@@ -348,91 +294,18 @@ impl Notifier {
             Some(upto) => upto,
             None => self.state.notify_record(uid).await?.upto,
         };
-        let read = self.store.read_position(uid).await?;
-        let newest = self.store.last_seq(uid).await?;
-        // Acks of devices connected here may not be stored yet (`--cursor-interval`).
-        let devices = self.hub.devices_of(uid);
-        let live_ack = self.cursors.acked_here(uid, devices.iter().map(|d| &**d));
-        let acked = self.state.acked_by_any_device(uid).await?.max(live_ack);
-        let done = |upto| Settled {
-            upto,
-            more: false,
+        let examined = self.reporter.examine(uid, upto).await?;
+        let mut settled = Settled {
+            upto: examined.upto,
+            more: examined.more,
             reported: false,
         };
-        if newest <= upto {
-            return Ok(Some(done(upto)));
-        }
-        if acked.max(read) >= newest {
-            // Everything was taken in time: the common case of an online user.
-            self.suppressed(acked >= newest);
-            return Ok(Some(done(newest)));
-        }
-        let old_enough = now_ms().saturating_sub(self.after.as_millis() as u64);
-        let page = self.store.read(uid, upto, WINDOW_READ).await?;
-        let mut settled = Settled {
-            more: page.more,
-            ..done(upto)
-        };
-        let (mut listed, mut passed_over, mut newest_acked) = (Vec::new(), false, false);
-        for m in &page.messages {
-            // The user's own sends settle without a word.
-            if m.from != uid {
-                if m.seq <= acked || m.seq <= read {
-                    passed_over = true;
-                    newest_acked = m.seq <= acked;
-                } else if m.ts <= old_enough && listed.len() < MAX_LISTED {
-                    listed.push(self.listed(m));
-                } else {
-                    settled.more = true;
-                    break;
-                }
+        if let Some(notice) = &examined.notice {
+            if self.reporter.send(uid, notice, stop).await.is_none() {
+                return Ok(None);
             }
-            settled.upto = m.seq;
+            settled.reported = true;
         }
-        let (Some(first), Some(last)) = (listed.first(), listed.last()) else {
-            if passed_over {
-                self.suppressed(newest_acked);
-            }
-            return Ok(Some(settled));
-        };
-        let unread = reads::unread(self.store.as_ref(), uid, read).await?;
-        let id = format!(
-            "{}.{uid}.{}.{}",
-            self.store.epoch(),
-            first["seq"],
-            last["seq"]
-        );
-        let body = json!({"uid": uid, "unread": unread, "messages": listed});
-        let body = Bytes::from(serde_json::to_vec(&body).expect("JSON always encodes"));
-        match self.hook.deliver(&id, body, stop).await {
-            None => return Ok(None),
-            Some(Outcome::Sent) => self.counters.sent.increment(1),
-            Some(Outcome::GaveUp(why)) => {
-                tracing::warn!(uid, id, %why, "notification given up");
-                self.counters.given_up.increment(1);
-            }
-        }
-        settled.reported = true;
         Ok(Some(settled))
-    }
-
-    /// A window whose messages were all acked or read before it fell due.
-    fn suppressed(&self, acked: bool) {
-        match acked {
-            true => self.counters.suppressed_acked.increment(1),
-            false => self.counters.suppressed_read.increment(1),
-        }
-    }
-
-    /// One message as a notification lists it.
-    fn listed(&self, m: &imgate_proto::Message) -> Value {
-        let mut v = json!({"seq": m.seq, "id": m.id, "from": m.from, "ts": m.ts});
-        if let Some(g) = &m.group {
-            v["group"] = g.as_str().into();
-        }
-        if self.body {
-            v["body"] = (*m.body).clone();
-        }
-        v
     }
 }
