@@ -226,7 +226,7 @@ impl Gateway {
                 store.clone(),
                 cursors.clone(),
                 hub.clone(),
-                notify_windows.clone().filter(|_| cfg.notify.notify_nats),
+                notify_windows.as_ref(),
                 metrics.notify.clone(),
             )?;
             let notifier = match (notify_state, notify_windows) {

@@ -133,15 +133,10 @@ pub async fn commit(
     let id = p.draft.id.clone();
     let stored = async {
         let inboxes = inboxes(store.as_ref(), &p).await?;
-        // A standalone gateway opens windows in memory before the append, so a caller
-        // dropped while the store works (a connection that closed mid-send) cannot leave a
-        // stored message without them; a window for a send that then fails finds nothing
-        // to report. In a cluster they open after it (see `notify::cluster`).
-        let opened = notify.map(|n| n.open_windows(&inboxes, &p.draft.from));
-        let appended = store.append(p.draft, &inboxes).await?;
-        if let (Some(n), Some(opened)) = (notify, opened) {
-            n.record_windows(opened, &inboxes).await;
-        }
+        let appended = match notify {
+            Some(n) => n.append(store, p.draft, inboxes).await?,
+            None => store.append(p.draft, &inboxes).await?,
+        };
         Ok::<_, Refusal>(appended)
     };
     match stored.await {

@@ -2,18 +2,21 @@
 //! pending window per user across gateways, each due window handled by one gateway, and a
 //! window whose gateway died handled by another.
 //!
-//! - A send, once stored, opens the window of each recipient this gateway does not know to
-//!   have one pending: at most one schedule per user per window from each gateway, never
-//!   one per message. The send is answered after that, so an answered message has its
-//!   window in NATS whatever happens to this gateway next.
-//! - A window opened after the message was stored covers it: the window's handler, which
-//!   runs after the window falls due, reads the inbox after the message was stored. A
-//!   gateway that knows a window is pending trusts it until [`MARGIN_MS`] before it falls
-//!   due, for the clocks of gateways and NATS servers to differ by that much.
+//! - A send opens the window of each recipient this gateway does not know to have one
+//!   pending, after its append and before it is answered: an answered message has its
+//!   window in NATS whatever happens to this gateway next. A send that has windows to open
+//!   runs its append and the opening in a task of their own, so a caller dropped meanwhile
+//!   (a connection that closed) cannot leave the stored message without them. Sends for
+//!   users with known windows (nearly all) pay a lookup per recipient and no task.
+//! - A window opened after the message was stored covers it: the window's handler runs
+//!   after it falls due, so after the message was stored. A gateway that knows a window is
+//!   pending trusts it until [`MARGIN_MS`] before it falls due, for the clocks of gateways
+//!   and NATS servers to differ by that much.
 //! - A due window is handled as in standalone mode ([`Reporter`]), against the user's
 //!   record in NATS. Before it sends, the gateway writes the notification into the record
-//!   (compare-and-set): a second gateway handling the same user meanwhile leaves it alone,
-//!   and one that gets the window again after its first handler died sends the same
+//!   (compare-and-set) and refreshes that claim while it retries. Another handler of the
+//!   same user meanwhile leaves a fresh claim alone and opens the next window; one that
+//!   finds a claim nobody refreshed for [`STALE_MS`] (its gateway died) sends that
 //!   notification again, under the same delivery id.
 
 use std::collections::HashMap;
@@ -27,12 +30,21 @@ use tokio_util::task::TaskTracker;
 
 use super::{Reporter, CONCURRENT};
 use crate::store::nats::{DueWindow, NotifyRecord, NotifyWindows, Scheduled, Sending};
-use crate::store::{now_ms, StoreError};
+use crate::store::{now_ms, Appended, Draft, Store, StoreError};
 
 /// How long before a known window's due time a send opens one again.
 const MARGIN_MS: u64 = 1000;
-/// How often a gateway handling a window tells NATS it is still at it.
+/// How often a gateway handling a window tells NATS, and the user's record, it is still
+/// at it.
 const PROGRESS: Duration = Duration::from_secs(10);
+/// A claim not refreshed for this long belongs to a handler that stopped.
+const STALE_MS: u64 = 20_000;
+/// How many times (a second apart) a window that could not be opened is tried again.
+const OPEN_RETRIES: u32 = 60;
+
+/// The claim a handler holds while it sends: the record as it last wrote it, and the
+/// revision that write made.
+type Held = Mutex<Option<(NotifyRecord, u64)>>;
 
 /// The notifier of one gateway of a cluster.
 pub struct Notifier {
@@ -43,6 +55,10 @@ pub struct Notifier {
     open: Mutex<HashMap<String, u64>>,
     /// Windows being handled, so shutdown can let them record what they sent.
     tasks: TaskTracker,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Notifier {
@@ -60,33 +76,65 @@ impl Notifier {
         &self.tasks
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
-        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    /// The recipients of `inboxes` (but the sender, at `sender`) with no window known to
+    /// be pending now.
+    fn unknown(&self, inboxes: &[String], sender: Option<usize>) -> Vec<String> {
+        let now = now_ms();
+        let open = lock(&self.open);
+        inboxes
+            .iter()
+            .enumerate()
+            .filter(|(i, u)| Some(*i) != sender && open.get(*u).is_none_or(|until| *until <= now))
+            .map(|(_, u)| u.clone())
+            .collect()
     }
 
-    /// A message from `from` is stored in `inboxes`: opens the windows not known here.
-    pub async fn open_after(self: &Arc<Self>, inboxes: &[String], from: &str) {
-        let now = now_ms();
-        let needed: Vec<String> = {
-            let open = self.lock();
-            inboxes
-                .iter()
-                .filter(|u| *u != from && open.get(*u).is_none_or(|until| *until <= now))
-                .cloned()
-                .collect()
-        };
-        if needed.is_empty() {
-            return;
-        }
-        // In a task of its own, so a caller dropped meanwhile (a connection that closed)
-        // still opens them.
-        let this = self.clone();
-        let opening = tokio::spawn(async move {
-            for uid in needed {
-                this.open_window(&uid).await;
+    /// Stores `draft` in `inboxes` and opens the windows this gateway does not know.
+    pub async fn append(
+        self: &Arc<Self>,
+        store: &Arc<dyn Store>,
+        draft: Draft,
+        inboxes: Vec<String>,
+    ) -> Result<Appended, StoreError> {
+        let sender = inboxes.iter().position(|u| *u == draft.from);
+        if self.unknown(&inboxes, sender).is_empty() {
+            let appended = store.append(draft, &inboxes).await?;
+            // Asked again now that it is stored: a window may have neared its due time.
+            let late = self.unknown(&inboxes, sender);
+            if !late.is_empty() {
+                self.open_all(late).await;
             }
+            return Ok(appended);
+        }
+        let (this, store) = (self.clone(), store.clone());
+        let task = tokio::spawn(async move {
+            let appended = store.append(draft, &inboxes).await?;
+            this.open_all(this.unknown(&inboxes, sender)).await;
+            Ok(appended)
         });
-        let _ = opening.await;
+        task.await
+            .unwrap_or_else(|e| Err(StoreError::Internal(format!("a send's task failed: {e}"))))
+    }
+
+    /// Opens these users' windows at once; one that cannot be opened now is tried again in
+    /// the background.
+    async fn open_all(self: &Arc<Self>, uids: Vec<String>) {
+        let opened = futures::future::join_all(uids.iter().map(|u| self.open_window(u))).await;
+        for (uid, ok) in uids.into_iter().zip(opened) {
+            if ok {
+                continue;
+            }
+            let this = self.clone();
+            tokio::spawn(async move {
+                for _ in 0..OPEN_RETRIES {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    if this.open_window(&uid).await {
+                        return;
+                    }
+                }
+                tracing::error!(uid, "a notification window could not be opened; given up");
+            });
+        }
     }
 
     /// Opens `uid`'s window unless one is pending; `false` if NATS could not be asked.
@@ -96,7 +144,7 @@ impl Notifier {
             Ok(Scheduled::Opened(at) | Scheduled::Pending(at)) => {
                 let until = at.saturating_sub(MARGIN_MS);
                 if until > now_ms() {
-                    self.lock().insert(uid.to_owned(), until);
+                    lock(&self.open).insert(uid.to_owned(), until);
                 }
                 true
             }
@@ -120,6 +168,11 @@ impl Notifier {
                 Ok(due) => {
                     let mut due = std::pin::pin!(due);
                     loop {
+                        // A slot first, so no window waits here for one after it was taken.
+                        let slot = tokio::select! {
+                            s = slots.clone().acquire_owned() => s.expect("the semaphore is never closed"),
+                            _ = stop.cancelled() => return,
+                        };
                         let window = tokio::select! {
                             w = due.next() => match w {
                                 Some(w) => w,
@@ -127,13 +180,9 @@ impl Notifier {
                             },
                             _ = sweep.tick() => {
                                 let now = now_ms();
-                                self.lock().retain(|_, until| *until > now);
+                                lock(&self.open).retain(|_, until| *until > now);
                                 continue;
                             }
-                            _ = stop.cancelled() => return,
-                        };
-                        let slot = tokio::select! {
-                            s = slots.clone().acquire_owned() => s.expect("the semaphore is never closed"),
                             _ = stop.cancelled() => return,
                         };
                         let (this, stop) = (self.clone(), stop.clone());
@@ -152,17 +201,22 @@ impl Notifier {
         }
     }
 
-    /// Handles one due window, telling NATS it is at it meanwhile, and acks it once done.
+    /// Handles one due window, telling NATS and the record it is at it meanwhile, and acks
+    /// it once done.
     async fn fire(&self, window: DueWindow, stop: &CancellationToken) {
+        let held = Held::default();
         let handled = {
-            let handling = self.handle(&window.uid, window.redelivered, stop);
+            let handling = self.handle(&window.uid, &held, stop);
             let mut handling = std::pin::pin!(handling);
             let start = tokio::time::Instant::now() + PROGRESS;
             let mut tick = tokio::time::interval_at(start, PROGRESS);
             loop {
                 tokio::select! {
                     r = &mut handling => break r,
-                    _ = tick.tick() => window.progress().await,
+                    _ = tick.tick() => {
+                        window.progress().await;
+                        self.refresh(&window.uid, &held).await;
+                    }
                 }
             }
         };
@@ -174,7 +228,8 @@ impl Notifier {
                     window.later(self.after).await;
                 }
             }
-            // Stopped: NATS hands the window out again once its ack wait passes.
+            // Stopped: NATS hands the window out again once its ack wait passes, and the
+            // claim left in the record goes stale.
             Ok(None) => {}
             Err(e) => {
                 tracing::warn!(uid = window.uid, error = %e, "notification window failed; trying again");
@@ -183,24 +238,64 @@ impl Notifier {
         }
     }
 
+    /// Writes the time into the claim `held`, so no other gateway takes it over.
+    async fn refresh(&self, uid: &str, held: &Held) {
+        let Some((mut record, revision)) = lock(held).clone() else {
+            return;
+        };
+        if let Some(s) = record.sending.as_mut() {
+            s.at_ms = now_ms();
+        }
+        match self.windows.save(uid, &record, revision).await {
+            Ok(Some(revision)) => {
+                let mut h = lock(held);
+                // Unless the handler finished meanwhile.
+                if h.is_some() {
+                    *h = Some((record, revision));
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::debug!(uid, error = %e, "refreshing a notification claim failed"),
+        }
+    }
+
     /// Reports what `uid`'s window has due: `Some(true)` if another window must follow,
     /// `None` if stopped before the notification was taken.
     async fn handle(
         &self,
         uid: &str,
-        redelivered: bool,
+        held: &Held,
         stop: &CancellationToken,
     ) -> Result<Option<bool>, StoreError> {
         loop {
             let (record, revision) = self.windows.record(uid).await?;
             if let Some(sending) = record.sending.clone() {
-                if !redelivered {
+                if now_ms() < sending.at_ms + STALE_MS {
                     // Another handler is sending this user's last notification: what came
                     // after it waits for the next window.
                     return Ok(Some(true));
                 }
                 // Its handler stopped before it finished: send it again, same id.
-                return self.again(uid, record, revision, sending, stop).await;
+                let taken = NotifyRecord {
+                    upto: record.upto,
+                    sending: Some(Sending {
+                        at_ms: now_ms(),
+                        ..sending.clone()
+                    }),
+                };
+                let Some(revision) = self.windows.save(uid, &taken, revision).await? else {
+                    continue;
+                };
+                *lock(held) = Some((taken, revision));
+                let notice = self.reporter.again(uid, &sending.id, &sending.seqs).await?;
+                if let Some(notice) = &notice {
+                    tracing::info!(uid, id = notice.id, "sending a notification again");
+                    if self.reporter.send(uid, notice, stop).await.is_none() {
+                        return Ok(None);
+                    }
+                }
+                self.finish(uid, held, &sending.id, sending.upto).await?;
+                return Ok(Some(true));
             }
             let examined = self.reporter.examine(uid, record.upto).await?;
             let Some(notice) = examined.notice else {
@@ -221,52 +316,30 @@ impl Notifier {
                     id: notice.id.clone(),
                     seqs: notice.seqs.clone(),
                     upto: examined.upto,
+                    at_ms: now_ms(),
                 }),
             };
             let Some(revision) = self.windows.save(uid, &claim, revision).await? else {
                 // Another gateway got there first: look again.
                 continue;
             };
+            *lock(held) = Some((claim, revision));
             if self.reporter.send(uid, &notice, stop).await.is_none() {
                 return Ok(None);
             }
-            self.finish(uid, claim, revision, &notice.id, examined.upto)
-                .await?;
+            self.finish(uid, held, &notice.id, examined.upto).await?;
             return Ok(Some(examined.more));
         }
     }
 
-    /// Sends again the notification a stopped handler left in `uid`'s record.
-    async fn again(
-        &self,
-        uid: &str,
-        record: NotifyRecord,
-        revision: u64,
-        sending: Sending,
-        stop: &CancellationToken,
-    ) -> Result<Option<bool>, StoreError> {
-        let notice = self.reporter.again(uid, &sending.id, &sending.seqs).await?;
-        if let Some(notice) = &notice {
-            tracing::info!(uid, id = notice.id, "sending a notification again");
-            if self.reporter.send(uid, notice, stop).await.is_none() {
-                return Ok(None);
-            }
-        }
-        self.finish(uid, record, revision, &sending.id, sending.upto)
-            .await?;
-        Ok(Some(true))
-    }
-
-    /// Clears notification `id` from `uid`'s record (`record`, at `revision`, as last
-    /// known here) and raises its `upto`; a record that changed meanwhile is read again.
-    async fn finish(
-        &self,
-        uid: &str,
-        mut record: NotifyRecord,
-        mut revision: u64,
-        id: &str,
-        upto: u64,
-    ) -> Result<(), StoreError> {
+    /// Clears notification `id` from `uid`'s record and raises its `upto`, starting from
+    /// the claim `held`; a record that changed meanwhile is read again.
+    async fn finish(&self, uid: &str, held: &Held, id: &str, upto: u64) -> Result<(), StoreError> {
+        let known = lock(held).take();
+        let (mut record, mut revision) = match known {
+            Some(k) => k,
+            None => self.windows.record(uid).await?,
+        };
         loop {
             let ours = record.sending.as_ref().is_some_and(|s| s.id == id);
             if !ours && record.upto >= upto {

@@ -36,7 +36,7 @@ use super::webhook::{Outcome, Webhook};
 use crate::config::NotifyArgs;
 use crate::metrics::NotifyCounters;
 use crate::store::nats::NotifyWindows;
-use crate::store::{now_ms, Store, StoreError};
+use crate::store::{now_ms, Appended, Draft, Store, StoreError};
 
 /// Messages one notification lists at most.
 pub const MAX_LISTED: usize = 20;
@@ -51,31 +51,23 @@ pub enum Notifier {
     Cluster(Arc<cluster::Notifier>),
 }
 
-/// What a send did about windows before its append, for after it.
-pub enum Opening {
-    Standalone(standalone::Opening),
-    /// The sender, whose own inbox gets no window.
-    Cluster(String),
-}
-
 impl Notifier {
-    /// A message from `from` is about to be stored in `inboxes`. Standalone mode opens the
-    /// windows in memory now (so a caller dropped during the append cannot leave a stored
-    /// message without them); cluster mode opens them after the append.
-    pub fn open_windows(&self, inboxes: &[String], from: &str) -> Opening {
+    /// Stores `draft` in `inboxes` with `store`, and keeps the windows of its recipients
+    /// (each mode's module says how, and why in that order).
+    pub async fn append(
+        &self,
+        store: &Arc<dyn Store>,
+        draft: Draft,
+        inboxes: Vec<String>,
+    ) -> Result<Appended, StoreError> {
         match self {
-            Notifier::Standalone(n) => Opening::Standalone(n.open_windows(inboxes, from)),
-            Notifier::Cluster(_) => Opening::Cluster(from.to_owned()),
-        }
-    }
-
-    /// The message is stored: keeps the windows [`Self::open_windows`] began, so they
-    /// survive a restart (standalone) or reach every gateway (cluster).
-    pub async fn record_windows(&self, opening: Opening, inboxes: &[String]) {
-        match (self, opening) {
-            (Notifier::Standalone(n), Opening::Standalone(o)) => n.record_windows(o).await,
-            (Notifier::Cluster(n), Opening::Cluster(from)) => n.open_after(inboxes, &from).await,
-            _ => unreachable!("an opening is made by the same notifier"),
+            Notifier::Standalone(n) => {
+                let opening = n.open_windows(&inboxes, &draft.from);
+                let appended = store.append(draft, &inboxes).await?;
+                n.record_windows(opening).await;
+                Ok(appended)
+            }
+            Notifier::Cluster(n) => n.append(store, draft, inboxes).await,
         }
     }
 
@@ -134,17 +126,19 @@ pub struct Reporter {
     hook: Option<Webhook>,
     /// `--notify-nats`: also published on NATS.
     nats: Option<Arc<NotifyWindows>>,
+    /// The store is NATS (cluster mode), whose inbox reads may lag its newest seq.
+    nats_reads: bool,
     counters: NotifyCounters,
 }
 
 impl Reporter {
-    /// Reads the signing secret; `None` when notifications are off.
+    /// Reads the signing secret. `windows` are the cluster's (none standalone).
     pub fn new(
         args: &NotifyArgs,
         store: Arc<dyn Store>,
         cursors: Arc<Cursors>,
         hub: Arc<Hub>,
-        nats: Option<Arc<NotifyWindows>>,
+        windows: Option<&Arc<NotifyWindows>>,
         counters: NotifyCounters,
     ) -> anyhow::Result<Self> {
         let secret = match &args.notify_secret_file {
@@ -169,7 +163,8 @@ impl Reporter {
             cursors,
             hub,
             hook,
-            nats,
+            nats: windows.filter(|_| args.notify_nats).cloned(),
+            nats_reads: windows.is_some(),
             counters,
         })
     }
@@ -197,8 +192,13 @@ impl Reporter {
         }
         let old_enough = now_ms().saturating_sub(self.after.as_millis() as u64);
         let page = self.store.read(uid, upto, WINDOW_READ).await?;
+        // In a cluster a page can come from this gateway's cache of what its tail saw,
+        // which may lag the stream: one that ends below the newest seq leaves the rest to
+        // the next window. (A standalone store's page is the inbox itself; its newest seq
+        // can be one retention dropped.)
+        let lags = self.nats_reads && page.messages.last().map_or(upto, |m| m.seq) < newest;
         let mut examined = Examined {
-            more: page.more,
+            more: page.more || lags,
             ..done(upto)
         };
         let (mut listed, mut passed_over, mut newest_acked) = (Vec::new(), false, false);
@@ -227,8 +227,8 @@ impl Reporter {
         Ok(examined)
     }
 
-    /// The notification `id` listing `seqs` again, for a window handled a second time
-    /// (its first handler stopped before it finished); `None` if none of them is kept.
+    /// The notification `id` listing `seqs` again, for a window whose first handler
+    /// stopped before it finished; `None` if none of them is kept.
     pub async fn again(
         &self,
         uid: &str,
@@ -238,7 +238,10 @@ impl Reporter {
         let Some(first) = seqs.first() else {
             return Ok(None);
         };
-        let page = self.store.read(uid, first - 1, WINDOW_READ).await?;
+        let page = self
+            .store
+            .read(uid, first.saturating_sub(1), WINDOW_READ)
+            .await?;
         let listed: Vec<_> = page
             .messages
             .iter()

@@ -2,8 +2,10 @@
 //! window pending at a restart fires after it.
 //!
 //! A send marks each recipient's window as pending ([`Notifier::open_windows`]: nothing more
-//! per message while one is pending); the window's record (due time, and the highest seq
-//! already settled) is kept by the store's [`NotifyState`]. What a due window reports is
+//! per message while one is pending) before its append, so a caller dropped while the store
+//! works (a connection that closed mid-send) cannot leave a stored message without them; a
+//! window for a send that then fails finds nothing to report. The window's record (due
+//! time, and the highest seq already settled) is kept by the store's [`NotifyState`]. What a due window reports is
 //! [`Reporter`]'s decision. What is not yet old enough, did not fit, or came while the
 //! window was handled opens the next window.
 

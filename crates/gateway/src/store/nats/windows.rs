@@ -56,6 +56,9 @@ pub struct Sending {
     pub seqs: Vec<u64>,
     /// The record's `upto` once it is sent.
     pub upto: u64,
+    /// When its sender last said it is still at it (Unix ms).
+    #[serde(default)]
+    pub at_ms: u64,
 }
 
 /// What opening a window found.
@@ -70,8 +73,6 @@ pub enum Scheduled {
 /// A due window this gateway got.
 pub struct DueWindow {
     pub uid: String,
-    /// Another gateway (or this one, earlier) got it first and did not finish.
-    pub redelivered: bool,
     acker: Acker,
 }
 
@@ -243,14 +244,19 @@ impl NotifyWindows {
             })
             .filter_map(move |m| {
                 let window = m.ok().and_then(|m| {
-                    let redelivered = m.info().is_ok_and(|i| i.delivered > 1);
                     let (m, acker) = m.split();
-                    let uid = self.names.window_owner(&m.subject)?.to_owned();
-                    Some(DueWindow {
-                        uid,
-                        redelivered,
-                        acker,
-                    })
+                    match self.names.window_owner(&m.subject) {
+                        Some(uid) => Some(DueWindow {
+                            uid: uid.to_owned(),
+                            acker,
+                        }),
+                        None => {
+                            // Not a window of ours: never to be handed out again.
+                            tracing::warn!(subject = %m.subject, "dropping a due window with no user");
+                            tokio::spawn(async move { acker.ack_with(AckKind::Term).await });
+                            None
+                        }
+                    }
                 });
                 std::future::ready(window)
             }))
