@@ -3,15 +3,17 @@
 //! window whose gateway died handled by another.
 //!
 //! - A send opens the window of each recipient this gateway does not know to have one
-//!   pending, after its append and before it is answered: an answered message has its
-//!   window in NATS whatever happens to this gateway next. A send that has windows to open
-//!   runs its append and the opening in a task of their own, so a caller dropped meanwhile
-//!   (a connection that closed) cannot leave the stored message without them. Sends for
-//!   users with known windows (nearly all) pay a lookup per recipient and no task.
-//! - A window opened after the message was stored covers it: the window's handler runs
-//!   after it falls due, so after the message was stored. A gateway that knows a window is
-//!   pending trusts it until [`MARGIN_MS`] before it falls due, for the clocks of gateways
-//!   and NATS servers to differ by that much.
+//!   pending, while its append runs, and is answered once both are done: an answered
+//!   message has its window in NATS whatever happens to this gateway next. A send that has
+//!   windows to open runs its append and the opening in a task of their own, so a caller
+//!   dropped meanwhile (a connection that closed) cannot leave the stored message without
+//!   them. Sends for users with known windows (nearly all) pay a lookup per recipient and
+//!   no task.
+//! - A window covers a message if its handler reads the inbox after the message was
+//!   stored. A gateway trusts a window it knows of until [`MARGIN_MS`] before it falls due
+//!   (for the clocks of gateways and NATS servers to differ by that much), and asks again
+//!   once the append is done: a window still trusted then falls due after the append, and
+//!   one no longer trusted is opened again (or found pending, so not yet fired).
 //! - A due window is handled as in standalone mode ([`Reporter`]), against the user's
 //!   record in NATS. Before it sends, the gateway writes the notification into the record
 //!   (compare-and-set) and refreshes that claim while it retries. Another handler of the
@@ -108,8 +110,16 @@ impl Notifier {
         }
         let (this, store) = (self.clone(), store.clone());
         let task = tokio::spawn(async move {
-            let appended = store.append(draft, &inboxes).await?;
-            this.open_all(this.unknown(&inboxes, sender)).await;
+            // The opening does not wait for the append: a window opened now falls due
+            // `--notify-after` from now, long after the append. Asked again afterwards,
+            // as above.
+            let needed = this.unknown(&inboxes, sender);
+            let (appended, ()) = tokio::join!(store.append(draft, &inboxes), this.open_all(needed));
+            let appended = appended?;
+            let late = this.unknown(&inboxes, sender);
+            if !late.is_empty() {
+                this.open_all(late).await;
+            }
             Ok(appended)
         });
         task.await
