@@ -1,9 +1,10 @@
 //! Offline notifications at their busiest: every recipient is offline, so each of their
-//! windows sends one. One standalone gateway with `--notify-url` pointing at a receiver in
-//! this process (it answers 200 and counts), `--senders` TCP senders writing to
-//! `--recipients` users who never connect, at `--rate` messages per second in total. The
-//! same load runs first without `--notify-url`, so the gateway CPU a notification costs is
-//! the difference of the two runs over the notifications received.
+//! windows sends one. One standalone gateway (or `--gateways N` on one NATS server) with
+//! `--notify-url` pointing at a receiver in this process (it answers 200 and counts),
+//! `--senders` TCP senders writing to `--recipients` users who never connect, at `--rate`
+//! messages per second in total. The same load runs first without `--notify-url`, so the
+//! CPU a notification costs is the difference of the two runs over the notifications
+//! received: the gateways', and in a cluster nats-server's.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -28,6 +29,9 @@ pub(crate) struct Args {
     rate: u64,
     #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
     duration: Duration,
+    /// Gateways in cluster mode on one NATS server; 0 for one standalone gateway.
+    #[arg(long, default_value_t = 0)]
+    gateways: usize,
     /// The gateway's `--notify-after`.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     after: Duration,
@@ -64,28 +68,54 @@ async fn receiver() -> anyhow::Result<(String, Arc<Received>)> {
     Ok((url, got))
 }
 
-/// One run: gateway CPU seconds over the load and the windows after it, messages offered,
-/// and messages stored.
-async fn one(a: &Args, notify_url: Option<&str>) -> anyhow::Result<(f64, u64, u64)> {
-    let mut args = match a.setup.store.as_str() {
-        "disk" => vec!["--fsync".to_owned(), a.setup.fsync.clone()],
-        store => vec!["--store".to_owned(), store.to_owned()],
-    };
+/// CPU seconds a run used.
+#[derive(Debug, Default, Clone, Copy)]
+struct Cpu {
+    gateways: f64,
+    nats: f64,
+}
+
+/// One run: CPU seconds over the load and the windows after it, messages offered, and
+/// messages stored.
+async fn one(a: &Args, notify_url: Option<&str>) -> anyhow::Result<(Cpu, u64, u64)> {
+    let mut notify = Vec::new();
     if let Some(url) = notify_url {
-        args.extend([
-            "--notify-url".into(),
+        notify.extend([
+            "--notify-url".to_owned(),
             url.to_owned(),
             "--notify-after".into(),
             format!("{}ms", a.after.as_millis()),
         ]);
     }
-    let gw = a.setup.gateway(&args).await?;
-    let senders: Vec<_> = connect_users(std::slice::from_ref(&gw), "s", a.senders)
+    let (nats, gws) = if a.gateways == 0 {
+        let mut args = match a.setup.store.as_str() {
+            "disk" => vec!["--fsync".to_owned(), a.setup.fsync.clone()],
+            store => vec!["--store".to_owned(), store.to_owned()],
+        };
+        args.extend(notify);
+        (None, vec![a.setup.gateway(&args).await?])
+    } else {
+        let mut setup = a.setup.clone();
+        setup.gateway_arg.extend(notify);
+        let (nats, gws) = crate::common::cluster(&setup, a.gateways).await?;
+        (Some(nats), gws)
+    };
+    let senders: Vec<_> = connect_users(&gws, "s", a.senders)
         .await?
         .into_iter()
         .map(|(c, _events)| c)
         .collect();
-    let before = gw.usage()?;
+    let usage = || -> anyhow::Result<Cpu> {
+        let mut cpu = Cpu::default();
+        for gw in &gws {
+            cpu.gateways += gw.usage()?.cpu_seconds;
+        }
+        if let Some(n) = &nats {
+            cpu.nats = n.usage()?.cpu_seconds;
+        }
+        Ok(cpu)
+    };
+    let before = usage()?;
     let stored = Arc::new(AtomicU64::new(0));
     let recipients = a.recipients;
     let sent = pace(a.rate, a.duration, |n| {
@@ -105,14 +135,15 @@ async fn one(a: &Args, notify_url: Option<&str>) -> anyhow::Result<(f64, u64, u6
         });
     })
     .await;
-    // The windows opened last fall due one `after` later.
-    tokio::time::sleep(a.after * 2 + Duration::from_secs(1)).await;
-    let after = gw.usage()?;
-    Ok((
-        after.cpu_seconds - before.cpu_seconds,
-        sent,
-        stored.load(Ordering::Relaxed),
-    ))
+    // The windows opened last fall due one `after` later (in a cluster rounded up to a
+    // whole second).
+    tokio::time::sleep(a.after * 2 + Duration::from_secs(2)).await;
+    let after = usage()?;
+    let cpu = Cpu {
+        gateways: after.gateways - before.gateways,
+        nats: after.nats - before.nats,
+    };
+    Ok((cpu, sent, stored.load(Ordering::Relaxed)))
 }
 
 pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
@@ -135,15 +166,18 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         "rate": a.rate,
         "duration_s": a.duration.as_secs_f64(),
         "notify_after_s": a.after.as_secs_f64(),
-        "store": a.setup.store,
+        "store": if a.gateways == 0 { a.setup.store.as_str() } else { "nats" },
+        "gateways": a.gateways,
         "sent": [sent_off, sent_on],
         "stored": [stored_off, stored_on],
         "notifications": notifications,
         "messages_listed": listed,
         "notifications_per_second": round(notifications as f64 / a.duration.as_secs_f64()),
-        "gateway_cpu_seconds_off_on": [round(cpu_off), round(cpu_on)],
-        "gateway_cpu_us_per_notification": per(cpu_on - cpu_off),
-        "gateway_cpu_us_per_notification_all": per(cpu_on),
+        "gateway_cpu_seconds_off_on": [round(cpu_off.gateways), round(cpu_on.gateways)],
+        "gateway_cpu_us_per_notification": per(cpu_on.gateways - cpu_off.gateways),
+        "gateway_cpu_us_per_notification_all": per(cpu_on.gateways),
+        "nats_cpu_seconds_off_on": [round(cpu_off.nats), round(cpu_on.nats)],
+        "nats_cpu_us_per_notification": per(cpu_on.nats - cpu_off.nats),
         "run_with_notifications_s": round(elapsed),
     });
     if a.setup.json {
