@@ -333,8 +333,9 @@ async fn read_until_closed(s: &mut tokio::net::TcpStream) -> String {
     }
 }
 
-/// Slow clients (DESIGN section 7): a header sent a byte at a time is cut off at
-/// `--header-timeout`, and so is a keep-alive connection that stays idle after an answer.
+/// Slow clients (docs/protocol.md, "TLS and slow clients"): a header sent a byte at a time
+/// is cut off at `--header-timeout`, and so is a keep-alive connection that stays idle after
+/// an answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trickled_header_and_an_idle_keep_alive_connection_are_closed() {
     use tokio::io::AsyncWriteExt;

@@ -1,6 +1,6 @@
-//! Tokens expire on open connections (DESIGN section 2): at `exp` plus the 5 s leeway a TCP
-//! or WebSocket connection gets `bye expired` and an SSE stream ends with `event: bye`,
-//! unless a `refresh` with a newer token for the same uid came first.
+//! Tokens expire on open connections (docs/protocol.md, "Ids and tokens"): at `exp` plus the
+//! 5 s leeway a TCP or WebSocket connection gets `bye expired` and an SSE stream ends with
+//! `event: bye`, unless a `refresh` with a newer token for the same uid came first.
 
 use std::time::Duration;
 

@@ -1,6 +1,6 @@
-//! JWT authentication (DESIGN section 2): verifying client tokens, signed with an HS256
-//! secret or with public keys (RS256, ES256, EdDSA) from a PEM file or a JWKS document, and
-//! minting HS256 tokens for `imgate token` and the development endpoint.
+//! JWT authentication (docs/protocol.md, "Ids and tokens"): verifying client tokens, signed
+//! with an HS256 secret or with public keys (RS256, ES256, EdDSA) from a PEM file or a JWKS
+//! document, and minting HS256 tokens for `imgate token` and the development endpoint.
 //!
 //! Only the algorithms of the configured keys are accepted: never `none`, no HS256 token
 //! when only public keys are configured, no public-key token when only a secret is. The key
@@ -31,7 +31,8 @@ pub const SYSTEM: &str = "system";
 /// Clock skew tolerated on `exp`.
 pub const LEEWAY_SECS: u64 = 5;
 
-/// A token without `iat` counts as issued this long before its `exp` (DESIGN section 2).
+/// A token without `iat` counts as issued this long before its `exp`, for revocations
+/// (docs/protocol.md, "Ids and tokens").
 pub const ASSUMED_LIFETIME_SECS: u64 = 24 * 3600;
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -1,5 +1,6 @@
-//! [`Refusal`]: the one shape of "no" in the gateway: an error code of DESIGN section 4, a
-//! sentence for people and, once known, the id of the send it answers.
+//! [`Refusal`]: the one shape of "no" in the gateway: one of the protocol's error codes
+//! (docs/protocol.md, "HTTP API"), a sentence for people and, once known, the id of the send
+//! it answers.
 //!
 //! Every layer refuses with it; each boundary turns it into its wire form once: an `error`
 //! frame here ([`From<Refusal> for ServerFrame`]), an HTTP status and JSON body in the HTTP
@@ -27,7 +28,8 @@ impl Refusal {
         }
     }
 
-    /// `bad_request`: `what` is not an id of DESIGN section 2.
+    /// `bad_request`: `what` is not a valid uid, device, group or room id
+    /// (docs/protocol.md, "Ids and tokens").
     pub fn bad_id(what: &str) -> Self {
         Refusal::new(
             ErrorCode::BadRequest,

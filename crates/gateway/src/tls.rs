@@ -1,5 +1,6 @@
-//! TLS for the listeners (DESIGN section 7): the certificate chain and private key from PEM
-//! files, re-read on SIGHUP so a renewed certificate is served without a restart.
+//! TLS for the listeners (docs/protocol.md, "TLS and slow clients"): the certificate chain
+//! and private key from PEM files, re-read on SIGHUP so a renewed certificate is served
+//! without a restart.
 //!
 //! Connections opened before a reload keep the certificate they shook hands with; only new
 //! handshakes see the new one. A reload that fails (a missing file, a key that does not

@@ -1,4 +1,5 @@
-//! Frame types of DESIGN section 4: what a client sends, what the server answers.
+//! Frame types of the protocol (docs/protocol.md, "Frames over WebSocket" and "Frames over
+//! TCP"): what a client sends, what the server answers.
 //!
 //! These are plain data with serde derives; both encodings serialise them as maps keyed by
 //! field name with a `type` tag. Validation of ids and sizes lives with the caller (the
@@ -69,7 +70,8 @@ pub struct Send {
     pub body: Value,
 }
 
-/// A stored message as delivered (DESIGN section 3). Also the payload stored in the bus.
+/// A stored message as delivered (docs/protocol.md, "Messages, seqs and guarantees"). Also
+/// the payload stored in the bus.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Message {
     /// Store sequence; 0 in a payload that has not been stored yet.
@@ -153,7 +155,8 @@ impl ServerFrame {
     }
 }
 
-/// Error codes of DESIGN section 4, shared by frames and the HTTP API.
+/// The protocol's error codes (docs/protocol.md, "HTTP API"), shared by frames and the HTTP
+/// API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {

@@ -1,5 +1,6 @@
-//! Id rules of DESIGN section 2: every uid, device, group and room id is one safe NATS
-//! subject token. Client message ids are looser (any visible ASCII) but still bounded.
+//! Id rules (docs/protocol.md, "Ids and tokens"): every uid, device, group and room id is one
+//! safe NATS subject token. Client message ids are looser (any visible ASCII) but still
+//! bounded.
 
 /// Longest id, in bytes.
 pub const MAX_ID_LEN: usize = 64;

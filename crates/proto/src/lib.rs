@@ -1,8 +1,8 @@
 //! imgate wire protocol, shared by the gateway, the client crate and the benchmarks.
 //!
 //! Layout:
-//! - [`frame`]: every client and server frame of DESIGN section 4 as Rust types, and the
-//!   error codes and `bye` reasons.
+//! - [`frame`]: every client and server frame of the protocol (docs/protocol.md) as Rust
+//!   types, and the error codes and `bye` reasons.
 //! - [`encoding`]: the two encodings of one schema (JSON text, msgpack with named fields).
 //! - [`codec`]: TCP framing, a 4-byte big-endian length then msgpack, with the frame limit
 //!   checked before any buffer is reserved.

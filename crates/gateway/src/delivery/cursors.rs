@@ -1,4 +1,5 @@
-//! Batched persistence of device cursors (DESIGN section 3, rule 5).
+//! Batched persistence of device cursors (docs/protocol.md, "Messages, seqs and guarantees",
+//! rule 5).
 //!
 //! Each `(uid, device)` with a live connection here has one slot, shared by its connections
 //! (an old one being replaced and the new one). A session acks by raising the slot's atomic;

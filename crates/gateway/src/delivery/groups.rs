@@ -1,4 +1,4 @@
-//! Groups (DESIGN section 5b): persistent membership and the rules for changing it.
+//! Groups (docs/protocol.md, "Groups"): persistent membership and the rules for changing it.
 //!
 //! The rules are pure functions over [`Group`], so every store applies them the same way
 //! inside its own compare-and-set; this module never touches a socket or a store format.

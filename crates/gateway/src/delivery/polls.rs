@@ -1,7 +1,7 @@
-//! Long-poll waiters (DESIGN section 5): a long poll registers in the hub as a waiter
-//! *before* it reads the store, then sleeps on that waiter until a delivery to its user on
-//! this gateway wakes it (the same event that feeds TCP and WebSocket connections). It
-//! never re-reads the store in a loop.
+//! Long-poll waiters (docs/protocol.md, "`GET /v1/messages?wait=S`: long poll"): a long
+//! poll registers in the hub as a waiter *before* it reads the store, then sleeps on that
+//! waiter until a delivery to its user on this gateway wakes it (the same event that feeds
+//! TCP and WebSocket connections). It never re-reads the store in a loop.
 //!
 //! Once answered, the waiter stays registered for [`PARK_FOR`] ([`ParkedPolls`]): the
 //! device's next poll on this gateway that continues from that answer takes it over and

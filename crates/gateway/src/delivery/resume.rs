@@ -1,6 +1,7 @@
-//! Where a device resumes (DESIGN section 3): an explicit seq, else its stored cursor, else
-//! the live tail; and when a resume point belongs to another store (a reset), so the device
-//! starts over from the retained inbox and is told by a gap.
+//! Where a device resumes (docs/protocol.md, "Messages, seqs and guarantees", rule 4): an
+//! explicit seq, else its stored cursor, else the live tail; and when a resume point belongs
+//! to another store (a reset), so the device starts over from the retained inbox and is told
+//! by a gap.
 //!
 //! Reads the store and the cursors; never writes to a client.
 

@@ -1,5 +1,5 @@
-//! Live rooms (DESIGN section 5b): ephemeral messages to every connection joined at that
-//! moment, on any gateway. Nothing is stored, acked or resumed.
+//! Live rooms (docs/protocol.md, "Rooms"): ephemeral messages to every connection joined
+//! at that moment, on any gateway. Nothing is stored, acked or resumed.
 //!
 //! A publish is checked here and handed to the [`Bus`], which reaches the members on every
 //! gateway; membership itself lives in the registry ([`super::hub::Hub::join_room`]).

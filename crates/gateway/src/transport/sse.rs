@@ -1,4 +1,5 @@
-//! Server-Sent Events at `GET /v1/events` (DESIGN section 5).
+//! Server-Sent Events at `GET /v1/events` (docs/protocol.md, "`GET /v1/events`: Server-Sent
+//! Events").
 //!
 //! An SSE stream is a session like TCP and WebSocket ones, run by the same loop with the
 //! server-push profile: the session writes into a channel that feeds the response body,

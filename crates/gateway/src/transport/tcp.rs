@@ -1,5 +1,6 @@
 //! The TCP transport: length-prefixed msgpack frames on a socket, or inside TLS when the
-//! gateway has a certificate (DESIGN sections 4 and 7).
+//! gateway has a certificate (docs/protocol.md, "Frames over TCP" and "TLS and slow
+//! clients").
 //!
 //! It accepts (a connection permit first, backing off on accept errors), shakes hands
 //! (TLS, within the login timeout, in the connection's own task), frames with

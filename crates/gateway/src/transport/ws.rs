@@ -1,4 +1,4 @@
-//! The WebSocket transport at `GET /v1/ws` (DESIGN section 4).
+//! The WebSocket transport at `GET /v1/ws` (docs/protocol.md, "Frames over WebSocket").
 //!
 //! Subprotocol `imgate.json` (text frames, the default) or `imgate.msgpack` (binary). A token
 //! in `?token=` or `Authorization: Bearer` is checked before the upgrade (401 if bad) and the

@@ -1312,10 +1312,12 @@ struct Batch {
 }
 
 impl Batch {
-    /// The inbox page this batch (read after `after`) makes. The gap rule is conservative,
-    /// as DESIGN asks: the stream dropped messages above `after` by age (its first seq is
-    /// past `after + 1`), or the inbox holds `--max-inbox` messages after `after` (an inbox
-    /// that dropped messages above `after` keeps exactly `--max-inbox`, all above it).
+    /// The inbox page this batch (read after `after`) makes. The gap rule is conservative
+    /// (docs/decisions.md, "`gap` in cluster mode is conservative": a gap may be reported
+    /// when none of this inbox was dropped, never missed): the stream dropped messages above
+    /// `after` by age (its first seq is past `after + 1`), or the inbox holds `--max-inbox`
+    /// messages after `after` (an inbox that dropped messages above `after` keeps exactly
+    /// `--max-inbox`, all above it).
     fn page(self, after: u64, stream_first: u64, max_inbox: usize) -> Page {
         Page {
             gap: stream_first > after + 1 || self.total >= max_inbox as u64,

@@ -1,6 +1,6 @@
-//! The group endpoints (DESIGN section 5b): `POST /v1/groups`, `GET /v1/groups/{id}` and
-//! `POST /v1/groups/{id}/members`. The rules are [`crate::delivery::groups`]'s; the store
-//! applies them inside its compare-and-set.
+//! The group endpoints (docs/protocol.md, "Groups"): `POST /v1/groups`,
+//! `GET /v1/groups/{id}` and `POST /v1/groups/{id}/members`. The rules are
+//! [`crate::delivery::groups`]'s; the store applies them inside its compare-and-set.
 
 use std::sync::Arc;
 

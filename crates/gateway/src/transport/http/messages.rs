@@ -1,5 +1,6 @@
-//! HTTP sending and polling (DESIGN section 5): `POST /v1/messages`, and `GET /v1/messages`
-//! as a short poll (answers at once) or a long poll (`wait` seconds at most).
+//! HTTP sending and polling (docs/protocol.md, "HTTP API"): `POST /v1/messages`, and
+//! `GET /v1/messages` as a short poll (answers at once) or a long poll (`wait` seconds at
+//! most).
 //!
 //! A long poll waits on a waiter registered in the hub before the store is read
 //! ([`crate::delivery::polls`]); an answered poll's waiter is parked for the device's next

@@ -5,9 +5,9 @@
 //! Handlers translate between HTTP and the gateway and decide nothing themselves:
 //! [`messages`] (send, poll, history), [`groups`], [`rooms`], [`presence`] and [`reads`], with the
 //! WebSocket upgrade and SSE in the sibling transports. A [`Refusal`] answers as the HTTP
-//! status of its code plus `{"code":…,"message":…}` (DESIGN section 4). Health, metrics,
-//! development tokens, CORS and the chat page are here. Tokens in query strings are never
-//! logged (there is no request logging of URLs here).
+//! status of its code plus `{"code":…,"message":…}` (docs/protocol.md, "HTTP API"). Health,
+//! metrics, development tokens, CORS and the chat page are here. Tokens in query strings are
+//! never logged (there is no request logging of URLs here).
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,6 +1,6 @@
 //! The room endpoints for devices without a duplex connection (SSE, long poll):
-//! `POST /v1/rooms/{id}/join`, `…/leave` and `…/publish` (DESIGN section 5b). A join over
-//! HTTP lasts [`rooms::HTTP_JOIN_TTL`] unless renewed.
+//! `POST /v1/rooms/{id}/join`, `…/leave` and `…/publish` (docs/protocol.md, "Rooms"). A
+//! join over HTTP lasts [`rooms::HTTP_JOIN_TTL`] unless renewed.
 
 use std::sync::Arc;
 use std::time::Instant;
