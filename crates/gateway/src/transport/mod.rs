@@ -1,6 +1,10 @@
 //! Transports: how clients reach the gateway. Each authenticates, encodes and decodes for
-//! its wire, and hands every long-lived connection to [`crate::session::run`]; none decides
-//! delivery order or touches the store for itself.
+//! its wire, and hands every long-lived connection (TCP, WebSocket, SSE) to
+//! [`crate::session::run`], which does the store work for it; none decides delivery order.
+//! The HTTP handlers are the exception: a request has no session, so they call the store
+//! themselves, for polls and history, read positions, groups, the revocation of an admin
+//! kick and `/readyz` (a send goes through [`crate::delivery::send::commit`]). SSE asks it
+//! only for the epoch.
 //!
 //! - [`tcp`]: length-prefixed msgpack frames on a plain socket.
 //! - [`ws`]: WebSocket, JSON text or msgpack binary frames.
