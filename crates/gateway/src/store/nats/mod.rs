@@ -6,14 +6,21 @@
 //!   <from>:<id>:<uid>`, published as one atomic batch (all or nothing, group-committed) or
 //!   copy by copy ([`publish`], `--nats-publish`). A resend names the original seq.
 //! - Backlog reads are batch direct gets on one user's subject: no consumer per login.
-//! - The stream republishes every stored copy on `<prefix>.live.<uid>` (core NATS). The tail
-//!   subscribes to all of them and hands each copy to the [`Fanout`] with the uid read from
+//! - The stream republishes every stored copy on `<prefix>.live.<uid>` (core NATS). In
+//!   broadcast mode the tail subscribes to all of them (interest mode subscribes per held
+//!   user, in `interest.rs`) and hands each copy to the [`Fanout`] with the uid read from
 //!   the subject; the payload is decoded only when the fanout asks (a local connection wants
 //!   it). Republish is at most once: a jump in `Nats-Sequence`, a reconnect, a full
 //!   subscription or a quiet spell make the tail read the missed copies back from the stream
 //!   (a short-lived consumer) before it goes on, so every copy arrives once and in order.
 //!   After any failure the tail starts again from the last stream seq it handed over.
-//! - While NATS is unreachable every operation fails at once with `Unavailable`.
+//! - While the client is not connected to NATS, every operation that would send NATS a
+//!   request fails at once with `Unavailable` (its `connected()` check comes first),
+//!   so sends, cursors, read positions, history, revocations and group changes fail. What
+//!   this gateway holds in memory is still served: a backlog read that the [`Recent`] cache
+//!   covers (broadcast mode), a group in the group cache (kept by watching the bucket), the
+//!   epoch, an inbox's last seq where it is known here (broadcast: the tail's position;
+//!   interest: an inbox this gateway follows), and a `follow` of an inbox already followed.
 //!
 //! This module knows nothing about connections; it talks to NATS and to the `Fanout` trait.
 //! Rooms and presence travel on the same connection but belong to [`crate::bus`].
