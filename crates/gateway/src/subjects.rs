@@ -59,14 +59,16 @@ impl Names {
         self.last_token(subject, ".u.")
     }
 
-    /// Where the stream republishes every stored copy of `<prefix>.u.<uid>`: the live
-    /// delivery every gateway subscribes to (core NATS, at most once).
+    /// `imgate.live.>`: where the stream republishes every stored copy of
+    /// `<prefix>.u.<uid>` (core NATS, at most once), and what every gateway's tail
+    /// subscribes to in broadcast mode.
     pub fn live_all(&self) -> String {
         format!("{}.live.>", self.prefix)
     }
 
     /// `imgate.live.<uid>`: where the stream republishes `uid`'s stored copies, which a
-    /// gateway in interest mode subscribes to while it holds a connection of uid.
+    /// gateway in interest mode subscribes to while it holds a connection or long poll of
+    /// uid.
     pub fn live_subject(&self, uid: &str) -> String {
         format!("{}.live.{uid}", self.prefix)
     }
