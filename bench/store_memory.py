@@ -3,9 +3,9 @@
 release gateway, creates a group of --members (the owner included), sends --messages group
 messages whose body is a --body-byte text over HTTP, checks that the last member's inbox
 holds them all, and prints the gateway's RSS growth per message and per inbox copy. Each
-group message is one copy per member's inbox (DESIGN section 3). With --read-passes N it then
-reads that member's whole inbox N more times with short polls (1,000 a page) and reports the
-gateway's CPU per message read.
+group message is one copy per member's inbox (docs/protocol.md, "Messages, seqs and
+guarantees"). With --read-passes N it then reads that member's whole inbox N more times
+with short polls (1,000 a page) and reports the gateway's CPU per message read.
 
 Usage: bench/store_memory.py [--binary PATH] [--members 1000] [--messages 300] [--body 1000]
                              [--read-passes 0]

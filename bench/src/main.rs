@@ -1,4 +1,5 @@
-//! `imgate-bench`: load generator for the workloads of DESIGN section 8.
+//! `imgate-bench`: load generator for the workloads of the project's performance targets
+//! (bench/README.md, "Targets").
 //!
 //! Each scenario starts what it measures (a `nats-server` and N `imgate serve` processes,
 //! release build) on free loopback ports, connects users through the client crate, drives a
