@@ -2,10 +2,12 @@
 """What a delivered message costs a gateway, counted per delivered 1:1 message for each
 path: CPU time, system calls by kind (reads, writes, epoll waits, futexes), context
 switches, the runtime's worker parks (each one a thread put to sleep and woken again),
-and, with a counting build, allocations; from `perf stat` attached to the gateway
+the bytes the kernel carried through the gateway's TCP sockets (one copy each way), and,
+with a counting build, allocations; from `perf stat` attached to the gateway
 processes of a W1 run and from the gateways' /metrics.
 
   bench/counts.py [--rate 5000] [--window 10] [--runs 1] [--gateway-threads N] [--paths a,b]
+                  [--gateway-arg=ARG ...]
 
 Each path is one `imgate-bench w1` run (2,000 users): standalone in memory, standalone on
 disk, a cluster of two gateways on one nats-server (every gateway both sends and
@@ -79,6 +81,28 @@ def counters(pid):
     return {}
 
 
+def socket_bytes(pid):
+    """Bytes the kernel has carried out of and into `pid`'s TCP sockets so far (the sum of
+    each socket's `bytes_sent` and `bytes_received`, from `ss -tinp`): one copy each way
+    between the process and the kernel."""
+    out = subprocess.run(["ss", "-tinpH"], capture_output=True, text=True).stdout
+    sent = received = 0
+    mine = False
+    for line in out.splitlines():
+        if not line[:1].isspace():
+            mine = f"pid={pid}," in line
+            continue
+        if not mine:
+            continue
+        for field in line.split():
+            name, _, value = field.partition(":")
+            if name == "bytes_sent":
+                sent += int(value)
+            elif name == "bytes_received":
+                received += int(value)
+    return sent, received
+
+
 def perf_stat(pid, window):
     """perf stat's EVENTS for `pid` over `window` seconds, started now (a Popen)."""
     return subprocess.Popen(["perf", "stat", "-x", ",", "-e", ",".join(EVENTS), "-p", str(pid), "--", "sleep",
@@ -107,8 +131,10 @@ def one(path, args, rate, window, extra):
     time.sleep(3)
     pids = sorted(gateway_pids(proc.pid))
     before = {pid: counters(pid) for pid in pids}
+    bytes_before = {pid: socket_bytes(pid) for pid in pids}
     stats = {pid: perf_stat(pid, window) for pid in pids}
     counts = {pid: parse_stat(p.communicate()[1]) for pid, p in stats.items()}
+    bytes_after = {pid: socket_bytes(pid) for pid in pids}
     after = {pid: counters(pid) for pid in pids}
     proc.stderr.read()
     report = json.loads(proc.stdout.read().strip().splitlines()[-1])
@@ -143,6 +169,8 @@ def one(path, args, rate, window, extra):
             "worker_parks_per_message": counter("imgate_runtime_worker_parks_total"),
             "allocations_per_message": counter("imgate_allocations_total"),
             "allocated_bytes_per_message": counter("imgate_allocated_bytes_total"),
+            "socket_bytes_out_per_message": sum(bytes_after[p][0] - bytes_before[p][0] for p in group) / messages,
+            "socket_bytes_in_per_message": sum(bytes_after[p][1] - bytes_before[p][1] for p in group) / messages,
         }
         for kind, events in SYSCALLS.items():
             vals = [total(e) for e in events]
@@ -162,6 +190,8 @@ def main():
     ap.add_argument("--gateway-threads", type=int, default=0,
                     help="the gateways' --worker-threads (0: their default, one per CPU)")
     ap.add_argument("--paths", default=",".join(PATHS), help="which paths, comma-separated")
+    ap.add_argument("--gateway-arg", action="append", default=[],
+                    help="one more argument for every gateway (repeatable, as --gateway-arg=--send-rate)")
     a = ap.parse_args()
     os.environ.setdefault("NATS_SERVER", os.path.expanduser("~/.cache/imgate/venv/bin/nats-server"))
     rows = []
@@ -170,6 +200,7 @@ def main():
             args = PATHS[path]
             print(f"[{time.strftime('%H:%M:%S')}] {path}, run {run + 1}", file=sys.stderr, flush=True)
             extra = ["--gateway-threads", str(a.gateway_threads)] if a.gateway_threads else []
+            extra += [f"--gateway-arg={g}" for g in a.gateway_arg]
             rows.extend(one(path, args, a.rate, a.window, extra))
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     with open(os.path.join(HERE, "results", f"counts-{datetime.date.today().isoformat()}.jsonl"), "a") as f:
@@ -177,8 +208,8 @@ def main():
             f.write(json.dumps(r) + "\n")
     print(f"per delivered message, {a.rate} msg/s, {a.window} s window")
     print("| path | delivered msg/s | p99 ms | gateway CPU µs | system calls (reads / writes / epoll waits / futexes) "
-          "| context switches | worker parks | allocations (bytes) |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| context switches | worker parks | allocations (bytes) | socket bytes out / in |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 
     def num(v, fmt):
         return "–" if v is None else format(v, fmt)
@@ -188,7 +219,8 @@ def main():
               f"{num(r['syscalls_per_message'], '.2f')} ({r['reads_per_message']:.2f} / {r['writes_per_message']:.2f} / "
               f"{r['epoll_waits_per_message']:.2f} / {r['futexes_per_message']:.2f}) | "
               f"{num(r['context_switches_per_message'], '.2f')} | {num(r['worker_parks_per_message'], '.2f')} | "
-              f"{num(r['allocations_per_message'], '.1f')} ({num(r['allocated_bytes_per_message'], ',.0f')} B) |")
+              f"{num(r['allocations_per_message'], '.1f')} ({num(r['allocated_bytes_per_message'], ',.0f')} B) | "
+              f"{r['socket_bytes_out_per_message']:,.0f} / {r['socket_bytes_in_per_message']:,.0f} |")
 
 
 if __name__ == "__main__":
