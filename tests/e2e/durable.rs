@@ -668,10 +668,12 @@ async fn a_recreated_stream_is_a_new_epoch_reported_as_a_gap() {
 }
 
 /// A tmpfs of its own, unmounted when dropped (the test runs as root, as `tests/run` does).
+#[cfg(feature = "external")]
 struct SmallDisk {
     dir: tempfile::TempDir,
 }
 
+#[cfg(feature = "external")]
 impl SmallDisk {
     fn mount(size: &str) -> SmallDisk {
         let dir = tempfile::tempdir().unwrap();
@@ -697,6 +699,7 @@ impl SmallDisk {
     }
 }
 
+#[cfg(feature = "external")]
 impl Drop for SmallDisk {
     fn drop(&mut self) {
         let _ = std::process::Command::new("umount")
@@ -710,6 +713,7 @@ impl Drop for SmallDisk {
 /// the filesystem has room again the store writes by itself, without a restart, the refused
 /// send goes through when retried with its id, and every send answered `sent` is in the
 /// inbox exactly once.
+#[cfg(feature = "external")]
 #[tokio::test]
 async fn a_full_disk_fails_readiness_and_the_store_writes_again_once_there_is_room() {
     let disk = SmallDisk::mount("2m");

@@ -522,17 +522,23 @@ async fn cors_is_off_by_default_and_follows_cors_origin(env) {
 }
 }
 
-both_modes! {
-/// The chat page in headless Chromium: two users exchange messages over each transport.
-async fn chat_page_works_over_every_transport_in_a_browser(env) {
-    let gw = env.gateway(&[]).await;
-    let root = env!("CARGO_MANIFEST_DIR");
-    let shot =
-        std::env::var("IMGATE_SCREENSHOT").unwrap_or_else(|_| format!("{root}/docs/chat.png"));
-    let base = format!("http://{}", gw.http);
-    let limit = Duration::from_secs(120);
-    browser_script("chat.mjs", &[&base, &shot], &[], limit, "browser test passed").await;
-}
+/// In headless Chromium (`--features external`).
+#[cfg(feature = "external")]
+mod browser {
+    use super::*;
+
+    both_modes! {
+    /// The chat page in headless Chromium: two users exchange messages over each transport.
+    async fn chat_page_works_over_every_transport_in_a_browser(env) {
+        let gw = env.gateway(&[]).await;
+        let root = env!("CARGO_MANIFEST_DIR");
+        let shot = std::env::var("IMGATE_SCREENSHOT")
+            .unwrap_or_else(|_| format!("{root}/docs/chat.png"));
+        let base = format!("http://{}", gw.http);
+        let limit = Duration::from_secs(120);
+        browser_script("chat.mjs", &[&base, &shot], &[], limit, "browser test passed").await;
+    }
+    }
 }
 
 both_modes! {

@@ -7,8 +7,10 @@ mod support;
 mod atomic;
 mod bad_input;
 mod cluster;
+#[cfg(feature = "external")]
 mod compose;
 mod delivery;
+#[cfg(feature = "external")]
 mod deploy;
 mod durable;
 mod expiry;
@@ -18,8 +20,10 @@ mod interest;
 mod keys;
 mod lifecycle;
 mod notify;
+#[cfg(feature = "external")]
 mod python;
 mod reads;
 mod resume;
+#[cfg(feature = "external")]
 mod sdk;
 mod tls;

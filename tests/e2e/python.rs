@@ -12,10 +12,6 @@ use tokio::process::Command;
 
 use crate::support::*;
 
-pub(crate) fn python() -> String {
-    std::env::var("IMGATE_PYTHON").unwrap_or_else(|_| "python3".into())
-}
-
 fn script(name: &str) -> String {
     format!("{}/tests/python/{name}", env!("CARGO_MANIFEST_DIR"))
 }

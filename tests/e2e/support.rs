@@ -485,6 +485,7 @@ pub(crate) async fn create_group(gw: &Gateway, owner: &str, id: &str, members: &
 /// Runs the Node script `tests/browser/<script>` (playwright-core driving headless
 /// Chromium) with `args` and `env`, within `limit`; fails with its output unless it exits
 /// cleanly and prints `passed`. Its stdout.
+#[cfg(feature = "external")]
 pub(crate) async fn browser_script(
     script: &str,
     args: &[&str],
@@ -521,4 +522,10 @@ pub(crate) async fn browser_script(
         "{script} {args:?} failed:\n{stdout}\n{stderr}"
     );
     stdout
+}
+
+/// The Python interpreter: `IMGATE_PYTHON` (the venv `tests/run` makes, with `websockets`
+/// and `msgpack`), or `python3` for what needs only the standard library.
+pub(crate) fn python() -> String {
+    std::env::var("IMGATE_PYTHON").unwrap_or_else(|_| "python3".into())
 }

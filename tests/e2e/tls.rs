@@ -9,7 +9,8 @@ use imgate_client::ClientBuilder;
 use serde_json::json;
 use tokio::process::Command;
 
-use crate::python::{exchange_with, python};
+#[cfg(feature = "external")]
+use crate::python::exchange_with;
 use crate::support::*;
 
 /// A CA, a certificate it signed, and a standalone gateway serving it.
@@ -92,6 +93,7 @@ fn flat(pem: &str) -> String {
     pem.split_whitespace().collect()
 }
 
+#[cfg(feature = "external")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_ssl_over_tcp_and_websockets_over_wss_chat_with_our_client() {
     let t = Tls::start().await;
