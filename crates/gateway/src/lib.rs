@@ -18,8 +18,9 @@
 //!
 //! Beside them: [`state`] gathers what sessions and transports share; [`server`] builds it
 //! and runs the listeners; [`config`], [`auth`], [`metrics`], [`refusal`] (the one shape of
-//! an error answer), [`subjects`] (every NATS name), [`tls`] (certificates) and [`logging`]
-//! (which connection a log line is from) are leaves any layer may use. [`fuzz`] holds the
+//! an error answer), [`subjects`] (every NATS name), [`tls`] (certificates), [`per_ip`] (the
+//! per-address connection limit both listeners apply at accept) and [`logging`] (which
+//! connection a log line is from) are leaves any layer may use. [`fuzz`] holds the
 //! entry points the fuzzers and the corpus replay test feed arbitrary bytes.
 
 pub mod auth;
@@ -29,6 +30,7 @@ pub mod delivery;
 pub mod fuzz;
 pub mod logging;
 pub mod metrics;
+pub mod per_ip;
 pub mod refusal;
 pub mod server;
 pub mod session;

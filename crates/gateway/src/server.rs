@@ -26,13 +26,13 @@ use crate::delivery::hub::Hub;
 use crate::delivery::notify::{cluster, standalone, Notifier, Reporter};
 use crate::delivery::send::send_quota;
 use crate::metrics::Metrics;
+use crate::per_ip::PerIp;
 use crate::state::Shared;
 use crate::store::disk::{self, DiskStore};
 use crate::store::memory::{Limits, MemoryStore};
 use crate::store::nats::NatsStore;
 use crate::store::{NotifyState, Store};
 use crate::tls::Tls;
-use crate::transport::per_ip::PerIp;
 use governor::RateLimiter;
 
 /// The gateway's bound sockets.

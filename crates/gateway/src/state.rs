@@ -20,9 +20,9 @@ use crate::delivery::hub::Hub;
 use crate::delivery::notify::Notifier;
 use crate::delivery::polls::ParkedPolls;
 use crate::metrics::Metrics;
+use crate::per_ip::PerIp;
 use crate::store::Store;
 use crate::tls::Tls;
-use crate::transport::per_ip::PerIp;
 
 /// Everything sessions and handlers share: configuration, auth, store, bus, registry,
 /// cursors, shutdown.

@@ -11,11 +11,9 @@
 //! - [`sse`]: Server-Sent Events, a push-only session.
 //! - [`http`]: the HTTP router, with sending, polling, history, groups, rooms and presence.
 //! - [`extract`]: the caller's identity and query strings, shared by every HTTP handler.
-//! - [`per_ip`]: the per-address connection limit both listeners apply at accept.
 
 pub mod extract;
 pub mod http;
-pub mod per_ip;
 pub mod sse;
 pub mod tcp;
 pub mod ws;

@@ -19,9 +19,9 @@ use tokio_util::codec::Framed;
 use tokio_util::task::TaskTracker;
 
 use crate::delivery::outbox::ToClient;
+use crate::per_ip::Refuse;
 use crate::session::{self, Coded, Frames, InError, Incoming, Profile, Start};
 use crate::state::Shared;
-use crate::transport::per_ip::Refuse;
 
 /// Initial read and write buffer of a TCP connection. Small, because most connections are
 /// idle most of the time; buffers grow when a frame needs it.

@@ -20,9 +20,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::per_ip::Refuse;
 use crate::state::Shared;
 use crate::tls::Tls;
-use crate::transport::per_ip::Refuse;
 
 /// The most a request's header may hold: hyper answers 431 beyond it.
 const MAX_HEADER: usize = 64 * 1024;
