@@ -35,7 +35,7 @@ pub async fn resume_point(
     let resume = match (asked, stored) {
         (Some(r), _) => r,
         (None, Some(c)) => c,
-        (None, None) => store.last_seq(uid).await?,
+        (None, None) => store.live_tail(uid).await?,
     };
     let reset = is_reset(store, uid, resume, asked.and(epoch)).await?;
     let resume = if reset { 0 } else { resume };
@@ -64,5 +64,5 @@ pub async fn is_reset(
     }
     // The inbox's last seq is the cheap answer; only a resume above it asks the store's
     // highest seq (in cluster mode, a request to the stream).
-    Ok(seq > store.last_seq(uid).await? && seq > store.high_seq().await?)
+    Ok(seq > store.live_tail(uid).await? && seq > store.high_seq().await?)
 }

@@ -647,9 +647,11 @@ where
     }
 }
 
-/// Writes the answer to a send together with whatever the outbox already holds: a store
-/// fans a message out before it answers, so the sender's own copy is usually queued by now
-/// and both leave in one write.
+/// Writes the answer to a send together with whatever the outbox already holds. A
+/// standalone store fans a message out before it answers, so there the sender's own copy
+/// is queued by now and both leave in one write; in a cluster the copy comes back through
+/// the tail, usually after the answer, and leaves in a write of its own. Either way the
+/// copy is delivered: this only decides how many writes it takes.
 async fn answer<T>(
     io: &mut Io<T>,
     live: &mut Live,

@@ -225,7 +225,7 @@ impl Store for MemoryStore {
         })
     }
 
-    async fn last_seq(&self, uid: &str) -> Result<u64, StoreError> {
+    async fn inbox_newest(&self, uid: &str) -> Result<u64, StoreError> {
         Ok(self.lock().inboxes.get(uid).map_or(0, Inbox::last_seq))
     }
 
@@ -417,8 +417,8 @@ mod tests {
         );
         assert!(!bob.gap);
         assert_eq!(s.read("bob", 1, 10).await.unwrap().messages.len(), 1);
-        assert_eq!(s.last_seq("alice").await.unwrap(), 4);
-        assert_eq!(s.last_seq("nobody").await.unwrap(), 0);
+        assert_eq!(s.inbox_newest("alice").await.unwrap(), 4);
+        assert_eq!(s.inbox_newest("nobody").await.unwrap(), 0);
         assert_eq!(
             *rec.0.lock().unwrap(),
             vec![
@@ -549,7 +549,7 @@ mod tests {
         assert_eq!(page.messages.len(), 1);
         assert_eq!(page.messages[0].id, "new");
         assert!(page.gap);
-        assert_eq!(s.last_seq("bob").await.unwrap(), 2);
+        assert_eq!(s.inbox_newest("bob").await.unwrap(), 2);
     }
 
     #[tokio::test]

@@ -233,6 +233,17 @@ pub trait NotifyState: Send + Sync + 'static {
 }
 
 /// Inboxes and cursors. Every method is safe to call concurrently.
+///
+/// What a caller may not assume of every store (each method's doc says which):
+/// - **When the fanout hears of a copy.** A standalone store hands each copy to the
+///   [`Fanout`] before `append` returns; in a cluster copies come back from NATS, usually
+///   after it returns, and through the same path as copies other gateways stored.
+/// - **Which inboxes reach the fanout at all.** Standalone and cluster broadcast: every
+///   inbox's copies. Cluster interest: only those of inboxes [`Store::follow`]ed here.
+/// - **Where a new device starts** ([`Store::live_tail`]): the inbox's newest seq, or a
+///   later seq that serves every inbox (the cluster tail's position).
+/// - **Reads from memory.** Groups, and in cluster broadcast recent backlogs, may be
+///   answered from this gateway's copy of what NATS holds, which can lag it briefly.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Stores `draft` in every inbox of `inboxes`, all or nothing from the caller's point of
@@ -253,14 +264,17 @@ pub trait Store: Send + Sync + 'static {
     /// Up to `limit` messages of `uid`'s inbox with seq above `after`.
     async fn read(&self, uid: &str, after: u64, limit: usize) -> Result<Page, StoreError>;
 
-    /// The seq of the newest message of `uid`'s inbox ever stored (0 if none): the live tail.
-    async fn last_seq(&self, uid: &str) -> Result<u64, StoreError>;
+    /// The seq of the newest message ever stored in `uid`'s inbox (0 if none), asked of the
+    /// store itself.
+    async fn inbox_newest(&self, uid: &str) -> Result<u64, StoreError>;
 
-    /// The seq of the newest message stored in `uid`'s inbox (0 if none), asked of the
-    /// store itself (where [`Store::last_seq`] may answer with a later seq that is a live
-    /// tail for every inbox).
-    async fn inbox_newest(&self, uid: &str) -> Result<u64, StoreError> {
-        self.last_seq(uid).await
+    /// Where a device that names no resume point starts: every copy stored in `uid`'s inbox
+    /// after this seq reaches this gateway's [`Fanout`] (once the device's connection
+    /// follows the inbox). At least [`Store::inbox_newest`]; a store whose fanout is fed by
+    /// a tail of every inbox (cluster broadcast) may answer with the tail's position,
+    /// which needs no request.
+    async fn live_tail(&self, uid: &str) -> Result<u64, StoreError> {
+        self.inbox_newest(uid).await
     }
 
     /// The highest seq any device of `uid` has acked (its highest stored cursor; 0 if none).

@@ -1272,7 +1272,7 @@ impl Store for DiskStore {
         })
     }
 
-    async fn last_seq(&self, uid: &str) -> Result<u64, StoreError> {
+    async fn inbox_newest(&self, uid: &str) -> Result<u64, StoreError> {
         let from = inbox_key(uid, 0);
         let to = inbox_key(uid, u64::MAX);
         let e = self.engine()?;
@@ -1549,7 +1549,7 @@ mod tests {
         assert!(!s.read("bob", 2, 10).await.unwrap().gap);
         let p = s.read("bob", 2, 2).await.unwrap();
         assert_eq!((seqs(&p.messages), p.more), (vec![3, 4], true));
-        assert_eq!(s.last_seq("bob").await.unwrap(), 5);
+        assert_eq!(s.inbox_newest("bob").await.unwrap(), 5);
         let h = s
             .history(
                 "bob",

@@ -1077,7 +1077,7 @@ impl Store for NatsStore {
         Ok(max)
     }
 
-    async fn last_seq(&self, uid: &str) -> Result<u64, StoreError> {
+    async fn live_tail(&self, uid: &str) -> Result<u64, StoreError> {
         let Some(interest) = &self.interest else {
             // Everything after the tail's position reaches this gateway's connections
             // through the tail, so it is a live tail for every inbox at once, with no
