@@ -30,7 +30,7 @@ use crate::per_ip::PerIp;
 use crate::state::Shared;
 use crate::store::disk::{self, DiskStore};
 use crate::store::memory::{Limits, MemoryStore};
-use crate::store::nats::NatsStore;
+use crate::store::nats::{NatsStore, NotifyWindows};
 use crate::store::{NotifyState, Store};
 use crate::tls::Tls;
 use governor::RateLimiter;
@@ -115,103 +115,16 @@ impl Gateway {
         };
         let hub = Hub::new();
         let tail_stop = CancellationToken::new();
-        let mut disk = None;
-        let mut notify_state: Option<Arc<dyn NotifyState>> = None;
-        let mut notify_windows = None;
-        let (store, bus): (Arc<dyn Store>, Arc<dyn Bus>) = if cfg.nats.nats.is_empty() {
-            anyhow::ensure!(
-                !cfg.notify.notify_nats,
-                "--notify-nats publishes notifications on NATS: it needs --nats (cluster mode)"
-            );
-            let limits = Limits {
-                retention: cfg.retention,
-                max_inbox: cfg.max_inbox,
-            };
-            let store: Arc<dyn Store> = match cfg.store {
-                StoreKind::Memory => {
-                    tracing::info!(
-                        "standalone mode: in-memory store (nothing survives a restart), \
-                         in-process bus"
-                    );
-                    let m = Arc::new(MemoryStore::new(limits, hub.clone()));
-                    notify_state = Some(m.clone());
-                    m
-                }
-                StoreKind::Disk => {
-                    let dir = cfg.data_dir();
-                    let opened = std::time::Instant::now();
-                    let d = Arc::new(DiskStore::open(
-                        &dir,
-                        limits,
-                        disk::Options {
-                            fsync: cfg.fsync,
-                            repair: cfg.repair,
-                        },
-                        hub.clone(),
-                    )?);
-                    tracing::info!(
-                        data_dir = %dir.display(),
-                        fsync = ?cfg.fsync,
-                        epoch = %d.epoch(),
-                        open_ms = opened.elapsed().as_millis() as u64,
-                        "standalone mode: disk store, in-process bus"
-                    );
-                    disk = Some(d.clone());
-                    notify_state = Some(d.clone());
-                    d
-                }
-            };
-            (store, Arc::new(LocalBus::new(hub.clone())))
+        let Opened {
+            store,
+            bus,
+            disk,
+            notify_state,
+            notify_windows,
+        } = if cfg.nats.nats.is_empty() {
+            standalone(&cfg, &hub)?
         } else {
-            let nats = NatsStore::connect(&cfg).await?;
-            if cfg.notify.notify_url.is_some() || cfg.notify.notify_nats {
-                let windows = nats.notify_windows(cfg.nats.replicas).await?;
-                notify_windows = Some(Arc::new(windows));
-            }
-            // Deliver-new from an exact seq: everything stored from now on reaches us.
-            let after = nats.stream_last_seq().await?;
-            match cfg.nats.fanout {
-                Fanout::Broadcast => {
-                    tokio::spawn(nats.clone().run_tail(hub.clone(), after, tail_stop.clone()));
-                }
-                Fanout::Interest => {
-                    tokio::spawn(
-                        nats.clone()
-                            .run_interest_tail(hub.clone(), tail_stop.clone()),
-                    );
-                }
-            }
-            let (groups_ready, loaded) = tokio::sync::oneshot::channel();
-            tokio::spawn(
-                nats.clone()
-                    .run_group_watch(groups_ready, tail_stop.clone()),
-            );
-            tokio::time::timeout(cfg.nats.nats_startup_timeout, loaded)
-                .await
-                .map_err(|_| anyhow::anyhow!("loading groups from NATS timed out"))??;
-            let bus = Arc::new(NatsBus::new(
-                nats.client().clone(),
-                nats.names().clone(),
-                hub.clone(),
-                auth.revocations().clone(),
-            ));
-            tokio::spawn(
-                nats.clone()
-                    .run_revocation_watch(auth.revocations().clone(), tail_stop.clone()),
-            );
-            tokio::spawn(nats.clone().run_read_watch(hub.clone(), tail_stop.clone()));
-            tokio::spawn({
-                let (bus, stop) = (bus.clone(), tail_stop.clone());
-                async move { bus.serve(stop).await }
-            });
-            tracing::info!(
-                servers = ?cfg.nats.nats,
-                stream = %nats.names().stream,
-                after,
-                fanout = ?cfg.nats.fanout,
-                "cluster mode: following the stream"
-            );
-            (nats as Arc<dyn Store>, bus as Arc<dyn Bus>)
+            cluster(&cfg, &hub, &auth, &tail_stop).await?
         };
         // Revoked tokens are refused from the first connection on.
         for (uid, before) in store.revocations().await? {
@@ -220,34 +133,16 @@ impl Gateway {
         let http_limiter = send_quota(&cfg).map(RateLimiter::keyed);
         let cursors = Cursors::new(store.clone(), cfg.cursor_interval);
         let metrics = Metrics::new();
-        let notifier = if cfg.notify.notify_url.is_some() || cfg.notify.notify_nats {
-            let reporter = Reporter::new(
-                &cfg.notify,
-                store.clone(),
-                cursors.clone(),
-                hub.clone(),
-                notify_windows.as_ref(),
-                metrics.notify.clone(),
-            )?;
-            let notifier = match (notify_state, notify_windows) {
-                (Some(state), _) => {
-                    Notifier::Standalone(standalone::Notifier::open(reporter, state).await?)
-                }
-                (None, Some(windows)) => {
-                    Notifier::Cluster(cluster::Notifier::new(reporter, windows))
-                }
-                (None, None) => unreachable!("every store keeps notification windows"),
-            };
-            tracing::info!(
-                url = ?cfg.notify.notify_url.as_ref().map(|u| u.as_str()),
-                nats = cfg.notify.notify_nats,
-                after = ?cfg.notify.notify_after,
-                "offline notifications on"
-            );
-            Some(Arc::new(notifier))
-        } else {
-            None
-        };
+        let notifier = notifier(
+            &cfg,
+            &store,
+            &cursors,
+            &hub,
+            &metrics,
+            notify_state,
+            notify_windows,
+        )
+        .await?;
         let shared = Arc::new(Shared {
             permits: Arc::new(Semaphore::new(cfg.max_connections)),
             per_ip: PerIp::new(cfg.max_connections_per_ip),
@@ -384,4 +279,156 @@ async fn reload_on_sighup(shared: Arc<Shared>, stop: CancellationToken) {
             }
         }
     }
+}
+
+/// The store and bus of one mode, and what notifications need of them.
+struct Opened {
+    store: Arc<dyn Store>,
+    bus: Arc<dyn Bus>,
+    /// The disk store, to close after the drain.
+    disk: Option<Arc<DiskStore>>,
+    /// Where a standalone store keeps notification windows.
+    notify_state: Option<Arc<dyn NotifyState>>,
+    /// The cluster's notification windows (only with notifications on).
+    notify_windows: Option<Arc<NotifyWindows>>,
+}
+
+/// Standalone mode: the disk or memory store and the in-process bus.
+fn standalone(cfg: &Config, hub: &Arc<Hub>) -> anyhow::Result<Opened> {
+    anyhow::ensure!(
+        !cfg.notify.notify_nats,
+        "--notify-nats publishes notifications on NATS: it needs --nats (cluster mode)"
+    );
+    let limits = Limits {
+        retention: cfg.retention,
+        max_inbox: cfg.max_inbox,
+    };
+    let (store, disk, notify_state): (Arc<dyn Store>, _, Arc<dyn NotifyState>) = match cfg.store {
+        StoreKind::Memory => {
+            tracing::info!(
+                "standalone mode: in-memory store (nothing survives a restart), in-process bus"
+            );
+            let m = Arc::new(MemoryStore::new(limits, hub.clone()));
+            (m.clone(), None, m)
+        }
+        StoreKind::Disk => {
+            let dir = cfg.data_dir();
+            let opened = std::time::Instant::now();
+            let options = disk::Options {
+                fsync: cfg.fsync,
+                repair: cfg.repair,
+            };
+            let d = Arc::new(DiskStore::open(&dir, limits, options, hub.clone())?);
+            tracing::info!(
+                data_dir = %dir.display(),
+                fsync = ?cfg.fsync,
+                epoch = %d.epoch(),
+                open_ms = opened.elapsed().as_millis() as u64,
+                "standalone mode: disk store, in-process bus"
+            );
+            (d.clone(), Some(d.clone()), d)
+        }
+    };
+    Ok(Opened {
+        store,
+        bus: Arc::new(LocalBus::new(hub.clone())),
+        disk,
+        notify_state: Some(notify_state),
+        notify_windows: None,
+    })
+}
+
+/// Cluster mode: connects to NATS, then starts the tail, the watches of groups, revocations
+/// and read positions, and the bus, each until `stop`.
+async fn cluster(
+    cfg: &Config,
+    hub: &Arc<Hub>,
+    auth: &Auth,
+    stop: &CancellationToken,
+) -> anyhow::Result<Opened> {
+    let nats = NatsStore::connect(cfg).await?;
+    let notify_windows = if cfg.notify.notify_url.is_some() || cfg.notify.notify_nats {
+        Some(Arc::new(nats.notify_windows(cfg.nats.replicas).await?))
+    } else {
+        None
+    };
+    // Deliver-new from an exact seq: everything stored from now on reaches us.
+    let after = nats.stream_last_seq().await?;
+    match cfg.nats.fanout {
+        Fanout::Broadcast => {
+            tokio::spawn(nats.clone().run_tail(hub.clone(), after, stop.clone()));
+        }
+        Fanout::Interest => {
+            tokio::spawn(nats.clone().run_interest_tail(hub.clone(), stop.clone()));
+        }
+    }
+    let (groups_ready, loaded) = tokio::sync::oneshot::channel();
+    tokio::spawn(nats.clone().run_group_watch(groups_ready, stop.clone()));
+    tokio::time::timeout(cfg.nats.nats_startup_timeout, loaded)
+        .await
+        .map_err(|_| anyhow::anyhow!("loading groups from NATS timed out"))??;
+    let revocations = auth.revocations().clone();
+    let bus = Arc::new(NatsBus::new(
+        nats.client().clone(),
+        nats.names().clone(),
+        hub.clone(),
+        revocations.clone(),
+    ));
+    tokio::spawn(nats.clone().run_revocation_watch(revocations, stop.clone()));
+    tokio::spawn(nats.clone().run_read_watch(hub.clone(), stop.clone()));
+    tokio::spawn({
+        let (bus, stop) = (bus.clone(), stop.clone());
+        async move { bus.serve(stop).await }
+    });
+    tracing::info!(
+        servers = ?cfg.nats.nats,
+        stream = %nats.names().stream,
+        after,
+        fanout = ?cfg.nats.fanout,
+        "cluster mode: following the stream"
+    );
+    Ok(Opened {
+        store: nats,
+        bus,
+        disk: None,
+        notify_state: None,
+        notify_windows,
+    })
+}
+
+/// The notifier of this gateway's mode, if notifications are on.
+async fn notifier(
+    cfg: &Config,
+    store: &Arc<dyn Store>,
+    cursors: &Arc<Cursors>,
+    hub: &Arc<Hub>,
+    metrics: &Metrics,
+    notify_state: Option<Arc<dyn NotifyState>>,
+    notify_windows: Option<Arc<NotifyWindows>>,
+) -> anyhow::Result<Option<Arc<Notifier>>> {
+    if cfg.notify.notify_url.is_none() && !cfg.notify.notify_nats {
+        return Ok(None);
+    }
+    let reporter = Reporter::new(
+        &cfg.notify,
+        store.clone(),
+        cursors.clone(),
+        hub.clone(),
+        notify_windows.as_ref(),
+        metrics.notify.clone(),
+    )?;
+    let notifier = match (notify_state, notify_windows) {
+        (Some(state), _) => {
+            Notifier::Standalone(standalone::Notifier::open(reporter, state).await?)
+        }
+        (None, Some(windows)) => Notifier::Cluster(cluster::Notifier::new(reporter, windows)),
+        (None, None) => unreachable!("every store keeps notification windows"),
+    };
+    tracing::info!(
+        url = ?cfg.notify.notify_url.as_ref().map(|u| u.as_str()),
+        nats = cfg.notify.notify_nats,
+        after = ?cfg.notify.notify_after,
+        "offline notifications on"
+    );
+    Ok(Some(Arc::new(notifier)))
 }
