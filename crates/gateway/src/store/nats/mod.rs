@@ -125,6 +125,66 @@ pub struct NatsStore {
     pub tail_stats: Arc<TailStats>,
 }
 
+/// The client, connecting in the background, with what a failed start needs.
+struct Connecting {
+    client: async_nats::Client,
+    /// The last error the connection reported (none once connected).
+    last_error: Arc<std::sync::Mutex<Option<String>>>,
+    /// Woken when live copies may have been lost (a reconnect, a slow-consumer cut).
+    resync: Arc<tokio::sync::Notify>,
+    servers: Vec<async_nats::ServerAddr>,
+}
+
+impl Connecting {
+    /// Starts the client: it retries until connected, and reports its events.
+    async fn start(n: &crate::config::NatsArgs) -> anyhow::Result<Connecting> {
+        // The client connects in the background; its last error is what a failed start
+        // reports (an authorization violation would otherwise read as a stream timeout).
+        let last_error = Arc::new(std::sync::Mutex::new(None::<String>));
+        let slot = last_error.clone();
+        let resync = Arc::new(tokio::sync::Notify::new());
+        let lost = resync.clone();
+        let opts = NatsStore::options(n)
+            .await?
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .event_callback(move |event| {
+                let slot = slot.clone();
+                // Live copies are at most once: whatever was published while the connection
+                // was down, or dropped from a full subscription, is read back by the tail.
+                if matches!(
+                    event,
+                    async_nats::Event::Connected | async_nats::Event::SlowConsumer(_)
+                ) {
+                    lost.notify_one();
+                }
+                async move {
+                    let mut last = slot.lock().unwrap_or_else(|p| p.into_inner());
+                    match &event {
+                        async_nats::Event::Connected => *last = None,
+                        async_nats::Event::ClientError(e) => *last = Some(e.to_string()),
+                        async_nats::Event::ServerError(e) => *last = Some(e.to_string()),
+                        _ => {}
+                    }
+                    tracing::info!(%event, "nats");
+                }
+            });
+        let servers = n
+            .nats
+            .iter()
+            .map(|u| u.parse::<async_nats::ServerAddr>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| anyhow::anyhow!("--nats: {e}"))?;
+        let client = opts.connect(servers.clone()).await?;
+        Ok(Connecting {
+            client,
+            last_error,
+            resync,
+            servers,
+        })
+    }
+}
+
 /// The stream and the buckets, once created or updated.
 struct Provisioned {
     stream: stream::Stream,
@@ -374,99 +434,24 @@ impl NatsStore {
             cfg.max_group,
             publish::MAX_BATCH
         );
-        // The client connects in the background; its last error is what a failed start
-        // reports (an authorization violation would otherwise read as a stream timeout).
-        let last_error = Arc::new(std::sync::Mutex::new(None::<String>));
-        let slot = last_error.clone();
-        let resync = Arc::new(tokio::sync::Notify::new());
-        let lost = resync.clone();
-        let opts = Self::options(n)
-            .await?
-            .retry_on_initial_connect()
-            .max_reconnects(None)
-            .event_callback(move |event| {
-                let slot = slot.clone();
-                // Live copies are at most once: whatever was published while the connection
-                // was down, or dropped from a full subscription, is read back by the tail.
-                if matches!(
-                    event,
-                    async_nats::Event::Connected | async_nats::Event::SlowConsumer(_)
-                ) {
-                    lost.notify_one();
-                }
-                async move {
-                    let mut last = slot.lock().unwrap_or_else(|p| p.into_inner());
-                    match &event {
-                        async_nats::Event::Connected => *last = None,
-                        async_nats::Event::ClientError(e) => *last = Some(e.to_string()),
-                        async_nats::Event::ServerError(e) => *last = Some(e.to_string()),
-                        _ => {}
-                    }
-                    tracing::info!(%event, "nats");
-                }
-            });
-        let servers = n
-            .nats
-            .iter()
-            .map(|u| u.parse::<async_nats::ServerAddr>())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| anyhow::anyhow!("--nats: {e}"))?;
-        let client = opts.connect(servers.clone()).await?;
+        let Connecting {
+            client,
+            last_error,
+            resync,
+            servers,
+        } = Connecting::start(n).await?;
         let js = jetstream::ContextBuilder::new()
             .timeout(n.nats_timeout)
             .build(client.clone());
         let names = Names::new(&n.stream_prefix);
 
-        // NATS may still be starting (compose, a restart): keep trying for a while.
-        let deadline = tokio::time::Instant::now() + n.nats_startup_timeout;
         let Provisioned {
             stream,
             cursors,
             groups,
             revocations,
             reads,
-        } = loop {
-            let connection = || {
-                let last = last_error.lock().unwrap_or_else(|p| p.into_inner());
-                last.clone()
-            };
-            // The server's version is known once connected; too old a server is final.
-            let at = || format!("NATS at {}", n.nats.join(","));
-            // Give the background connect a moment, so the version is checked before any
-            // JetStream request (an old server would only time them out).
-            let wait = (tokio::time::Instant::now() + Duration::from_secs(1)).min(deadline);
-            while client.connection_state() != State::Connected
-                && tokio::time::Instant::now() < wait
-            {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            if client.connection_state() == State::Connected {
-                check_server_version(&client.server_info().version).map_err(|e| e.context(at()))?;
-            }
-            match Self::provision(&js, &names, cfg).await {
-                Ok(v) => break v,
-                Err(e) if tokio::time::Instant::now() < deadline => {
-                    tracing::warn!(error = %e, connection = ?connection(), "NATS not ready yet; retrying");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-                Err(e) => {
-                    let Some(c) = connection() else {
-                        return Err(e);
-                    };
-                    // The background client's events name only the kind of failure ("IO
-                    // error"); one direct attempt returns the cause (a TLS refusal, say).
-                    let cause = match Self::options(n).await?.connect(servers.clone()).await {
-                        Err(direct) => direct.to_string(),
-                        Ok(_) => c,
-                    };
-                    return Err(e.context(format!(
-                        "NATS at {} refused or dropped the connection: {cause} \
-                         (check --nats-user/--nats-password, --nats-token, --nats-creds, --nats-ca)",
-                        n.nats.join(",")
-                    )));
-                }
-            }
-        };
+        } = Self::provision_when_ready(&client, &js, &names, cfg, &last_error, &servers).await?;
         check_server_version(&client.server_info().version)
             .map_err(|e| e.context(format!("NATS at {}", n.nats.join(","))))?;
         tracing::info!(version = %client.server_info().version, "nats-server version");
@@ -506,6 +491,64 @@ impl NatsStore {
             tail_batch: n.tail_batch as usize,
             tail_stats: stats,
         }))
+    }
+
+    /// Creates or updates the stream and the buckets, trying again until
+    /// `--nats-startup-timeout` while NATS is not ready (compose, a restart); a failure then
+    /// names what the connection last reported.
+    async fn provision_when_ready(
+        client: &async_nats::Client,
+        js: &jetstream::Context,
+        names: &Names,
+        cfg: &Config,
+        last_error: &std::sync::Mutex<Option<String>>,
+        servers: &[async_nats::ServerAddr],
+    ) -> anyhow::Result<Provisioned> {
+        let n = &cfg.nats;
+        // NATS may still be starting (compose, a restart): keep trying for a while.
+        let deadline = tokio::time::Instant::now() + n.nats_startup_timeout;
+        loop {
+            let connection = || {
+                let last = last_error.lock().unwrap_or_else(|p| p.into_inner());
+                last.clone()
+            };
+            // The server's version is known once connected; too old a server is final.
+            let at = || format!("NATS at {}", n.nats.join(","));
+            // Give the background connect a moment, so the version is checked before any
+            // JetStream request (an old server would only time them out).
+            let wait = (tokio::time::Instant::now() + Duration::from_secs(1)).min(deadline);
+            while client.connection_state() != State::Connected
+                && tokio::time::Instant::now() < wait
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if client.connection_state() == State::Connected {
+                check_server_version(&client.server_info().version).map_err(|e| e.context(at()))?;
+            }
+            match Self::provision(js, names, cfg).await {
+                Ok(v) => return Ok(v),
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    tracing::warn!(error = %e, connection = ?connection(), "NATS not ready yet; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => {
+                    let Some(c) = connection() else {
+                        return Err(e);
+                    };
+                    // The background client's events name only the kind of failure ("IO
+                    // error"); one direct attempt returns the cause (a TLS refusal, say).
+                    let cause = match Self::options(n).await?.connect(servers.to_vec()).await {
+                        Err(direct) => direct.to_string(),
+                        Ok(_) => c,
+                    };
+                    return Err(e.context(format!(
+                        "NATS at {} refused or dropped the connection: {cause} \
+                         (check --nats-user/--nats-password, --nats-token, --nats-creds, --nats-ca)",
+                        n.nats.join(",")
+                    )));
+                }
+            }
+        }
     }
 
     async fn provision(
