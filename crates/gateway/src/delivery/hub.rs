@@ -72,7 +72,7 @@ impl Kick {
 }
 
 #[derive(Debug, Clone)]
-struct Conn {
+struct Entry {
     id: u64,
     /// A device's connection (TCP, WebSocket, SSE): replaces an older one of the same
     /// device and counts towards `--max-devices`. Long polls are not exclusive.
@@ -85,7 +85,7 @@ struct Conn {
 /// The registry of this gateway's connections.
 #[derive(Debug, Default)]
 pub struct Hub {
-    users: DashMap<String, Vec<Conn>>,
+    users: DashMap<String, Vec<Entry>>,
     rooms: DashMap<String, Vec<RoomMember>>,
     next_id: AtomicU64,
     pub stats: HubStats,
@@ -172,7 +172,7 @@ impl Hub {
         }
         // Most users hold one connection: grow by one, not to Vec's default of four slots.
         conns.reserve_exact(1);
-        conns.push(Conn {
+        conns.push(Entry {
             id,
             exclusive: exclusive.is_some(),
             device: device.into(),

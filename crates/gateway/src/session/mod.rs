@@ -356,14 +356,14 @@ impl Live {
 
 /// A logged-in connection: its session state, its place in the hub, and the store's
 /// promise to hand its inbox's copies to the hub.
-struct Conn {
+struct LoggedIn {
     live: Live,
     reg: Registration,
     _following: Following,
 }
 
 /// Registers a logged-in connection, then sends `welcome` and its backlog.
-async fn open<T>(shared: &Arc<Shared>, io: &mut Io<T>, pre: Preauth) -> Result<Conn, End>
+async fn open<T>(shared: &Arc<Shared>, io: &mut Io<T>, pre: Preauth) -> Result<LoggedIn, End>
 where
     T: Frames,
 {
@@ -417,7 +417,7 @@ where
     };
 
     let replayed = replay(shared, io, &mut live, &mut reg.rx, &device, resume, reset).await;
-    let conn = Conn {
+    let conn = LoggedIn {
         live,
         reg,
         _following: following,
@@ -431,7 +431,11 @@ where
 
 /// Logs in (unless the transport did) and opens the session; a session that opens counts
 /// in the connection gauge until [`close`].
-async fn begin<T>(shared: &Arc<Shared>, io: &mut Io<T>, start: Box<Start>) -> Result<Box<Conn>, End>
+async fn begin<T>(
+    shared: &Arc<Shared>,
+    io: &mut Io<T>,
+    start: Box<Start>,
+) -> Result<Box<LoggedIn>, End>
 where
     T: Frames,
 {
@@ -461,8 +465,8 @@ where
 }
 
 /// Ends a session's place in the hub and writes its cursor.
-async fn close(shared: &Shared, conn: Box<Conn>) {
-    let Conn { live, reg, .. } = *conn;
+async fn close(shared: &Shared, conn: Box<LoggedIn>) {
+    let LoggedIn { live, reg, .. } = *conn;
     for room in &live.rooms {
         shared
             .hub

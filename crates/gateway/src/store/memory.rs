@@ -44,7 +44,7 @@ struct Inner {
     last_seq: u64,
     inboxes: HashMap<String, Inbox>,
     /// Sends within the dedupe window, found by their `(from, id)`.
-    dedupe: HashTable<Recent>,
+    dedupe: HashTable<DedupeEntry>,
     /// Insertion order of `dedupe`, to expire it; the same keys, shared.
     dedupe_order: VecDeque<(Instant, SendKey)>,
     dedupe_hasher: RandomState,
@@ -58,7 +58,7 @@ struct Inner {
 }
 
 /// A send within the dedupe window and what it returned.
-struct Recent {
+struct DedupeEntry {
     key: SendKey,
     appended: Appended,
 }
@@ -166,13 +166,13 @@ impl Store for MemoryStore {
             }
             let (_, old) = inner.dedupe_order.pop_front().expect("front exists");
             let hash = old.hash(&inner.dedupe_hasher);
-            let same = |r: &Recent| Arc::ptr_eq(&r.key.from_then_id, &old.from_then_id);
+            let same = |r: &DedupeEntry| Arc::ptr_eq(&r.key.from_then_id, &old.from_then_id);
             if let Ok(entry) = inner.dedupe.find_entry(hash, same) {
                 entry.remove();
             }
         }
         let hash = send_hash(&inner.dedupe_hasher, &draft.from, &draft.id);
-        let same = |r: &Recent| r.key.is(&draft.from, &draft.id);
+        let same = |r: &DedupeEntry| r.key.is(&draft.from, &draft.id);
         if let Some(original) = inner.dedupe.find(hash, same) {
             return Ok(original.appended.clone());
         }
@@ -192,7 +192,7 @@ impl Store for MemoryStore {
         }
         let appended = Appended { seqs, ts };
         let key = SendKey::new(&draft.from, &draft.id);
-        let recent = Recent {
+        let recent = DedupeEntry {
             key: key.clone(),
             appended: appended.clone(),
         };

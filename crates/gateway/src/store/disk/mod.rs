@@ -48,7 +48,7 @@ pub mod seal;
 /// Journal kept before memtables are flushed.
 const MAX_JOURNAL: u64 = 64 * 1024 * 1024;
 /// Most sends one group commit takes.
-const MAX_BATCH: usize = 1024;
+const MAX_COMMIT: usize = 1024;
 /// How often the writer drops messages older than `--retention`.
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
 /// With `--fsync batch`, the longest a written batch waits for its fsync.
@@ -134,7 +134,7 @@ pub struct DiskStore {
     inline: bool,
     /// Serialises read-modify-write of cursors and groups; the groups, reloaded by the
     /// writer when it reopens the database.
-    small_writes: Arc<Mutex<HashMap<String, Group>>>,
+    groups_lock: Arc<Mutex<HashMap<String, Group>>>,
     /// Seqs up to this were lost to damage (`--repair`): a read after an older seq says
     /// `gap`, in every inbox, since what was lost cannot be named per inbox.
     lost_upto: u64,
@@ -177,7 +177,7 @@ struct Append {
 
 /// A stored copy, without its seq (the key has it).
 #[derive(Serialize)]
-struct StoredRef<'a> {
+struct StoredCopyRef<'a> {
     id: &'a str,
     from: &'a str,
     to: Option<&'a str>,
@@ -187,7 +187,7 @@ struct StoredRef<'a> {
 }
 
 #[derive(Deserialize)]
-struct Stored {
+struct StoredCopy {
     id: String,
     from: String,
     to: Option<String>,
@@ -258,7 +258,7 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
 }
 
 fn decode(key: &[u8], value: &[u8]) -> Result<Message, StoreError> {
-    let s: Stored = rmp_serde::from_slice(value).map_err(internal)?;
+    let s: StoredCopy = rmp_serde::from_slice(value).map_err(internal)?;
     Ok(Message {
         seq: seq_of_inbox_key(key),
         id: s.id,
@@ -541,7 +541,7 @@ impl DiskStore {
         };
         let groups = load_groups(&engine.ks).map_err(corrupt)?;
         let epoch: Arc<str> = epoch.into();
-        let small_writes = Arc::new(Mutex::new(groups));
+        let groups_lock = Arc::new(Mutex::new(groups));
         let slot: Slot = Arc::new(RwLock::new(Some(Arc::new(engine))));
         let failed = Arc::new(AtomicBool::new(false));
         let (thread, rings) = flume::unbounded();
@@ -562,7 +562,7 @@ impl DiskStore {
             dedupe_window_ms: DEDUPE_WINDOW.as_millis() as u64,
             last_sweep: Instant::now(),
             last_probe: Instant::now(),
-            groups: small_writes.clone(),
+            groups: groups_lock.clone(),
             background_fsync: options.fsync == Fsync::Batch,
             unsynced_since: None,
             ring: thread.clone(),
@@ -592,7 +592,7 @@ impl DiskStore {
             thread,
             state,
             inline: options.fsync != Fsync::Always,
-            small_writes,
+            groups_lock,
             lost_upto,
             durability,
             writer: Mutex::new(Some(handle)),
@@ -607,7 +607,7 @@ impl DiskStore {
     }
 
     fn small(&self) -> MutexGuard<'_, HashMap<String, Group>> {
-        lock(&self.small_writes)
+        lock(&self.groups_lock)
     }
 
     /// Whether a read after `after` must say `gap` whatever the inbox: seqs up to
@@ -801,10 +801,10 @@ impl Writer {
         Ok(())
     }
 
-    /// Commits every queued send, in batches of at most MAX_BATCH.
+    /// Commits every queued send, in batches of at most MAX_COMMIT.
     fn commit_queue(&mut self, queued: &flume::Receiver<Append>) {
         loop {
-            let batch: Vec<Append> = queued.try_iter().take(MAX_BATCH).collect();
+            let batch: Vec<Append> = queued.try_iter().take(MAX_COMMIT).collect();
             if batch.is_empty() {
                 return;
             }
@@ -1009,7 +1009,7 @@ impl Writer {
                 continue;
             }
             let d = &s.draft;
-            let value = rmp_serde::to_vec(&StoredRef {
+            let value = rmp_serde::to_vec(&StoredCopyRef {
                 id: &d.id,
                 from: &d.from,
                 to: d.to.as_deref(),

@@ -429,10 +429,10 @@ impl NatsStore {
         let n = &cfg.nats;
         // A group message is one atomic batch, one copy per member.
         anyhow::ensure!(
-            cfg.max_group <= publish::MAX_BATCH,
+            cfg.max_group <= publish::MAX_ATOMIC_BATCH,
             "--max-group {} is above {}, the most copies nats-server stores in one atomic batch",
             cfg.max_group,
-            publish::MAX_BATCH
+            publish::MAX_ATOMIC_BATCH
         );
         let Connecting {
             client,

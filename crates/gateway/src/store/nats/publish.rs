@@ -31,7 +31,7 @@ use crate::metrics::TailStats;
 use crate::store::StoreError;
 
 /// The most messages nats-server takes in one atomic batch (its `max_size` default).
-pub(super) const MAX_BATCH: usize = 1000;
+pub(super) const MAX_ATOMIC_BATCH: usize = 1000;
 
 /// Batches one gateway has waiting for their commit at once. Sends that arrive meanwhile
 /// queue for the next batch, which is what makes batches grow with the load.
@@ -137,7 +137,7 @@ impl Publisher {
         Publisher(match mode {
             NatsPublish::Atomic | NatsPublish::Auto => {
                 let (tx, rx) = mpsc::unbounded_channel();
-                let shared = Arc::new(Shared {
+                let shared = Arc::new(Committer {
                     client,
                     timeout,
                     ids: BatchIds::new(),
@@ -150,14 +150,14 @@ impl Publisher {
         })
     }
 
-    /// Stores `copies` (at most [`MAX_BATCH`]), all with `payload`; `Ok` once every copy is
-    /// stored.
+    /// Stores `copies` (at most [`MAX_ATOMIC_BATCH`]), all with `payload`; `Ok` once every
+    /// copy is stored.
     pub(super) async fn commit(
         &self,
         copies: Vec<Copy>,
         payload: Bytes,
     ) -> Result<Committed, StoreError> {
-        debug_assert!(!copies.is_empty() && copies.len() <= MAX_BATCH);
+        debug_assert!(!copies.is_empty() && copies.len() <= MAX_ATOMIC_BATCH);
         let tx = match &self.0 {
             Mode::Atomic(tx) => tx,
             Mode::Separate { client, timeout } => {
@@ -221,7 +221,7 @@ impl BatchIds {
 }
 
 /// What the group-commit task and its batches share.
-struct Shared {
+struct Committer {
     client: async_nats::Client,
     timeout: Duration,
     ids: BatchIds,
@@ -229,7 +229,7 @@ struct Shared {
 }
 
 /// Takes everything queued when a batch slot frees up, and commits it as one batch.
-async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Queued>) {
+async fn run(shared: Arc<Committer>, mut rx: mpsc::UnboundedReceiver<Queued>) {
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     let mut carried: Option<Queued> = None;
     loop {
@@ -246,7 +246,7 @@ async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Queued>) {
         let mut size = first.copies.len();
         let mut batch = vec![first];
         while let Ok(q) = rx.try_recv() {
-            if size + q.copies.len() > MAX_BATCH {
+            if size + q.copies.len() > MAX_ATOMIC_BATCH {
                 carried = Some(q);
                 break;
             }
@@ -257,8 +257,8 @@ async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Queued>) {
     }
 }
 
-async fn commit_batch(shared: Arc<Shared>, batch: Vec<Queued>, _slot: OwnedSemaphorePermit) {
-    let Shared {
+async fn commit_batch(shared: Arc<Committer>, batch: Vec<Queued>, _slot: OwnedSemaphorePermit) {
+    let Committer {
         client,
         timeout,
         ids,
@@ -285,7 +285,7 @@ async fn commit_batch(shared: Arc<Shared>, batch: Vec<Queued>, _slot: OwnedSemap
     }
 }
 
-async fn commit_alone(shared: &Shared, q: Queued) {
+async fn commit_alone(shared: &Committer, q: Queued) {
     let (client, timeout) = (&shared.client, shared.timeout);
     match publish(client, std::slice::from_ref(&q), timeout, &shared.ids).await {
         Ok(last) => answer_stored(&shared.stats, vec![q], last),
