@@ -83,7 +83,8 @@ pub struct NatsArgs {
     pub backlog_cache: usize,
 
     /// Messages the tail asks NATS for in one pull request. In the benchmarks 64 cost more
-    /// CPU and fell behind under load, and 2048 saved nothing over 512 (bench/README.md).
+    /// CPU and fell behind under load, and 2048 saved nothing over 512 (docs/bench-history.md,
+    /// "the tail's batch size").
     #[arg(long, env = "IMGATE_TAIL_BATCH", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub tail_batch: u32,
 
