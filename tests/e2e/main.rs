@@ -10,7 +10,6 @@ mod cluster;
 #[cfg(feature = "external")]
 mod compose;
 mod delivery;
-#[cfg(feature = "external")]
 mod deploy;
 mod durable;
 mod expiry;

@@ -62,7 +62,7 @@ pub async fn is_reset(
     if epoch.is_some_and(|e| *e != *store.epoch()) {
         return Ok(true);
     }
-    // The inbox's last seq is the cheap answer; only a resume above it asks the store's
-    // highest seq (in cluster mode, a request to the stream).
+    // The live tail is the cheap answer (in cluster broadcast, no request); only a resume
+    // above it asks the store's highest seq (in cluster mode, a request to the stream).
     Ok(seq > store.live_tail(uid).await? && seq > store.high_seq().await?)
 }

@@ -192,7 +192,7 @@ impl Store for MemoryStore {
         }
         let appended = Appended { seqs, ts };
         let key = SendKey::new(&draft.from, &draft.id);
-        let recent = DedupeEntry {
+        let entry = DedupeEntry {
             key: key.clone(),
             appended: appended.clone(),
         };
@@ -201,7 +201,7 @@ impl Store for MemoryStore {
             dedupe_hasher,
             ..
         } = &mut *inner;
-        dedupe.insert_unique(hash, recent, |r| r.key.hash(dedupe_hasher));
+        dedupe.insert_unique(hash, entry, |r| r.key.hash(dedupe_hasher));
         inner.dedupe_order.push_back((now, key));
         Ok(appended)
     }

@@ -240,8 +240,8 @@ pub trait NotifyState: Send + Sync + 'static {
 ///   after it returns, and through the same path as copies other gateways stored.
 /// - **Which inboxes reach the fanout at all.** Standalone and cluster broadcast: every
 ///   inbox's copies. Cluster interest: only those of inboxes [`Store::follow`]ed here.
-/// - **Where a new device starts** ([`Store::live_tail`]): the inbox's newest seq, or a
-///   later seq that serves every inbox (the cluster tail's position).
+/// - **Where a new device starts** ([`Store::live_tail`]): the inbox's newest seq, or the
+///   position of the cluster tail (which serves every inbox).
 /// - **Reads from memory.** Groups, and in cluster broadcast recent backlogs, may be
 ///   answered from this gateway's copy of what NATS holds, which can lag it briefly.
 #[async_trait]
@@ -268,11 +268,12 @@ pub trait Store: Send + Sync + 'static {
     /// store itself.
     async fn inbox_newest(&self, uid: &str) -> Result<u64, StoreError>;
 
-    /// Where a device that names no resume point starts: every copy stored in `uid`'s inbox
-    /// after this seq reaches this gateway's [`Fanout`] (once the device's connection
-    /// follows the inbox). At least [`Store::inbox_newest`]; a store whose fanout is fed by
-    /// a tail of every inbox (cluster broadcast) may answer with the tail's position,
-    /// which needs no request.
+    /// Where a device that names no resume point starts: a seq after which no copy of
+    /// `uid`'s inbox can be missed, since every later one reaches this gateway's [`Fanout`]
+    /// (once the device's connection follows the inbox) or is in the backlog read after
+    /// it. A standalone store answers [`Store::inbox_newest`]; in a cluster it is the
+    /// position of what this gateway's tail handed over, which needs no request and may be
+    /// below or above the inbox's newest seq.
     async fn live_tail(&self, uid: &str) -> Result<u64, StoreError> {
         self.inbox_newest(uid).await
     }

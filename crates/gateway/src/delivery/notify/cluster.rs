@@ -4,11 +4,12 @@
 //!
 //! - A send opens the window of each recipient this gateway does not know to have one
 //!   pending, while its append runs, and is answered once both are done: an answered
-//!   message has its window in NATS whatever happens to this gateway next. A send that has
-//!   windows to open runs its append and the opening in a task of their own, so a caller
-//!   dropped meanwhile (a connection that closed) cannot leave the stored message without
-//!   them. Sends for users with known windows (nearly all) pay a lookup per recipient and
-//!   no task.
+//!   message has its window in NATS whatever happens to this gateway next, unless NATS
+//!   refused the opening (then it is tried again in the background for a minute). A send
+//!   that has windows to open runs its append and the opening in a task of their own, so a
+//!   caller dropped meanwhile (a connection that closed) cannot leave the stored message
+//!   without them. Sends for users with known windows (nearly all) pay a lookup per
+//!   recipient and no task.
 //! - A window covers a message if its handler reads the inbox after the message was
 //!   stored. A gateway trusts a window it knows of until [`MARGIN_MS`] before it falls due
 //!   (for the clocks of gateways and NATS servers to differ by that much), and asks again
@@ -31,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{Reporter, CONCURRENT};
-use crate::store::nats::{DueWindow, NotifyRecord, NotifyWindows, Scheduled, Sending};
+use crate::store::nats::{DueWindow, NotifyWindows, Scheduled, Sending, WindowRecord};
 use crate::store::{now_ms, Appended, Draft, Store, StoreError};
 
 /// How long before a known window's due time a send opens one again.
@@ -46,7 +47,7 @@ const OPEN_RETRIES: u32 = 60;
 
 /// The claim a handler holds while it sends: the record as it last wrote it, and the
 /// revision that write made.
-type Held = Mutex<Option<(NotifyRecord, u64)>>;
+type Held = Mutex<Option<(WindowRecord, u64)>>;
 
 /// The notifier of one gateway of a cluster.
 pub struct Notifier {
@@ -102,9 +103,11 @@ impl Notifier {
         if self.unknown(&inboxes, sender).is_empty() {
             let appended = store.append(draft, &inboxes).await?;
             // Asked again now that it is stored: a window may have neared its due time.
+            // (A caller dropped here, in the rare case of one that did, leaves it unopened.)
             let late = self.unknown(&inboxes, sender);
             if !late.is_empty() {
-                self.open_all(late).await;
+                let failed = self.open_all(&late).await;
+                self.retry_later(failed);
             }
             return Ok(appended);
         }
@@ -114,26 +117,36 @@ impl Notifier {
             // `--notify-after` from now, long after the append. Asked again afterwards,
             // as above.
             let needed = this.unknown(&inboxes, sender);
-            let (appended, ()) = tokio::join!(store.append(draft, &inboxes), this.open_all(needed));
+            let (appended, mut failed) =
+                tokio::join!(store.append(draft, &inboxes), this.open_all(&needed));
+            // Nothing stored, nothing to open again.
             let appended = appended?;
             let late = this.unknown(&inboxes, sender);
             if !late.is_empty() {
-                this.open_all(late).await;
+                failed.extend(this.open_all(&late).await);
             }
+            this.retry_later(failed);
             Ok(appended)
         });
         task.await
             .unwrap_or_else(|e| Err(StoreError::Internal(format!("a send's task failed: {e}"))))
     }
 
-    /// Opens these users' windows at once; one that cannot be opened now is tried again in
-    /// the background.
-    async fn open_all(self: &Arc<Self>, uids: Vec<String>) {
+    /// Opens these users' windows at once; returns those that could not be opened.
+    async fn open_all(&self, uids: &[String]) -> Vec<String> {
         let opened = futures::future::join_all(uids.iter().map(|u| self.open_window(u))).await;
-        for (uid, ok) in uids.into_iter().zip(opened) {
-            if ok {
-                continue;
-            }
+        uids.iter()
+            .zip(opened)
+            .filter(|(_, ok)| !ok)
+            .map(|(u, _)| u.clone())
+            .collect()
+    }
+
+    /// Tries to open these windows again in the background, a second apart, for a minute.
+    /// The send that needed them is answered meanwhile: if this gateway stops first, or
+    /// NATS stays unreachable, the message gets no notification.
+    fn retry_later(self: &Arc<Self>, uids: Vec<String>) {
+        for uid in uids {
             let this = self.clone();
             tokio::spawn(async move {
                 for _ in 0..OPEN_RETRIES {
@@ -178,7 +191,10 @@ impl Notifier {
                 Ok(due) => {
                     let mut due = std::pin::pin!(due);
                     loop {
-                        // A slot first, so no window waits here for one after it was taken.
+                        // A slot first, so a window pulled here finds one; up to PULL_AHEAD more
+                        // can still wait in the client's buffer, and one that waits past the
+                        // ack wait goes to another gateway too (the record's claim keeps it
+                        // from being sent twice).
                         let slot = tokio::select! {
                             s = slots.clone().acquire_owned() => s.expect("the semaphore is never closed"),
                             _ = stop.cancelled() => return,
@@ -257,13 +273,9 @@ impl Notifier {
             s.at_ms = now_ms();
         }
         match self.windows.save(uid, &record, revision).await {
-            Ok(Some(revision)) => {
-                let mut h = lock(held);
-                // Unless the handler finished meanwhile.
-                if h.is_some() {
-                    *h = Some((record, revision));
-                }
-            }
+            // `handle` is not polled while this runs (both are in `fire`'s one task), so the
+            // claim is still held.
+            Ok(Some(revision)) => *lock(held) = Some((record, revision)),
             Ok(None) => {}
             Err(e) => tracing::debug!(uid, error = %e, "refreshing a notification claim failed"),
         }
@@ -286,7 +298,7 @@ impl Notifier {
                     return Ok(Some(true));
                 }
                 // Its handler stopped before it finished: send it again, same id.
-                let taken = NotifyRecord {
+                let taken = WindowRecord {
                     upto: record.upto,
                     sending: Some(Sending {
                         at_ms: now_ms(),
@@ -310,7 +322,7 @@ impl Notifier {
             let examined = self.reporter.examine(uid, record.upto).await?;
             let Some(notice) = examined.notice else {
                 if examined.upto > record.upto {
-                    let settled = NotifyRecord {
+                    let settled = WindowRecord {
                         upto: examined.upto,
                         sending: None,
                     };
@@ -320,7 +332,7 @@ impl Notifier {
                 }
                 return Ok(Some(examined.more));
             };
-            let claim = NotifyRecord {
+            let claim = WindowRecord {
                 upto: record.upto,
                 sending: Some(Sending {
                     id: notice.id.clone(),
@@ -355,7 +367,7 @@ impl Notifier {
             if !ours && record.upto >= upto {
                 return Ok(());
             }
-            let done = NotifyRecord {
+            let done = WindowRecord {
                 upto: record.upto.max(upto),
                 sending: record.sending.filter(|s| s.id != id),
             };

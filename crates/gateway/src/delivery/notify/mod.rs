@@ -6,7 +6,7 @@
 //! window is handled once. Where windows live depends on the mode: [`standalone`] keeps them
 //! in this process and in the store (a window pending at a restart fires after it);
 //! [`cluster`] keeps them in NATS, so that one window per user is pending across gateways,
-//! exactly one gateway handles it, and another does when that one dies. What a due window
+//! one gateway sends its notification, and another does when that one dies. What a due window
 //! reports is decided the same way in both modes, by [`Reporter`]:
 //!
 //! - When a device acked (or the user read) the inbox's newest message, the window closes

@@ -132,9 +132,10 @@ pub struct DiskStore {
     state: Arc<Mutex<Writer>>,
     /// Whether a send's own task commits (`--fsync batch` or `never`).
     inline: bool,
-    /// Serialises read-modify-write of cursors and groups; the groups, reloaded by the
-    /// writer when it reopens the database.
-    groups_lock: Arc<Mutex<HashMap<String, Group>>>,
+    /// Serialises every read-modify-write that is not a send (cursors, groups, read
+    /// positions, revocations, notification records: [`DiskStore::small`]); what it
+    /// guards is the groups, reloaded by the writer when it reopens the database.
+    small_writes: Arc<Mutex<HashMap<String, Group>>>,
     /// Seqs up to this were lost to damage (`--repair`): a read after an older seq says
     /// `gap`, in every inbox, since what was lost cannot be named per inbox.
     lost_upto: u64,
@@ -541,7 +542,7 @@ impl DiskStore {
         };
         let groups = load_groups(&engine.ks).map_err(corrupt)?;
         let epoch: Arc<str> = epoch.into();
-        let groups_lock = Arc::new(Mutex::new(groups));
+        let small_writes = Arc::new(Mutex::new(groups));
         let slot: Slot = Arc::new(RwLock::new(Some(Arc::new(engine))));
         let failed = Arc::new(AtomicBool::new(false));
         let (thread, rings) = flume::unbounded();
@@ -562,7 +563,7 @@ impl DiskStore {
             dedupe_window_ms: DEDUPE_WINDOW.as_millis() as u64,
             last_sweep: Instant::now(),
             last_probe: Instant::now(),
-            groups: groups_lock.clone(),
+            groups: small_writes.clone(),
             background_fsync: options.fsync == Fsync::Batch,
             unsynced_since: None,
             ring: thread.clone(),
@@ -592,7 +593,7 @@ impl DiskStore {
             thread,
             state,
             inline: options.fsync != Fsync::Always,
-            groups_lock,
+            small_writes,
             lost_upto,
             durability,
             writer: Mutex::new(Some(handle)),
@@ -607,7 +608,7 @@ impl DiskStore {
     }
 
     fn small(&self) -> MutexGuard<'_, HashMap<String, Group>> {
-        lock(&self.groups_lock)
+        lock(&self.small_writes)
     }
 
     /// Whether a read after `after` must say `gap` whatever the inbox: seqs up to

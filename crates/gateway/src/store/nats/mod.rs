@@ -19,7 +19,7 @@
 //!   so sends, cursors, read positions, history, revocations and group changes fail. What
 //!   this gateway holds in memory is still served: a backlog read that the [`Recent`] cache
 //!   covers (broadcast mode), a group in the group cache (kept by watching the bucket), the
-//!   epoch, an inbox's last seq where it is known here (broadcast: the tail's position;
+//!   epoch, an inbox's live tail where it is known here (broadcast: the tail's position;
 //!   interest: an inbox this gateway follows), and a `follow` of an inbox already followed.
 //!
 //! This module knows nothing about connections; it talks to NATS and to the `Fanout` trait.
@@ -47,7 +47,7 @@ pub use recent::Recent;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
-pub use windows::{DueWindow, NotifyWindows, Record as NotifyRecord, Scheduled, Sending};
+pub use windows::{DueWindow, NotifyWindows, Record as WindowRecord, Scheduled, Sending};
 
 use super::{
     Appended, ChangeError, CursorWrite, Draft, Fanout, Following, Group, GroupChange, History,
@@ -424,7 +424,8 @@ impl NatsStore {
         Ok(opts)
     }
 
-    /// Connects, then creates or updates the stream and the cursor bucket.
+    /// Connects, then creates or updates the stream and the buckets (cursors, groups,
+    /// revocations, read positions).
     pub async fn connect(cfg: &Config) -> anyhow::Result<Arc<Self>> {
         let n = &cfg.nats;
         // A group message is one atomic batch, one copy per member.

@@ -137,13 +137,13 @@ impl Publisher {
         Publisher(match mode {
             NatsPublish::Atomic | NatsPublish::Auto => {
                 let (tx, rx) = mpsc::unbounded_channel();
-                let shared = Arc::new(Committer {
+                let committer = Arc::new(Committer {
                     client,
                     timeout,
                     ids: BatchIds::new(),
                     stats,
                 });
-                tokio::spawn(run(shared, rx));
+                tokio::spawn(run(committer, rx));
                 Mode::Atomic(tx)
             }
             NatsPublish::Separate => Mode::Separate { client, timeout },
@@ -229,7 +229,7 @@ struct Committer {
 }
 
 /// Takes everything queued when a batch slot frees up, and commits it as one batch.
-async fn run(shared: Arc<Committer>, mut rx: mpsc::UnboundedReceiver<Queued>) {
+async fn run(committer: Arc<Committer>, mut rx: mpsc::UnboundedReceiver<Queued>) {
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     let mut carried: Option<Queued> = None;
     loop {
@@ -253,17 +253,17 @@ async fn run(shared: Arc<Committer>, mut rx: mpsc::UnboundedReceiver<Queued>) {
             size += q.copies.len();
             batch.push(q);
         }
-        tokio::spawn(commit_batch(shared.clone(), batch, slot));
+        tokio::spawn(commit_batch(committer.clone(), batch, slot));
     }
 }
 
-async fn commit_batch(shared: Arc<Committer>, batch: Vec<Queued>, _slot: OwnedSemaphorePermit) {
+async fn commit_batch(committer: Arc<Committer>, batch: Vec<Queued>, _slot: OwnedSemaphorePermit) {
     let Committer {
         client,
         timeout,
         ids,
         stats,
-    } = &*shared;
+    } = &*committer;
     let timeout = *timeout;
     let result = publish(client, &batch, timeout, ids).await;
     match result {
@@ -271,7 +271,7 @@ async fn commit_batch(shared: Arc<Committer>, batch: Vec<Queued>, _slot: OwnedSe
         // A refused batch stored nothing. One send in it may be a resend (a duplicate id
         // refuses the whole batch): each send alone finds out which.
         Err(Failed::Refused { .. }) if batch.len() > 1 => {
-            futures::future::join_all(batch.into_iter().map(|q| commit_alone(&shared, q))).await;
+            futures::future::join_all(batch.into_iter().map(|q| commit_alone(&committer, q))).await;
         }
         Err(failed) => match <[Queued; 1]>::try_from(batch) {
             Ok([q]) => answer_alone(client, q, failed, timeout).await,
@@ -285,10 +285,10 @@ async fn commit_batch(shared: Arc<Committer>, batch: Vec<Queued>, _slot: OwnedSe
     }
 }
 
-async fn commit_alone(shared: &Committer, q: Queued) {
-    let (client, timeout) = (&shared.client, shared.timeout);
-    match publish(client, std::slice::from_ref(&q), timeout, &shared.ids).await {
-        Ok(last) => answer_stored(&shared.stats, vec![q], last),
+async fn commit_alone(committer: &Committer, q: Queued) {
+    let (client, timeout) = (&committer.client, committer.timeout);
+    match publish(client, std::slice::from_ref(&q), timeout, &committer.ids).await {
+        Ok(last) => answer_stored(&committer.stats, vec![q], last),
         Err(failed) => answer_alone(client, q, failed, timeout).await,
     }
 }

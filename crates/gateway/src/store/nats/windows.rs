@@ -7,7 +7,8 @@
 //!   opens it.
 //! - When due, the server publishes it on `<prefix>.nq.due.<uid>` and removes the schedule.
 //!   The stream is a work queue with one durable consumer that all gateways pull from, so
-//!   one gateway gets each due window; unacked, it goes to another after [`ACK_WAIT`].
+//!   one gateway gets each due window; unacked, it goes to another after [`ACK_WAIT`] (so a
+//!   window can be handled twice, which the record's claim makes harmless).
 //! - What each user's notifications listed, and the one being sent, is a compare-and-set
 //!   record in the `<prefix>_notify` bucket.
 //!
@@ -187,6 +188,9 @@ impl NotifyWindows {
     /// Opens `uid`'s window due at `due_ms` (rounded up to a whole second), unless one is
     /// pending.
     pub async fn schedule(&self, uid: &str, due_ms: u64) -> Result<Scheduled, StoreError> {
+        if self.client.connection_state() != async_nats::connection::State::Connected {
+            return Err(StoreError::Unavailable("NATS is not connected".into()));
+        }
         let (at, due_ms) = schedule_time(due_ms);
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-Schedule", format!("@at {at}").as_str());
