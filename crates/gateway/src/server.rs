@@ -191,12 +191,7 @@ impl Gateway {
             let stop = stop.clone();
             tokio::spawn(async move { n.run(stop).await });
         }
-        let tcp = tokio::spawn(crate::transport::tcp::serve(
-            listeners.tcp,
-            shared.clone(),
-            shared.permits.clone(),
-            tracker.clone(),
-        ));
+        let tcp = tokio::spawn(crate::transport::tcp::serve(listeners.tcp, shared.clone()));
         let app = crate::transport::http::router(shared.clone());
         let http = tokio::spawn(crate::transport::http::listener::serve(
             listeners.http,

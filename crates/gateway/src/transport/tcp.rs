@@ -14,9 +14,7 @@ use bytes::BytesMut;
 use imgate_proto::{decode, ClientFrame, Encoding, FrameCodec, FrameError};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::codec::Framed;
-use tokio_util::task::TaskTracker;
 
 use crate::delivery::outbox::ToClient;
 use crate::per_ip::Refuse;
@@ -30,12 +28,8 @@ const TCP_BUFFER: usize = 128;
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
 /// Accepts until shutdown; each connection runs as a task on `tracker`.
-pub async fn serve(
-    listener: TcpListener,
-    shared: Arc<Shared>,
-    permits: Arc<Semaphore>,
-    tracker: TaskTracker,
-) {
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    let (permits, tracker) = (&shared.permits, &shared.tracker);
     let mut backoff = Duration::from_millis(5);
     loop {
         let permit = tokio::select! {
