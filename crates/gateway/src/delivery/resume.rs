@@ -1,9 +1,11 @@
 //! Where a device resumes (docs/protocol.md, "Messages, seqs and guarantees", rule 4): an
 //! explicit seq, else its stored cursor, else the live tail; and when a resume point belongs
 //! to another store (a reset), so the device starts over from the retained inbox and is told
-//! by a gap.
+//! by a gap. A login ([`resume_point`]) and a poll ([`poll_start`], [`poll_from`]: a poll's
+//! `after` also acks) decide it here, in one place.
 //!
-//! Reads the store and the cursors; never writes to a client.
+//! Reads the store and the cursors (and stores the cursor a poll acks); never writes to a
+//! client.
 
 use super::cursors::Cursors;
 use crate::store::{CursorWrite, Store, StoreError};
@@ -48,6 +50,53 @@ pub async fn resume_point(
         resume,
         stored,
         reset,
+    })
+}
+
+/// Where a poll (`GET /v1/messages`) starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PollStart {
+    /// After the seq the poll named, which acks everything up to it for the device.
+    After(u64),
+    /// The named seq belongs to another store: from the beginning of the retained inbox,
+    /// told by a gap, acking nothing (the seq means nothing here).
+    Reset,
+    /// The poll named none: where a login without a resume point starts.
+    Resume,
+}
+
+/// Where a poll naming `after` (of `epoch`, when named) starts; see [`PollStart`].
+pub async fn poll_start(
+    store: &dyn Store,
+    uid: &str,
+    after: Option<u64>,
+    epoch: Option<&str>,
+) -> Result<PollStart, StoreError> {
+    Ok(match after {
+        None => PollStart::Resume,
+        Some(n) if is_reset(store, uid, n, epoch).await? => PollStart::Reset,
+        Some(n) => PollStart::After(n),
+    })
+}
+
+/// Where a poll that starts at `start` reads from, acking what it must on the way: the
+/// seq, and whether a gap must be said.
+pub async fn poll_from(
+    store: &dyn Store,
+    cursors: &Cursors,
+    (uid, device): (&str, &str),
+    start: PollStart,
+) -> Result<(u64, bool), StoreError> {
+    Ok(match start {
+        PollStart::Reset => (0, true),
+        PollStart::After(n) => {
+            cursors.ack_now(uid, device, n).await?;
+            (n, false)
+        }
+        PollStart::Resume => {
+            let point = resume_point(store, cursors, uid, device, None, None).await?;
+            (point.resume, false)
+        }
     })
 }
 

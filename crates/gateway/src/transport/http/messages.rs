@@ -25,7 +25,7 @@ use super::{check_http_rate, json_body, not_admin, ApiQuery, Caller};
 use crate::auth::SYSTEM;
 use crate::delivery::outbox::SharedFrame;
 use crate::delivery::polls::Waiter;
-use crate::delivery::resume::{is_reset, resume_point};
+use crate::delivery::resume::{poll_from, poll_start, PollStart};
 use crate::delivery::send::{self, Prepared};
 use crate::delivery::DEFAULT_DEVICE;
 use crate::metrics::Transport;
@@ -110,20 +110,12 @@ pub async fn poll(
     let wait = Duration::from_secs(q.wait.unwrap_or(0).min(MAX_WAIT_SECS));
     let uid = id.uid;
 
-    // An `after` from a store that was reset or replaced starts over, with a gap; it acks
-    // nothing (its seq means nothing here).
-    let mut reset = false;
-    let mut asked = q.after;
-    if let Some(after) = q.after {
-        if is_reset(shared.store.as_ref(), &uid, after, q.epoch.as_deref()).await? {
-            reset = true;
-            asked = None;
-        }
-    }
+    let store = shared.store.as_ref();
+    let start = poll_start(store, &uid, q.after, q.epoch.as_deref()).await?;
 
     // The device's previous long poll on this gateway left its waiter registered: if this
     // poll continues from that answer, everything after it is in the waiter already.
-    if let (false, Some(after)) = (wait.is_zero(), asked) {
+    if let (false, PollStart::After(after)) = (wait.is_zero(), start) {
         if let Some(w) = shared.polls.take(&uid, &device, after).await {
             w.cursor.ack(after);
             shared.metrics.acks.increment(1);
@@ -131,22 +123,10 @@ pub async fn poll(
             return Ok(wait_for_messages(&shared, uid, device, w, after, limit, wait).await);
         }
     }
-
-    let after = match asked {
-        None if reset => 0,
-        Some(n) => {
-            // Asking after N acks everything up to N for this device.
-            shared.cursors.ack_now(&uid, &device, n).await?;
-            shared.metrics.acks.increment(1);
-            n
-        }
-        None => {
-            let (store, cursors) = (shared.store.as_ref(), &shared.cursors);
-            resume_point(store, cursors, &uid, &device, None, None)
-                .await?
-                .resume
-        }
-    };
+    let (after, reset) = poll_from(store, &shared.cursors, (&uid, &device), start).await?;
+    if let PollStart::After(_) = start {
+        shared.metrics.acks.increment(1);
+    }
 
     // Register, then follow the inbox, then read, so nothing stored between the read and
     // the wait is missed (as a session does). The cursor is stored up to `after` (acked
