@@ -271,6 +271,183 @@ fn decode(key: &[u8], value: &[u8]) -> Result<Message, StoreError> {
     })
 }
 
+/// What the seal said: its record (none for a store without one), or why it is unreadable.
+type Sealed = Result<Option<seal::Record>, String>;
+
+/// Checks that `path` is a data directory, or an empty place for one, that this process can
+/// write, and reads its seal.
+fn check_directory(path: &Path) -> Result<Sealed, OpenError> {
+    let open_err = |e: std::io::Error| OpenError::Open {
+        path: path.to_owned(),
+        source: e.into(),
+    };
+    match std::fs::metadata(path) {
+        Ok(m) if !m.is_dir() => return Err(OpenError::NotADirectory(path.to_owned())),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(open_err(e)),
+    }
+    std::fs::create_dir_all(path).map_err(open_err)?;
+    // fjall creates a missing directory's files lazily; ask for write access up front so
+    // a read-only directory fails here, not at the first send.
+    let probe = path.join(".imgate-write-check");
+    std::fs::write(&probe, b"").map_err(open_err)?;
+    let _ = std::fs::remove_file(&probe);
+    let sealed = match seal::read(path) {
+        Err(seal::ReadError::Io(e)) => return Err(open_err(e)),
+        Err(seal::ReadError::Invalid(why)) => Err(why),
+        Ok(r) => Ok(r),
+    };
+    if !path.join(ENGINE_MARKER).exists() {
+        // A fresh filesystem's root holds `lost+found`; anything else is someone's.
+        let empty = std::fs::read_dir(path)
+            .map_err(open_err)?
+            .filter_map(Result::ok)
+            .all(|e| e.file_name() == "lost+found");
+        match &sealed {
+            Ok(None) if !empty => return Err(OpenError::Foreign(path.to_owned())),
+            Ok(None) => {}
+            _ => {
+                return Err(OpenError::Corrupt {
+                    path: path.to_owned(),
+                    what: format!(
+                        "the storage engine's files are gone (no `{ENGINE_MARKER}` file) \
+                         beside {}",
+                        seal::FILE
+                    ),
+                })
+            }
+        }
+    }
+    Ok(sealed)
+}
+
+/// The storage engine at `path`; with `repair`, a journal that cannot be read back is set
+/// aside first.
+fn open_engine_or_repair(path: &Path, repair: bool) -> Result<Engine, OpenError> {
+    let open_err = |e: std::io::Error| OpenError::Open {
+        path: path.to_owned(),
+        source: e.into(),
+    };
+    Ok(match open_engine(path) {
+        Err(OpenError::Corrupt { what, .. }) if what.contains("JournalRecovery") => {
+            if !repair {
+                return Err(OpenError::Damaged {
+                    path: path.to_owned(),
+                    what: format!("its journal cannot be read back ({what})"),
+                });
+            }
+            set_journals_aside(path).map_err(open_err)?;
+            open_engine(path)?
+        }
+        r => r?,
+    })
+}
+
+/// What the database and the seal together say was lost (`None`: nothing); any of it
+/// stops the start unless `--repair`.
+fn damage_found(
+    path: &Path,
+    engine: &Engine,
+    sealed: &Sealed,
+    repair: bool,
+) -> Result<(Option<String>, Option<String>, u64), OpenError> {
+    let corrupt = |what: String| OpenError::Corrupt {
+        path: path.to_owned(),
+        what,
+    };
+
+    let (db_epoch, db_last) = recorded(&engine.ks).map_err(corrupt)?;
+    let was_sealed = engine
+        .ks
+        .meta
+        .get("sealed")
+        .map_err(|e| corrupt(e.to_string()))?
+        .is_some();
+    let mut damage = lost(sealed, db_epoch.as_deref(), db_last);
+    if damage.is_none() && was_sealed && matches!(sealed, Ok(None)) {
+        damage = Some(format!(
+            "its seal {} is gone, so what the journal lost cannot be told",
+            seal::FILE
+        ));
+    }
+    if let (Some(what), false) = (&damage, repair) {
+        return Err(OpenError::Damaged {
+            path: path.to_owned(),
+            what: what.clone(),
+        });
+    }
+    Ok((damage, db_epoch, db_last))
+}
+
+/// The epoch and highest seq the store goes on with, and its seal: the recorded ones, or a
+/// new epoch (a new store, or `--repair`) above every seq either the database or the seal
+/// made known.
+fn epoch_and_seal(
+    path: &Path,
+    engine: &Engine,
+    sealed: &Sealed,
+    repair: bool,
+) -> Result<(String, u64, seal::Seal), OpenError> {
+    let corrupt = |what: String| OpenError::Corrupt {
+        path: path.to_owned(),
+        what,
+    };
+    let seal_err = |e: std::io::Error| corrupt(format!("writing {}: {e}", seal::FILE));
+    let (damage, db_epoch, db_last) = damage_found(path, engine, sealed, repair)?;
+    let (epoch, last_seq) = match (db_epoch, repair) {
+        (Some(e), false) => (e, db_last),
+        // New, or repaired: a new epoch, and seqs above anything either side made known
+        // (a store restored from a backup too), so none is ever reused.
+        (known, repair) => {
+            let sealed_seq = sealed
+                .as_ref()
+                .ok()
+                .and_then(Option::as_ref)
+                .map_or(0, |s| s.seq);
+            let last = db_last.max(sealed_seq);
+            let epoch = super::new_epoch();
+            let mut b = engine.db.batch();
+            b.insert(&engine.ks.meta, "epoch", epoch.as_bytes());
+            b.insert(&engine.ks.meta, "last_seq", last.to_be_bytes());
+            if repair && known.is_some() {
+                // Every read after an older seq says `gap` from now on.
+                b.insert(&engine.ks.meta, "lost_upto", last.to_be_bytes());
+                tracing::warn!(
+                    data_dir = %path.display(),
+                    damage = damage.as_deref().unwrap_or("none found"),
+                    new_epoch = %epoch,
+                    next_seq = last + 1,
+                    "--repair: serving what the disk store holds under a new epoch; \
+                     devices resuming from before it are told of a gap"
+                );
+            }
+            b.commit().map_err(|e| corrupt(e.to_string()))?;
+            (epoch, last)
+        }
+    };
+    let seal = if matches!(sealed, Ok(Some(r)) if r.epoch == epoch) {
+        seal::open(path, &epoch).map_err(seal_err)?
+    } else {
+        // A new store, a repaired one, or one written before seals existed.
+        let record = seal::Record {
+            epoch: epoch.clone(),
+            seq: last_seq,
+        };
+        engine
+            .ks
+            .meta
+            .insert("sealed", b"1")
+            .map_err(|e| corrupt(e.to_string()))?;
+        engine
+            .db
+            .persist(PersistMode::SyncAll)
+            .map_err(|e| corrupt(e.to_string()))?;
+        seal::create(path, &record).map_err(seal_err)?
+    };
+    Ok((epoch, last_seq, seal))
+}
+
 /// Opens the database in `path` with its keyspaces.
 fn open_engine(path: &Path) -> Result<Engine, OpenError> {
     let corrupt = |e: fjall::Error| OpenError::Corrupt {
@@ -400,135 +577,17 @@ impl DiskStore {
         options: Options,
         fanout: Arc<dyn Fanout>,
     ) -> Result<DiskStore, OpenError> {
-        let open_err = |e: std::io::Error| OpenError::Open {
-            path: path.to_owned(),
-            source: e.into(),
-        };
-        match std::fs::metadata(path) {
-            Ok(m) if !m.is_dir() => return Err(OpenError::NotADirectory(path.to_owned())),
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(open_err(e)),
-        }
-        std::fs::create_dir_all(path).map_err(open_err)?;
-        // fjall creates a missing directory's files lazily; ask for write access up front so
-        // a read-only directory fails here, not at the first send.
-        let probe = path.join(".imgate-write-check");
-        std::fs::write(&probe, b"").map_err(open_err)?;
-        let _ = std::fs::remove_file(&probe);
-        let sealed = match seal::read(path) {
-            Err(seal::ReadError::Io(e)) => return Err(open_err(e)),
-            Err(seal::ReadError::Invalid(why)) => Err(why),
-            Ok(r) => Ok(r),
-        };
-        if !path.join(ENGINE_MARKER).exists() {
-            // A fresh filesystem's root holds `lost+found`; anything else is someone's.
-            let empty = std::fs::read_dir(path)
-                .map_err(open_err)?
-                .filter_map(Result::ok)
-                .all(|e| e.file_name() == "lost+found");
-            match &sealed {
-                Ok(None) if !empty => return Err(OpenError::Foreign(path.to_owned())),
-                Ok(None) => {}
-                _ => {
-                    return Err(OpenError::Corrupt {
-                        path: path.to_owned(),
-                        what: format!(
-                            "the storage engine's files are gone (no `{ENGINE_MARKER}` file) \
-                             beside {}",
-                            seal::FILE
-                        ),
-                    })
-                }
-            }
-        }
-        let engine = match open_engine(path) {
-            Err(OpenError::Corrupt { what, .. }) if what.contains("JournalRecovery") => {
-                if !options.repair {
-                    return Err(OpenError::Damaged {
-                        path: path.to_owned(),
-                        what: format!("its journal cannot be read back ({what})"),
-                    });
-                }
-                set_journals_aside(path).map_err(open_err)?;
-                open_engine(path)?
-            }
-            r => r?,
-        };
+        // What is left here past 60 lines is the two structs it fills, field by field.
+        let sealed = check_directory(path)?;
+        let engine = open_engine_or_repair(path, options.repair)?;
+        let (epoch, last_seq, seal) = epoch_and_seal(path, &engine, &sealed, options.repair)?;
         let corrupt = |what: String| OpenError::Corrupt {
             path: path.to_owned(),
             what,
         };
-        let (db_epoch, db_last) = recorded(&engine.ks).map_err(corrupt)?;
-        let was_sealed = engine
-            .ks
-            .meta
-            .get("sealed")
-            .map_err(|e| corrupt(e.to_string()))?
-            .is_some();
-        let seal_err = |e: std::io::Error| corrupt(format!("writing {}: {e}", seal::FILE));
-        let mut damage = lost(&sealed, db_epoch.as_deref(), db_last);
-        if damage.is_none() && was_sealed && matches!(sealed, Ok(None)) {
-            damage = Some(format!(
-                "its seal {} is gone, so what the journal lost cannot be told",
-                seal::FILE
-            ));
-        }
-        if let (Some(what), false) = (&damage, options.repair) {
-            return Err(OpenError::Damaged {
-                path: path.to_owned(),
-                what: what.clone(),
-            });
-        }
-        let (epoch, last_seq) = match (db_epoch, options.repair) {
-            (Some(e), false) => (e, db_last),
-            // New, or repaired: a new epoch, and seqs above anything either side made known
-            // (a store restored from a backup too), so none is ever reused.
-            (known, repair) => {
-                let sealed_seq = sealed
-                    .as_ref()
-                    .ok()
-                    .and_then(Option::as_ref)
-                    .map_or(0, |s| s.seq);
-                let last = db_last.max(sealed_seq);
-                let epoch = super::new_epoch();
-                let mut b = engine.db.batch();
-                b.insert(&engine.ks.meta, "epoch", epoch.as_bytes());
-                b.insert(&engine.ks.meta, "last_seq", last.to_be_bytes());
-                if repair && known.is_some() {
-                    // Every read after an older seq says `gap` from now on.
-                    b.insert(&engine.ks.meta, "lost_upto", last.to_be_bytes());
-                    tracing::warn!(
-                        data_dir = %path.display(),
-                        damage = damage.as_deref().unwrap_or("none found"),
-                        new_epoch = %epoch,
-                        next_seq = last + 1,
-                        "--repair: serving what the disk store holds under a new epoch; \
-                         devices resuming from before it are told of a gap"
-                    );
-                }
-                b.commit().map_err(|e| corrupt(e.to_string()))?;
-                (epoch, last)
-            }
-        };
-        let seal = if matches!(&sealed, Ok(Some(r)) if r.epoch == epoch) {
-            seal::open(path, &epoch).map_err(seal_err)?
-        } else {
-            // A new store, a repaired one, or one written before seals existed.
-            let record = seal::Record {
-                epoch: epoch.clone(),
-                seq: last_seq,
-            };
-            engine
-                .ks
-                .meta
-                .insert("sealed", b"1")
-                .map_err(|e| corrupt(e.to_string()))?;
-            engine
-                .db
-                .persist(PersistMode::SyncAll)
-                .map_err(|e| corrupt(e.to_string()))?;
-            seal::create(path, &record).map_err(seal_err)?
+        let open_err = |e: std::io::Error| OpenError::Open {
+            path: path.to_owned(),
+            source: e.into(),
         };
         let lost_upto = engine
             .ks
