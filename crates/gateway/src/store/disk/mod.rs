@@ -819,6 +819,16 @@ struct Writer {
     ring: flume::Sender<Ring>,
 }
 
+/// A commit's sends, staged: per send, `Ok(seqs)` when new or `Err(original)` for a repeat
+/// (no seqs: it could not be encoded); the new ones by `(from, id)`; their copies; and the
+/// last seq given.
+struct Staged<'a> {
+    outcomes: Vec<Result<Appended, Appended>>,
+    fresh: HashMap<(String, String), Appended>,
+    copies: Vec<Copy<'a>>,
+    seq: u64,
+}
+
 /// One inbox copy of a batch, before it is written.
 struct Copy<'a> {
     uid: &'a str,
@@ -1043,19 +1053,66 @@ impl Writer {
         };
         let now = now_ms();
         let mut batch = engine.db.batch().durability(Some(self.durability));
+        self.forget_sends_before(now.saturating_sub(self.dedupe_window_ms));
+        let Staged {
+            outcomes,
+            fresh,
+            mut copies,
+            seq,
+        } = self.stage(&engine, &mut batch, &sends, now);
+        let counts = match self.trim(&engine, &mut batch, &mut copies) {
+            Ok(c) => c,
+            Err(e) => {
+                self.refuse(sends, &e);
+                return;
+            }
+        };
+        for c in copies {
+            batch.insert(&engine.ks.inbox, inbox_key(c.uid, c.seq), c.value);
+        }
+        batch.insert(&engine.ks.meta, "last_seq", seq.to_be_bytes());
+        if let Err(e) = batch.commit() {
+            self.refuse(sends, &e);
+            return;
+        }
+        if seq != self.last_seq {
+            if let Err(e) = self.seal.record(seq) {
+                tracing::error!(error = %e, "disk store: recording the seal failed");
+            }
+        }
+        self.last_seq = seq;
+        self.high.store(seq, Ordering::Release);
+        self.counts.extend(counts);
+        self.remember(fresh, now);
+        self.hand_over_and_answer(sends, outcomes);
+    }
+
+    /// Forgets the sends remembered for the dedupe window before `before` (Unix ms).
+    fn forget_sends_before(&mut self, before: u64) {
         while let Some((at, _, _)) = self.dedupe_order.front() {
-            if now.saturating_sub(*at) < self.dedupe_window_ms {
+            if *at > before {
                 break;
             }
             let (_, from, id) = self.dedupe_order.pop_front().expect("front exists");
             self.dedupe.remove(&(from, id));
         }
+    }
+
+    /// Puts `sends` in `batch` (each new one's send record; its copies are returned, for
+    /// the inbox trim first), numbering copies on from the last seq; a repeat of a send
+    /// remembered, or of one earlier in `sends`, gets the original's seqs instead.
+    fn stage<'a>(
+        &self,
+        engine: &Engine,
+        batch: &mut fjall::OwnedWriteBatch,
+        sends: &'a [Append],
+        now: u64,
+    ) -> Staged<'a> {
         let mut seq = self.last_seq;
-        // Per send: Err(original) for a repeat, Ok(seqs) for a new one.
-        let mut outcomes: Vec<Result<Appended, Appended>> = Vec::with_capacity(sends.len());
+        let mut outcomes = Vec::with_capacity(sends.len());
         let mut fresh: HashMap<(String, String), Appended> = HashMap::new();
         let mut copies = Vec::new();
-        for s in &sends {
+        for s in sends {
             let key = (s.draft.from.clone(), s.draft.id.clone());
             if let Some(r) = self.dedupe.get(&key) {
                 outcomes.push(Err(Appended {
@@ -1114,29 +1171,16 @@ impl Writer {
             fresh.insert(key, appended.clone());
             outcomes.push(Ok(appended));
         }
-        let counts = match self.trim(&engine, &mut batch, &mut copies) {
-            Ok(c) => c,
-            Err(e) => {
-                self.refuse(sends, &e);
-                return;
-            }
-        };
-        for c in copies {
-            batch.insert(&engine.ks.inbox, inbox_key(c.uid, c.seq), c.value);
+        Staged {
+            outcomes,
+            fresh,
+            copies,
+            seq,
         }
-        batch.insert(&engine.ks.meta, "last_seq", seq.to_be_bytes());
-        if let Err(e) = batch.commit() {
-            self.refuse(sends, &e);
-            return;
-        }
-        if seq != self.last_seq {
-            if let Err(e) = self.seal.record(seq) {
-                tracing::error!(error = %e, "disk store: recording the seal failed");
-            }
-        }
-        self.last_seq = seq;
-        self.high.store(seq, Ordering::Release);
-        self.counts.extend(counts);
+    }
+
+    /// Remembers the sends just stored, for the dedupe window.
+    fn remember(&mut self, fresh: HashMap<(String, String), Appended>, now: u64) {
         for ((from, id), a) in fresh {
             self.dedupe_order.push_back((now, from.clone(), id.clone()));
             self.dedupe.insert(
@@ -1148,6 +1192,10 @@ impl Writer {
                 },
             );
         }
+    }
+
+    /// Hands each stored copy to the fanout, then answers every send.
+    fn hand_over_and_answer(&self, sends: Vec<Append>, outcomes: Vec<Result<Appended, Appended>>) {
         for (s, outcome) in sends.iter().zip(&outcomes) {
             let Ok(a) = outcome else { continue };
             for (uid, seq) in s.inboxes.iter().zip(&a.seqs) {
