@@ -722,78 +722,32 @@ where
     T: Frames,
 {
     let answer = match f {
-        ClientFrame::Ping => ServerFrame::Pong,
+        ClientFrame::Ping => Some(ServerFrame::Pong),
+        ClientFrame::Ack { seq } if seq > live.last_sent => Some(ServerFrame::error(
+            ErrorCode::BadRequest,
+            format!("ack {seq} is beyond the last seq sent ({})", live.last_sent),
+        )),
         ClientFrame::Ack { seq } => {
-            if seq > live.last_sent {
-                ServerFrame::error(
-                    ErrorCode::BadRequest,
-                    format!("ack {seq} is beyond the last seq sent ({})", live.last_sent),
-                )
-            } else {
-                shared.metrics.acks.increment(1);
-                live.acked(seq);
-                return Ok(());
-            }
+            shared.metrics.acks.increment(1);
+            live.acked(seq);
+            None
         }
-        // A read is a store write like a send: under the same quota.
-        ClientFrame::Read { .. } if live.over_quota(&shared.cfg) => Refusal::rate_limited().into(),
-        ClientFrame::Read { seq } => {
-            let raised = match reads::check(seq, live.last_sent) {
-                Ok(()) => shared
-                    .store
-                    .set_read(live.uid(), seq, live.conn_id)
-                    .await
-                    .map_err(Refusal::from),
-                Err(r) => Err(r),
-            };
-            match raised {
-                Ok(_) => return Ok(()),
-                Err(r) => r.into(),
-            }
-        }
+        ClientFrame::Read { seq } => on_read(shared, live, seq).await,
         ClientFrame::Send(send) => match accept_send(shared, live, send) {
             Ok(fut) => {
                 live.inflight
                     .get_or_insert_with(Default::default)
                     .push_back(fut);
-                return Ok(());
+                None
             }
-            Err(frame) => *frame,
+            Err(frame) => Some(*frame),
         },
-        ClientFrame::Login(_) => ServerFrame::error(ErrorCode::BadRequest, "already logged in"),
-        ClientFrame::Refresh { token } => match shared.auth.verify(&token) {
-            Ok(id) if id.uid == live.uid() => {
-                live.exp = id.exp;
-                live.expires = expiry(id.exp);
-                ServerFrame::Refreshed { exp: id.exp }
-            }
-            Ok(_) => ServerFrame::error(
-                ErrorCode::Unauthorized,
-                "a refresh token must be for the uid of the connection",
-            ),
-            Err(e) => ServerFrame::error(ErrorCode::Unauthorized, e.to_string()),
-        },
-        ClientFrame::Join { room } => {
-            if !is_valid_id(&room) {
-                Refusal::bad_id("room").into()
-            } else if live.rooms.contains(&room) {
-                return Ok(());
-            } else if live.rooms.len() >= shared.cfg.max_rooms_per_connection {
-                ServerFrame::error(
-                    ErrorCode::BadRequest,
-                    format!(
-                        "a connection joins at most {} rooms (--max-rooms-per-connection)",
-                        shared.cfg.max_rooms_per_connection
-                    ),
-                )
-            } else {
-                shared
-                    .hub
-                    .join_room(&room, live.uid(), live.device(), live.conn_id, None);
-                live.rooms.push(room);
-                return Ok(());
-            }
-        }
+        ClientFrame::Login(_) => Some(ServerFrame::error(
+            ErrorCode::BadRequest,
+            "already logged in",
+        )),
+        ClientFrame::Refresh { token } => Some(on_refresh(shared, live, &token)),
+        ClientFrame::Join { room } => on_join(shared, live, room),
         ClientFrame::Leave { room } => {
             if let Some(i) = live.rooms.iter().position(|r| *r == room) {
                 live.rooms.swap_remove(i);
@@ -801,26 +755,94 @@ where
                     .hub
                     .leave_room(&room, live.uid(), live.device(), live.conn_id);
             }
-            return Ok(());
+            None
         }
-        ClientFrame::Publish { room, body } => {
-            match rooms::check_publish(shared.cfg.max_body, &room, &body) {
-                Err(r) => r.into(),
-                Ok(()) if !live.rooms.contains(&room) => ServerFrame::error(
-                    ErrorCode::NotMember,
-                    format!("join {room:?} before publishing to it"),
-                ),
-                Ok(()) if live.over_quota(&shared.cfg) => Refusal::rate_limited().into(),
-                Ok(()) => {
-                    match rooms::publish(shared.bus.as_ref(), &room, live.uid(), body).await {
-                        Ok(()) => return Ok(()),
-                        Err(r) => r.into(),
-                    }
-                }
-            }
-        }
+        ClientFrame::Publish { room, body } => on_publish(shared, live, room, body).await,
     };
-    reply(io, live, answer).await
+    match answer {
+        Some(answer) => reply(io, live, answer).await,
+        None => Ok(()),
+    }
+}
+
+/// A `read` frame: raises the user's read position; an error frame if refused.
+async fn on_read(shared: &Shared, live: &mut Live, seq: u64) -> Option<ServerFrame> {
+    // A read is a store write like a send: under the same quota.
+    if live.over_quota(&shared.cfg) {
+        return Some(Refusal::rate_limited().into());
+    }
+    let raised = match reads::check(seq, live.last_sent) {
+        Ok(()) => shared
+            .store
+            .set_read(live.uid(), seq, live.conn_id)
+            .await
+            .map_err(Refusal::from),
+        Err(r) => Err(r),
+    };
+    raised.err().map(Into::into)
+}
+
+/// A `refresh` frame: a newer token for the same uid moves the connection's expiry.
+fn on_refresh(shared: &Shared, live: &mut Live, token: &str) -> ServerFrame {
+    match shared.auth.verify(token) {
+        Ok(id) if id.uid == live.uid() => {
+            live.exp = id.exp;
+            live.expires = expiry(id.exp);
+            ServerFrame::Refreshed { exp: id.exp }
+        }
+        Ok(_) => ServerFrame::error(
+            ErrorCode::Unauthorized,
+            "a refresh token must be for the uid of the connection",
+        ),
+        Err(e) => ServerFrame::error(ErrorCode::Unauthorized, e.to_string()),
+    }
+}
+
+/// A `join` frame; an error frame if refused.
+fn on_join(shared: &Shared, live: &mut Live, room: String) -> Option<ServerFrame> {
+    if !is_valid_id(&room) {
+        return Some(Refusal::bad_id("room").into());
+    }
+    if live.rooms.contains(&room) {
+        return None;
+    }
+    if live.rooms.len() >= shared.cfg.max_rooms_per_connection {
+        return Some(ServerFrame::error(
+            ErrorCode::BadRequest,
+            format!(
+                "a connection joins at most {} rooms (--max-rooms-per-connection)",
+                shared.cfg.max_rooms_per_connection
+            ),
+        ));
+    }
+    shared
+        .hub
+        .join_room(&room, live.uid(), live.device(), live.conn_id, None);
+    live.rooms.push(room);
+    None
+}
+
+/// A `publish` frame to a joined room; an error frame if refused.
+async fn on_publish(
+    shared: &Shared,
+    live: &mut Live,
+    room: String,
+    body: serde_json::Value,
+) -> Option<ServerFrame> {
+    if let Err(r) = rooms::check_publish(shared.cfg.max_body, &room, &body) {
+        return Some(r.into());
+    }
+    if !live.rooms.contains(&room) {
+        return Some(ServerFrame::error(
+            ErrorCode::NotMember,
+            format!("join {room:?} before publishing to it"),
+        ));
+    }
+    if live.over_quota(&shared.cfg) {
+        return Some(Refusal::rate_limited().into());
+    }
+    let published = rooms::publish(shared.bus.as_ref(), &room, live.uid(), body).await;
+    published.err().map(Into::into)
 }
 
 /// Answers a client frame at once, unless sends before it still wait for the store: then
