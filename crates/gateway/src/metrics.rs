@@ -143,6 +143,7 @@ static METADATA: Metadata<'static> =
     Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
 
 impl Metrics {
+    // Long only because it registers every metric, one handle each.
     pub fn new() -> Self {
         let recorder = PrometheusBuilder::new().build_recorder();
         let handle = recorder.handle();
@@ -221,6 +222,7 @@ impl Metrics {
         m
     }
 
+    // Long only because it is the list of every metric's help text, one call each.
     fn describe(&self) {
         let d = |name: &'static str, unit: Unit, text: &'static str| {
             self.recorder

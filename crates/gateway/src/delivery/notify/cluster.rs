@@ -297,27 +297,13 @@ impl Notifier {
                     // after it waits for the next window.
                     return Ok(Some(true));
                 }
-                // Its handler stopped before it finished: send it again, same id.
-                let taken = WindowRecord {
-                    upto: record.upto,
-                    sending: Some(Sending {
-                        at_ms: now_ms(),
-                        ..sending.clone()
-                    }),
-                };
-                let Some(revision) = self.windows.save(uid, &taken, revision).await? else {
-                    continue;
-                };
-                *lock(held) = Some((taken, revision));
-                let notice = self.reporter.again(uid, &sending.id, &sending.seqs).await?;
-                if let Some(notice) = &notice {
-                    tracing::info!(uid, id = notice.id, "sending a notification again");
-                    if self.reporter.send(uid, notice, stop).await.is_none() {
-                        return Ok(None);
-                    }
+                match self
+                    .take_over(uid, &record, revision, sending, held, stop)
+                    .await?
+                {
+                    Some(outcome) => return Ok(outcome),
+                    None => continue,
                 }
-                self.finish(uid, held, &sending.id, sending.upto).await?;
-                return Ok(Some(true));
             }
             let examined = self.reporter.examine(uid, record.upto).await?;
             let Some(notice) = examined.notice else {
@@ -352,6 +338,41 @@ impl Notifier {
             self.finish(uid, held, &notice.id, examined.upto).await?;
             return Ok(Some(examined.more));
         }
+    }
+
+    /// Takes over the stale claim `sending` of `uid`'s record (at `revision`), whose
+    /// handler stopped before it finished, and sends that notification again, same id;
+    /// `None` if the record changed meanwhile (look again), else what [`Self::handle`]
+    /// returns.
+    async fn take_over(
+        &self,
+        uid: &str,
+        record: &WindowRecord,
+        revision: u64,
+        sending: Sending,
+        held: &Held,
+        stop: &CancellationToken,
+    ) -> Result<Option<Option<bool>>, StoreError> {
+        let taken = WindowRecord {
+            upto: record.upto,
+            sending: Some(Sending {
+                at_ms: now_ms(),
+                ..sending.clone()
+            }),
+        };
+        let Some(revision) = self.windows.save(uid, &taken, revision).await? else {
+            return Ok(None);
+        };
+        *lock(held) = Some((taken, revision));
+        let notice = self.reporter.again(uid, &sending.id, &sending.seqs).await?;
+        if let Some(notice) = &notice {
+            tracing::info!(uid, id = notice.id, "sending a notification again");
+            if self.reporter.send(uid, notice, stop).await.is_none() {
+                return Ok(Some(None));
+            }
+        }
+        self.finish(uid, held, &sending.id, sending.upto).await?;
+        Ok(Some(Some(true)))
     }
 
     /// Clears notification `id` from `uid`'s record and raises its `upto`, starting from

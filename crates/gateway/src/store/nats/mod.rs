@@ -552,6 +552,7 @@ impl NatsStore {
         }
     }
 
+    // Long only because it is the stream's and the four buckets' configurations.
     async fn provision(
         js: &jetstream::Context,
         names: &Names,
