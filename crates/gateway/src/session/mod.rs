@@ -511,22 +511,8 @@ where
             .await
             .map_err(|e| refuse(e.into()))?;
         if !welcomed {
-            let (read, unread) = read_and_unread(shared, live.uid(), live.last_sent, &page)
-                .await
-                .map_err(|e| refuse(e.into()))?;
-            let welcome = ServerFrame::Welcome {
-                uid: live.uid().to_owned(),
-                device: device.to_owned(),
-                resume,
-                gap: page.gap || reset,
-                epoch: shared.store.epoch().to_string(),
-                exp: Some(live.exp),
-                read,
-                unread,
-            };
-            io.write(ToClient::Frame(welcome), false).await?;
+            welcome(shared, io, live, (device, resume), reset || page.gap, &page).await?;
             welcomed = true;
-            live.read_told = read;
         }
         let more = page.more;
         let now = Instant::now();
@@ -538,22 +524,66 @@ where
         }
         queued.retain(|d| d.seq() > live.last_sent);
         if !more {
-            let now = Instant::now();
-            for d in queued {
-                let seq = d.seq();
-                io.write(ToClient::Shared(d), false).await?;
-                live.sent(seq, now);
-            }
-            if read_rose > live.read_told {
-                live.read_told = read_rose;
-                let read = ServerFrame::Read { seq: read_rose };
-                io.write(ToClient::Frame(read), false).await?;
-            }
-            io.flush().await?;
-            return Ok(());
+            return end_replay(io, live, queued, read_rose).await;
         }
         io.flush().await?;
     }
+}
+
+/// Writes `welcome`, with the user's read position and unread count (counted from `page`,
+/// the first page of the backlog, where it can).
+async fn welcome<T>(
+    shared: &Shared,
+    io: &mut Io<T>,
+    live: &mut Live,
+    (device, resume): (&str, u64),
+    gap: bool,
+    page: &Page,
+) -> Result<(), End>
+where
+    T: Frames,
+{
+    let (read, unread) = read_and_unread(shared, live.uid(), live.last_sent, page)
+        .await
+        .map_err(|e| refuse(e.into()))?;
+    let welcome = ServerFrame::Welcome {
+        uid: live.uid().to_owned(),
+        device: device.to_owned(),
+        resume,
+        gap,
+        epoch: shared.store.epoch().to_string(),
+        exp: Some(live.exp),
+        read,
+        unread,
+    };
+    io.write(ToClient::Frame(welcome), false).await?;
+    live.read_told = read;
+    Ok(())
+}
+
+/// After the last page: the copies queued meanwhile that it did not hold, and a rise of
+/// the read position told meanwhile, then one flush.
+async fn end_replay<T>(
+    io: &mut Io<T>,
+    live: &mut Live,
+    queued: VecDeque<Arc<SharedFrame>>,
+    read_rose: u64,
+) -> Result<(), End>
+where
+    T: Frames,
+{
+    let now = Instant::now();
+    for d in queued {
+        let seq = d.seq();
+        io.write(ToClient::Shared(d), false).await?;
+        live.sent(seq, now);
+    }
+    if read_rose > live.read_told {
+        live.read_told = read_rose;
+        let read = ServerFrame::Read { seq: read_rose };
+        io.write(ToClient::Frame(read), false).await?;
+    }
+    io.flush().await
 }
 
 /// The user's read position and unread count for `welcome`. The unread messages are
