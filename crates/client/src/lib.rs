@@ -455,6 +455,50 @@ impl Actor {
     }
 
     /// Serves one connection until it ends.
+    /// A command from the handle; `Some` when the connection must end.
+    async fn on_command(&mut self, conn: &mut Conn, cmd: Option<Command>) -> Option<Exit> {
+        let sent = match cmd {
+            None => return Some(Exit::Close),
+            Some(Command::Close(done)) => {
+                self.close_gracefully(conn).await;
+                let _ = done.send(());
+                return Some(Exit::Close);
+            }
+            Some(Command::Reconnect) => return Some(Exit::Reconnect(None)),
+            Some(Command::Frame(f)) => conn.frames.send(f).await,
+            Some(Command::Refresh(token)) => {
+                self.builder.token = token.clone();
+                conn.frames.send(ClientFrame::Refresh { token }).await
+            }
+            Some(Command::Send(send, reply)) => {
+                let id = send.id.clone().expect("the handle sets an id");
+                self.order += 1;
+                let frame = ClientFrame::Send(send.clone());
+                self.pending.insert(id, (self.order, send, reply));
+                conn.frames.send(frame).await
+            }
+        };
+        sent.is_err().then_some(Exit::Reconnect(None))
+    }
+
+    /// The token source's answer: a new token is sent as a `refresh`; a failure asks again
+    /// after [`TOKEN_RETRY`] (the connection loop moves its timer). `Some` when the
+    /// connection must end.
+    async fn on_token(&mut self, conn: &mut Conn, fetched: Result<String, String>) -> Option<Exit> {
+        match fetched {
+            Ok(token) => {
+                self.builder.token = token.clone();
+                let sent = conn.frames.send(ClientFrame::Refresh { token }).await;
+                sent.is_err().then_some(Exit::Reconnect(None))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the token source failed; asking again");
+                self.refresh_due = Some(tokio::time::Instant::now() + TOKEN_RETRY);
+                None
+            }
+        }
+    }
+
     async fn connected(&mut self, conn: &mut Conn) -> Exit {
         // Armed only while something received is unacked, so an idle client (or one that
         // only sees room messages) never wakes for it.
@@ -480,35 +524,11 @@ impl Actor {
                 _ => {}
             }
             tokio::select! {
-                cmd = self.commands.recv() => match cmd {
-                    None => return Exit::Close,
-                    Some(Command::Close(done)) => {
-                        self.close_gracefully(conn).await;
-                        let _ = done.send(());
-                        return Exit::Close;
+                cmd = self.commands.recv() => {
+                    if let Some(exit) = self.on_command(conn, cmd).await {
+                        return exit;
                     }
-                    Some(Command::Reconnect) => return Exit::Reconnect(None),
-                    Some(Command::Frame(f)) => {
-                        if conn.frames.send(f).await.is_err() {
-                            return Exit::Reconnect(None);
-                        }
-                    }
-                    Some(Command::Refresh(token)) => {
-                        self.builder.token = token.clone();
-                        if conn.frames.send(ClientFrame::Refresh { token }).await.is_err() {
-                            return Exit::Reconnect(None);
-                        }
-                    }
-                    Some(Command::Send(send, reply)) => {
-                        let id = send.id.clone().expect("the handle sets an id");
-                        self.order += 1;
-                        let frame = ClientFrame::Send(send.clone());
-                        self.pending.insert(id, (self.order, send, reply));
-                        if conn.frames.send(frame).await.is_err() {
-                            return Exit::Reconnect(None);
-                        }
-                    }
-                },
+                }
                 frame = conn.frames.next() => match frame {
                     Some(Ok(f)) => {
                         if let Some(exit) = self.on_frame(conn, f).await {
@@ -529,19 +549,9 @@ impl Actor {
                 }
                 fetched = async { fetching.as_mut().expect("guarded").await }, if fetching.is_some() => {
                     fetching = None;
-                    match fetched.unwrap_or_else(|e| Err(e.to_string())) {
-                        Ok(token) => {
-                            self.builder.token = token.clone();
-                            if conn.frames.send(ClientFrame::Refresh { token }).await.is_err() {
-                                return Exit::Reconnect(None);
-                            }
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "the token source failed; asking again");
-                            let again = tokio::time::Instant::now() + TOKEN_RETRY;
-                            self.refresh_due = Some(again);
-                            refresh_due.as_mut().reset(again);
-                        }
+                    let fetched = fetched.unwrap_or_else(|e| Err(e.to_string()));
+                    if let Some(exit) = self.on_token(conn, fetched).await {
+                        return exit;
                     }
                 }
             }
