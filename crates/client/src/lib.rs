@@ -454,7 +454,6 @@ impl Actor {
         }
     }
 
-    /// Serves one connection until it ends.
     /// A command from the handle; `Some` when the connection must end.
     async fn on_command(&mut self, conn: &mut Conn, cmd: Option<Command>) -> Option<Exit> {
         let sent = match cmd {
@@ -499,6 +498,7 @@ impl Actor {
         }
     }
 
+    /// Serves one connection until it ends.
     async fn connected(&mut self, conn: &mut Conn) -> Exit {
         // Armed only while something received is unacked, so an idle client (or one that
         // only sees room messages) never wakes for it.

@@ -52,6 +52,36 @@ pub(crate) fn event_id(s: &str) -> Option<(Option<String>, u64)> {
     }
 }
 
+/// Where a stream resumes: `Last-Event-ID` (a reconnecting `EventSource`), else `?after=`,
+/// each `<epoch>:<seq>` or a bare seq; neither, the device's cursor.
+fn resume_from(
+    headers: &HeaderMap,
+    after: Option<&str>,
+) -> Result<(Option<String>, Option<u64>), Refusal> {
+    let last_event_id = match headers.get("last-event-id") {
+        Some(v) => Some(v.to_str().ok().and_then(event_id).ok_or_else(|| {
+            Refusal::new(
+                ErrorCode::BadRequest,
+                "Last-Event-ID must be <epoch>:<seq> or a seq",
+            )
+        })?),
+        None => None,
+    };
+    let after = match after {
+        Some(a) => Some(event_id(a).ok_or_else(|| {
+            Refusal::new(
+                ErrorCode::BadRequest,
+                "after must be <epoch>:<seq> or a seq",
+            )
+        })?),
+        None => None,
+    };
+    Ok(match last_event_id.or(after) {
+        Some((epoch, seq)) => (epoch, Some(seq)),
+        None => (None, None),
+    })
+}
+
 /// `GET /v1/events`.
 pub async fn events(
     State(shared): State<Arc<Shared>>,
@@ -66,28 +96,7 @@ pub async fn events(
     {
         return Err(Refusal::bad_id("device"));
     }
-    let last_event_id = match headers.get("last-event-id") {
-        Some(v) => Some(v.to_str().ok().and_then(event_id).ok_or_else(|| {
-            Refusal::new(
-                ErrorCode::BadRequest,
-                "Last-Event-ID must be <epoch>:<seq> or a seq",
-            )
-        })?),
-        None => None,
-    };
-    let after = match q.after.as_deref() {
-        Some(a) => Some(event_id(a).ok_or_else(|| {
-            Refusal::new(
-                ErrorCode::BadRequest,
-                "after must be <epoch>:<seq> or a seq",
-            )
-        })?),
-        None => None,
-    };
-    let (epoch, resume) = match last_event_id.or(after) {
-        Some((epoch, seq)) => (epoch, Some(seq)),
-        None => (None, None),
-    };
+    let (epoch, resume) = resume_from(&headers, q.after.as_deref())?;
     let Ok(permit) = shared.permits.clone().try_acquire_owned() else {
         return Err(Refusal::new(
             ErrorCode::Unavailable,
