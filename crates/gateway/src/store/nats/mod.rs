@@ -1027,7 +1027,7 @@ impl Store for NatsStore {
         let copies = inboxes
             .iter()
             .map(|uid| Copy {
-                subject: self.names.user_subject(uid),
+                subject: self.names.user_subject(uid).into(),
                 msg_id: format!("{}:{}:{uid}", draft.from, draft.id),
             })
             .collect();

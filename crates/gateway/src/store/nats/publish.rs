@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::HeaderMap;
+use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
 use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
@@ -47,7 +47,9 @@ const NEVER_AN_ID: &str = "imgate: no message has this id";
 /// One inbox copy of a send.
 #[derive(Debug, Clone)]
 pub(super) struct Copy {
-    pub(super) subject: String,
+    /// Made once per copy: every publish and request of it clones the subject's shared
+    /// bytes, not a string.
+    pub(super) subject: Subject,
     /// `<from>:<id>:<uid>`.
     pub(super) msg_id: String,
 }
@@ -400,7 +402,7 @@ async fn publish(
 /// One request, answered by a PubAck; a PubAck with an error is [`Failed::Refused`].
 async fn request(
     client: &async_nats::Client,
-    subject: String,
+    subject: Subject,
     headers: HeaderMap,
     payload: Bytes,
     timeout: Duration,
