@@ -819,6 +819,46 @@ struct Writer {
     ring: flume::Sender<Ring>,
 }
 
+/// The value every inbox copy of `d` is stored as (`None`: it cannot be encoded).
+fn encode_copy(d: &Draft) -> Option<fjall::Slice> {
+    let value = rmp_serde::to_vec(&StoredCopyRef {
+        id: &d.id,
+        from: &d.from,
+        to: d.to.as_deref(),
+        group: d.group.as_deref(),
+        ts: d.ts,
+        body: &d.body,
+    });
+    value.ok().map(fjall::Slice::from)
+}
+
+/// Puts the record of send `s`, stored in `seqs`, in `batch`: what a restart needs to
+/// answer a repeat of it within the dedupe window.
+fn record_send(
+    engine: &Engine,
+    batch: &mut fjall::OwnedWriteBatch,
+    s: &Append,
+    seqs: &[u64],
+    now: u64,
+) {
+    let d = &s.draft;
+    let record = SendRecord {
+        at: now,
+        ts: d.ts,
+        from: d.from.clone(),
+        id: d.id.clone(),
+        copies: s
+            .inboxes
+            .iter()
+            .cloned()
+            .zip(seqs.iter().copied())
+            .collect(),
+    };
+    if let (Ok(v), Some(first)) = (rmp_serde::to_vec(&record), seqs.first()) {
+        batch.insert(&engine.ks.sends, first.to_be_bytes(), v);
+    }
+}
+
 /// A commit's sends, staged: per send, `Ok(seqs)` when new or `Err(original)` for a repeat
 /// (no seqs: it could not be encoded); the new ones by `(from, id)`; their copies; and the
 /// last seq given.
@@ -1126,22 +1166,13 @@ impl Writer {
                 continue;
             }
             let d = &s.draft;
-            let value = rmp_serde::to_vec(&StoredCopyRef {
-                id: &d.id,
-                from: &d.from,
-                to: d.to.as_deref(),
-                group: d.group.as_deref(),
-                ts: d.ts,
-                body: &d.body,
-            });
-            let Ok(value) = value else {
+            let Some(value) = encode_copy(d) else {
                 outcomes.push(Err(Appended {
                     seqs: Vec::new(),
                     ts: 0,
                 }));
                 continue;
             };
-            let value = fjall::Slice::from(value);
             let mut seqs = Vec::with_capacity(s.inboxes.len());
             for uid in &s.inboxes {
                 seq += 1;
@@ -1152,21 +1183,7 @@ impl Writer {
                 });
                 seqs.push(seq);
             }
-            let record = SendRecord {
-                at: now,
-                ts: d.ts,
-                from: d.from.clone(),
-                id: d.id.clone(),
-                copies: s
-                    .inboxes
-                    .iter()
-                    .cloned()
-                    .zip(seqs.iter().copied())
-                    .collect(),
-            };
-            if let (Ok(v), Some(first)) = (rmp_serde::to_vec(&record), seqs.first()) {
-                batch.insert(&engine.ks.sends, first.to_be_bytes(), v);
-            }
+            record_send(engine, batch, s, &seqs, now);
             let appended = Appended { seqs, ts: d.ts };
             fresh.insert(key, appended.clone());
             outcomes.push(Ok(appended));
