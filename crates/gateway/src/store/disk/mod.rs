@@ -383,6 +383,45 @@ fn damage_found(
 /// The epoch and highest seq the store goes on with, and its seal: the recorded ones, or a
 /// new epoch (a new store, or `--repair`) above every seq either the database or the seal
 /// made known.
+/// Starts a new epoch (a new store, or `--repair`) with seqs above anything the database
+/// (`db_last`) or the seal made known (a store restored from a backup too), so none is ever
+/// reused; `repaired` (with the damage found) also records those seqs as lost.
+fn new_epoch(
+    path: &Path,
+    engine: &Engine,
+    sealed: &Sealed,
+    db_last: u64,
+    repaired: Option<Option<&str>>,
+) -> Result<(String, u64), OpenError> {
+    let sealed_seq = sealed
+        .as_ref()
+        .ok()
+        .and_then(Option::as_ref)
+        .map_or(0, |s| s.seq);
+    let last = db_last.max(sealed_seq);
+    let epoch = super::new_epoch();
+    let mut b = engine.db.batch();
+    b.insert(&engine.ks.meta, "epoch", epoch.as_bytes());
+    b.insert(&engine.ks.meta, "last_seq", last.to_be_bytes());
+    if let Some(damage) = repaired {
+        // Every read after an older seq says `gap` from now on.
+        b.insert(&engine.ks.meta, "lost_upto", last.to_be_bytes());
+        tracing::warn!(
+            data_dir = %path.display(),
+            damage = damage.unwrap_or("none found"),
+            new_epoch = %epoch,
+            next_seq = last + 1,
+            "--repair: serving what the disk store holds under a new epoch; \
+             devices resuming from before it are told of a gap"
+        );
+    }
+    b.commit().map_err(|e| OpenError::Corrupt {
+        path: path.to_owned(),
+        what: e.to_string(),
+    })?;
+    Ok((epoch, last))
+}
+
 fn epoch_and_seal(
     path: &Path,
     engine: &Engine,
@@ -397,33 +436,10 @@ fn epoch_and_seal(
     let (damage, db_epoch, db_last) = damage_found(path, engine, sealed, repair)?;
     let (epoch, last_seq) = match (db_epoch, repair) {
         (Some(e), false) => (e, db_last),
-        // New, or repaired: a new epoch, and seqs above anything either side made known
-        // (a store restored from a backup too), so none is ever reused.
+        // New, or repaired.
         (known, repair) => {
-            let sealed_seq = sealed
-                .as_ref()
-                .ok()
-                .and_then(Option::as_ref)
-                .map_or(0, |s| s.seq);
-            let last = db_last.max(sealed_seq);
-            let epoch = super::new_epoch();
-            let mut b = engine.db.batch();
-            b.insert(&engine.ks.meta, "epoch", epoch.as_bytes());
-            b.insert(&engine.ks.meta, "last_seq", last.to_be_bytes());
-            if repair && known.is_some() {
-                // Every read after an older seq says `gap` from now on.
-                b.insert(&engine.ks.meta, "lost_upto", last.to_be_bytes());
-                tracing::warn!(
-                    data_dir = %path.display(),
-                    damage = damage.as_deref().unwrap_or("none found"),
-                    new_epoch = %epoch,
-                    next_seq = last + 1,
-                    "--repair: serving what the disk store holds under a new epoch; \
-                     devices resuming from before it are told of a gap"
-                );
-            }
-            b.commit().map_err(|e| corrupt(e.to_string()))?;
-            (epoch, last)
+            let repaired = (repair && known.is_some()).then_some(damage.as_deref());
+            new_epoch(path, engine, sealed, db_last, repaired)?
         }
     };
     let seal = if matches!(sealed, Ok(Some(r)) if r.epoch == epoch) {
