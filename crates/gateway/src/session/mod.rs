@@ -605,6 +605,23 @@ async fn read_and_unread(
     Ok((read, unread.min(imgate_proto::MAX_UNREAD)))
 }
 
+/// Why a connection whose timer fired at `now` must end, if it must: its token expired,
+/// a message went unacked for `--ack-timeout`, or it was idle for `--idle-timeout`.
+fn timed_out(live: &Live, cfg: &Config, now: Instant) -> Option<ByeReason> {
+    if live.expires <= now {
+        Some(ByeReason::Expired)
+    } else if live.ack_deadline(cfg).is_some_and(|d| d <= now) {
+        Some(ByeReason::AckTimeout)
+    } else if live.idle_deadline(cfg) <= now {
+        Some(ByeReason::Idle)
+    } else {
+        None
+    }
+}
+
+/// The life of a logged-in connection: answers, deliveries, frames in and timers, until
+/// one of them ends it. (Past 60 lines: it is one `select!`, whose branches share `io`,
+/// `live` and `rx`.)
 async fn live_loop<T>(
     shared: &Arc<Shared>,
     io: &mut Io<T>,
@@ -655,19 +672,13 @@ where
                     Some(Ok(Incoming::Frame(f))) => Box::pin(handle(shared, io, live, *f)).await,
                 }
             }
-            _ = &mut timer => {
-                let now = Instant::now();
-                if live.expires <= now {
-                    Err(End::Bye(ByeReason::Expired))
-                } else if live.ack_deadline(cfg).is_some_and(|d| d <= now) {
-                    Err(End::Bye(ByeReason::AckTimeout))
-                } else if live.idle_deadline(cfg) <= now {
-                    Err(End::Bye(ByeReason::Idle))
-                } else {
+            _ = &mut timer => match timed_out(live, cfg, Instant::now()) {
+                Some(reason) => Err(End::Bye(reason)),
+                None => {
                     timer.as_mut().reset(live.deadline(cfg));
                     Ok(())
                 }
-            }
+            },
         };
         if let Err(end) = step {
             return end;
