@@ -147,14 +147,26 @@ pub async fn poll(
     if page.messages.is_empty() && !reset {
         return Ok(wait_for_messages(&shared, uid, device, waiter, after, limit, wait).await);
     }
+    Ok(answer_and_park(&shared, (uid, device), waiter, page, after))
+}
+
+/// A long poll's answer with what the store held; its waiter is parked for the device's
+/// next poll when the answer holds everything after `after` so far.
+fn answer_and_park(
+    shared: &Shared,
+    (uid, device): (String, String),
+    waiter: Waiter,
+    page: Page,
+    after: u64,
+) -> Response {
     let (more, given) = (page.more, page.messages.last().map_or(after, |m| m.seq));
-    let response = answer_page(&shared, Transport::LongPoll, page, after);
+    let response = answer_page(shared, Transport::LongPoll, page, after);
     // A page with more behind it left messages stored before the waiter registered unread:
     // the next poll must read the store. Otherwise the waiter holds everything after it.
     if !more {
         shared.polls.park(uid, device, waiter, given);
     }
-    Ok(response)
+    response
 }
 
 /// `GET /v1/messages?before=N`: newest first, never moving a cursor.
