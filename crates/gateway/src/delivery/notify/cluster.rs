@@ -51,7 +51,6 @@ type Held = Mutex<Option<(WindowRecord, u64)>>;
 
 /// The notifier of one gateway of a cluster.
 pub struct Notifier {
-    after: Duration,
     reporter: Reporter,
     windows: Arc<NotifyWindows>,
     /// Users with a window known to be pending, until [`MARGIN_MS`] before it falls due.
@@ -67,7 +66,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Notifier {
     pub fn new(reporter: Reporter, windows: Arc<NotifyWindows>) -> Arc<Self> {
         Arc::new(Notifier {
-            after: reporter.after,
             reporter,
             windows,
             open: Mutex::new(HashMap::new()),
@@ -162,7 +160,7 @@ impl Notifier {
 
     /// Opens `uid`'s window unless one is pending; `false` if NATS could not be asked.
     async fn open_window(&self, uid: &str) -> bool {
-        let due_ms = now_ms() + self.after.as_millis() as u64;
+        let due_ms = self.reporter.next_due();
         match self.windows.schedule(uid, due_ms).await {
             Ok(Scheduled::Opened(at) | Scheduled::Pending(at)) => {
                 let until = at.saturating_sub(MARGIN_MS);
@@ -181,7 +179,7 @@ impl Notifier {
     /// Handles windows as NATS hands them to this gateway, until `stop`.
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
         let slots = Arc::new(Semaphore::new(CONCURRENT));
-        let mut sweep = tokio::time::interval(self.after.max(Duration::from_secs(1)));
+        let mut sweep = tokio::time::interval(self.reporter.after.max(Duration::from_secs(1)));
         loop {
             let due = tokio::select! {
                 d = self.windows.due() => d,
@@ -251,7 +249,7 @@ impl Notifier {
                 if !reopen || self.open_window(&window.uid).await {
                     window.done().await;
                 } else {
-                    window.later(self.after).await;
+                    window.later(self.reporter.after).await;
                 }
             }
             // Stopped: NATS hands the window out again once its ack wait passes, and the
@@ -259,7 +257,7 @@ impl Notifier {
             Ok(None) => {}
             Err(e) => {
                 tracing::warn!(uid = window.uid, error = %e, "notification window failed; trying again");
-                window.later(self.after).await;
+                window.later(self.reporter.after).await;
             }
         }
     }

@@ -169,6 +169,11 @@ impl Reporter {
         })
     }
 
+    /// When a window opened now falls due (Unix ms).
+    fn next_due(&self) -> u64 {
+        now_ms() + self.after.as_millis() as u64
+    }
+
     /// `uid`'s window, with everything up to `upto` settled before.
     pub async fn examine(&self, uid: &str, upto: u64) -> Result<Examined, StoreError> {
         let read = self.store.read_position(uid).await?;

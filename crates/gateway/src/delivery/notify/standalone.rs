@@ -86,7 +86,6 @@ struct Settled {
 
 /// The notifier of one standalone gateway.
 pub struct Notifier {
-    after: Duration,
     reporter: Reporter,
     state: Arc<dyn NotifyState>,
     pending: Mutex<Pending>,
@@ -118,7 +117,6 @@ impl Notifier {
             );
         }
         Ok(Arc::new(Notifier {
-            after: reporter.after,
             reporter,
             state,
             pending: Mutex::new(pending),
@@ -136,15 +134,11 @@ impl Notifier {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn next_due(&self) -> u64 {
-        now_ms() + self.after.as_millis() as u64
-    }
-
     /// A message from `from` is being stored in these inboxes: each recipient without a
     /// pending window gets one, in memory. Returns the windows whose records must be
     /// written ([`Self::record_windows`], once the message is stored).
     pub fn open_windows(&self, inboxes: &[String], from: &str) -> Opening {
-        let due_ms = self.next_due();
+        let due_ms = self.reporter.next_due();
         let mut opened = false;
         let mut to_write = Vec::new();
         {
@@ -257,7 +251,7 @@ impl Notifier {
                 *known = (*known).max(s.upto);
             }
             if reopen || touched {
-                let due_ms = self.next_due();
+                let due_ms = self.reporter.next_due();
                 (due_ms, p.open(uid, due_ms))
             } else {
                 if reported {
