@@ -25,7 +25,7 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 
-use super::{kv_bucket, unavailable, NatsStore};
+use super::{kv_bucket, unavailable, unix_ms, NatsStore};
 use crate::store::StoreError;
 use crate::subjects::Names;
 
@@ -121,7 +121,7 @@ fn schedule_time(due_ms: u64) -> (String, u64) {
 fn scheduled_at(header: &str) -> Option<u64> {
     let at = header.strip_prefix("@at ")?;
     let t = time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339).ok()?;
-    Some((t.unix_timestamp_nanos() / 1_000_000).max(0) as u64)
+    Some(unix_ms(t))
 }
 
 impl NatsStore {
