@@ -6,6 +6,8 @@
 use bytes::Bytes;
 use serde::{de::DeserializeOwned, Serialize};
 
+use crate::scratch::written;
+
 /// Wire encoding of a connection: WebSocket `imgate.json` / `imgate.msgpack`; TCP is msgpack.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Encoding {
@@ -47,8 +49,8 @@ pub enum DecodeError {
 /// as a bug.
 pub fn encode<T: Serialize + ?Sized>(value: &T, enc: Encoding) -> Result<Bytes, EncodeError> {
     Ok(match enc {
-        Encoding::Json => Bytes::from(serde_json::to_vec(value)?),
-        Encoding::Msgpack => Bytes::from(rmp_serde::to_vec_named(value)?),
+        Encoding::Json => Bytes::from(written(|b| serde_json::to_writer(b, value))?),
+        Encoding::Msgpack => Bytes::from(written(|b| rmp_serde::encode::write_named(b, value))?),
     })
 }
 

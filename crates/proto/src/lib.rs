@@ -7,6 +7,7 @@
 //! - [`codec`]: TCP framing, a 4-byte big-endian length then msgpack, with the frame limit
 //!   checked before any buffer is reserved.
 //! - [`ids`]: the id rules (uid, device, group, room, client message id).
+//! - [`scratch`]: the buffer each thread encodes into, so an encoding allocates once.
 //!
 //! This crate does no I/O of its own and knows nothing about sessions or stores.
 
@@ -15,6 +16,7 @@ pub mod codec;
 pub mod encoding;
 pub mod frame;
 pub mod ids;
+pub mod scratch;
 
 pub use codec::{FrameCodec, FrameError};
 pub use encoding::{decode, encode, DecodeError, Encoding};

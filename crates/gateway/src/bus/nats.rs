@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use async_nats::connection::State;
 use async_trait::async_trait;
+use imgate_proto::scratch::written;
 use futures::StreamExt;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -186,8 +187,8 @@ impl Bus for NatsBus {
         if self.client.connection_state() != State::Connected {
             return Err(StoreError::Unavailable("NATS is not connected".into()));
         }
-        let wire =
-            rmp_serde::to_vec_named(&msg).map_err(|e| StoreError::Internal(e.to_string()))?;
+        let wire = written(|b| rmp_serde::encode::write_named(b, &msg))
+            .map_err(|e| StoreError::Internal(e.to_string()))?;
         self.client
             .publish(self.names.room(&msg.room), wire.into())
             .await

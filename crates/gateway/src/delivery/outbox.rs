@@ -13,6 +13,7 @@ use std::sync::{Arc, OnceLock};
 
 use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
+use imgate_proto::scratch::written;
 use imgate_proto::{encode, Encoding, Message, ServerFrame};
 
 /// A stored message (or a room message) on its way to connections, with its encodings
@@ -69,10 +70,12 @@ impl SharedFrame {
     }
 }
 
-/// A server frame as JSON text: `serde_json` writes UTF-8, so nothing is checked again.
+/// A server frame as JSON text, checked once here to be UTF-8 (as `serde_json` writes it)
+/// so that no connection checks it again.
 pub fn json_text(frame: &ServerFrame) -> Utf8Bytes {
-    serde_json::to_string(frame)
-        .expect("server frames always encode")
+    let json = written(|b| serde_json::to_writer(b, frame)).expect("server frames always encode");
+    String::from_utf8(json)
+        .expect("serde_json writes UTF-8")
         .into()
 }
 

@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use imgate_proto::scratch::written;
 use imgate_proto::Message;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -837,13 +838,18 @@ struct Writer {
 
 /// The value every inbox copy of `d` is stored as (`None`: it cannot be encoded).
 fn encode_copy(d: &Draft) -> Option<fjall::Slice> {
-    let value = rmp_serde::to_vec(&StoredCopyRef {
-        id: &d.id,
-        from: &d.from,
-        to: d.to.as_deref(),
-        group: d.group.as_deref(),
-        ts: d.ts,
-        body: &d.body,
+    let value = written(|b| {
+        rmp_serde::encode::write(
+            b,
+            &StoredCopyRef {
+                id: &d.id,
+                from: &d.from,
+                to: d.to.as_deref(),
+                group: d.group.as_deref(),
+                ts: d.ts,
+                body: &d.body,
+            },
+        )
     });
     value.ok().map(fjall::Slice::from)
 }
@@ -870,7 +876,7 @@ fn record_send(
             .zip(seqs.iter().copied())
             .collect(),
     };
-    if let (Ok(v), Some(first)) = (rmp_serde::to_vec(&record), seqs.first()) {
+    if let (Ok(v), Some(first)) = (written(|b| rmp_serde::encode::write(b, &record)), seqs.first()) {
         batch.insert(&engine.ks.sends, first.to_be_bytes(), v);
     }
 }

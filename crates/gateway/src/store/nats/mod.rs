@@ -41,6 +41,7 @@ mod recent;
 mod windows;
 
 use futures::StreamExt;
+use imgate_proto::scratch::written;
 use imgate_proto::Message;
 use publish::{Copy, Publisher};
 pub use recent::Recent;
@@ -1015,13 +1016,18 @@ impl Store for NatsStore {
     async fn append(&self, draft: Draft, inboxes: &[String]) -> Result<Appended, StoreError> {
         self.connected()?;
         // Every copy carries the same payload: the message without its seq or inbox.
-        let payload = rmp_serde::to_vec_named(&PayloadOut {
-            id: &draft.id,
-            from: &draft.from,
-            to: draft.to.as_deref(),
-            group: draft.group.as_deref(),
-            ts: draft.ts,
-            body: &draft.body,
+        let payload = written(|b| {
+            rmp_serde::encode::write_named(
+                b,
+                &PayloadOut {
+                    id: &draft.id,
+                    from: &draft.from,
+                    to: draft.to.as_deref(),
+                    group: draft.group.as_deref(),
+                    ts: draft.ts,
+                    body: &draft.body,
+                },
+            )
         })
         .map_err(|e| StoreError::Internal(e.to_string()))?;
         let copies = inboxes
