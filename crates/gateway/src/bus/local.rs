@@ -6,8 +6,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
-use super::{local_counts, Bus, Kicked, Local, Presence, RoomMessage};
-use crate::store::StoreError;
+use super::{local_counts, Bus, BusError, Kicked, Local, Presence, RoomMessage};
 
 /// The bus of a standalone gateway.
 pub struct LocalBus {
@@ -22,12 +21,12 @@ impl LocalBus {
 
 #[async_trait]
 impl Bus for LocalBus {
-    async fn publish_room(&self, msg: RoomMessage) -> Result<(), StoreError> {
+    async fn publish_room(&self, msg: RoomMessage) -> Result<(), BusError> {
         self.local.deliver_room(msg);
         Ok(())
     }
 
-    async fn presence(&self, uids: &[String]) -> Result<Presence, StoreError> {
+    async fn presence(&self, uids: &[String]) -> Result<Presence, BusError> {
         Ok(Presence {
             counts: local_counts(self.local.as_ref(), uids),
             gateways: 1,
@@ -41,7 +40,7 @@ impl Bus for LocalBus {
         uid: &str,
         device: Option<&str>,
         _revoke: Option<u64>,
-    ) -> Result<Kicked, StoreError> {
+    ) -> Result<Kicked, BusError> {
         Ok(Kicked {
             closed: self.local.kick(uid, device),
             gateways: 1,

@@ -14,12 +14,32 @@ pub mod nats;
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
-use imgate_proto::ServerFrame;
+use imgate_proto::{ErrorCode, ServerFrame};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::store::StoreError;
+use crate::refusal::Refusal;
+
+/// A bus failure. `Unavailable`: the other gateways could not be reached, so nothing was
+/// published or asked.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BusError {
+    #[error("bus unavailable: {0}")]
+    Unavailable(String),
+    #[error("bus error: {0}")]
+    Internal(String),
+}
+
+impl From<BusError> for Refusal {
+    fn from(e: BusError) -> Self {
+        let code = match e {
+            BusError::Unavailable(_) => ErrorCode::Unavailable,
+            BusError::Internal(_) => ErrorCode::Internal,
+        };
+        Refusal::new(code, e.to_string())
+    }
+}
 
 /// A live room message.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -89,10 +109,10 @@ pub fn local_counts(local: &dyn Local, uids: &[String]) -> BTreeMap<String, usiz
 pub trait Bus: Send + Sync + 'static {
     /// Delivers a room message to its members on every gateway, this one included. Nothing is
     /// stored: a member that is not connected now never sees it.
-    async fn publish_room(&self, msg: RoomMessage) -> Result<(), StoreError>;
+    async fn publish_room(&self, msg: RoomMessage) -> Result<(), BusError>;
 
     /// Connections of `uids` on every gateway that answers within a short window.
-    async fn presence(&self, uids: &[String]) -> Result<Presence, StoreError>;
+    async fn presence(&self, uids: &[String]) -> Result<Presence, BusError>;
 
     /// Closes `uid`'s connections (of one device when given) on every gateway that
     /// answers within a short window. With `revoke`, each of those gateways first refuses
@@ -102,7 +122,7 @@ pub trait Bus: Send + Sync + 'static {
         uid: &str,
         device: Option<&str>,
         revoke: Option<u64>,
-    ) -> Result<Kicked, StoreError>;
+    ) -> Result<Kicked, BusError>;
 
     /// Until `stop`: hands other gateways' room messages to this one's members and answers
     /// their presence queries and kicks.

@@ -13,15 +13,14 @@ use std::time::Duration;
 
 use async_nats::connection::State;
 use async_trait::async_trait;
-use imgate_proto::scratch::written;
 use futures::StreamExt;
+use imgate_proto::scratch::written;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use super::{local_counts, Bus, Kicked, Local, Presence, RoomMessage};
+use super::{local_counts, Bus, BusError, Kicked, Local, Presence, RoomMessage};
 use crate::auth::Revocations;
-use crate::store::StoreError;
 use crate::subjects::Names;
 
 /// How long a presence query or a kick waits for gateways to answer.
@@ -63,8 +62,8 @@ pub struct NatsBus {
     revocations: Arc<Revocations>,
 }
 
-fn unavailable(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Unavailable(e.to_string())
+fn unavailable(e: impl std::fmt::Display) -> BusError {
+    BusError::Unavailable(e.to_string())
 }
 
 impl NatsBus {
@@ -151,7 +150,7 @@ impl NatsBus {
         &self,
         subject: String,
         request: &impl Serialize,
-    ) -> Result<Vec<A>, StoreError> {
+    ) -> Result<Vec<A>, BusError> {
         let inbox = self.client.new_inbox();
         let mut answers = self
             .client
@@ -183,19 +182,19 @@ impl NatsBus {
 
 #[async_trait]
 impl Bus for NatsBus {
-    async fn publish_room(&self, msg: RoomMessage) -> Result<(), StoreError> {
+    async fn publish_room(&self, msg: RoomMessage) -> Result<(), BusError> {
         if self.client.connection_state() != State::Connected {
-            return Err(StoreError::Unavailable("NATS is not connected".into()));
+            return Err(BusError::Unavailable("NATS is not connected".into()));
         }
         let wire = written(|b| rmp_serde::encode::write_named(b, &msg))
-            .map_err(|e| StoreError::Internal(e.to_string()))?;
+            .map_err(|e| BusError::Internal(e.to_string()))?;
         self.client
             .publish(self.names.room(&msg.room), wire.into())
             .await
             .map_err(unavailable)
     }
 
-    async fn presence(&self, uids: &[String]) -> Result<Presence, StoreError> {
+    async fn presence(&self, uids: &[String]) -> Result<Presence, BusError> {
         let request = Request {
             uids: uids.to_vec(),
         };
@@ -215,7 +214,7 @@ impl Bus for NatsBus {
         uid: &str,
         device: Option<&str>,
         revoke: Option<u64>,
-    ) -> Result<Kicked, StoreError> {
+    ) -> Result<Kicked, BusError> {
         let request = KickRequest {
             uid: uid.to_owned(),
             device: device.map(str::to_owned),
