@@ -130,10 +130,10 @@ impl KeySources {
     /// The key files and required claims of `--jwt-*`.
     pub fn of(cfg: &Config) -> KeySources {
         KeySources {
-            public_key: cfg.jwt_public_key_file.clone(),
-            jwks: cfg.jwt_jwks_file.clone(),
-            issuer: cfg.jwt_issuer.clone(),
-            audience: cfg.jwt_audience.clone(),
+            public_key: cfg.auth.jwt_public_key_file.clone(),
+            jwks: cfg.auth.jwt_jwks_file.clone(),
+            issuer: cfg.auth.jwt_issuer.clone(),
+            audience: cfg.auth.jwt_audience.clone(),
         }
     }
 }

@@ -204,7 +204,8 @@ pub struct NotifyArgs {
     pub notify_nats: bool,
 }
 
-/// `imgate serve` flags. Each one is also an `IMGATE_*` environment variable.
+/// `imgate serve` flags, grouped by concern (each group is a heading of `--help`). Each
+/// flag is also an `IMGATE_*` environment variable.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Config {
     #[command(flatten)]
@@ -213,9 +214,39 @@ pub struct Config {
     #[command(flatten)]
     pub notify: NotifyArgs,
 
+    #[command(flatten)]
+    pub storage: StoreArgs,
+
+    #[command(flatten)]
+    pub listen: ListenArgs,
+
+    #[command(flatten)]
+    pub auth: AuthArgs,
+
+    #[command(flatten)]
+    pub limits: Limits,
+
+    #[command(flatten)]
+    pub timers: Timers,
+
+    /// Threads that run connections (default: one per CPU). Fewer than the CPUs leaves
+    /// room for a NATS server or other gateways on the same machine.
+    #[arg(long, env = "IMGATE_WORKER_THREADS")]
+    pub worker_threads: Option<std::num::NonZeroUsize>,
+
+    /// Log format: text for people, json for machines. Filter with RUST_LOG.
+    #[arg(long, env = "IMGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// What is kept, and where: the standalone store and how long inboxes keep messages (in
+/// either mode).
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Storage")]
+pub struct StoreArgs {
     /// Standalone mode's store: `disk` (in --data-dir) or `memory` (lost at exit).
-    #[arg(long, env = "IMGATE_STORE", value_enum, default_value_t = StoreKind::Disk)]
-    pub store: StoreKind,
+    #[arg(long = "store", env = "IMGATE_STORE", value_enum, default_value_t = StoreKind::Disk)]
+    pub kind: StoreKind,
 
     /// Directory of the disk store (default: $XDG_DATA_HOME/imgate, else
     /// ~/.local/share/imgate). One gateway at a time may open it.
@@ -234,6 +265,19 @@ pub struct Config {
     #[arg(long, env = "IMGATE_REPAIR")]
     pub repair: bool,
 
+    /// How long messages are kept in an inbox.
+    #[arg(long, env = "IMGATE_RETENTION", default_value = "7days", value_parser = humantime::parse_duration)]
+    pub retention: Duration,
+
+    /// Most messages kept per inbox; older ones are dropped first.
+    #[arg(long, env = "IMGATE_MAX_INBOX", default_value_t = 10_000)]
+    pub max_inbox: usize,
+}
+
+/// Where the gateway listens, with or without TLS, and who may call it from a browser.
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Listeners")]
+pub struct ListenArgs {
     /// HTTP listener: WebSocket (/v1/ws), HTTP API, health and metrics.
     #[arg(long, env = "IMGATE_HTTP", default_value = "127.0.0.1:8080")]
     pub http: SocketAddr,
@@ -256,6 +300,16 @@ pub struct Config {
     #[arg(long, env = "IMGATE_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
 
+    /// Origin allowed to call the HTTP API from a browser (repeat, or comma-separate in the
+    /// environment variable). None by default: same origin only.
+    #[arg(long, env = "IMGATE_CORS_ORIGIN", value_delimiter = ',')]
+    pub cors_origin: Vec<String>,
+}
+
+/// How login tokens are checked: an HS256 secret, public keys, and the claims required.
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Tokens")]
+pub struct AuthArgs {
     /// File holding the HS256 JWT secret. Without it (or IMGATE_JWT_SECRET), and without
     /// public keys, the gateway runs with a development secret, serves POST /v1/dev/token
     /// and binds loopback only.
@@ -283,7 +337,12 @@ pub struct Config {
     /// Tokens must carry this `aud`.
     #[arg(long, env = "IMGATE_JWT_AUDIENCE")]
     pub jwt_audience: Option<String>,
+}
 
+/// What one client, one user or the whole gateway may hold or send.
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Limits")]
+pub struct Limits {
     /// Largest frame a client may send (TCP length prefix, WebSocket message), in bytes.
     #[arg(long, env = "IMGATE_MAX_FRAME", default_value_t = imgate_proto::DEFAULT_MAX_FRAME)]
     pub max_frame: usize,
@@ -291,38 +350,6 @@ pub struct Config {
     /// Largest message body, JSON-encoded, in bytes.
     #[arg(long, env = "IMGATE_MAX_BODY", default_value_t = 64 * 1024)]
     pub max_body: usize,
-
-    /// How long messages are kept in an inbox.
-    #[arg(long, env = "IMGATE_RETENTION", default_value = "7days", value_parser = humantime::parse_duration)]
-    pub retention: Duration,
-
-    /// Most messages kept per inbox; older ones are dropped first.
-    #[arg(long, env = "IMGATE_MAX_INBOX", default_value_t = 10_000)]
-    pub max_inbox: usize,
-
-    /// How often a connected device's acked position is written to the store; it is also
-    /// written when the device disconnects and at shutdown. Longer means fewer store writes
-    /// (in cluster mode, fewer KV writes per delivered message) and, after a gateway crash,
-    /// at most this much more sent again to devices that resume from their cursor.
-    #[arg(long, env = "IMGATE_CURSOR_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
-    pub cursor_interval: Duration,
-
-    /// A connection holding messages unacknowledged for longer is closed (bye ack_timeout).
-    #[arg(long, env = "IMGATE_ACK_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
-    pub ack_timeout: Duration,
-
-    /// A connection that sends nothing for this long is closed (bye idle).
-    #[arg(long, env = "IMGATE_IDLE_TIMEOUT", default_value = "90s", value_parser = humantime::parse_duration)]
-    pub idle_timeout: Duration,
-
-    /// Time an HTTP client has to send a request's header, and the longest an idle
-    /// keep-alive connection waits for its next request.
-    #[arg(long, env = "IMGATE_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
-    pub header_timeout: Duration,
-
-    /// Time a TCP (or unauthenticated WebSocket) connection has to send its login frame.
-    #[arg(long, env = "IMGATE_LOGIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
-    pub login_timeout: Duration,
 
     /// Most connections per uid on this gateway; the oldest is replaced beyond it.
     #[arg(long, env = "IMGATE_MAX_DEVICES", default_value_t = 16)]
@@ -358,11 +385,35 @@ pub struct Config {
     /// it for clients behind a shared NAT, or for load generators.
     #[arg(long, env = "IMGATE_MAX_CONNECTIONS_PER_IP", default_value_t = 1_000)]
     pub max_connections_per_ip: usize,
+}
 
-    /// Threads that run connections (default: one per CPU). Fewer than the CPUs leaves
-    /// room for a NATS server or other gateways on the same machine.
-    #[arg(long, env = "IMGATE_WORKER_THREADS")]
-    pub worker_threads: Option<std::num::NonZeroUsize>,
+/// How long the gateway waits for clients, and how often it writes or pings.
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Timers")]
+pub struct Timers {
+    /// How often a connected device's acked position is written to the store; it is also
+    /// written when the device disconnects and at shutdown. Longer means fewer store writes
+    /// (in cluster mode, fewer KV writes per delivered message) and, after a gateway crash,
+    /// at most this much more sent again to devices that resume from their cursor.
+    #[arg(long, env = "IMGATE_CURSOR_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub cursor_interval: Duration,
+
+    /// A connection holding messages unacknowledged for longer is closed (bye ack_timeout).
+    #[arg(long, env = "IMGATE_ACK_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub ack_timeout: Duration,
+
+    /// A connection that sends nothing for this long is closed (bye idle).
+    #[arg(long, env = "IMGATE_IDLE_TIMEOUT", default_value = "90s", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// Time an HTTP client has to send a request's header, and the longest an idle
+    /// keep-alive connection waits for its next request.
+    #[arg(long, env = "IMGATE_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub header_timeout: Duration,
+
+    /// Time a TCP (or unauthenticated WebSocket) connection has to send its login frame.
+    #[arg(long, env = "IMGATE_LOGIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub login_timeout: Duration,
 
     /// On SIGTERM/SIGINT, how long to wait for connections to close before exiting.
     #[arg(long, env = "IMGATE_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
@@ -371,18 +422,9 @@ pub struct Config {
     /// Interval of the comment line that keeps idle SSE streams open through proxies.
     #[arg(long, env = "IMGATE_SSE_KEEPALIVE", default_value = "15s", value_parser = humantime::parse_duration)]
     pub sse_keepalive: Duration,
-
-    /// Origin allowed to call the HTTP API from a browser (repeat, or comma-separate in the
-    /// environment variable). None by default: same origin only.
-    #[arg(long, env = "IMGATE_CORS_ORIGIN", value_delimiter = ',')]
-    pub cors_origin: Vec<String>,
-
-    /// Log format: text for people, json for machines. Filter with RUST_LOG.
-    #[arg(long, env = "IMGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
 }
 
-impl Config {
+impl StoreArgs {
     /// `--data-dir`, or the default under the XDG data directory.
     pub fn data_dir(&self) -> PathBuf {
         if let Some(d) = &self.data_dir {
@@ -431,21 +473,21 @@ impl Config {
     /// Checks limits and the dev-secret rule. Call before binding anything.
     pub fn validate(&self) -> Result<(), ConfigError> {
         for (name, v) in [
-            ("--max-frame", self.max_frame),
-            ("--max-body", self.max_body),
-            ("--max-inbox", self.max_inbox),
-            ("--max-devices", self.max_devices),
-            ("--outbox", self.outbox),
-            ("--max-connections", self.max_connections),
+            ("--max-frame", self.limits.max_frame),
+            ("--max-body", self.limits.max_body),
+            ("--max-inbox", self.storage.max_inbox),
+            ("--max-devices", self.limits.max_devices),
+            ("--outbox", self.limits.outbox),
+            ("--max-connections", self.limits.max_connections),
         ] {
             if v == 0 {
                 return Err(ConfigError::Zero(name));
             }
         }
-        if self.max_body > self.max_frame {
+        if self.limits.max_body > self.limits.max_frame {
             return Err(ConfigError::BodyAboveFrame {
-                body: self.max_body,
-                frame: self.max_frame,
+                body: self.limits.max_body,
+                frame: self.limits.max_frame,
             });
         }
         if ![1, 3].contains(&self.nats.replicas) {
@@ -455,8 +497,9 @@ impl Config {
         if p.len() > 32 || !imgate_proto::ids::is_valid_id(p) {
             return Err(ConfigError::Prefix);
         }
-        if self.secret()?.is_none() && !self.has_public_keys() {
-            for addr in [Some(self.http), Some(self.tcp), self.metrics_listen]
+        let listen = &self.listen;
+        if self.auth.secret()?.is_none() && !self.auth.has_public_keys() {
+            for addr in [Some(listen.http), Some(listen.tcp), listen.metrics_listen]
                 .into_iter()
                 .flatten()
             {
@@ -467,14 +510,16 @@ impl Config {
         }
         Ok(())
     }
+}
 
-    /// The configured secret, from the environment/flag or the file; `None` means
-    /// development mode.
+impl AuthArgs {
     /// True when tokens may be signed with public keys (a key file or a JWKS).
     pub fn has_public_keys(&self) -> bool {
         self.jwt_public_key_file.is_some() || self.jwt_jwks_file.is_some()
     }
 
+    /// The configured secret, from the environment/flag or the file; `None` means
+    /// development mode.
     pub fn secret(&self) -> Result<Option<Secret>, ConfigError> {
         secret_from(self.jwt_secret.as_ref(), self.jwt_secret_file.as_ref())
     }
@@ -527,15 +572,15 @@ mod tests {
     #[test]
     fn defaults_are_the_design_defaults() {
         let cfg = parse_for_test(&[]);
-        assert_eq!(cfg.max_frame, 256 * 1024);
-        assert_eq!(cfg.max_body, 64 * 1024);
-        assert_eq!(cfg.retention, Duration::from_secs(7 * 24 * 3600));
-        assert_eq!(cfg.max_inbox, 10_000);
-        assert_eq!(cfg.ack_timeout, Duration::from_secs(30));
-        assert_eq!(cfg.cursor_interval, Duration::from_secs(5));
-        assert_eq!(cfg.idle_timeout, Duration::from_secs(90));
-        assert_eq!(cfg.max_devices, 16);
-        assert_eq!(cfg.drain_timeout, Duration::from_secs(10));
+        assert_eq!(cfg.limits.max_frame, 256 * 1024);
+        assert_eq!(cfg.limits.max_body, 64 * 1024);
+        assert_eq!(cfg.storage.retention, Duration::from_secs(7 * 24 * 3600));
+        assert_eq!(cfg.storage.max_inbox, 10_000);
+        assert_eq!(cfg.timers.ack_timeout, Duration::from_secs(30));
+        assert_eq!(cfg.timers.cursor_interval, Duration::from_secs(5));
+        assert_eq!(cfg.timers.idle_timeout, Duration::from_secs(90));
+        assert_eq!(cfg.limits.max_devices, 16);
+        assert_eq!(cfg.timers.drain_timeout, Duration::from_secs(10));
         assert_eq!(cfg.worker_threads, None, "tokio's default: one per CPU");
         cfg.validate().unwrap();
         let cfg = parse_for_test(&["--worker-threads", "1"]);
@@ -591,7 +636,7 @@ mod tests {
         let secret = "s3cret-s3cret-s3cret-s3cret-s3cr";
         let cfg = parse_for_test(&["--http", "0.0.0.0:8080", "--jwt-secret", secret]);
         cfg.validate().unwrap();
-        assert_eq!(format!("{:?}", cfg.jwt_secret), "Some(Secret(***))");
+        assert_eq!(format!("{:?}", cfg.auth.jwt_secret), "Some(Secret(***))");
     }
 
     #[test]

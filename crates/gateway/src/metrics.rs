@@ -6,6 +6,7 @@
 //! plain atomics, defined here) are copied in when `/metrics` is rendered. Nothing here decides anything.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use imgate_proto::ErrorCode;
 use metrics::{Counter, Gauge, Key, Label, Metadata, Recorder, Unit};
@@ -131,6 +132,8 @@ pub struct Metrics {
     backlog_hits: Counter,
     room_delivered: Counter,
     room_dropped: Counter,
+    /// The cluster tail's counters, read at each render (`None` standalone).
+    tail: Option<Arc<TailStats>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -144,7 +147,7 @@ static METADATA: Metadata<'static> =
 
 impl Metrics {
     // Long only because it registers every metric, one handle each.
-    pub fn new() -> Self {
+    pub fn new(tail: Option<Arc<TailStats>>) -> Self {
         let recorder = PrometheusBuilder::new().build_recorder();
         let handle = recorder.handle();
         let counter = |name: &'static str, labels: Vec<Label>| {
@@ -215,6 +218,7 @@ impl Metrics {
             backlog_hits: counter("imgate_backlog_cache_hits_total", vec![]),
             room_delivered: counter("imgate_room_delivered_total", vec![]),
             room_dropped: counter("imgate_room_dropped_total", vec![]),
+            tail,
             recorder,
             handle,
         };
@@ -379,8 +383,8 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition, with the hub's and the tail's own counters copied in.
-    pub fn render(&self, hub: &HubStats, tail: Option<&TailStats>) -> String {
-        if let Some(t) = tail {
+    pub fn render(&self, hub: &HubStats) -> String {
+        if let Some(t) = &self.tail {
             let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
             self.tail_received.absolute(get(&t.received));
             self.tail_received_bytes.absolute(get(&t.received_bytes));
@@ -452,7 +456,7 @@ pub fn count_allocations(count: fn() -> (u64, u64)) {
 
 impl Default for Metrics {
     fn default() -> Self {
-        Metrics::new()
+        Metrics::new(None)
     }
 }
 
@@ -462,13 +466,13 @@ mod tests {
 
     #[test]
     fn renders_registered_series() {
-        let m = Metrics::new();
+        let m = Metrics::new(None);
         m.delivered(Transport::Sse).increment(3);
         m.error(ErrorCode::TooLarge).increment(1);
         m.connection(Transport::Tcp).increment(2.0);
         let hub = HubStats::default();
         hub.dropped_not_local.store(7, Ordering::Relaxed);
-        let text = m.render(&hub, None);
+        let text = m.render(&hub);
         assert!(
             text.contains(r#"imgate_delivered_total{transport="sse"} 3"#),
             "{text}"

@@ -25,11 +25,11 @@ use crate::delivery::cursors::Cursors;
 use crate::delivery::hub::Hub;
 use crate::delivery::notify::{cluster, standalone, Notifier, Reporter};
 use crate::delivery::send::send_quota;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, TailStats};
 use crate::per_ip::PerIp;
-use crate::state::Shared;
+use crate::state::{Admission, HttpState, Shared};
 use crate::store::disk::{self, DiskStore};
-use crate::store::memory::{Limits, MemoryStore};
+use crate::store::memory::{Keep, MemoryStore};
 use crate::store::nats::{NatsStore, NotifyWindows};
 use crate::store::{NotifyState, Store};
 use crate::tls::Tls;
@@ -45,13 +45,13 @@ pub struct Listeners {
 
 impl Listeners {
     pub async fn bind(cfg: &Config) -> std::io::Result<Self> {
-        let metrics = match cfg.metrics_listen {
+        let metrics = match cfg.listen.metrics_listen {
             Some(addr) => Some(bind(addr, "--metrics-listen").await?),
             None => None,
         };
         Ok(Listeners {
-            http: bind(cfg.http, "--http").await?,
-            tcp: bind(cfg.tcp, "--tcp").await?,
+            http: bind(cfg.listen.http, "--http").await?,
+            tcp: bind(cfg.listen.tcp, "--tcp").await?,
             metrics,
         })
     }
@@ -97,7 +97,7 @@ impl Gateway {
     /// in cluster mode). Nothing is listening yet.
     pub async fn new(cfg: Config) -> anyhow::Result<Gateway> {
         cfg.validate()?;
-        let auth = Auth::with_keys(cfg.secret()?.as_ref(), KeySources::of(&cfg))?;
+        let auth = Auth::with_keys(cfg.auth.secret()?.as_ref(), KeySources::of(&cfg))?;
         if auth.dev_mode() {
             tracing::warn!(
                 "DEVELOPMENT MODE: no JWT key configured (IMGATE_JWT_SECRET, \
@@ -105,7 +105,7 @@ impl Gateway {
                  POST /v1/dev/token hands them to anyone, and only loopback addresses are served"
             );
         }
-        let tls = match (&cfg.tls_cert, &cfg.tls_key) {
+        let tls = match (&cfg.listen.tls_cert, &cfg.listen.tls_key) {
             (Some(cert), Some(key)) => {
                 let tls = Tls::load(cert, key)?;
                 tracing::info!(cert = %cert.display(), "TLS on the HTTP and TCP listeners");
@@ -121,6 +121,7 @@ impl Gateway {
             disk,
             notify_state,
             notify_windows,
+            tail_stats,
         } = if cfg.nats.nats.is_empty() {
             standalone(&cfg, &hub)?
         } else {
@@ -130,9 +131,9 @@ impl Gateway {
         for (uid, before) in store.revocations().await? {
             auth.revocations().raise(&uid, before);
         }
-        let http_limiter = send_quota(&cfg).map(RateLimiter::keyed);
-        let cursors = Cursors::new(store.clone(), cfg.cursor_interval);
-        let metrics = Metrics::new();
+        let http_limiter = send_quota(&cfg.limits).map(RateLimiter::keyed);
+        let cursors = Cursors::new(store.clone(), cfg.timers.cursor_interval);
+        let metrics = Metrics::new(tail_stats);
         let notifier = notifier(
             &cfg,
             &store,
@@ -143,21 +144,27 @@ impl Gateway {
             notify_windows,
         )
         .await?;
-        let shared = Arc::new(Shared {
-            permits: Arc::new(Semaphore::new(cfg.max_connections)),
-            per_ip: PerIp::new(cfg.max_connections_per_ip),
-            cursors,
+        let admission = Admission {
+            tracker: TaskTracker::new(),
+            permits: Arc::new(Semaphore::new(cfg.limits.max_connections)),
+            per_ip: PerIp::new(cfg.limits.max_connections_per_ip),
+            tls,
+        };
+        let http = HttpState {
             polls: Default::default(),
+            limiter: http_limiter,
+        };
+        let shared = Arc::new(Shared {
+            cursors,
             cfg,
             auth,
             store,
             bus,
             hub,
             shutdown: CancellationToken::new(),
-            tracker: TaskTracker::new(),
-            metrics,
-            tls,
-            http_limiter,
+            metrics: Arc::new(metrics),
+            admission,
+            http,
             notifier,
         });
         Ok(Gateway {
@@ -176,13 +183,13 @@ impl Gateway {
     ) -> anyhow::Result<()> {
         let shared = self.shared;
         let stop = shared.shutdown.clone();
-        let tracker = shared.tracker.clone();
-        let drain_timeout = shared.cfg.drain_timeout;
+        let tracker = shared.admission.tracker.clone();
+        let drain_timeout = shared.cfg.timers.drain_timeout;
         let flusher_stop = CancellationToken::new();
         let flusher = tokio::spawn(shared.cursors.clone().run_flusher(flusher_stop.clone()));
         let sweeper = {
             let (shared, stop) = (shared.clone(), flusher_stop.clone());
-            tokio::spawn(async move { shared.polls.run_sweeper(stop).await })
+            tokio::spawn(async move { shared.http.polls.run_sweeper(stop).await })
         };
         // Stopped with the connections: a notification the webhook has not taken stays
         // pending, in the store (sent after the next start) or in NATS (sent by another
@@ -197,7 +204,7 @@ impl Gateway {
             listeners.http,
             app,
             shared.clone(),
-            shared.tls.clone(),
+            shared.admission.tls.clone(),
         ));
         if let Some(metrics) = listeners.metrics {
             let app = crate::transport::http::metrics_router(shared.clone());
@@ -255,7 +262,7 @@ async fn reload_on_sighup(shared: Arc<Shared>, stop: CancellationToken) {
             got = hup.recv() => if got.is_none() { return },
             _ = stop.cancelled() => return,
         }
-        if let Some(tls) = &shared.tls {
+        if let Some(tls) = &shared.admission.tls {
             match tls.reload() {
                 Ok(()) => tracing::info!("SIGHUP: TLS certificate and key reloaded"),
                 Err(e) => tracing::error!(
@@ -286,6 +293,8 @@ struct Opened {
     notify_state: Option<Arc<dyn NotifyState>>,
     /// The cluster's notification windows (only with notifications on).
     notify_windows: Option<Arc<NotifyWindows>>,
+    /// The cluster tail's counters, for `/metrics`.
+    tail_stats: Option<Arc<TailStats>>,
 }
 
 /// Standalone mode: the disk or memory store and the in-process bus.
@@ -294,42 +303,44 @@ fn standalone(cfg: &Config, hub: &Arc<Hub>) -> anyhow::Result<Opened> {
         !cfg.notify.notify_nats,
         "--notify-nats publishes notifications on NATS: it needs --nats (cluster mode)"
     );
-    let limits = Limits {
-        retention: cfg.retention,
-        max_inbox: cfg.max_inbox,
+    let keep = Keep {
+        retention: cfg.storage.retention,
+        max_inbox: cfg.storage.max_inbox,
     };
-    let (store, disk, notify_state): (Arc<dyn Store>, _, Arc<dyn NotifyState>) = match cfg.store {
-        StoreKind::Memory => {
-            tracing::info!(
-                "standalone mode: in-memory store (nothing survives a restart), in-process bus"
-            );
-            let m = Arc::new(MemoryStore::new(limits, hub.clone()));
-            (m.clone(), None, m)
-        }
-        StoreKind::Disk => {
-            let dir = cfg.data_dir();
-            let opened = std::time::Instant::now();
-            let options = disk::Options {
-                fsync: cfg.fsync,
-                repair: cfg.repair,
-            };
-            let d = Arc::new(DiskStore::open(&dir, limits, options, hub.clone())?);
-            tracing::info!(
-                data_dir = %dir.display(),
-                fsync = ?cfg.fsync,
-                epoch = %d.epoch(),
-                open_ms = opened.elapsed().as_millis() as u64,
-                "standalone mode: disk store, in-process bus"
-            );
-            (d.clone(), Some(d.clone()), d)
-        }
-    };
+    let (store, disk, notify_state): (Arc<dyn Store>, _, Arc<dyn NotifyState>) =
+        match cfg.storage.kind {
+            StoreKind::Memory => {
+                tracing::info!(
+                    "standalone mode: in-memory store (nothing survives a restart), in-process bus"
+                );
+                let m = Arc::new(MemoryStore::new(keep, hub.clone()));
+                (m.clone(), None, m)
+            }
+            StoreKind::Disk => {
+                let dir = cfg.storage.data_dir();
+                let opened = std::time::Instant::now();
+                let options = disk::Options {
+                    fsync: cfg.storage.fsync,
+                    repair: cfg.storage.repair,
+                };
+                let d = Arc::new(DiskStore::open(&dir, keep, options, hub.clone())?);
+                tracing::info!(
+                    data_dir = %dir.display(),
+                    fsync = ?cfg.storage.fsync,
+                    epoch = %d.epoch(),
+                    open_ms = opened.elapsed().as_millis() as u64,
+                    "standalone mode: disk store, in-process bus"
+                );
+                (d.clone(), Some(d.clone()), d)
+            }
+        };
     Ok(Opened {
         store,
         bus: Arc::new(LocalBus::new(hub.clone())),
         disk,
         notify_state: Some(notify_state),
         notify_windows: None,
+        tail_stats: None,
     })
 }
 
@@ -383,6 +394,7 @@ async fn cluster(
         "cluster mode: following the stream"
     );
     Ok(Opened {
+        tail_stats: Some(nats.tail_stats.clone()),
         store: nats,
         bus,
         disk: None,

@@ -25,7 +25,9 @@ use crate::store::Store;
 use crate::tls::Tls;
 
 /// Everything sessions and handlers share: configuration, auth, store, bus, registry,
-/// cursors, shutdown.
+/// cursors, shutdown. A session uses most of it (the config, auth, store, bus, cursors,
+/// notifier, metrics and shutdown signal), which is why it holds the whole; what only the
+/// listeners or only the HTTP handlers use is grouped apart ([`Admission`], [`HttpState`]).
 pub struct Shared {
     pub cfg: Config,
     pub auth: Auth,
@@ -34,21 +36,32 @@ pub struct Shared {
     pub bus: Arc<dyn Bus>,
     pub hub: Arc<Hub>,
     pub cursors: Arc<Cursors>,
-    /// Long-poll waiters kept between a device's polls.
-    pub polls: ParkedPolls,
     /// Cancelled when the gateway starts draining.
     pub shutdown: CancellationToken,
+    pub admission: Admission,
+    pub http: HttpState,
+    /// Shared further by each connection, which counts what it writes.
+    pub metrics: Arc<Metrics>,
+    /// Offline notifications (`--notify-url`); `None` when off.
+    pub notifier: Option<Arc<Notifier>>,
+}
+
+/// What the listeners use to take a connection in, and only they.
+pub struct Admission {
     /// Every connection task, so shutdown can wait for them.
     pub tracker: TaskTracker,
     /// Connection permits (`--max-connections`), taken before a connection is served.
     pub permits: Arc<Semaphore>,
     /// Connections per address (`--max-connections-per-ip`), counted at accept.
     pub per_ip: Arc<PerIp>,
-    pub metrics: Metrics,
     /// The listeners' TLS (`--tls-cert`, `--tls-key`); `None` serves plain sockets.
     pub tls: Option<Arc<Tls>>,
+}
+
+/// What only the HTTP handlers keep between requests.
+pub struct HttpState {
+    /// Long-poll waiters kept between a device's polls.
+    pub polls: ParkedPolls,
     /// Sends per second per uid over `POST /v1/messages` (`--send-rate`, `None` = unlimited).
-    pub http_limiter: Option<DefaultKeyedRateLimiter<String>>,
-    /// Offline notifications (`--notify-url`); `None` when off.
-    pub notifier: Option<Arc<Notifier>>,
+    pub limiter: Option<DefaultKeyedRateLimiter<String>>,
 }

@@ -40,6 +40,19 @@ fn log_sink() -> anyhow::Result<Stdio> {
     Ok(file.into())
 }
 
+/// The address after `name` (`http=`, `tcp=`, `metrics=`) in the line a gateway prints
+/// once it listens.
+fn address(line: &str, name: &str) -> anyhow::Result<SocketAddr> {
+    match line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(name))
+        .map(str::parse)
+    {
+        Some(Ok(addr)) => Ok(addr),
+        _ => bail!("no {name}<address> in the gateway's line {line:?}"),
+    }
+}
+
 impl Gateway {
     /// Starts [`crate::binaries::imgate`] as `imgate serve` with `args` added and logs at
     /// `warn` (`IMGATE_TEST_LOG` overrides it; `IMGATE_TEST_LOG_DIR` sends the log to a
@@ -97,18 +110,8 @@ impl Gateway {
             .with_context(|| format!("the gateway did not listen within {LISTENING:?}"))?
             .context("reading the gateway's stdout")?
             .context("the gateway exited before listening")?;
-        let field = |name: &str| -> anyhow::Result<SocketAddr> {
-            match line
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix(name))
-                .map(str::parse)
-            {
-                Some(Ok(addr)) => Ok(addr),
-                _ => bail!("no {name}<address> in the gateway's line {line:?}"),
-            }
-        };
-        let (http, tcp) = (field("http=")?, field("tcp=")?);
-        let metrics = field("metrics=").ok();
+        let (http, tcp) = (address(&line, "http=")?, address(&line, "tcp=")?);
+        let metrics = address(&line, "metrics=").ok();
         // Keep draining stdout so the gateway never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         Ok(Gateway {

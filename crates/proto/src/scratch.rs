@@ -73,7 +73,11 @@ mod tests {
             Ok::<_, ()>(())
         })
         .unwrap();
-        assert_eq!(SCRATCH.with(|c| c.take().capacity()), 0, "a large buffer is freed");
+        assert_eq!(
+            SCRATCH.with(|c| c.take().capacity()),
+            0,
+            "a large buffer is freed"
+        );
         assert_eq!(written(|_| Err("no")), Err::<Vec<u8>, _>("no"));
     }
 
@@ -86,7 +90,7 @@ mod tests {
                 Ok::<_, ()>(())
             })?;
             b.extend_from_slice(&inner);
-            Ok(())
+            Ok::<_, ()>(())
         })
         .unwrap();
         assert_eq!(outer, b"outin");

@@ -231,7 +231,7 @@ impl Drop for CursorHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::memory::{Limits, MemoryStore};
+    use crate::store::memory::{Keep, MemoryStore};
     use crate::store::Fanout;
 
     struct Nobody;
@@ -241,11 +241,11 @@ mod tests {
     }
 
     fn cursors() -> (Arc<Cursors>, Arc<MemoryStore>) {
-        let limits = Limits {
+        let keep = Keep {
             retention: Duration::from_secs(60),
             max_inbox: 10,
         };
-        let store = Arc::new(MemoryStore::new(limits, Arc::new(Nobody)));
+        let store = Arc::new(MemoryStore::new(keep, Arc::new(Nobody)));
         (Cursors::new(store.clone(), Duration::from_secs(1)), store)
     }
 

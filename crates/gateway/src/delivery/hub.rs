@@ -427,14 +427,9 @@ mod tests {
             b.encoded(Encoding::Json).as_ptr(),
             "encoded once, the same bytes for every connection"
         );
-        assert_eq!(
-            a.text().as_ptr(),
-            b.encoded(Encoding::Json).as_ptr(),
-            "the WebSocket text shares those bytes too"
-        );
         let frame = ServerFrame::Msg(msg(1));
         assert_eq!(
-            a.text().as_bytes(),
+            &a.encoded(Encoding::Json)[..],
             &encode(&frame, Encoding::Json).unwrap()[..],
             "and they are the frame's JSON encoding"
         );

@@ -5,15 +5,13 @@
 //! - [`OutboxItem`]: what the registry puts in a connection's outbox (a stored message, a
 //!   room message, a rise of the read position).
 //! - [`ToClient`]: what a session writes; its transport only picks the encoding
-//!   ([`ToClient::encode`] for bytes, [`ToClient::text`] for WebSocket text and SSE).
+//!   ([`ToClient::encode`]).
 //!
-//! Nothing here touches a socket or decides who gets what.
+//! Nothing here touches a socket, knows a transport's types, or decides who gets what.
 
 use std::sync::{Arc, OnceLock};
 
-use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
-use imgate_proto::scratch::written;
 use imgate_proto::{encode, Encoding, Message, ServerFrame};
 
 /// A stored message (or a room message) on its way to connections, with its encodings
@@ -21,9 +19,7 @@ use imgate_proto::{encode, Encoding, Message, ServerFrame};
 #[derive(Debug)]
 pub struct SharedFrame {
     frame: ServerFrame,
-    /// JSON is kept as text known to be UTF-8, so a WebSocket text frame can share it
-    /// without checking it again for each connection.
-    json: OnceLock<Utf8Bytes>,
+    json: OnceLock<Bytes>,
     msgpack: OnceLock<Bytes>,
 }
 
@@ -55,28 +51,13 @@ impl SharedFrame {
 
     /// The `msg` frame in `enc`, encoded once and shared by every connection.
     pub fn encoded(&self, enc: Encoding) -> Bytes {
-        match enc {
-            Encoding::Json => self.text().into(),
-            Encoding::Msgpack => self
-                .msgpack
-                .get_or_init(|| encode(&self.frame, enc).expect("a stored message always encodes"))
-                .clone(),
-        }
+        let slot = match enc {
+            Encoding::Json => &self.json,
+            Encoding::Msgpack => &self.msgpack,
+        };
+        slot.get_or_init(|| encode(&self.frame, enc).expect("a stored message always encodes"))
+            .clone()
     }
-
-    /// The JSON encoding as text, encoded once and shared by every connection.
-    pub fn text(&self) -> Utf8Bytes {
-        self.json.get_or_init(|| json_text(&self.frame)).clone()
-    }
-}
-
-/// A server frame as JSON text, checked once here to be UTF-8 (as `serde_json` writes it)
-/// so that no connection checks it again.
-pub fn json_text(frame: &ServerFrame) -> Utf8Bytes {
-    let json = written(|b| serde_json::to_writer(b, frame)).expect("server frames always encode");
-    String::from_utf8(json)
-        .expect("serde_json writes UTF-8")
-        .into()
 }
 
 /// What the fanout puts in a connection's outbox.
@@ -105,15 +86,6 @@ impl ToClient {
         match self {
             ToClient::Frame(f) => encode(f, enc).expect("server frames always encode"),
             ToClient::Shared(d) => d.encoded(enc),
-        }
-    }
-
-    /// The JSON encoding as text (a WebSocket text frame, an SSE event), shared like
-    /// [`Self::encode`].
-    pub fn text(&self) -> Utf8Bytes {
-        match self {
-            ToClient::Frame(f) => json_text(f),
-            ToClient::Shared(d) => d.text(),
         }
     }
 

@@ -55,7 +55,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::store::memory::{Limits, MemoryStore};
+    use crate::store::memory::{Keep, MemoryStore};
     use crate::store::{Draft, Fanout};
 
     struct Nobody;
@@ -77,11 +77,11 @@ mod tests {
 
     #[tokio::test]
     async fn counts_what_others_sent_above_the_read_position_up_to_the_cap() {
-        let limits = Limits {
+        let keep = Keep {
             max_inbox: 5000,
             retention: Duration::from_secs(3600),
         };
-        let store = MemoryStore::new(limits, Arc::new(Nobody));
+        let store = MemoryStore::new(keep, Arc::new(Nobody));
         let bob = ["bob".to_owned()];
         for n in 0..3 {
             store.append(draft("alice", n), &bob).await.unwrap();

@@ -15,7 +15,7 @@ use serde_json::Value;
 
 use super::notify::Notifier;
 use crate::auth::SYSTEM;
-use crate::config::Config;
+use crate::config::Limits;
 use crate::metrics::Metrics;
 use crate::refusal::Refusal;
 use crate::store::{now_ms, Draft, Store};
@@ -36,8 +36,9 @@ pub struct Stored {
     pub ts: u64,
 }
 
-/// Checks a send from `from` and chooses its inboxes.
-pub fn prepare(cfg: &Config, from: &str, send: Send) -> Result<Prepared, Refusal> {
+/// Checks a send from `from` (its body at most `max_body` bytes of JSON) and chooses its
+/// inboxes.
+pub fn prepare(max_body: usize, from: &str, send: Send) -> Result<Prepared, Refusal> {
     let id = match send.id {
         Some(id) if is_valid_message_id(&id) => id,
         Some(_) => {
@@ -68,7 +69,7 @@ pub fn prepare(cfg: &Config, from: &str, send: Send) -> Result<Prepared, Refusal
             .for_send(&id))
         }
     };
-    check_body(cfg.max_body, &send.body).map_err(|r| r.for_send(&id))?;
+    check_body(max_body, &send.body).map_err(|r| r.for_send(&id))?;
     Ok(Prepared {
         draft: Draft {
             id,
@@ -153,9 +154,9 @@ pub async fn commit(
 }
 
 /// The per-connection (or per-uid, over HTTP) send quota; `None` when unlimited.
-pub fn send_quota(cfg: &Config) -> Option<Quota> {
-    NonZeroU32::new(cfg.send_rate).map(|rate| {
-        let burst = NonZeroU32::new(cfg.send_burst).unwrap_or(rate);
+pub fn send_quota(limits: &Limits) -> Option<Quota> {
+    NonZeroU32::new(limits.send_rate).map(|rate| {
+        let burst = NonZeroU32::new(limits.send_burst).unwrap_or(rate);
         Quota::per_second(rate).allow_burst(burst)
     })
 }
@@ -194,13 +195,13 @@ mod tests {
 
     #[test]
     fn checks_before_the_store() {
-        let cfg = parse_for_test(&["--max-body", "16"]);
-        let p = prepare(&cfg, "alice", send(Some("bob"), None, json!(1))).unwrap();
+        let max_body = parse_for_test(&["--max-body", "16"]).limits.max_body;
+        let p = prepare(max_body, "alice", send(Some("bob"), None, json!(1))).unwrap();
         assert_eq!(p.draft.to.as_deref(), Some("bob"));
         assert!(p.member_only);
-        let p = prepare(&cfg, "alice", send(None, Some("g1"), json!(1))).unwrap();
+        let p = prepare(max_body, "alice", send(None, Some("g1"), json!(1))).unwrap();
         assert_eq!(p.draft.group.as_deref(), Some("g1"));
-        let code = |s| prepare(&cfg, "alice", s).unwrap_err().code;
+        let code = |s| prepare(max_body, "alice", s).unwrap_err().code;
         assert_eq!(
             code(send(Some("b b"), None, json!(1))),
             ErrorCode::BadRequest
@@ -223,7 +224,7 @@ mod tests {
             id: None,
             ..send(Some("bob"), None, json!(1))
         };
-        assert!(prepare(&cfg, "alice", no_id)
+        assert!(prepare(max_body, "alice", no_id)
             .unwrap()
             .draft
             .id

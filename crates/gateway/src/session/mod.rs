@@ -36,7 +36,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Identity;
-use crate::config::Config;
+use crate::config::{Limits, Timers};
 use crate::delivery::cursors::CursorHandle;
 use crate::delivery::hub::{Kick, Registration};
 use crate::delivery::outbox::{OutboxItem, SharedFrame, ToClient};
@@ -44,7 +44,7 @@ use crate::delivery::resume::{resume_point, ResumePoint};
 use crate::delivery::send::{self, send_quota};
 use crate::delivery::{reads, rooms, DEFAULT_DEVICE};
 use crate::logging::Labels;
-use crate::metrics::Transport;
+use crate::metrics::{Metrics, Transport};
 use crate::refusal::Refusal;
 use crate::state::Shared;
 use crate::store::{Following, Page, StoreError};
@@ -165,8 +165,8 @@ async fn serve<T>(
         frames,
         kick: Arc::new(Kick::default()),
         shutdown: shared.shutdown.clone(),
-        write_stall: shared.cfg.ack_timeout,
-        shared: shared.clone(),
+        write_stall: shared.cfg.timers.ack_timeout,
+        metrics: shared.metrics.clone(),
         profile,
         labels,
     };
@@ -194,7 +194,7 @@ struct Io<T> {
     /// A single write blocked this long means the client stopped reading.
     write_stall: Duration,
     /// For counting what is written.
-    shared: Arc<Shared>,
+    metrics: Arc<Metrics>,
     profile: Profile,
     labels: Labels,
 }
@@ -205,7 +205,7 @@ where
 {
     /// Waits for the `login` frame and checks it.
     async fn login(&mut self, shared: &Shared) -> Result<Preauth, End> {
-        let deadline = Instant::now() + shared.cfg.login_timeout;
+        let deadline = Instant::now() + shared.cfg.timers.login_timeout;
         loop {
             let next = tokio::select! {
                 r = tokio::time::timeout_at(deadline, self.frames.next()) => r,
@@ -276,7 +276,7 @@ where
     }
 
     fn count(&self, item: &ToClient) {
-        let m = &self.shared.metrics;
+        let m = &self.metrics;
         match item {
             ToClient::Shared(d) if d.seq() > 0 => m.delivered(self.profile.transport).increment(1),
             ToClient::Frame(ServerFrame::Error { code, .. }) => m.error(*code).increment(1),
@@ -343,8 +343,8 @@ impl Live {
     }
 
     /// Whether a send or publish now is over this connection's quota (`--send-rate`).
-    fn over_quota(&mut self, cfg: &Config) -> bool {
-        let Some(quota) = send_quota(cfg) else {
+    fn over_quota(&mut self, limits: &Limits) -> bool {
+        let Some(quota) = send_quota(limits) else {
             return false;
         };
         self.limiter
@@ -374,9 +374,13 @@ where
     }
     let uid = pre.identity.uid;
     let cfg = &shared.cfg;
-    let mut reg = shared
-        .hub
-        .register(&uid, &device, io.kick.clone(), cfg.outbox, cfg.max_devices);
+    let mut reg = shared.hub.register(
+        &uid,
+        &device,
+        io.kick.clone(),
+        cfg.limits.outbox,
+        cfg.limits.max_devices,
+    );
     io.labels.set(reg.id, &uid, &device);
     // Registered first, then followed, then read: every copy is in a backlog page or
     // reaches the outbox.
@@ -608,12 +612,12 @@ async fn read_and_unread(
 
 /// Why a connection whose timer fired at `now` must end, if it must: its token expired,
 /// a message went unacked for `--ack-timeout`, or it was idle for `--idle-timeout`.
-fn timed_out(live: &Live, cfg: &Config, now: Instant) -> Option<ByeReason> {
+fn timed_out(live: &Live, timers: &Timers, now: Instant) -> Option<ByeReason> {
     if live.expires <= now {
         Some(ByeReason::Expired)
-    } else if live.ack_deadline(cfg).is_some_and(|d| d <= now) {
+    } else if live.ack_deadline(timers).is_some_and(|d| d <= now) {
         Some(ByeReason::AckTimeout)
-    } else if live.idle_deadline(cfg) <= now {
+    } else if live.idle_deadline(timers) <= now {
         Some(ByeReason::Idle)
     } else {
         None
@@ -632,7 +636,7 @@ async fn live_loop<T>(
 where
     T: Frames,
 {
-    let cfg = &shared.cfg;
+    let timers = &shared.cfg.timers;
     // Shutdown reaches a live connection as a kick (`Hub::kick_all`), one branch fewer in
     // the select every idle connection is parked in. A connection registered after that
     // sweep sees the flag here.
@@ -640,7 +644,7 @@ where
         return End::Bye(ByeReason::Shutdown);
     }
     let kick = io.kick.clone();
-    let mut timer = pin!(tokio::time::sleep_until(live.deadline(cfg)));
+    let mut timer = pin!(tokio::time::sleep_until(live.deadline(timers)));
     // Connections spend their life parked in this select; the work each branch starts is
     // boxed so the parked state stays small (idle connections are most of them).
     loop {
@@ -673,10 +677,10 @@ where
                     Some(Ok(Incoming::Frame(f))) => Box::pin(handle(shared, io, live, *f)).await,
                 }
             }
-            _ = &mut timer => match timed_out(live, cfg, Instant::now()) {
+            _ = &mut timer => match timed_out(live, timers, Instant::now()) {
                 Some(reason) => Err(End::Bye(reason)),
                 None => {
-                    timer.as_mut().reset(live.deadline(cfg));
+                    timer.as_mut().reset(live.deadline(timers));
                     Ok(())
                 }
             },
@@ -686,7 +690,7 @@ where
         }
         // Pull the timer in if a new ack deadline came before it; a later deadline is
         // handled when the timer fires early and re-arms.
-        let next = live.deadline(cfg);
+        let next = live.deadline(timers);
         if next < timer.deadline() {
             timer.as_mut().reset(next);
         }
@@ -810,7 +814,7 @@ where
 /// A `read` frame: raises the user's read position; an error frame if refused.
 async fn on_read(shared: &Shared, live: &mut Live, seq: u64) -> Option<ServerFrame> {
     // A read is a store write like a send: under the same quota.
-    if live.over_quota(&shared.cfg) {
+    if live.over_quota(&shared.cfg.limits) {
         return Some(Refusal::rate_limited().into());
     }
     let raised = match reads::check(seq, live.last_sent) {
@@ -848,12 +852,12 @@ fn on_join(shared: &Shared, live: &mut Live, room: String) -> Option<ServerFrame
     if live.rooms.contains(&room) {
         return None;
     }
-    if live.rooms.len() >= shared.cfg.max_rooms_per_connection {
+    if live.rooms.len() >= shared.cfg.limits.max_rooms_per_connection {
         return Some(ServerFrame::error(
             ErrorCode::BadRequest,
             format!(
                 "a connection joins at most {} rooms (--max-rooms-per-connection)",
-                shared.cfg.max_rooms_per_connection
+                shared.cfg.limits.max_rooms_per_connection
             ),
         ));
     }
@@ -871,7 +875,7 @@ async fn on_publish(
     room: String,
     body: serde_json::Value,
 ) -> Option<ServerFrame> {
-    if let Err(r) = rooms::check_publish(shared.cfg.max_body, &room, &body) {
+    if let Err(r) = rooms::check_publish(shared.cfg.limits.max_body, &room, &body) {
         return Some(r.into());
     }
     if !live.rooms.contains(&room) {
@@ -880,7 +884,7 @@ async fn on_publish(
             format!("join {room:?} before publishing to it"),
         ));
     }
-    if live.over_quota(&shared.cfg) {
+    if live.over_quota(&shared.cfg.limits) {
         return Some(Refusal::rate_limited().into());
     }
     let published = rooms::publish(shared.bus.as_ref(), &room, live.uid(), body).await;
@@ -921,8 +925,8 @@ fn accept_send(
     send: imgate_proto::Send,
 ) -> Result<BoxFuture<'static, Box<ServerFrame>>, Box<ServerFrame>> {
     let refused = |r: Refusal| Box::new(ServerFrame::from(r));
-    let prepared = send::prepare(&shared.cfg, live.uid(), send).map_err(refused)?;
-    if live.over_quota(&shared.cfg) {
+    let prepared = send::prepare(shared.cfg.limits.max_body, live.uid(), send).map_err(refused)?;
+    if live.over_quota(&shared.cfg.limits) {
         return Err(refused(
             Refusal::rate_limited().for_send(&prepared.draft.id),
         ));
@@ -963,22 +967,22 @@ impl Live {
         }
     }
 
-    fn ack_deadline(&self, cfg: &Config) -> Option<Instant> {
-        self.unacked.front().map(|(_, t)| *t + cfg.ack_timeout)
+    fn ack_deadline(&self, timers: &Timers) -> Option<Instant> {
+        self.unacked.front().map(|(_, t)| *t + timers.ack_timeout)
     }
 
-    fn idle_deadline(&self, cfg: &Config) -> Instant {
+    fn idle_deadline(&self, timers: &Timers) -> Instant {
         if self.client_acks {
-            self.last_activity + cfg.idle_timeout
+            self.last_activity + timers.idle_timeout
         } else {
             // Nothing to wait for: the client never speaks. Far enough to never fire.
             self.last_activity + Duration::from_secs(365 * 24 * 3600)
         }
     }
 
-    fn deadline(&self, cfg: &Config) -> Instant {
-        let idle = self.idle_deadline(cfg).min(self.expires);
-        self.ack_deadline(cfg).map_or(idle, |a| a.min(idle))
+    fn deadline(&self, timers: &Timers) -> Instant {
+        let idle = self.idle_deadline(timers).min(self.expires);
+        self.ack_deadline(timers).map_or(idle, |a| a.min(idle))
     }
 }
 

@@ -22,9 +22,9 @@ use super::{
     NotifyRecord, NotifyState, Older, Page, Store, StoreError, DEDUPE_WINDOW,
 };
 
-/// Retention limits of an inbox.
+/// What an inbox keeps: messages younger than `retention`, at most `max_inbox` of them.
 #[derive(Debug, Clone, Copy)]
-pub struct Limits {
+pub struct Keep {
     pub retention: Duration,
     pub max_inbox: usize,
 }
@@ -32,7 +32,7 @@ pub struct Limits {
 /// The standalone store.
 pub struct MemoryStore {
     inner: Mutex<Inner>,
-    limits: Limits,
+    keep: Keep,
     fanout: Arc<dyn Fanout>,
     /// [`DEDUPE_WINDOW`]; shorter in tests.
     dedupe_window: Duration,
@@ -108,10 +108,10 @@ struct Inbox {
 }
 
 impl Inbox {
-    fn expire(&mut self, limits: Limits, now_ms: u64) {
-        let horizon = now_ms.saturating_sub(limits.retention.as_millis() as u64);
+    fn expire(&mut self, keep: Keep, now_ms: u64) {
+        let horizon = now_ms.saturating_sub(keep.retention.as_millis() as u64);
         while let Some((seq, draft)) = self.msgs.front() {
-            if self.msgs.len() > limits.max_inbox || draft.ts < horizon {
+            if self.msgs.len() > keep.max_inbox || draft.ts < horizon {
                 self.dropped_upto = *seq;
                 self.msgs.pop_front();
             } else {
@@ -126,10 +126,10 @@ impl Inbox {
 }
 
 impl MemoryStore {
-    pub fn new(limits: Limits, fanout: Arc<dyn Fanout>) -> Self {
+    pub fn new(keep: Keep, fanout: Arc<dyn Fanout>) -> Self {
         MemoryStore {
             inner: Mutex::new(Inner::default()),
-            limits,
+            keep,
             fanout,
             dedupe_window: DEDUPE_WINDOW,
             epoch: super::new_epoch().into(),
@@ -185,7 +185,7 @@ impl Store for MemoryStore {
             let seq = inner.last_seq;
             let inbox = inner.inboxes.entry(uid.clone()).or_default();
             inbox.msgs.push_back((seq, draft.clone()));
-            inbox.expire(self.limits, now_ms);
+            inbox.expire(self.keep, now_ms);
             seqs.push(seq);
             self.fanout
                 .deliver(uid, &mut || Some(draft.to_message(seq)));
@@ -211,7 +211,7 @@ impl Store for MemoryStore {
         let Some(inbox) = inner.inboxes.get_mut(uid) else {
             return Ok(Page::default());
         };
-        inbox.expire(self.limits, now_ms());
+        inbox.expire(self.keep, now_ms());
         let start = inbox.msgs.partition_point(|(seq, _)| *seq <= after);
         Ok(Page {
             messages: inbox
@@ -243,7 +243,7 @@ impl Store for MemoryStore {
         let Some(inbox) = inner.inboxes.get_mut(uid) else {
             return Ok(History::default());
         };
-        inbox.expire(self.limits, now_ms());
+        inbox.expire(self.keep, now_ms());
         let end = inbox
             .msgs
             .partition_point(|(seq, _)| before.is_none_or(|b| *seq < b));
@@ -389,11 +389,11 @@ mod tests {
 
     fn store(max_inbox: usize) -> (MemoryStore, Arc<Recorder>) {
         let rec = Arc::new(Recorder::default());
-        let limits = Limits {
+        let keep = Keep {
             retention: Duration::from_secs(3600),
             max_inbox,
         };
-        (MemoryStore::new(limits, rec.clone()), rec)
+        (MemoryStore::new(keep, rec.clone()), rec)
     }
 
     #[tokio::test]
@@ -533,11 +533,11 @@ mod tests {
     #[tokio::test]
     async fn retention_drops_old_messages_and_reports_gap() {
         let rec = Arc::new(Recorder::default());
-        let limits = Limits {
+        let keep = Keep {
             retention: Duration::from_millis(50),
             max_inbox: 100,
         };
-        let s = MemoryStore::new(limits, rec);
+        let s = MemoryStore::new(keep, rec);
         s.append(draft("old", "alice", "bob"), &["bob".to_owned()])
             .await
             .unwrap();

@@ -20,7 +20,6 @@ use async_trait::async_trait;
 use imgate_proto::{ErrorCode, Message};
 use serde_json::Value;
 
-use crate::metrics::TailStats;
 use crate::refusal::Refusal;
 
 /// How long a `(from, id)` pair is remembered, so a send repeated within it stores nothing
@@ -100,7 +99,8 @@ pub struct History {
     pub next: Option<u64>,
 }
 
-/// A new random epoch (section 3 of the design): 16 characters of `[A-Za-z0-9]`.
+/// A new random epoch (docs/protocol.md, "Messages, seqs and guarantees"): 16 characters
+/// of `[A-Za-z0-9]`.
 pub fn new_epoch() -> String {
     use rand::distr::{Alphanumeric, SampleString};
     Alphanumeric.sample_string(&mut rand::rng(), 16)
@@ -309,11 +309,6 @@ pub trait Store: Send + Sync + 'static {
 
     /// Whether the store can take writes now (for `/readyz`).
     async fn ready(&self) -> bool;
-
-    /// The counters of the cluster tail, for `/metrics` (none for a standalone store).
-    fn tail_stats(&self) -> Option<&TailStats> {
-        None
-    }
 
     /// Creates group `id`; `false` if it exists already.
     async fn create_group(&self, id: &str, group: &Group) -> Result<bool, StoreError>;

@@ -19,7 +19,7 @@ use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::{Sink, SinkExt, Stream, StreamExt};
-use imgate_proto::{ErrorCode, ServerFrame};
+use imgate_proto::{Encoding, ErrorCode, ServerFrame};
 use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -97,7 +97,7 @@ pub async fn events(
         return Err(Refusal::bad_id("device"));
     }
     let (epoch, resume) = resume_from(&headers, q.after.as_deref())?;
-    let Ok(permit) = shared.permits.clone().try_acquire_owned() else {
+    let Ok(permit) = shared.admission.permits.clone().try_acquire_owned() else {
         return Err(Refusal::new(
             ErrorCode::Unavailable,
             "connection limit reached",
@@ -122,14 +122,14 @@ pub async fn events(
         gone: Box::pin(client_gone),
     };
     let session = session::run(shared.clone(), frames, start, Profile::SSE);
-    shared.tracker.spawn(async move {
+    shared.admission.tracker.spawn(async move {
         session.await;
         drop(permit);
     });
     let epoch = shared.store.epoch();
     let body = ReceiverStream::new(rx).map(move |o| Ok::<_, Infallible>(to_event(&epoch, o)));
     Ok(Sse::new(body)
-        .keep_alive(KeepAlive::new().interval(shared.cfg.sse_keepalive))
+        .keep_alive(KeepAlive::new().interval(shared.cfg.timers.sse_keepalive))
         .into_response())
 }
 
@@ -174,7 +174,8 @@ fn to_event(epoch: &str, o: ToClient) -> Event {
         ServerFrame::Msg(m) => event.id(format!("{epoch}:{}", m.seq)),
         _ => event,
     };
-    event.data(o.text().as_str())
+    let json = o.encode(Encoding::Json);
+    event.data(std::str::from_utf8(&json).expect("JSON is UTF-8"))
 }
 
 /// The `type` of a server frame, used as the SSE event name (`welcome`, `bye`, `room`, …).

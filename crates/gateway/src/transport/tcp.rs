@@ -29,7 +29,7 @@ const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
 /// Accepts until shutdown; each connection runs as a task on `tracker`.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
-    let (permits, tracker) = (&shared.permits, &shared.tracker);
+    let (permits, tracker) = (&shared.admission.permits, &shared.admission.tracker);
     let mut backoff = Duration::from_millis(5);
     loop {
         let permit = tokio::select! {
@@ -52,16 +52,16 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                 continue;
             }
         };
-        let refuse = match shared.tls {
+        let refuse = match shared.admission.tls {
             None => Refuse::Tcp,
             Some(_) => Refuse::Silently,
         };
-        let Some(slot) = shared.per_ip.admit(&sock, refuse) else {
+        let Some(slot) = shared.admission.per_ip.admit(&sock, refuse) else {
             continue;
         };
         let _ = sock.set_nodelay(true);
         let shared = shared.clone();
-        let Some(tls) = shared.tls.clone() else {
+        let Some(tls) = shared.admission.tls.clone() else {
             // The socket is framed and boxed before the connection's future is made: a
             // future keeps room for what it captured for its whole life (what each idle
             // connection costs).
@@ -73,7 +73,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             continue;
         };
         tracker.spawn(async move {
-            if let Some(stream) = tls.accept(sock, shared.cfg.login_timeout).await {
+            if let Some(stream) = tls.accept(sock, shared.cfg.timers.login_timeout).await {
                 let frames = transport(stream, &shared);
                 session::run(shared, frames, start(), Profile::TCP).await;
             }
@@ -99,7 +99,7 @@ fn transport<S>(sock: S, shared: &Shared) -> impl Frames + Send
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let codec = FrameCodec::with_first(MAX_LOGIN_FRAME, shared.cfg.max_frame);
+    let codec = FrameCodec::with_first(MAX_LOGIN_FRAME, shared.cfg.limits.max_frame);
     Box::pin(Coded {
         socket: Framed::with_capacity(sock, codec, TCP_BUFFER),
         encode: |o: ToClient| o.encode(Encoding::Msgpack),

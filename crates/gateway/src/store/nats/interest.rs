@@ -36,7 +36,8 @@ use futures::{FutureExt, Stream, StreamExt};
 use tokio::sync::{mpsc, OnceCell};
 use tokio_util::sync::CancellationToken;
 
-use super::{header_u64, live_time, unavailable, NatsStore, MAX_DIRECT_BATCH, POSITION_CHECK};
+use super::tail::{header_u64, live_time, POSITION_CHECK};
+use super::{unavailable, NatsStore, MAX_DIRECT_BATCH};
 use crate::metrics::TailStats;
 use crate::store::{Fanout, Following, StoreError};
 
@@ -210,6 +211,28 @@ impl Interest {
         all.sort_unstable_by_key(|(_, inbox)| inbox.gen);
         all
     }
+}
+
+/// The inboxes a routine check covers: the next [`CHECK_CHUNK`] in following order after
+/// `rota` (wrapping around; `rota` moves to the last of them), and the suspects not among
+/// them.
+fn next_to_check(
+    all: Vec<(Arc<str>, Arc<Inbox>)>,
+    rota: &mut u64,
+    suspects: &HashMap<Arc<str>, Suspect>,
+) -> Vec<(Arc<str>, Arc<Inbox>)> {
+    let start = all.partition_point(|(_, inbox)| inbox.gen <= *rota);
+    let next = all
+        .iter()
+        .cycle()
+        .skip(start)
+        .take(CHECK_CHUNK.min(all.len()));
+    let next: Vec<_> = next.cloned().collect();
+    *rota = next.last().map_or(0, |(_, inbox)| inbox.gen);
+    let suspected = all.iter().filter(|(uid, inbox)| {
+        suspects.get(uid).is_some_and(|s| s.gen == inbox.gen) && !next.iter().any(|(u, _)| u == uid)
+    });
+    next.iter().chain(suspected).cloned().collect()
 }
 
 impl NatsStore {
@@ -451,23 +474,10 @@ impl NatsStore {
                 _ = tick.tick() => {}
             }
             let all = interest.all();
-            let inboxes: Vec<_> = if behind {
+            let inboxes = if behind {
                 all
             } else {
-                // The next few in following order (wrapping around), and the suspects.
-                let start = all.partition_point(|(_, inbox)| inbox.gen <= rota);
-                let next = all
-                    .iter()
-                    .cycle()
-                    .skip(start)
-                    .take(CHECK_CHUNK.min(all.len()));
-                let next: Vec<_> = next.cloned().collect();
-                rota = next.last().map_or(0, |(_, inbox)| inbox.gen);
-                let suspected = all.iter().filter(|(uid, inbox)| {
-                    suspects.get(uid).is_some_and(|s| s.gen == inbox.gen)
-                        && !next.iter().any(|(u, _)| u == uid)
-                });
-                next.iter().chain(suspected).cloned().collect()
+                next_to_check(all, &mut rota, &suspects)
             };
             suspects.retain(|uid, s| inboxes.iter().any(|(u, i)| u == uid && i.gen == s.gen));
             checks += 1;

@@ -25,7 +25,8 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 
-use super::{kv_bucket, unavailable, unix_ms, NatsStore};
+use super::setup::kv_bucket;
+use super::{unavailable, unix_ms, NatsStore};
 use crate::store::StoreError;
 use crate::subjects::Names;
 

@@ -66,7 +66,7 @@ pub async fn create(
 ) -> Result<Response, Refusal> {
     let req = json_body(b)?;
     check_id(&req.id)?;
-    let group = new_group(&who.uid, &req.members, shared.cfg.max_group)?;
+    let group = new_group(&who.uid, &req.members, shared.cfg.limits.max_group)?;
     if !shared.store.create_group(&req.id, &group).await? {
         let exists = Refusal::new(ErrorCode::BadRequest, format!("group {:?} exists", req.id));
         return Ok(with_status(StatusCode::CONFLICT, exists));
@@ -104,7 +104,7 @@ pub async fn members(
 ) -> Result<Json<serde_json::Value>, Refusal> {
     check_id(&id)?;
     let req = json_body(b)?;
-    let max = shared.cfg.max_group;
+    let max = shared.cfg.limits.max_group;
     let apply = |g: &Group| change(g, &who.uid, &req.add, &req.remove, max);
     match shared.store.change_group(&id, &apply).await {
         Ok(g) => Ok(view(&id, &g)),

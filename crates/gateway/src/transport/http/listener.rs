@@ -54,11 +54,14 @@ pub async fn serve(listener: TcpListener, app: Router, shared: Arc<Shared>, tls:
             None => Refuse::Http,
             Some(_) => Refuse::Silently,
         };
-        let Some(slot) = shared.per_ip.admit(&sock, refuse) else {
+        let Some(slot) = shared.admission.per_ip.admit(&sock, refuse) else {
             continue;
         };
         let (app, stop) = (app.clone(), stop.clone());
-        let (header_timeout, login_timeout) = (shared.cfg.header_timeout, shared.cfg.login_timeout);
+        let (header_timeout, login_timeout) = (
+            shared.cfg.timers.header_timeout,
+            shared.cfg.timers.login_timeout,
+        );
         match tls.clone() {
             None => conns.spawn(async move {
                 connection(sock, app, header_timeout, stop).await;

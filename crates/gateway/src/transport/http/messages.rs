@@ -48,7 +48,7 @@ pub async fn post_message(
     Caller(id): Caller,
     body: Result<Json<Send>, JsonRejection>,
 ) -> Result<Json<serde_json::Value>, Refusal> {
-    let prepared = send::prepare(&shared.cfg, &id.uid, json_body(body)?)?;
+    let prepared = send::prepare(shared.cfg.limits.max_body, &id.uid, json_body(body)?)?;
     check_http_rate(&shared, &id.uid)?;
     store(&shared, prepared).await
 }
@@ -70,7 +70,7 @@ pub async fn admin_message(
     if !id.admin {
         return Ok(not_admin());
     }
-    let mut prepared = send::prepare(&shared.cfg, SYSTEM, json_body(body)?)?;
+    let mut prepared = send::prepare(shared.cfg.limits.max_body, SYSTEM, json_body(body)?)?;
     prepared.member_only = false;
     Ok(store(&shared, prepared).await.into_response())
 }
@@ -116,7 +116,7 @@ pub async fn poll(
     // The device's previous long poll on this gateway left its waiter registered: if this
     // poll continues from that answer, everything after it is in the waiter already.
     if let (false, PollStart::After(after)) = (wait.is_zero(), start) {
-        if let Some(w) = shared.polls.take(&uid, &device, after).await {
+        if let Some(w) = shared.http.polls.take(&uid, &device, after).await {
             w.cursor.ack(after);
             shared.metrics.acks.increment(1);
             shared.metrics.long_polls_resumed.increment(1);
@@ -164,7 +164,7 @@ fn answer_and_park(
     // A page with more behind it left messages stored before the waiter registered unread:
     // the next poll must read the store. Otherwise the waiter holds everything after it.
     if !more {
-        shared.polls.park(uid, device, waiter, given);
+        shared.http.polls.park(uid, device, waiter, given);
     }
     response
 }
@@ -252,7 +252,7 @@ async fn wait_for_messages(
     );
     let given = got.messages.last().map_or(after, |(seq, _)| *seq);
     if !shared.shutdown.is_cancelled() {
-        shared.polls.park(uid, device, w, given);
+        shared.http.polls.park(uid, device, w, given);
     }
     response
 }

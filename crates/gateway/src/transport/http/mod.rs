@@ -110,7 +110,7 @@ pub fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, Refusal> 
 
 /// The per-uid send rate of the HTTP API (`--send-rate`, `--send-burst`).
 pub fn check_http_rate(shared: &Shared, uid: &str) -> Result<(), Refusal> {
-    match &shared.http_limiter {
+    match &shared.http.limiter {
         Some(l) if l.check_key(&uid.to_owned()).is_err() => Err(Refusal::rate_limited()),
         _ => Ok(()),
     }
@@ -162,17 +162,17 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/groups/{id}/members", post(groups::members))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz));
-    if shared.cfg.metrics_listen.is_none() {
+    if shared.cfg.listen.metrics_listen.is_none() {
         r = r.route("/metrics", get(metrics));
     }
     if shared.auth.dev_mode() {
         r = r.route("/v1/dev/token", post(dev_token));
     }
-    let cors = cors(&shared.cfg.cors_origin);
+    let cors = cors(&shared.cfg.listen.cors_origin);
     let r = r
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
-        .layer(DefaultBodyLimit::max(shared.cfg.max_frame))
+        .layer(DefaultBodyLimit::max(shared.cfg.limits.max_frame))
         .layer(middleware::from_fn_with_state(shared.clone(), count_errors))
         .with_state(shared);
     match cors {
@@ -238,9 +238,7 @@ fn cors(origins: &[String]) -> Option<CorsLayer> {
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        shared
-            .metrics
-            .render(&shared.hub.stats, shared.store.tail_stats()),
+        shared.metrics.render(&shared.hub.stats),
     )
         .into_response()
 }

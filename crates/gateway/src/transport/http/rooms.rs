@@ -65,12 +65,12 @@ pub async fn join(
     State(shared): State<Arc<Shared>>,
     InRoom { uid, device, room }: InRoom,
 ) -> Result<Json<Value>, Refusal> {
-    if shared.hub.http_rooms_of(&uid, &device) >= shared.cfg.max_rooms_per_connection {
+    if shared.hub.http_rooms_of(&uid, &device) >= shared.cfg.limits.max_rooms_per_connection {
         return Err(Refusal::new(
             ErrorCode::BadRequest,
             format!(
                 "a device joins at most {} rooms",
-                shared.cfg.max_rooms_per_connection
+                shared.cfg.limits.max_rooms_per_connection
             ),
         ));
     }
@@ -103,7 +103,7 @@ pub async fn publish(
     b: Result<Json<PublishBody>, JsonRejection>,
 ) -> Result<Json<Value>, Refusal> {
     let b = json_body(b)?;
-    rooms::check_publish(shared.cfg.max_body, &room, &b.body)?;
+    rooms::check_publish(shared.cfg.limits.max_body, &room, &b.body)?;
     if !shared.hub.in_room(&room, &uid, &device) {
         return Err(Refusal::new(
             ErrorCode::NotMember,
