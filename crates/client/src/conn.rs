@@ -59,19 +59,12 @@ impl Conn {
         let url = url::Url::parse(url)
             .map_err(|e| Error::new(ErrorKind::Config, format!("bad url {url}: {e}")))?;
         let tls = matches!(url.scheme(), "tls" | "wss");
-        let host = url.host_str().unwrap_or("127.0.0.1").to_owned();
-        let connect = |port: u16| async move {
-            let sock = tcp_connect(b, &host, port)
-                .await
-                .map_err(|e| Error::new(ErrorKind::Connect, e.to_string()))?;
-            let _ = sock.set_nodelay(true);
-            Ok::<_, Error>((sock, host))
-        };
+        let host = url.host_str().unwrap_or("127.0.0.1");
         match url.scheme() {
             "tcp" | "tls" => {
-                let (sock, host) = connect(url.port().unwrap_or(7070)).await?;
+                let sock = open_socket(b, host, url.port().unwrap_or(7070)).await?;
                 let frames = if tls {
-                    tcp_frames(b.tls.connect(&host, sock).await?, b.max_frame)
+                    tcp_frames(b.tls.connect(host, sock).await?, b.max_frame)
                 } else {
                     tcp_frames(sock, b.max_frame)
                 };
@@ -81,40 +74,12 @@ impl Conn {
                 })
             }
             "ws" | "wss" => {
-                let mut url = url.clone();
-                if url.path().is_empty() || url.path() == "/" {
-                    url.set_path("/v1/ws");
-                }
-                {
-                    let mut q = url.query_pairs_mut();
-                    if let Some(d) = &b.device {
-                        q.append_pair("device", d);
-                    }
-                    if let Some(r) = resume {
-                        q.append_pair("resume", &r.to_string());
-                        if let Some(e) = epoch {
-                            q.append_pair("epoch", e);
-                        }
-                    }
-                }
-                let mut req = url.as_str().into_client_request().map_err(proto_err)?;
-                let h = req.headers_mut();
-                h.insert(
-                    "Sec-WebSocket-Protocol",
-                    b.encoding
-                        .subprotocol()
-                        .parse()
-                        .expect("static header value"),
-                );
-                h.insert(
-                    "Authorization",
-                    format!("Bearer {}", b.token).parse().map_err(|_| {
-                        Error::new(ErrorKind::Config, "token is not a valid header")
-                    })?,
-                );
-                let (sock, host) = connect(url.port_or_known_default().unwrap_or(80)).await?;
+                let url = ws_url(&url, b, resume, epoch);
+                let req = ws_request(&url, b)?;
+                let port = url.port_or_known_default().unwrap_or(80);
+                let sock = open_socket(b, host, port).await?;
                 let frames = if tls {
-                    let sock = b.tls.connect(&host, sock).await?;
+                    let sock = b.tls.connect(host, sock).await?;
                     ws_frames(req, sock, b).await?
                 } else {
                     ws_frames(req, sock, b).await?
@@ -130,6 +95,52 @@ impl Conn {
             )),
         }
     }
+}
+
+/// The WebSocket address: `/v1/ws` if `url` names no path; device, resume and epoch in the query.
+fn ws_url(
+    url: &url::Url,
+    b: &ClientBuilder,
+    resume: Option<u64>,
+    epoch: Option<&str>,
+) -> url::Url {
+    let mut url = url.clone();
+    if url.path().is_empty() || url.path() == "/" {
+        url.set_path("/v1/ws");
+    }
+    {
+        let mut q = url.query_pairs_mut();
+        if let Some(d) = &b.device {
+            q.append_pair("device", d);
+        }
+        if let Some(r) = resume {
+            q.append_pair("resume", &r.to_string());
+            if let Some(e) = epoch {
+                q.append_pair("epoch", e);
+            }
+        }
+    }
+    url
+}
+
+/// The handshake request: the builder's encoding as subprotocol, its token as `Authorization`.
+fn ws_request(url: &url::Url, b: &ClientBuilder) -> Result<Request, Error> {
+    let mut req = url.as_str().into_client_request().map_err(proto_err)?;
+    let h = req.headers_mut();
+    h.insert(
+        "Sec-WebSocket-Protocol",
+        b.encoding
+            .subprotocol()
+            .parse()
+            .expect("static header value"),
+    );
+    h.insert(
+        "Authorization",
+        format!("Bearer {}", b.token)
+            .parse()
+            .map_err(|_| Error::new(ErrorKind::Config, "token is not a valid header"))?,
+    );
+    Ok(req)
 }
 
 /// Length-prefixed msgpack over a socket (plain or TLS).
@@ -197,6 +208,15 @@ where
             })
         });
     Ok(Box::pin(frames))
+}
+
+/// A TCP connection to `host:port` with Nagle's algorithm off; failing is a `Connect` error.
+async fn open_socket(b: &ClientBuilder, host: &str, port: u16) -> Result<TcpStream, Error> {
+    let sock = tcp_connect(b, host, port)
+        .await
+        .map_err(|e| Error::new(ErrorKind::Connect, e.to_string()))?;
+    let _ = sock.set_nodelay(true);
+    Ok(sock)
 }
 
 /// A TCP connection to `host:port`, from the builder's local address when it names one.

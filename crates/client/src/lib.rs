@@ -513,16 +513,7 @@ impl Actor {
         );
         tokio::pin!(refresh_due);
         loop {
-            match (self.unacked(), armed) {
-                (true, false) => {
-                    ack_due
-                        .as_mut()
-                        .reset(tokio::time::Instant::now() + ACK_INTERVAL);
-                    armed = true;
-                }
-                (false, true) => armed = false,
-                _ => {}
-            }
+            armed = self.arm_ack_timer(ack_due.as_mut(), armed);
             tokio::select! {
                 cmd = self.commands.recv() => {
                     if let Some(exit) = self.on_command(conn, cmd).await {
@@ -555,28 +546,34 @@ impl Actor {
                     }
                 }
             }
-            if let Some(due) = self.refresh_due {
-                if due != refresh_due.deadline() {
-                    refresh_due.as_mut().reset(due);
-                }
+            self.move_refresh_timer(refresh_due.as_mut());
+        }
+    }
+
+    /// Starts the ack timer if something is unacked and it is not running; whether it runs.
+    fn arm_ack_timer(&self, ack_due: Pin<&mut tokio::time::Sleep>, armed: bool) -> bool {
+        match (self.unacked(), armed) {
+            (true, false) => {
+                ack_due.reset(tokio::time::Instant::now() + ACK_INTERVAL);
+                true
+            }
+            (false, true) => false,
+            _ => armed,
+        }
+    }
+
+    /// Moves the token refresh timer to `self.refresh_due` when that changed.
+    fn move_refresh_timer(&self, refresh_timer: Pin<&mut tokio::time::Sleep>) {
+        if let Some(due) = self.refresh_due {
+            if due != refresh_timer.deadline() {
+                refresh_timer.reset(due);
             }
         }
     }
 
     async fn on_frame(&mut self, conn: &mut Conn, f: ServerFrame) -> Option<Exit> {
         match f {
-            ServerFrame::Msg(m) => {
-                if self.last_seq.is_some_and(|last| m.seq <= last) {
-                    return None;
-                }
-                self.last_seq = Some(m.seq);
-                let _ = self.events.send(Event::Msg(m));
-                if self.last_seq.unwrap_or(0) >= self.acked + ACK_EVERY
-                    && self.ack(conn).await.is_err()
-                {
-                    return Some(Exit::Reconnect(None));
-                }
-            }
+            ServerFrame::Msg(m) => return self.on_msg(conn, m).await,
             ServerFrame::Sent { id, seq, ts } => {
                 if let Some((_, _, reply)) = self.pending.remove(&id) {
                     let _ = reply.send(Ok(Sent { id, seq, ts }));
@@ -632,6 +629,19 @@ impl Actor {
         None
     }
 
+    /// A stored message: to the owner unless a duplicate; acked once [`ACK_EVERY`] seqs are new.
+    async fn on_msg(&mut self, conn: &mut Conn, m: Message) -> Option<Exit> {
+        if self.last_seq.is_some_and(|last| m.seq <= last) {
+            return None;
+        }
+        self.last_seq = Some(m.seq);
+        let _ = self.events.send(Event::Msg(m));
+        if self.last_seq.unwrap_or(0) >= self.acked + ACK_EVERY && self.ack(conn).await.is_err() {
+            return Some(Exit::Reconnect(None));
+        }
+        None
+    }
+
     /// Acks what was received and waits for a pong: the server handles frames in order, so
     /// the pong means the ack was taken before the connection closes.
     async fn close_gracefully(&mut self, conn: &mut Conn) {
@@ -671,58 +681,20 @@ impl Actor {
         // After an expiry the token in hand is no good: ask for another first.
         let mut need_token = reason == Some(ByeReason::Expired);
         loop {
-            if need_token {
-                if let Some(source) = &self.builder.token_source {
-                    match fetch(source).await.unwrap_or_else(|e| Err(e.to_string())) {
-                        Ok(token) => {
-                            self.builder.token = token;
-                            need_token = false;
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "the token source failed; asking again");
-                            tokio::time::sleep(TOKEN_RETRY).await;
-                            continue;
-                        }
-                    }
-                }
+            if need_token && self.renew_token().await {
+                need_token = false;
             }
             if self.events.is_closed() && self.commands.is_closed() {
                 return None;
             }
-            let (resume, epoch) = match self.last_seq {
-                Some(seq) => (Some(seq), self.epoch.clone()),
-                None => (self.builder.resume, self.builder.epoch.clone()),
-            };
+            let (resume, epoch) = self.resume_point();
             let url = &self.builder.urls[self.url];
             match self.builder.login(url, resume, epoch.as_deref()).await {
                 Ok((mut conn, welcome)) => {
-                    if let Event::Welcome {
-                        epoch, resume, exp, ..
-                    } = &welcome
-                    {
-                        // Another store: its seqs start over, so the dedupe by seq does too.
-                        if self.epoch.as_ref() != Some(epoch) {
-                            self.last_seq = (*resume > 0).then_some(*resume);
-                            self.epoch = Some(epoch.clone());
-                        }
-                        if self.builder.token_source.is_some() {
-                            self.refresh_due = Some(refresh_time(*exp));
-                        }
-                    }
-                    let _ = self.events.send(welcome);
+                    self.take_welcome(welcome);
                     // Acks sent on the old connection may have been lost: ack again.
                     self.acked = 0;
-                    let mut unanswered: Vec<_> = self
-                        .pending
-                        .values()
-                        .map(|(o, s, _)| (*o, s.clone()))
-                        .collect();
-                    unanswered.sort_by_key(|(o, _)| *o);
-                    for (_, s) in unanswered {
-                        if conn.frames.send(ClientFrame::Send(s)).await.is_err() {
-                            break;
-                        }
-                    }
+                    self.resend_pending(&mut conn).await;
                     return Some(conn);
                 }
                 Err(e) if e.kind() == ErrorKind::Server(ErrorCode::Unauthorized) => {
@@ -744,6 +716,66 @@ impl Actor {
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(RECONNECT_MAX);
                 }
+            }
+        }
+    }
+
+    /// Asks the token source, [`TOKEN_RETRY`] apart, until it gives a token; `false` without one.
+    async fn renew_token(&mut self) -> bool {
+        let Some(source) = &self.builder.token_source else {
+            return false;
+        };
+        loop {
+            match fetch(source).await.unwrap_or_else(|e| Err(e.to_string())) {
+                Ok(token) => {
+                    self.builder.token = token;
+                    return true;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "the token source failed; asking again");
+                    tokio::time::sleep(TOKEN_RETRY).await;
+                }
+            }
+        }
+    }
+
+    /// Where a login resumes: after the last seq seen, or before any, where the builder says.
+    fn resume_point(&self) -> (Option<u64>, Option<String>) {
+        match self.last_seq {
+            Some(seq) => (Some(seq), self.epoch.clone()),
+            None => (self.builder.resume, self.builder.epoch.clone()),
+        }
+    }
+
+    /// Takes in a reconnect's welcome (its epoch and token expiry) and hands it to the owner.
+    fn take_welcome(&mut self, welcome: Event) {
+        if let Event::Welcome {
+            epoch, resume, exp, ..
+        } = &welcome
+        {
+            // Another store: its seqs start over, so the dedupe by seq does too.
+            if self.epoch.as_ref() != Some(epoch) {
+                self.last_seq = (*resume > 0).then_some(*resume);
+                self.epoch = Some(epoch.clone());
+            }
+            if self.builder.token_source.is_some() {
+                self.refresh_due = Some(refresh_time(*exp));
+            }
+        }
+        let _ = self.events.send(welcome);
+    }
+
+    /// Re-sends the sends still unanswered, in their original order, until one fails.
+    async fn resend_pending(&mut self, conn: &mut Conn) {
+        let mut unanswered: Vec<_> = self
+            .pending
+            .values()
+            .map(|(o, s, _)| (*o, s.clone()))
+            .collect();
+        unanswered.sort_by_key(|(o, _)| *o);
+        for (_, s) in unanswered {
+            if conn.frames.send(ClientFrame::Send(s)).await.is_err() {
+                break;
             }
         }
     }
