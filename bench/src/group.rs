@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use imgate_client::Event;
+use imgate_client::{Client, Event, Events};
 use imgate_proto::Send;
 use serde_json::json;
 
@@ -56,23 +56,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     create_group(&gws[0], &owner, &names[1..]).await?;
     eprintln!("group: connecting {} members", a.members);
     let members = connect_users(&gws, "g", a.members).await?;
-    // Per message id: (members that got it, time the last one did).
-    let arrivals: Arc<Mutex<HashMap<String, (usize, Instant)>>> = Arc::default();
-    let mut clients = Vec::new();
-    for (client, mut events) in members {
-        let arrivals = arrivals.clone();
-        tokio::spawn(async move {
-            while let Some(ev) = events.recv().await {
-                if let Event::Msg(m) = ev {
-                    let mut a = arrivals.lock().unwrap();
-                    let e = a.entry(m.id).or_insert((0, Instant::now()));
-                    e.0 += 1;
-                    e.1 = Instant::now();
-                }
-            }
-        });
-        clients.push(client);
-    }
+    let (clients, arrivals) = record_arrivals(members);
     let sender = clients[0].clone();
     let mut to_sent = histogram();
     let mut to_last = histogram();
@@ -89,19 +73,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             })
             .await?;
         to_sent.record(started.elapsed().as_micros().max(1) as u64)?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let last = loop {
-            if let Some((n, at)) = arrivals.lock().unwrap().get(&id) {
-                if *n >= a.members {
-                    break *at;
-                }
-            }
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "message {k} did not reach every member"
-            );
-            tokio::time::sleep(Duration::from_micros(200)).await;
-        };
+        let last = last_arrival(&arrivals, &id, a.members, k).await?;
         to_last.record(last.duration_since(started).as_micros().max(1) as u64)?;
     }
     let nats_after = nats.usage()?;
@@ -116,4 +88,50 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     });
     crate::print(&a.setup, &report);
     Ok(())
+}
+
+/// Per message id: (members that got it, time the last one did).
+type Arrivals = Arc<Mutex<HashMap<String, (usize, Instant)>>>;
+
+/// Records in a task per member when each message reaches it; returns the members' clients.
+fn record_arrivals(members: Vec<(Client, Events)>) -> (Vec<Client>, Arrivals) {
+    let arrivals: Arrivals = Arc::default();
+    let mut clients = Vec::new();
+    for (client, mut events) in members {
+        let arrivals = arrivals.clone();
+        tokio::spawn(async move {
+            while let Some(ev) = events.recv().await {
+                if let Event::Msg(m) = ev {
+                    let mut a = arrivals.lock().unwrap();
+                    let e = a.entry(m.id).or_insert((0, Instant::now()));
+                    e.0 += 1;
+                    e.1 = Instant::now();
+                }
+            }
+        });
+        clients.push(client);
+    }
+    (clients, arrivals)
+}
+
+/// Waits (up to 30 s) until every member has message `id`; returns when the last one got it.
+async fn last_arrival(
+    arrivals: &Arrivals,
+    id: &str,
+    members: usize,
+    k: usize,
+) -> anyhow::Result<Instant> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some((n, at)) = arrivals.lock().unwrap().get(id) {
+            if *n >= members {
+                return Ok(*at);
+            }
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "message {k} did not reach every member"
+        );
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
 }

@@ -10,11 +10,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use imgate_client::Client;
 use imgate_proto::Send;
 use serde_json::json;
 
-use crate::common::{connect_users, pace, round};
+use crate::common::{connect_users, pace, round, Nats};
 use crate::Setup;
+use imgate_harness::Gateway;
 
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct Args {
@@ -78,6 +80,31 @@ struct Cpu {
 /// One run: CPU seconds over the load and the windows after it, messages offered, and
 /// messages stored.
 async fn one(a: &Args, notify_url: Option<&str>) -> anyhow::Result<(Cpu, u64, u64)> {
+    let (nats, gws) = start_gateways(a, notify_url).await?;
+    let senders: Vec<_> = connect_users(&gws, "s", a.senders)
+        .await?
+        .into_iter()
+        .map(|(c, _events)| c)
+        .collect();
+    let before = cpu_used(&gws, nats.as_ref())?;
+    let stored = Arc::new(AtomicU64::new(0));
+    let sent = offer(a, &senders, &stored).await;
+    // The windows opened last fall due one `after` later (in a cluster rounded up to a
+    // whole second).
+    tokio::time::sleep(a.after * 2 + Duration::from_secs(2)).await;
+    let after = cpu_used(&gws, nats.as_ref())?;
+    let cpu = Cpu {
+        gateways: after.gateways - before.gateways,
+        nats: after.nats - before.nats,
+    };
+    Ok((cpu, sent, stored.load(Ordering::Relaxed)))
+}
+
+/// The gateways of a run, with `--notify-url` when given: one standalone, or N on NATS.
+async fn start_gateways(
+    a: &Args,
+    notify_url: Option<&str>,
+) -> anyhow::Result<(Option<Nats>, Vec<Gateway>)> {
     let mut notify = Vec::new();
     if let Some(url) = notify_url {
         notify.extend([
@@ -87,38 +114,37 @@ async fn one(a: &Args, notify_url: Option<&str>) -> anyhow::Result<(Cpu, u64, u6
             format!("{}ms", a.after.as_millis()),
         ]);
     }
-    let (nats, gws) = if a.gateways == 0 {
+    if a.gateways == 0 {
         let mut args = match a.setup.store.as_str() {
             "disk" => vec!["--fsync".to_owned(), a.setup.fsync.clone()],
             store => vec!["--store".to_owned(), store.to_owned()],
         };
         args.extend(notify);
-        (None, vec![a.setup.gateway(&args).await?])
+        Ok((None, vec![a.setup.gateway(&args).await?]))
     } else {
         let mut setup = a.setup.clone();
         setup.gateway_arg.extend(notify);
         let (nats, gws) = crate::common::cluster(&setup, a.gateways).await?;
-        (Some(nats), gws)
-    };
-    let senders: Vec<_> = connect_users(&gws, "s", a.senders)
-        .await?
-        .into_iter()
-        .map(|(c, _events)| c)
-        .collect();
-    let usage = || -> anyhow::Result<Cpu> {
-        let mut cpu = Cpu::default();
-        for gw in &gws {
-            cpu.gateways += gw.usage()?.cpu_seconds;
-        }
-        if let Some(n) = &nats {
-            cpu.nats = n.usage()?.cpu_seconds;
-        }
-        Ok(cpu)
-    };
-    let before = usage()?;
-    let stored = Arc::new(AtomicU64::new(0));
+        Ok((Some(nats), gws))
+    }
+}
+
+/// CPU seconds the gateways and the NATS servers have used so far.
+fn cpu_used(gws: &[Gateway], nats: Option<&Nats>) -> anyhow::Result<Cpu> {
+    let mut cpu = Cpu::default();
+    for gw in gws {
+        cpu.gateways += gw.usage()?.cpu_seconds;
+    }
+    if let Some(n) = nats {
+        cpu.nats = n.usage()?.cpu_seconds;
+    }
+    Ok(cpu)
+}
+
+/// Sends to the offline recipients at `a.rate` for `a.duration`, counting those stored.
+async fn offer(a: &Args, senders: &[Client], stored: &Arc<AtomicU64>) -> u64 {
     let recipients = a.recipients;
-    let sent = pace(a.rate, a.duration, |n| {
+    pace(a.rate, a.duration, |n| {
         let client = senders[n as usize % senders.len()].clone();
         let stored = stored.clone();
         let to = format!("r{}", (n as usize * 7919) % recipients);
@@ -134,16 +160,7 @@ async fn one(a: &Args, notify_url: Option<&str>) -> anyhow::Result<(Cpu, u64, u6
             }
         });
     })
-    .await;
-    // The windows opened last fall due one `after` later (in a cluster rounded up to a
-    // whole second).
-    tokio::time::sleep(a.after * 2 + Duration::from_secs(2)).await;
-    let after = usage()?;
-    let cpu = Cpu {
-        gateways: after.gateways - before.gateways,
-        nats: after.nats - before.nats,
-    };
-    Ok((cpu, sent, stored.load(Ordering::Relaxed)))
+    .await
 }
 
 pub(crate) async fn run(a: Args) -> anyhow::Result<()> {

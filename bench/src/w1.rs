@@ -12,16 +12,16 @@ use hdrhistogram::Histogram;
 use imgate_client::{Client, Event};
 use imgate_proto::{Message, Send};
 use rand::Rng;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::common::{
     connect_each, connect_many, histogram, now_us, pace, percentiles_ms, round, start, Addrs,
-    Transport,
+    Cluster, Transport,
 };
 use crate::http_user::{receive, HttpSender, Receive};
 use crate::Setup;
 use imgate_harness::usage::usage;
-use imgate_harness::{Gateway, Usage};
+use imgate_harness::{Gateway, NatsCounts, Usage};
 
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct Args {
@@ -133,7 +133,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     let gateways = if a.standalone { 1 } else { a.gateways };
     anyhow::ensure!(gateways >= 1, "W1 needs a gateway");
     let cluster = start(&a.setup, gateways, a.standalone).await?;
-    let (nats, gws) = (&cluster, &cluster.gateways);
+    let gws = &cluster.gateways;
     eprintln!(
         "w1: {} gateway(s) up; connecting {} users over {:?}",
         gws.len(),
@@ -148,7 +148,29 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         duplicates: AtomicU64::new(0),
         timed_after_us: AtomicU64::new(u64::MAX),
     });
-    let clients: Vec<User> = match a.transport.http_receive() {
+    let clients = connect_all(&a, gws, &tally).await?;
+    eprintln!(
+        "w1: {} users connected; offering {} msg/s for {:?}",
+        clients.len(),
+        a.rate,
+        a.duration
+    );
+
+    let before = Snapshot::take(&cluster).await?;
+    let offered = offer(&a, &clients, gws.len(), &tally).await;
+    let after = Snapshot::take(&cluster).await?;
+    let report = report(&a, gateways, gws, &tally, &offered, &before, &after).await;
+    if a.setup.json {
+        crate::print(&a.setup, &report);
+    } else {
+        print_table(&report);
+    }
+    Ok(())
+}
+
+/// Connects the users over `a.transport`, each recording in `tally` what it receives.
+async fn connect_all(a: &Args, gws: &[Gateway], tally: &Arc<Tally>) -> anyhow::Result<Vec<User>> {
+    let clients = match a.transport.http_receive() {
         None => {
             let addrs: Vec<Addrs> = gws.iter().map(Addrs::from).collect();
             connect_each(
@@ -171,19 +193,45 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             )
             .await?
         }
-        Some(how) => connect_http(gws, how, a.users, &tally).await?,
+        Some(how) => connect_http(gws, how, a.users, tally).await?,
     };
-    eprintln!(
-        "w1: {} users connected; offering {} msg/s for {:?}",
-        clients.len(),
-        a.rate,
-        a.duration
-    );
+    Ok(clients)
+}
 
-    let before: Vec<Usage> = gws.iter().map(|g| g.usage()).collect::<Result<_, _>>()?;
-    let nats_before = nats.nats_usage()?;
-    let counts_before = nats.nats_counts().await?;
-    let me_before = usage(std::process::id())?;
+/// CPU and memory of every process, and what NATS counted, at one moment.
+struct Snapshot {
+    gateways: Vec<Usage>,
+    nats: Usage,
+    counts: NatsCounts,
+    me: Usage,
+}
+
+impl Snapshot {
+    /// Reads the gateways' usage, the NATS servers' usage and counts, then this process's.
+    async fn take(cluster: &Cluster) -> anyhow::Result<Snapshot> {
+        let gws = &cluster.gateways;
+        Ok(Snapshot {
+            gateways: gws.iter().map(|g| g.usage()).collect::<Result<_, _>>()?,
+            nats: cluster.nats_usage()?,
+            counts: cluster.nats_counts().await?,
+            me: usage(std::process::id())?,
+        })
+    }
+}
+
+/// What the load came to: messages sent, their answers, and how long it all took.
+struct Offered {
+    sent: u64,
+    accepted: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    /// How long the load was offered.
+    offered_for: Duration,
+    /// The load and the wait for in-flight messages to land.
+    elapsed: Duration,
+}
+
+/// Offers the load for `a.duration`, then lets in-flight messages land.
+async fn offer(a: &Args, clients: &[User], g: usize, tally: &Tally) -> Offered {
     let accepted = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
     // Pad the body so it is `a.body` bytes JSON-encoded.
@@ -194,50 +242,76 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     tally
         .timed_after_us
         .store(now_us() + a.warmup.as_micros() as u64, Ordering::Relaxed);
-    let g = gws.len();
     let sent = pace(a.rate, a.duration, |id| {
-        let (from, to) = {
-            let mut rng = rand::rng();
-            let from = if a.one_way && g > 1 {
-                rng.random_range(0..a.users / g) * g
-            } else {
-                rng.random_range(0..a.users)
-            };
-            // A recipient on another gateway: same index modulo g is the same gateway.
-            let to = if g == 1 {
-                // One gateway: anyone else.
-                (from + rng.random_range(1..a.users)) % a.users
-            } else {
-                let shift = rng.random_range(1..g);
-                let to = rng.random_range(0..a.users / g) * g + (from % g + shift) % g;
-                if to >= a.users {
-                    to - g
-                } else {
-                    to
-                }
-            };
-            (from, to)
-        };
+        let (from, to) = pick(a, g);
         let client = clients[from].clone();
         let body = json!({"t": now_us(), "pad": pad});
-        let (accepted, failed) = (accepted.clone(), failed.clone());
-        tokio::spawn(async move {
-            let r = client
-                .send(Send {
-                    id: Some(format!("w1-{id}")),
-                    to: Some(format!("u{to}")),
-                    group: None,
-                    body,
-                })
-                .await;
-            match r {
-                Ok(_) => accepted.fetch_add(1, Ordering::Relaxed),
-                Err(_) => failed.fetch_add(1, Ordering::Relaxed),
-            };
-        });
+        spawn_send(client, id, to, body, &accepted, &failed);
     })
     .await;
     let offered_for = started.elapsed();
+    drain(sent, &accepted, &failed, tally).await;
+    Offered {
+        sent,
+        accepted,
+        failed,
+        offered_for,
+        elapsed: started.elapsed(),
+    }
+}
+
+/// A random sender (on gateway 0 with `--one-way`) and a random recipient on another gateway.
+fn pick(a: &Args, g: usize) -> (usize, usize) {
+    let mut rng = rand::rng();
+    let from = if a.one_way && g > 1 {
+        rng.random_range(0..a.users / g) * g
+    } else {
+        rng.random_range(0..a.users)
+    };
+    // A recipient on another gateway: same index modulo g is the same gateway.
+    let to = if g == 1 {
+        // One gateway: anyone else.
+        (from + rng.random_range(1..a.users)) % a.users
+    } else {
+        let shift = rng.random_range(1..g);
+        let to = rng.random_range(0..a.users / g) * g + (from % g + shift) % g;
+        if to >= a.users {
+            to - g
+        } else {
+            to
+        }
+    };
+    (from, to)
+}
+
+/// Sends message `w1-<id>` to `u<to>` in a task, counting it as accepted or failed.
+fn spawn_send(
+    client: User,
+    id: u64,
+    to: usize,
+    body: Value,
+    accepted: &Arc<AtomicU64>,
+    failed: &Arc<AtomicU64>,
+) {
+    let (accepted, failed) = (accepted.clone(), failed.clone());
+    tokio::spawn(async move {
+        let r = client
+            .send(Send {
+                id: Some(format!("w1-{id}")),
+                to: Some(format!("u{to}")),
+                group: None,
+                body,
+            })
+            .await;
+        match r {
+            Ok(_) => accepted.fetch_add(1, Ordering::Relaxed),
+            Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+        };
+    });
+}
+
+/// Waits until every send has its answer and every accepted message has arrived.
+async fn drain(sent: u64, accepted: &AtomicU64, failed: &AtomicU64, tally: &Tally) {
     // Let in-flight messages land (up to 10 s).
     let drain_deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < drain_deadline {
@@ -249,15 +323,55 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let elapsed = started.elapsed();
-    let after: Vec<Usage> = gws.iter().map(|g| g.usage()).collect::<Result<_, _>>()?;
-    let nats_after = nats.nats_usage()?;
-    let counts_after = nats.nats_counts().await?;
-    let me_after = usage(std::process::id())?;
+}
 
-    let accepted = accepted.load(Ordering::Relaxed);
+/// The run's report: what was offered, delivered and lost, latency, and each process's costs.
+async fn report(
+    a: &Args,
+    gateways: usize,
+    gws: &[Gateway],
+    tally: &Tally,
+    o: &Offered,
+    before: &Snapshot,
+    after: &Snapshot,
+) -> Value {
+    let accepted = o.accepted.load(Ordering::Relaxed);
     let received = tally.received.load(Ordering::Relaxed);
     let h = tally.latency_us.lock().unwrap().clone();
+    let per_gateway = per_gateway(gws, &before.gateways, &after.gateways).await;
+    json!({
+        "scenario": "W1",
+        "gateways": gateways,
+        "standalone": a.standalone,
+        "one_way": a.one_way,
+        "fanout": crate::common::fanout(),
+        "transport": format!("{:?}", a.transport),
+        "users": a.users,
+        "offered_rate": a.rate,
+        "body_bytes": a.body,
+        "offered_seconds": round(o.offered_for.as_secs_f64()),
+        "sent": o.sent,
+        "accepted": accepted,
+        "send_errors": o.failed.load(Ordering::Relaxed),
+        "delivered": received,
+        "delivered_per_second": round(received as f64 / o.offered_for.as_secs_f64()),
+        "lost": accepted.saturating_sub(received),
+        "duplicates": tally.duplicates.load(Ordering::Relaxed),
+        "latency_ms": percentiles_ms(&h),
+        "gateway_processes": per_gateway,
+        "nats_server": {
+            "cpu_seconds": round(after.nats.cpu_seconds - before.nats.cpu_seconds),
+            "peak_rss_kib": after.nats.peak_rss_kib,
+            // Per delivered message.
+            "counts": after.counts.per(&before.counts, received),
+        },
+        "load_generator_cpu_seconds": round(after.me.cpu_seconds - before.me.cpu_seconds),
+        "wall_seconds": round(o.elapsed.as_secs_f64()),
+    })
+}
+
+/// Each gateway's CPU and peak RSS over the run, and its tail and fanout counters.
+async fn per_gateway(gws: &[Gateway], before: &[Usage], after: &[Usage]) -> Vec<Value> {
     let mut per_gateway = Vec::new();
     for (i, gw) in gws.iter().enumerate() {
         per_gateway.push(json!({
@@ -272,41 +386,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             "catch_ups": gw.metric("imgate_tail_catch_ups_total").await,
         }));
     }
-    let report = json!({
-        "scenario": "W1",
-        "gateways": gateways,
-        "standalone": a.standalone,
-        "one_way": a.one_way,
-        "fanout": crate::common::fanout(),
-        "transport": format!("{:?}", a.transport),
-        "users": a.users,
-        "offered_rate": a.rate,
-        "body_bytes": a.body,
-        "offered_seconds": round(offered_for.as_secs_f64()),
-        "sent": sent,
-        "accepted": accepted,
-        "send_errors": failed.load(Ordering::Relaxed),
-        "delivered": received,
-        "delivered_per_second": round(received as f64 / offered_for.as_secs_f64()),
-        "lost": accepted.saturating_sub(received),
-        "duplicates": tally.duplicates.load(Ordering::Relaxed),
-        "latency_ms": percentiles_ms(&h),
-        "gateway_processes": per_gateway,
-        "nats_server": {
-            "cpu_seconds": round(nats_after.cpu_seconds - nats_before.cpu_seconds),
-            "peak_rss_kib": nats_after.peak_rss_kib,
-            // Per delivered message.
-            "counts": counts_after.per(&counts_before, received),
-        },
-        "load_generator_cpu_seconds": round(me_after.cpu_seconds - me_before.cpu_seconds),
-        "wall_seconds": round(elapsed.as_secs_f64()),
-    });
-    if a.setup.json {
-        crate::print(&a.setup, &report);
-    } else {
-        print_table(&report);
-    }
-    Ok(())
+    per_gateway
 }
 
 fn print_table(r: &serde_json::Value) {

@@ -5,13 +5,14 @@
 //! loopback source address; this process only starts, waits and measures.
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
-use tokio::process::Command;
+use tokio::process::{Child, Command};
 
 use crate::common::{connect_each, progress, round, Addrs, Transport};
 use crate::Setup;
@@ -62,52 +63,15 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     let counts: Vec<usize> = (0..g)
         .map(|k| a.connections / g + usize::from(k < a.connections % g))
         .collect();
-    let mut gws = Vec::new();
-    for _ in 0..g {
-        let args = ["--idle-timeout", "1h", "--store", "memory"].map(String::from);
-        gws.push(a.setup.gateway(&args).await?);
-    }
+    let gws = start_gateways(&a.setup, g).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let rss = |gws: &[Gateway]| -> anyhow::Result<Vec<u64>> {
-        gws.iter().map(|gw| gw.pid().and_then(rss_kib)).collect()
-    };
     let before = rss(&gws)?;
 
     let me = std::env::current_exe()?;
     let net: u8 = rand::random_range(1..=254);
-    let mut children = Vec::new();
-    let mut first = 0;
     let started = std::time::Instant::now();
-    for (k, (gw, &count)) in gws.iter().zip(&counts).enumerate() {
-        let transport = clap::ValueEnum::to_possible_value(&a.transport)
-            .expect("every transport has a name")
-            .get_name()
-            .to_string();
-        let child = Command::new(&me)
-            .args(["hold", "--transport", &transport])
-            .args(["--tcp", &gw.tcp.to_string(), "--http", &gw.http.to_string()])
-            .args(["--first", &first.to_string(), "--count", &count.to_string()])
-            .args(["--source", &format!("127.{net}.{k}.2")])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .context("starting a holding process")?;
-        children.push(child);
-        first += count;
-    }
-    let bar = progress(a.connections as u64, "connecting");
-    let mut held = 0;
-    for child in &mut children {
-        let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
-        match lines.next_line().await? {
-            Some(l) if l.starts_with("held ") => held += l["held ".len()..].parse::<usize>()?,
-            other => bail!("a holding process failed: {other:?}"),
-        }
-        bar.set_position(held as u64);
-    }
-    bar.finish_and_clear();
+    let mut children = start_holders(&me, net, a.transport, &gws, &counts)?;
+    let held = await_held(&mut children, a.connections).await?;
     let took = started.elapsed();
     tokio::time::sleep(Duration::from_secs(3)).await;
     let after = rss(&gws)?;
@@ -130,6 +94,69 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     });
     crate::print(&a.setup, &report);
     Ok(())
+}
+
+/// Starts `g` gateways with the in-memory store, keeping idle connections for an hour.
+async fn start_gateways(setup: &Setup, g: usize) -> anyhow::Result<Vec<Gateway>> {
+    let mut gws = Vec::new();
+    for _ in 0..g {
+        let args = ["--idle-timeout", "1h", "--store", "memory"].map(String::from);
+        gws.push(setup.gateway(&args).await?);
+    }
+    Ok(gws)
+}
+
+/// Each gateway's resident memory, in KiB.
+fn rss(gws: &[Gateway]) -> anyhow::Result<Vec<u64>> {
+    gws.iter().map(|gw| gw.pid().and_then(rss_kib)).collect()
+}
+
+/// Starts `me hold` for each gateway's share of users, the `k`th from 127.`net`.`k`.2.
+fn start_holders(
+    me: &Path,
+    net: u8,
+    transport: Transport,
+    gws: &[Gateway],
+    counts: &[usize],
+) -> anyhow::Result<Vec<Child>> {
+    let mut children = Vec::new();
+    let mut first = 0;
+    for (k, (gw, &count)) in gws.iter().zip(counts).enumerate() {
+        let name = clap::ValueEnum::to_possible_value(&transport)
+            .expect("every transport has a name")
+            .get_name()
+            .to_string();
+        let child = Command::new(me)
+            .args(["hold", "--transport", &name])
+            .args(["--tcp", &gw.tcp.to_string(), "--http", &gw.http.to_string()])
+            .args(["--first", &first.to_string(), "--count", &count.to_string()])
+            .args(["--source", &format!("127.{net}.{k}.2")])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting a holding process")?;
+        children.push(child);
+        first += count;
+    }
+    Ok(children)
+}
+
+/// Reads each holding process's `held N`; returns the connections held in all.
+async fn await_held(children: &mut [Child], connections: usize) -> anyhow::Result<usize> {
+    let bar = progress(connections as u64, "connecting");
+    let mut held = 0;
+    for child in children {
+        let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
+        match lines.next_line().await? {
+            Some(l) if l.starts_with("held ") => held += l["held ".len()..].parse::<usize>()?,
+            other => bail!("a holding process failed: {other:?}"),
+        }
+        bar.set_position(held as u64);
+    }
+    bar.finish_and_clear();
+    Ok(held)
 }
 
 /// `imgate-bench hold`: connects the users it is given, says `held N` on stdout, and holds

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use imgate_client::Event;
+use imgate_client::{Client, Event};
 use imgate_proto::Send;
 use plotters::prelude::*;
 use rand::Rng;
@@ -18,6 +18,7 @@ use serde_json::{json, Value};
 
 use crate::common::{cluster, connect_users, now_us, pace, round};
 use crate::Setup;
+use imgate_harness::{Gateway, Usage};
 
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct Args {
@@ -63,9 +64,34 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One run with `g` gateways: what each gateway received, delivered and dropped, and its CPU.
 async fn one(a: &Args, g: usize) -> anyhow::Result<Value> {
     let (nats, gws) = cluster(&a.setup, g).await?;
-    let users = connect_users(&gws[..1], "w", a.users).await?;
+    let (clients, received) = connect_counting(&gws[..1], a.users).await?;
+    let before: Vec<Usage> = gws.iter().map(|x| x.usage()).collect::<Result<_, _>>()?;
+    let nats_before = nats.usage()?;
+    let base = tail_counters(&gws).await;
+    let sent = offer(a, &clients).await;
+    await_copies(&gws, &base, sent).await;
+    let after: Vec<Usage> = gws.iter().map(|x| x.usage()).collect::<Result<_, _>>()?;
+    let nats_after = nats.usage()?;
+    let per = per_gateway(&gws, &base, &before, &after).await;
+    drop(clients);
+    Ok(json!({
+        "g": g,
+        "sent": sent,
+        "delivered_to_clients": received.load(Ordering::Relaxed),
+        "nats_cpu_seconds": round(nats_after.cpu_seconds - nats_before.cpu_seconds),
+        "gateways": per,
+    }))
+}
+
+/// Connects `n` users, each counting in a task the messages it receives; returns the clients.
+async fn connect_counting(
+    gws: &[Gateway],
+    n: usize,
+) -> anyhow::Result<(Vec<Client>, Arc<AtomicU64>)> {
+    let users = connect_users(gws, "w", n).await?;
     let received = Arc::new(AtomicU64::new(0));
     let mut clients = Vec::new();
     for (client, mut events) in users {
@@ -79,16 +105,24 @@ async fn one(a: &Args, g: usize) -> anyhow::Result<Value> {
         });
         clients.push(client);
     }
-    let before: Vec<_> = gws.iter().map(|x| x.usage()).collect::<Result<_, _>>()?;
-    let nats_before = nats.usage()?;
+    Ok((clients, received))
+}
+
+/// Each gateway's copies and bytes received from the stream so far.
+async fn tail_counters(gws: &[Gateway]) -> Vec<(u64, u64)> {
     let mut base = Vec::new();
-    for gw in &gws {
+    for gw in gws {
         base.push((
             gw.metric("imgate_tail_received_total").await,
             gw.metric("imgate_tail_received_bytes_total").await,
         ));
     }
-    let sent = pace(a.rate, a.duration, |id| {
+    base
+}
+
+/// Sends from random users to random users at `a.rate` for `a.duration`; returns how many.
+async fn offer(a: &Args, clients: &[Client]) -> u64 {
+    pace(a.rate, a.duration, |id| {
         let (from, to) = {
             let mut rng = rand::rng();
             (rng.random_range(0..a.users), rng.random_range(0..a.users))
@@ -105,7 +139,11 @@ async fn one(a: &Args, g: usize) -> anyhow::Result<Value> {
                 .await;
         });
     })
-    .await;
+    .await
+}
+
+/// Waits for the copies of the `sent` messages to reach the gateways (up to 10 s).
+async fn await_copies(gws: &[Gateway], base: &[(u64, u64)], sent: u64) {
     // Wait until every gateway has seen every copy (or 10 s); with interest routing only
     // gateway 0, which holds every user, gets any.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -116,7 +154,7 @@ async fn one(a: &Args, g: usize) -> anyhow::Result<Value> {
     };
     loop {
         let mut done = true;
-        for (gw, (r0, _)) in gws.iter().zip(&base).take(expecting) {
+        for (gw, (r0, _)) in gws.iter().zip(base).take(expecting) {
             done &=
                 gw.metric("imgate_tail_received_total").await - r0 >= sent * 2 - (sent * 2) / 100;
         }
@@ -125,8 +163,15 @@ async fn one(a: &Args, g: usize) -> anyhow::Result<Value> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let after: Vec<_> = gws.iter().map(|x| x.usage()).collect::<Result<_, _>>()?;
-    let nats_after = nats.usage()?;
+}
+
+/// Per gateway since `base`: copies received, delivered and dropped, CPU, and bus bytes.
+async fn per_gateway(
+    gws: &[Gateway],
+    base: &[(u64, u64)],
+    before: &[Usage],
+    after: &[Usage],
+) -> Vec<Value> {
     let mut per = Vec::new();
     for (i, gw) in gws.iter().enumerate() {
         let recv = gw.metric("imgate_tail_received_total").await - base[i].0;
@@ -143,14 +188,7 @@ async fn one(a: &Args, g: usize) -> anyhow::Result<Value> {
             "cpu_us_per_received": if recv > 0 { json!(round(cpu * 1e6 / recv as f64)) } else { Value::Null },
         }));
     }
-    drop(clients);
-    Ok(json!({
-        "g": g,
-        "sent": sent,
-        "delivered_to_clients": received.load(Ordering::Relaxed),
-        "nats_cpu_seconds": round(nats_after.cpu_seconds - nats_before.cpu_seconds),
-        "gateways": per,
-    }))
+    per
 }
 
 /// CPU µs per dropped copy, measured on gateways that hold nobody (every copy dropped).
