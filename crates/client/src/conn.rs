@@ -98,12 +98,7 @@ impl Conn {
 }
 
 /// The WebSocket address: `/v1/ws` if `url` names no path; device, resume and epoch in the query.
-fn ws_url(
-    url: &url::Url,
-    b: &ClientBuilder,
-    resume: Option<u64>,
-    epoch: Option<&str>,
-) -> url::Url {
+fn ws_url(url: &url::Url, b: &ClientBuilder, resume: Option<u64>, epoch: Option<&str>) -> url::Url {
     let mut url = url.clone();
     if url.path().is_empty() || url.path() == "/" {
         url.set_path("/v1/ws");
