@@ -3,11 +3,10 @@
 //! modes is tested by the `both_modes!` suites; these tests exist because a cluster can fail
 //! in ways one process cannot.
 
-use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use futures::stream::{FuturesUnordered, StreamExt};
-use imgate_client::{Client, ErrorKind, Event, Events};
+use imgate_client::{Client, ErrorKind, Events};
 use imgate_proto::{ErrorCode, Send};
 use serde_json::{json, Value};
 
@@ -67,93 +66,6 @@ impl Cluster {
             .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
             .unwrap_or(0)
     }
-}
-
-/// Sends `to` the message `id`, retrying `unavailable` (and `rate_limited`) with the same
-/// id until accepted.
-pub(crate) async fn send_until_accepted(c: &Client, to: &str, id: String, text: u64) -> u64 {
-    loop {
-        let r = c
-            .send(Send {
-                id: Some(id.clone()),
-                to: Some(to.into()),
-                group: None,
-                body: json!({"text": text}),
-            })
-            .await;
-        match r {
-            Ok(s) => return s.seq,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    ErrorKind::Server(ErrorCode::Unavailable)
-                        | ErrorKind::Server(ErrorCode::RateLimited)
-                        | ErrorKind::Closed
-                        | ErrorKind::Timeout
-                ) =>
-            {
-                tokio::time::sleep(Duration::from_millis(50)).await
-            }
-            Err(e) => panic!("send {id} failed: {e}"),
-        }
-    }
-}
-
-/// Connects, retrying a login refused as `unavailable` (NATS electing a leader, say) or
-/// one that timed out or was cut (a balancer still sending to a gateway that died), as a
-/// real client would.
-pub(crate) async fn connect_retrying(b: imgate_client::ClientBuilder) -> (Client, Events) {
-    within(Duration::from_secs(60), "a login to succeed", async {
-        loop {
-            match b.clone().connect().await {
-                Ok(c) => return c,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        ErrorKind::Server(ErrorCode::Unavailable)
-                            | ErrorKind::Timeout
-                            | ErrorKind::Closed
-                            | ErrorKind::Connect
-                    ) =>
-                {
-                    tokio::time::sleep(Duration::from_millis(200)).await
-                }
-                Err(e) => panic!("login failed: {e}"),
-            }
-        }
-    })
-    .await
-}
-
-/// Collects stored messages until every id in `want` arrived; asserts none twice and seqs
-/// strictly increasing. Returns the seqs and when the client logged in again, if it did.
-pub(crate) async fn receive_all(
-    ev: &mut Events,
-    want: usize,
-    d: Duration,
-) -> (Vec<u64>, Vec<Instant>) {
-    let mut ids = HashSet::new();
-    let mut seqs = Vec::new();
-    let mut welcomes = Vec::new();
-    within(d, &format!("{want} messages"), async {
-        while ids.len() < want {
-            match ev.recv().await.expect("client ended") {
-                Event::Msg(m) => {
-                    assert!(ids.insert(m.id.clone()), "duplicate delivery of {}", m.id);
-                    assert!(
-                        seqs.last().is_none_or(|l| *l < m.seq),
-                        "out of order at {}",
-                        m.seq
-                    );
-                    seqs.push(m.seq);
-                }
-                Event::Welcome { .. } => welcomes.push(Instant::now()),
-                _ => {}
-            }
-        }
-    })
-    .await;
-    (seqs, welcomes)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1119,8 +1031,13 @@ async fn a_gateway_cut_off_as_a_slow_consumer_catches_up_in_order() {
             .await
             .unwrap();
     }
-    // Past the write deadline: the server has cut the stopped gateway off by now.
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Past the write deadline the server cuts the stopped gateway off.
+    within(WAIT, "nats-server to cut the stopped gateway off", async {
+        while nats.slow_consumers().await.unwrap_or(0) == 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
     b.signal("CONT").unwrap();
     let (seqs, _) = receive_all(&mut phone, N, Duration::from_secs(60)).await;
     assert_eq!(seqs.len(), N);

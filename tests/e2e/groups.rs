@@ -130,7 +130,16 @@ async fn membership_changes_take_effect_on_every_gateway(env) {
     let r = post_json(g(0), "/v1/groups/crew/members", &auth("ann"), json!({"remove": ["cat"], "add": ["dan"]})).await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["members"], json!(["ann", "bob", "dan"]));
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    within(Duration::from_secs(1), "the change on every gateway", async {
+        for i in 0..3 {
+            while curl(&["-H", &auth("bob"), &url(g(i), "/v1/groups/crew")]).await.json()["members"]
+                != json!(["ann", "bob", "dan"])
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    })
+    .await;
 
     bob.send(group_send("c2".into(), "crew", json!({"text": "without cat"}))).await.unwrap();
     assert_eq!(text(&messages(&mut dan_ev, 1).await[0]), "without cat");
@@ -323,7 +332,8 @@ async fn rooms_over_http_for_sse_and_long_poll(env) {
     let lp_url = url(&gw, "/v1/messages?device=lp&wait=10");
     let h = bob.clone();
     let lp = tokio::spawn(async move { curl(&["-H", &h, &lp_url]).await });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    until_metric(&gw, r#"imgate_connections{transport="sse"}"#, 1).await;
+    until_metric(&gw, "imgate_long_polls_waiting", 1).await;
     // A publisher joins first, as a connection must.
     let r = post_json(&gw, "/v1/rooms/hall/publish", &auth("ann"), json!({"body": {"text": "too early"}})).await;
     assert_eq!(r.status, 403, "{}", r.body);

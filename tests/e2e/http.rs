@@ -131,16 +131,7 @@ async fn long_polls_are_answered_by_a_tcp_send_within_a_second(env) {
         })
         .collect();
     // Let both polls reach the gateway and start waiting.
-    within(WAIT, "two long polls waiting", async {
-        loop {
-            let m = curl(&[&url(&gw, "/metrics")]).await.body;
-            if m.contains("imgate_long_polls_waiting 2") {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    until_metric(&gw, "imgate_long_polls_waiting", 2).await;
     let (alice, _a) = connect(&gw, "alice", "laptop", Via::Tcp).await;
     let sent_at = Instant::now();
     alice
@@ -334,7 +325,7 @@ async fn a_post_reaches_tcp_websocket_sse_and_long_poll_alike(env) {
 }
 
 both_modes! {
-async fn http_errors_carry_the_design_codes(env) {
+async fn http_errors_carry_the_documented_codes(env) {
     let gw = env.gateway(&[
         "--max-body",
         "100",

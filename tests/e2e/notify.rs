@@ -220,7 +220,13 @@ async fn nothing_is_reported_that_a_device_acked_or_the_user_read() {
     let (phone, mut phone_ev) = connect(&gw, "bob", "phone", Via::Tcp).await;
     alice.send_to("bob", json!({"text": "seen"})).await.unwrap();
     messages(&mut phone_ev, 1).await;
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // The window fell due and found the message acked.
+    until_metric(
+        &gw,
+        r#"imgate_notifications_suppressed_total{reason="acked"}"#,
+        1,
+    )
+    .await;
     assert!(hook.got().is_empty(), "{:?}", hook.got());
     phone.close().await;
 
@@ -230,7 +236,13 @@ async fn nothing_is_reported_that_a_device_acked_or_the_user_read() {
     assert_ne!(seq, read.seq, "bob's copy has a seq of its own");
     let r = post_json(&gw, "/v1/read", &auth("bob"), json!({"seq": seq})).await;
     assert_eq!(r.status, 200, "{}", r.body);
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // The window fell due and found the message read.
+    until_metric(
+        &gw,
+        r#"imgate_notifications_suppressed_total{reason="read"}"#,
+        1,
+    )
+    .await;
     assert!(hook.got().is_empty(), "{:?}", hook.got());
 
     // Neither: reported.

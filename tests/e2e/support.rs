@@ -1,18 +1,19 @@
 //! Test support: mint tokens, connect clients (our client crate, or a raw TCP socket
 //! speaking msgpack frames), collect messages, and run each test against a standalone
-//! gateway and a cluster. The processes themselves come from `imgate-harness`, shared with
-//! the benchmarks.
+//! gateway and a cluster; send and log in again as a client riding out a failure would.
+//! The processes themselves come from `imgate-harness`, shared with the benchmarks.
 //!
 //! Every wait here has a deadline.
 
-use std::time::Duration;
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, BytesMut};
-use imgate_client::{Client, ClientBuilder, Encoding, Event, Events};
+use imgate_client::{Client, ClientBuilder, Encoding, ErrorKind, Event, Events};
 use imgate_gateway::auth::Auth;
 pub(crate) use imgate_harness::Gateway;
 use imgate_harness::NatsServer;
-use imgate_proto::Message;
+use imgate_proto::{ErrorCode, Message};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -528,4 +529,102 @@ pub(crate) async fn browser_script(
 /// and `msgpack`), or `python3` for what needs only the standard library.
 pub(crate) fn python() -> String {
     std::env::var("IMGATE_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// Sends `to` the message `id`, retrying `unavailable` (and `rate_limited`) with the same
+/// id until accepted.
+pub(crate) async fn send_until_accepted(c: &Client, to: &str, id: String, text: u64) -> u64 {
+    loop {
+        let r = c
+            .send(imgate_proto::Send {
+                id: Some(id.clone()),
+                to: Some(to.into()),
+                group: None,
+                body: json!({"text": text}),
+            })
+            .await;
+        match r {
+            Ok(s) => return s.seq,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::Server(ErrorCode::Unavailable)
+                        | ErrorKind::Server(ErrorCode::RateLimited)
+                        | ErrorKind::Closed
+                        | ErrorKind::Timeout
+                ) =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("send {id} failed: {e}"),
+        }
+    }
+}
+
+/// Connects, retrying a login refused as `unavailable` (NATS electing a leader, say) or
+/// one that timed out or was cut (a balancer still sending to a gateway that died), as a
+/// real client would.
+pub(crate) async fn connect_retrying(b: imgate_client::ClientBuilder) -> (Client, Events) {
+    within(Duration::from_secs(60), "a login to succeed", async {
+        loop {
+            match b.clone().connect().await {
+                Ok(c) => return c,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::Server(ErrorCode::Unavailable)
+                            | ErrorKind::Timeout
+                            | ErrorKind::Closed
+                            | ErrorKind::Connect
+                    ) =>
+                {
+                    tokio::time::sleep(Duration::from_millis(200)).await
+                }
+                Err(e) => panic!("login failed: {e}"),
+            }
+        }
+    })
+    .await
+}
+
+/// Collects stored messages until every id in `want` arrived; asserts none twice and seqs
+/// strictly increasing. Returns the seqs and when the client logged in again, if it did.
+pub(crate) async fn receive_all(
+    ev: &mut Events,
+    want: usize,
+    d: Duration,
+) -> (Vec<u64>, Vec<Instant>) {
+    let mut ids = HashSet::new();
+    let mut seqs = Vec::new();
+    let mut welcomes = Vec::new();
+    within(d, &format!("{want} messages"), async {
+        while ids.len() < want {
+            match ev.recv().await.expect("client ended") {
+                Event::Msg(m) => {
+                    assert!(ids.insert(m.id.clone()), "duplicate delivery of {}", m.id);
+                    assert!(
+                        seqs.last().is_none_or(|l| *l < m.seq),
+                        "out of order at {}",
+                        m.seq
+                    );
+                    seqs.push(m.seq);
+                }
+                Event::Welcome { .. } => welcomes.push(Instant::now()),
+                _ => {}
+            }
+        }
+    })
+    .await;
+    (seqs, welcomes)
+}
+
+/// Waits until the gateway's metric `name` (with its labels) is at least `at_least`: a sign
+/// that what the test set going has reached the gateway.
+pub(crate) async fn until_metric(gw: &Gateway, name: &str, at_least: u64) {
+    within(WAIT, &format!("{name} to reach {at_least}"), async {
+        while gw.metric(name).await < at_least {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
 }

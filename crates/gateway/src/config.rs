@@ -33,6 +33,7 @@ pub enum LogFormat {
 
 /// Cluster mode: where NATS is and how imgate lays itself out in it.
 #[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Cluster (NATS)")]
 pub struct NatsArgs {
     /// NATS server URLs (comma-separated). Given: cluster mode over JetStream. Absent:
     /// standalone mode with the embedded store.
@@ -173,6 +174,7 @@ pub enum Fsync {
 
 /// Offline notifications: a webhook told of messages no device took in time.
 #[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Notifications")]
 pub struct NotifyArgs {
     /// Where to POST notifications of stored messages that no device of their user acked
     /// or read within --notify-after. Absent: no notifications.
@@ -570,7 +572,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn defaults_are_the_design_defaults() {
+    fn defaults_are_the_documented_defaults() {
         let cfg = parse_for_test(&[]);
         assert_eq!(cfg.limits.max_frame, 256 * 1024);
         assert_eq!(cfg.limits.max_body, 64 * 1024);

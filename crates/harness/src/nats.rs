@@ -239,4 +239,11 @@ impl NatsServer {
             api_requests: jsz["api"]["total"].as_u64().unwrap_or(0),
         })
     }
+
+    /// Clients the server has cut off as slow consumers since it started (`/varz`).
+    pub async fn slow_consumers(&self) -> anyhow::Result<u64> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.monitor));
+        let varz: serde_json::Value = serde_json::from_str(&crate::http_get(addr, "/varz").await?)?;
+        Ok(varz["slow_consumers"].as_u64().unwrap_or(0))
+    }
 }

@@ -256,7 +256,7 @@ mod tests {
     }
 
     #[test]
-    fn json_matches_the_design_examples() {
+    fn json_matches_the_protocol_examples() {
         let f: ClientFrame = decode(
             br#"{"type":"login","token":"t","device":"phone","resume":1042}"#,
             Encoding::Json,

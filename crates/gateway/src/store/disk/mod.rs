@@ -14,9 +14,10 @@
 //! Reads go to the database directly, from any task; they never load an inbox whole, so
 //! opening a large store costs nothing per stored message.
 //!
-//! Files: this one holds the store's API (the [`Store`] and [`NotifyState`] methods) and
-//! its keys; `open.rs` opens a store and finds lost data; `writer.rs` is the writer and
-//! its thread; `seal.rs` is the record that lets a damaged journal be found.
+//! Files: this one holds the store's API (the [`Store`] and [`NotifyState`] methods), its
+//! keys, and the opening of the engine that a start and the writer's reopen share;
+//! `open.rs` opens a store and finds lost data; `writer.rs` is the writer and its thread;
+//! `seal.rs` is the record that lets a damaged journal be found.
 //!
 //! Keys (`uid` and ids match `[A-Za-z0-9_-]`, so the `0` byte separates fields):
 //! - `inbox`: `uid 0 seq` → the message (msgpack, without its seq),
@@ -269,6 +270,82 @@ fn decode(key: &[u8], value: &[u8]) -> Result<Message, StoreError> {
         ts: s.ts,
         body: Arc::new(s.body),
     })
+}
+
+/// Opens the database in `path` with its keyspaces.
+fn open_engine(path: &Path) -> Result<Engine, OpenError> {
+    let corrupt = |e: fjall::Error| OpenError::Corrupt {
+        path: path.to_owned(),
+        what: e.to_string(),
+    };
+    // A smaller journal than fjall's default (512 MiB) flushes memtables sooner, which
+    // bounds what an open after a crash replays (bench/README.md: store open).
+    let open = || {
+        Database::builder(path)
+            .max_journaling_size(MAX_JOURNAL)
+            .open()
+    };
+    // Some damage trips a debug assertion of the engine's journal decoder (in a release
+    // build it is an error or a truncation like any other): a damaged journal either way.
+    let db = std::panic::catch_unwind(std::panic::AssertUnwindSafe(open))
+        .unwrap_or_else(|_| {
+            Err(fjall::Error::JournalRecovery(
+                fjall::JournalRecoveryError::ChecksumMismatch,
+            ))
+        })
+        .map_err(|e| match e {
+            fjall::Error::Locked => OpenError::Locked(path.to_owned()),
+            fjall::Error::Io(io) => OpenError::Open {
+                path: path.to_owned(),
+                source: io.into(),
+            },
+            other => corrupt(other),
+        })?;
+    let space = |name: &str| {
+        db.keyspace(name, KeyspaceCreateOptions::default)
+            .map_err(corrupt)
+    };
+    let ks = Keyspaces {
+        inbox: space("inbox")?,
+        sends: space("sends")?,
+        inbox_meta: space("inbox_meta")?,
+        cursors: space("cursors")?,
+        groups: space("groups")?,
+        revocations: space("revocations")?,
+        reads: space("reads")?,
+        notify: space("notify")?,
+        meta: space("meta")?,
+    };
+    Ok(Engine { db, ks })
+}
+
+/// Every group the database holds.
+fn load_groups(ks: &Keyspaces) -> Result<HashMap<String, Group>, String> {
+    let mut groups = HashMap::new();
+    for item in ks.groups.iter() {
+        let (k, v) = item.into_inner().map_err(|e| e.to_string())?;
+        let g: Group = serde_json::from_slice(&v).map_err(|e| format!("group record: {e}"))?;
+        groups.insert(String::from_utf8_lossy(&k).into_owned(), g);
+    }
+    Ok(groups)
+}
+
+/// The epoch and highest assigned seq the database records.
+fn recorded(ks: &Keyspaces) -> Result<(Option<String>, u64), String> {
+    let epoch = match ks.meta.get("epoch").map_err(|e| e.to_string())? {
+        Some(e) => Some(
+            std::str::from_utf8(&e)
+                .map_err(|_| "the epoch record is not text".to_owned())?
+                .to_owned(),
+        ),
+        None => None,
+    };
+    let last = ks
+        .meta
+        .get("last_seq")
+        .map_err(|e| e.to_string())?
+        .map_or(0, |v| be_u64(&v));
+    Ok((epoch, last))
 }
 
 impl DiskStore {

@@ -201,53 +201,6 @@ pub(super) fn epoch_and_seal(
     Ok((epoch, last_seq, seal))
 }
 
-/// Opens the database in `path` with its keyspaces.
-pub(super) fn open_engine(path: &Path) -> Result<Engine, OpenError> {
-    let corrupt = |e: fjall::Error| OpenError::Corrupt {
-        path: path.to_owned(),
-        what: e.to_string(),
-    };
-    // A smaller journal than fjall's default (512 MiB) flushes memtables sooner, which
-    // bounds what an open after a crash replays (bench/README.md: store open).
-    let open = || {
-        Database::builder(path)
-            .max_journaling_size(MAX_JOURNAL)
-            .open()
-    };
-    // Some damage trips a debug assertion of the engine's journal decoder (in a release
-    // build it is an error or a truncation like any other): a damaged journal either way.
-    let db = std::panic::catch_unwind(std::panic::AssertUnwindSafe(open))
-        .unwrap_or_else(|_| {
-            Err(fjall::Error::JournalRecovery(
-                fjall::JournalRecoveryError::ChecksumMismatch,
-            ))
-        })
-        .map_err(|e| match e {
-            fjall::Error::Locked => OpenError::Locked(path.to_owned()),
-            fjall::Error::Io(io) => OpenError::Open {
-                path: path.to_owned(),
-                source: io.into(),
-            },
-            other => corrupt(other),
-        })?;
-    let space = |name: &str| {
-        db.keyspace(name, KeyspaceCreateOptions::default)
-            .map_err(corrupt)
-    };
-    let ks = Keyspaces {
-        inbox: space("inbox")?,
-        sends: space("sends")?,
-        inbox_meta: space("inbox_meta")?,
-        cursors: space("cursors")?,
-        groups: space("groups")?,
-        revocations: space("revocations")?,
-        reads: space("reads")?,
-        notify: space("notify")?,
-        meta: space("meta")?,
-    };
-    Ok(Engine { db, ks })
-}
-
 /// Renames the journals of `path` (`N.jnl` to `N.jnl.damaged`), so the storage engine
 /// opens with what it had flushed to its tables: for `--repair` of a journal it refuses to
 /// read. They are kept for whoever wants to look at them.
@@ -262,35 +215,6 @@ pub(super) fn set_journals_aside(path: &Path) -> std::io::Result<()> {
         }
     }
     Ok(())
-}
-
-/// Every group the database holds.
-pub(super) fn load_groups(ks: &Keyspaces) -> Result<HashMap<String, Group>, String> {
-    let mut groups = HashMap::new();
-    for item in ks.groups.iter() {
-        let (k, v) = item.into_inner().map_err(|e| e.to_string())?;
-        let g: Group = serde_json::from_slice(&v).map_err(|e| format!("group record: {e}"))?;
-        groups.insert(String::from_utf8_lossy(&k).into_owned(), g);
-    }
-    Ok(groups)
-}
-
-/// The epoch and highest assigned seq the database records.
-pub(super) fn recorded(ks: &Keyspaces) -> Result<(Option<String>, u64), String> {
-    let epoch = match ks.meta.get("epoch").map_err(|e| e.to_string())? {
-        Some(e) => Some(
-            std::str::from_utf8(&e)
-                .map_err(|_| "the epoch record is not text".to_owned())?
-                .to_owned(),
-        ),
-        None => None,
-    };
-    let last = ks
-        .meta
-        .get("last_seq")
-        .map_err(|e| e.to_string())?
-        .map_or(0, |v| be_u64(&v));
-    Ok((epoch, last))
 }
 
 /// What the database holds against what its seal says it made known: `Some(what)` when

@@ -5,7 +5,6 @@
 //!
 //! Reads never come here; they go to the engine directly.
 
-use super::open::{load_groups, open_engine, recorded};
 use super::*;
 
 /// Most sends one group commit takes.

@@ -449,6 +449,8 @@ impl NatsStore {
         fanout: Arc<dyn Fanout>,
         stop: CancellationToken,
     ) {
+        // Past 60 lines: one loop whose state (behind, the suspects, the rota, the count of
+        // checks) every step of it reads and changes.
         let interest = self.interest.clone().expect("interest mode");
         if interest.fanout.set(fanout).is_err() {
             tracing::error!("the interest tail was started twice");
