@@ -213,7 +213,7 @@ impl Writer {
             if batch.is_empty() {
                 return;
             }
-            self.commit(batch);
+            self.write_sends(batch);
             if self.background_fsync && self.unsynced_since.is_none() {
                 self.unsynced_since = Some(Instant::now());
                 // The thread may be asleep until the next sweep: it has a sync to do now.
@@ -377,7 +377,7 @@ impl Writer {
 
     /// Stores a group of sends in one batch (with the inbox trims they cause), then fans out
     /// and answers each.
-    fn commit(&mut self, sends: Vec<Append>) {
+    fn write_sends(&mut self, sends: Vec<Append>) {
         let Some(engine) = current(&self.slot) else {
             for s in sends {
                 let _ = s.reply.send(Err(unavailable(

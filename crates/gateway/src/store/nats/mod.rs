@@ -270,7 +270,10 @@ impl Store for NatsStore {
                 msg_id: format!("{}:{}:{uid}", draft.from, draft.id),
             })
             .collect();
-        let c = self.publisher.commit(copies, Bytes::from(payload)).await?;
+        let c = self
+            .publisher
+            .store_copies(copies, Bytes::from(payload))
+            .await?;
         let ts = match c.seqs.last() {
             Some(&last) if c.duplicate => self.stored_ts(last).await?,
             _ => draft.ts,

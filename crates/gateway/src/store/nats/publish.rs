@@ -154,7 +154,7 @@ impl Publisher {
 
     /// Stores `copies` (at most [`MAX_ATOMIC_BATCH`]), all with `payload`; `Ok` once every
     /// copy is stored.
-    pub(super) async fn commit(
+    pub(super) async fn store_copies(
         &self,
         copies: Vec<Copy>,
         payload: Bytes,

@@ -21,7 +21,7 @@ use crate::refusal::Refusal;
 use crate::state::Shared;
 
 #[derive(Debug, Deserialize)]
-pub struct Kick {
+pub struct KickBody {
     uid: String,
     device: Option<String>,
     #[serde(default)]
@@ -33,7 +33,7 @@ pub struct Kick {
 pub async fn kick(
     State(shared): State<Arc<Shared>>,
     Caller(id): Caller,
-    body: Result<Json<Kick>, JsonRejection>,
+    body: Result<Json<KickBody>, JsonRejection>,
 ) -> Result<Response, Refusal> {
     if !id.admin {
         return Ok(not_admin());
