@@ -20,7 +20,6 @@ use imgate_gateway::config::Secret;
 use serde_json::{json, Value};
 
 use crate::support::*;
-use crate::support::{connect_retrying, receive_all, send_until_accepted};
 
 const SECRET: &str = "compose-test-secret-0123456789abcdef";
 

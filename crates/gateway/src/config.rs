@@ -210,6 +210,17 @@ pub struct NotifyArgs {
 /// flag is also an `IMGATE_*` environment variable.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Config {
+    // These two come before the groups: a group's `--help` heading would otherwise carry
+    // over to them.
+    /// Threads that run connections (default: one per CPU). Fewer than the CPUs leaves
+    /// room for a NATS server or other gateways on the same machine.
+    #[arg(long, env = "IMGATE_WORKER_THREADS")]
+    pub worker_threads: Option<std::num::NonZeroUsize>,
+
+    /// Log format: text for people, json for machines. Filter with RUST_LOG.
+    #[arg(long, env = "IMGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
     #[command(flatten)]
     pub nats: NatsArgs,
 
@@ -230,15 +241,6 @@ pub struct Config {
 
     #[command(flatten)]
     pub timers: Timers,
-
-    /// Threads that run connections (default: one per CPU). Fewer than the CPUs leaves
-    /// room for a NATS server or other gateways on the same machine.
-    #[arg(long, env = "IMGATE_WORKER_THREADS")]
-    pub worker_threads: Option<std::num::NonZeroUsize>,
-
-    /// Log format: text for people, json for machines. Filter with RUST_LOG.
-    #[arg(long, env = "IMGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
 }
 
 /// What is kept, and where: the standalone store and how long inboxes keep messages (in
@@ -247,7 +249,7 @@ pub struct Config {
 #[command(next_help_heading = "Storage")]
 pub struct StoreArgs {
     /// Standalone mode's store: `disk` (in --data-dir) or `memory` (lost at exit).
-    #[arg(long = "store", env = "IMGATE_STORE", value_enum, default_value_t = StoreKind::Disk)]
+    #[arg(long = "store", value_name = "STORE", env = "IMGATE_STORE", value_enum, default_value_t = StoreKind::Disk)]
     pub kind: StoreKind,
 
     /// Directory of the disk store (default: $XDG_DATA_HOME/imgate, else

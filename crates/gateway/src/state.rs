@@ -2,8 +2,8 @@
 //! [`crate::server`].
 //!
 //! It only gathers what the layers below provide; it decides nothing. Delivery functions
-//! take the parts they use (`&dyn Store`, `&Hub`, `&dyn Bus`, `&Config`), never the whole,
-//! so only sessions and transports import this module.
+//! take the parts they use (`&dyn Store`, `&Hub`, `&dyn Bus`, a config group or one
+//! value of it), never the whole, so only sessions and transports import this module.
 
 use std::sync::Arc;
 
@@ -26,8 +26,9 @@ use crate::tls::Tls;
 
 /// Everything sessions and handlers share: configuration, auth, store, bus, registry,
 /// cursors, shutdown. A session uses most of it (the config, auth, store, bus, cursors,
-/// notifier, metrics and shutdown signal), which is why it holds the whole; what only the
-/// listeners or only the HTTP handlers use is grouped apart ([`Admission`], [`HttpState`]).
+/// notifier, metrics and shutdown signal), which is why it holds the whole; what admits a
+/// connection, and what only the HTTP handlers keep, is grouped apart ([`Admission`],
+/// [`HttpState`]).
 pub struct Shared {
     pub cfg: Config,
     pub auth: Auth,
@@ -46,7 +47,8 @@ pub struct Shared {
     pub notifier: Option<Arc<Notifier>>,
 }
 
-/// What the listeners use to take a connection in, and only they.
+/// What admits and tracks a connection: used by the listeners, the WebSocket and SSE
+/// handlers (permits, tracker) and the server (tracker, TLS reload), not by sessions.
 pub struct Admission {
     /// Every connection task, so shutdown can wait for them.
     pub tracker: TaskTracker,

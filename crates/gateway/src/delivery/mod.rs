@@ -14,7 +14,8 @@
 //! - [`notify`]: offline notifications: which messages to report, and when; [`webhook`]
 //!   carries them.
 //!
-//! Functions here take the parts they use (`&dyn Store`, `&Hub`, `&dyn Bus`, `&Config`);
+//! Functions here take the parts they use (`&dyn Store`, `&Hub`, `&dyn Bus`, a config group
+//! or one value of it);
 //! nothing imports the session or a transport.
 
 pub mod cursors;
