@@ -1033,7 +1033,7 @@ async fn a_gateway_cut_off_as_a_slow_consumer_catches_up_in_order() {
     }
     // Past the write deadline the server cuts the stopped gateway off.
     within(WAIT, "nats-server to cut the stopped gateway off", async {
-        while nats.slow_consumers().await.unwrap_or(0) == 0 {
+        while nats.counts().await.map_or(0, |c| c.slow_consumers) == 0 {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     })

@@ -45,6 +45,8 @@ pub struct NatsCounts {
     pub out_msgs: u64,
     /// JetStream API requests (`/jsz` api.total); direct gets are not among them.
     pub api_requests: u64,
+    /// Clients cut off as slow consumers (`/varz` slow_consumers).
+    pub slow_consumers: u64,
 }
 
 impl NatsCounts {
@@ -228,7 +230,8 @@ impl NatsServer {
         usage(child.id().context("nats-server exited")?)
     }
 
-    /// Messages in and out and JetStream API requests, from the monitoring endpoints.
+    /// Messages in and out, JetStream API requests and slow consumers, from the monitoring
+    /// endpoints.
     pub async fn counts(&self) -> anyhow::Result<NatsCounts> {
         let addr = SocketAddr::from(([127, 0, 0, 1], self.monitor));
         let varz: serde_json::Value = serde_json::from_str(&crate::http_get(addr, "/varz").await?)?;
@@ -237,13 +240,7 @@ impl NatsServer {
             in_msgs: varz["in_msgs"].as_u64().unwrap_or(0),
             out_msgs: varz["out_msgs"].as_u64().unwrap_or(0),
             api_requests: jsz["api"]["total"].as_u64().unwrap_or(0),
+            slow_consumers: varz["slow_consumers"].as_u64().unwrap_or(0),
         })
-    }
-
-    /// Clients the server has cut off as slow consumers since it started (`/varz`).
-    pub async fn slow_consumers(&self) -> anyhow::Result<u64> {
-        let addr = SocketAddr::from(([127, 0, 0, 1], self.monitor));
-        let varz: serde_json::Value = serde_json::from_str(&crate::http_get(addr, "/varz").await?)?;
-        Ok(varz["slow_consumers"].as_u64().unwrap_or(0))
     }
 }

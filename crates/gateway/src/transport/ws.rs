@@ -107,8 +107,8 @@ fn transport(socket: WebSocket, enc: Encoding) -> impl Frames + std::marker::Sen
     Box::pin(Coded {
         socket: Closing { socket, violation },
         encode: move |o: ToClient| match enc {
-            // A check of the JSON's UTF-8 per connection (tens of nanoseconds for a
-            // message), the price of the outbox knowing no WebSocket type.
+            // A check of the JSON's UTF-8 per connection (about 10 ns for a 300-byte
+            // message frame), the price of the outbox knowing no WebSocket type.
             Encoding::Json => {
                 Message::Text(Utf8Bytes::try_from(o.encode(enc)).expect("JSON is UTF-8"))
             }
